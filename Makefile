@@ -1,0 +1,34 @@
+# Set-up and the two top-level jobs. TORCH_SPEC selects the torch build (CPU wheel by default;
+# e.g. TORCH_SPEC="torch==2.13.0 --index-url <cuda index>" on a GPU machine).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+DEMO_RUN ?= runs/demo
+
+.PHONY: setup demo test test-all bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/marl-sd train configs/default.yaml --name demo --set train.total_timesteps=400000
+	$(VENV)/bin/marl-sd eval $(DEMO_RUN) --episodes 4 --seeds 0 1 2
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m ""
+
+bench: setup
+	$(VENV)/bin/marl-sd bench env
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,109 @@
+"""Scenario: hexagonal server layout, user drops, device classes, task mix, workload, mobility.
+
+Everything here is sampled from the simulator's own `torch.Generator`, batched over
+[B environments, N users], so a scenario draw never touches global RNG state.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from marl_sd.config import ConfigError, ScenarioConfig
+from marl_sd.envs.profiles import LatencyProfile
+
+
+def hex_sites(n: int, isd: float) -> torch.Tensor:
+    """First `n` sites of a hexagonal lattice with inter-site distance `isd`, centre first."""
+    pts = [(0.0, 0.0)]
+    ring = 1
+    dirs = [(math.cos(math.pi / 3 * k + math.pi / 6), math.sin(math.pi / 3 * k + math.pi / 6)) for k in range(6)]
+    while len(pts) < n:
+        # walk ring `ring`: start at ring * dir[4], then `ring` steps along each of the 6 directions
+        x, y = ring * isd * dirs[4][0], ring * isd * dirs[4][1]
+        for side in range(6):
+            dx, dy = dirs[side]
+            for _ in range(ring):
+                pts.append((x, y))
+                x, y = x + isd * dx, y + isd * dy
+        ring += 1
+    return torch.tensor(pts[:n], dtype=torch.float32)
+
+
+class Scenario:
+    """Static description of one scenario plus batched samplers for its random parts."""
+
+    def __init__(self, cfg: ScenarioConfig, profile: LatencyProfile, device: str | torch.device = "cpu"):
+        self.cfg = cfg
+        self.profile = profile
+        self.device = torch.device(device)
+        self.N, self.M = cfg.n_users, cfg.n_servers
+        self.bs_xy = hex_sites(self.M, cfg.isd_m).to(self.device)
+        self.cell_radius = cfg.isd_m / math.sqrt(3.0)
+
+        missing = [d.name for d in cfg.devices if d.name not in profile.devices]
+        if missing:
+            raise ConfigError(
+                f"scenario.devices: {missing} not in latency profile '{profile.name}' "
+                f"(available: {sorted(profile.devices)})"
+            )
+        devs = [profile.devices[d.name] for d in cfg.devices]
+        self.device_names = [d.name for d in cfg.devices]
+        f = dict(dtype=torch.float32, device=self.device)
+        self.dev_share = torch.tensor([d.share for d in cfg.devices], **f)
+        self.dev_draft_ms = torch.tensor([d.draft_ms_per_token for d in devs], **f)
+        self.dev_power_w = torch.tensor([d.power_w for d in devs], **f)
+        self.dev_max_gamma = torch.tensor([d.max_gamma for d in devs], dtype=torch.long, device=self.device)
+        self.dev_alpha_scale = torch.tensor([d.alpha_scale for d in devs], **f)
+        self.task_names = [t.name for t in cfg.tasks]
+        self.task_share = torch.tensor([t.share for t in cfg.tasks], **f)
+        self.task_alpha = torch.tensor([t.alpha for t in cfg.tasks], **f)
+
+    # ---- drops -------------------------------------------------------------------------------
+    def sample_points(self, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+        """Uniform points in the union of the hexagonal cells (exact: cell, then rhombus)."""
+        site = torch.randint(0, self.M, shape, generator=gen, device=self.device)
+        rh = torch.randint(0, 3, shape, generator=gen, device=self.device).float()
+        u = torch.rand(shape, generator=gen, device=self.device)
+        v = torch.rand(shape, generator=gen, device=self.device)
+        # the hexagon (vertices at 0, 60, ... deg) is three rhombi {0, v_2k, v_2k+1, v_2k+2}
+        a = rh * (2 * math.pi / 3)
+        b = a + 2 * math.pi / 3
+        r = self.cell_radius
+        x = r * (u * torch.cos(a) + v * torch.cos(b))
+        y = r * (u * torch.sin(a) + v * torch.sin(b))
+        return self.bs_xy[site] + torch.stack([x, y], -1)
+
+    def sample_devices(self, B: int, gen: torch.Generator) -> torch.Tensor:
+        """Device class index per user, [B, N]."""
+        return torch.multinomial(self.dev_share.expand(B, -1), self.N, replacement=True, generator=gen)
+
+    def sample_task_alpha(self, dev_idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Acceptance rate of a fresh request per user: task alpha x device alpha scale."""
+        flat = torch.multinomial(self.task_share, dev_idx.numel(), replacement=True, generator=gen)
+        alpha = self.task_alpha[flat].view_as(dev_idx.float()) * self.dev_alpha_scale[dev_idx]
+        return alpha.clamp(0.0, 0.99)
+
+    def sample_lengths(self, shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.cfg.workload
+        prompt = torch.randint(w.prompt_tokens.low, w.prompt_tokens.high + 1, shape, generator=gen, device=self.device)
+        out = torch.randint(w.output_tokens.low, w.output_tokens.high + 1, shape, generator=gen, device=self.device)
+        return prompt, out
+
+    def sample_speeds(self, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+        lo, hi = self.cfg.mobility.speed_mps
+        return lo + (hi - lo) * torch.rand(shape, generator=gen, device=self.device)
+
+    def move(self, pos, waypoint, speed, dt_s: float, gen: torch.Generator):
+        """Random-waypoint step; returns new positions, waypoints and the distance moved [B, N]."""
+        if self.cfg.mobility.model == "static":
+            return pos, waypoint, torch.zeros(pos.shape[:-1], device=pos.device)
+        delta = waypoint - pos
+        dist = delta.norm(dim=-1)
+        step = (speed * dt_s).clamp(max=dist)
+        new = pos + delta * (step / dist.clamp(min=1e-6)).unsqueeze(-1)
+        arrived = dist <= speed * dt_s
+        if bool(arrived.any()):
+            fresh = self.sample_points(tuple(pos.shape[:-1]), gen)
+            waypoint = torch.where(arrived.unsqueeze(-1), fresh, waypoint)
+        return new, waypoint, step

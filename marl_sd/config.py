@@ -1,0 +1,292 @@
+"""Typed experiment configuration: YAML -> pydantic models, `a.b=c` overrides, resolved dumps.
+
+Unknown or ill-typed keys fail at load time with a `ConfigError` that names the key and the
+file, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PROFILE_DIR = CONFIG_DIR / "profiles"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key and the source."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Range(Strict):
+    """Inclusive integer range sampled uniformly."""
+
+    low: int = Field(ge=1)
+    high: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Range":
+        if self.high < self.low:
+            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+        return self
+
+
+class DeviceShare(Strict):
+    """A device class (defined in the latency profile) and its share of the user population."""
+
+    name: str
+    share: float = Field(gt=0)
+
+
+class TaskSpec(Strict):
+    """A task type: its acceptance rate with the profile's reference draft/target pair."""
+
+    name: str
+    alpha: float = Field(ge=0.0, lt=1.0)
+    share: float = Field(gt=0)
+
+
+class WorkloadConfig(Strict):
+    arrival_rate_per_s: float = Field(0.15, gt=0, description="Poisson request rate per user")
+    prompt_tokens: Range = Range(low=64, high=256)
+    output_tokens: Range = Range(low=32, high=128)
+    queue_capacity: int = Field(16, ge=1, description="requests a user can hold; more are dropped")
+
+
+class MobilityConfig(Strict):
+    model: Literal["static", "random_waypoint"] = "random_waypoint"
+    speed_mps: tuple[float, float] = (0.5, 1.5)
+
+    @model_validator(mode="after")
+    def _speeds(self) -> "MobilityConfig":
+        lo, hi = self.speed_mps
+        if lo < 0 or hi < lo:
+            raise ValueError(f"speed_mps must satisfy 0 <= low <= high, got {self.speed_mps}")
+        return self
+
+
+class ChannelConfig(Strict):
+    fidelity: Literal["fast", "sionna"] = "fast"
+    model: Literal["umi", "uma"] = "umi"
+    carrier_ghz: float = Field(3.5, gt=0)
+    bandwidth_mhz: float = Field(20.0, gt=0, description="per cell, uplink and downlink each")
+    re_per_hz: float = Field(0.857, gt=0, le=1, description="resource elements per second per Hz")
+    ue_tx_dbm: float = 23.0
+    bs_tx_dbm: float = 43.0
+    noise_dbm_hz: float = -174.0
+    bs_noise_figure_db: float = 9.0
+    ue_noise_figure_db: float = 5.0
+    h_bs_m: float = Field(10.0, gt=0)
+    h_ut_m: float = Field(1.5, gt=0)
+    min_distance_m: float = Field(10.0, gt=0)
+    coverage_snr_db: float = Field(-5.0, description="wideband UL SNR needed to associate")
+    base_latency_ms: float = Field(4.0, ge=0, description="air interface + core, per message")
+    fading_subbands: int = Field(16, ge=1)
+    bank_size: int = Field(8192, ge=64, description="fading realisations per LoS state (sionna)")
+
+
+class ScenarioConfig(Strict):
+    n_users: int = Field(8, ge=1)
+    n_servers: int = Field(3, ge=1)
+    isd_m: float = Field(200.0, gt=0)
+    profile: str = "llama31_8b_h100"
+    devices: list[DeviceShare] = Field(
+        default_factory=lambda: [
+            DeviceShare(name="phone_npu_1b", share=0.4),
+            DeviceShare(name="jetson_orin_nano_1b7", share=0.2),
+            DeviceShare(name="raspberry_pi5_0b5", share=0.2),
+            DeviceShare(name="laptop_gpu_1b", share=0.2),
+        ]
+    )
+    tasks: list[TaskSpec] = Field(
+        default_factory=lambda: [
+            TaskSpec(name="code", alpha=0.85, share=0.25),
+            TaskSpec(name="math", alpha=0.8, share=0.2),
+            TaskSpec(name="summarization", alpha=0.75, share=0.2),
+            TaskSpec(name="chat", alpha=0.7, share=0.25),
+            TaskSpec(name="translation", alpha=0.6, share=0.1),
+        ]
+    )
+    workload: WorkloadConfig = WorkloadConfig()
+    mobility: MobilityConfig = MobilityConfig()
+    channel: ChannelConfig = ChannelConfig()
+    verify_token_budget: int = Field(256, ge=1, description="max draft tokens verified per batch")
+    topk: int = Field(8, ge=1, description="draft (id, prob) pairs uploaded per drafted token")
+
+
+class EnvConfig(Strict):
+    slot_ms: float = Field(100.0, gt=0)
+    tick_ms: float = Field(1.0, gt=0)
+    horizon: int = Field(200, ge=1, description="control slots per episode (truncation)")
+    gamma_max: int = Field(8, ge=1)
+    bid_weights: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
+    priority_weights: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
+    check_actions: bool = Field(True, description="raise on out-of-range or masked actions")
+
+    @model_validator(mode="after")
+    def _ticks(self) -> "EnvConfig":
+        n = self.slot_ms / self.tick_ms
+        if abs(n - round(n)) > 1e-6:
+            raise ValueError(f"slot_ms ({self.slot_ms}) must be a multiple of tick_ms ({self.tick_ms})")
+        if any(w <= 0 for w in self.bid_weights + self.priority_weights):
+            raise ValueError("bid and priority weights must be positive")
+        return self
+
+
+class RewardConfig(Strict):
+    latency_weight: float = Field(1.0, ge=0, description="per outstanding request, slot average")
+    energy_weight: float = Field(0.05, ge=0, description="per joule of device energy")
+    team_share: float = Field(0.5, ge=0, le=1, description="share of the team-mean reward")
+
+
+class SimConfig(Strict):
+    device: str = "cpu"
+    threads: int = Field(1, ge=1)
+    num_envs: int = Field(1, ge=1, description="B: environments batched in one simulator")
+
+
+class TrainConfig(Strict):
+    algorithm: Literal["mappo", "ippo"] = "mappo"
+    total_timesteps: int = Field(2_000_000, ge=1, description="agent-steps")
+    num_envs: int = Field(32, ge=1)
+    n_steps: int = Field(32, ge=1)
+    num_mini_batch: int = Field(2, ge=1)
+    n_epochs: int = Field(5, ge=1)
+    learning_rate: float = Field(5e-4, gt=0)
+    gamma: float = Field(0.99, gt=0, le=1)
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    ent_coef: float = Field(0.01, ge=0)
+    vf_coef: float = Field(1.0, ge=0)
+    max_grad_norm: float = Field(10.0, gt=0)
+    adam_eps: float = Field(1e-5, gt=0)
+    hidden: list[int] = Field(default_factory=lambda: [64, 64])
+    layer_norm: bool = True
+    value_norm: bool = True
+    checkpoint_every: int = Field(20, ge=1, description="rollouts between checkpoints")
+    eval_every: int = Field(20, ge=1, description="rollouts between evaluations")
+    eval_episodes: int = Field(8, ge=1)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+
+
+class EvalConfig(Strict):
+    episodes: int = Field(8, ge=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    policies: list[str] = Field(default_factory=list, description="empty: all heuristics")
+    slo_tpot_ms: float = Field(50.0, gt=0)
+    slo_ttft_ms: float = Field(1000.0, gt=0)
+
+
+class Config(Strict):
+    name: str = "default"
+    seed: int = 0
+    scenario: ScenarioConfig = ScenarioConfig()
+    env: EnvConfig = EnvConfig()
+    reward: RewardConfig = RewardConfig()
+    sim: SimConfig = SimConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        """Stable hash of the resolved configuration (scenario identity for exports and caches)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _set_path(tree: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: cannot set '{dotted}': '{k}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=c` -> ("a.b", yaml-parsed c)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    return key, yaml.safe_load(raw)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML file, resolving `extends: [other.yaml, ...]` (relative to the file) first."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: circular 'extends'")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+    parents = loaded.pop("extends", []) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    tree: dict[str, Any] = {}
+    for parent in parents:
+        tree = _merge(tree, _read_tree((path.parent / parent), seen + (path.resolve(),)))
+    return _merge(tree, loaded)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (None: the built-in defaults) and apply `a.b=c` overrides."""
+    tree: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        tree = _read_tree(path)
+    for ov in overrides or []:
+        key, value = parse_override(ov)
+        _set_path(tree, key, value, f"--set {ov}")
+    if overrides:
+        source += " (with --set " + ", ".join(overrides) + ")"
+    return config_from_dict(tree, source)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,64 @@
+import pytest
+import yaml
+
+from marl_sd.config import ConfigError, dump_config, load_config
+from marl_sd.envs.profiles import load_profile
+
+
+def write(tmp_path, tree):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
+def test_defaults_and_shipped_configs_load():
+    from marl_sd.config import CONFIG_DIR
+
+    assert load_config().scenario.n_users == 8
+    for p in CONFIG_DIR.glob("*.yaml"):
+        load_config(p)
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, {"scenario": {"n_user": 4}})
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "scenario.n_user" in str(e.value) and "unknown key" in str(e.value) and str(p) in str(e.value)
+
+
+def test_ill_typed_and_negative_values(tmp_path):
+    with pytest.raises(ConfigError, match="scenario.workload.arrival_rate_per_s"):
+        load_config(write(tmp_path, {"scenario": {"workload": {"arrival_rate_per_s": -1}}}))
+    with pytest.raises(ConfigError, match="env.horizon"):
+        load_config(write(tmp_path, {"env": {"horizon": "long"}}))
+    with pytest.raises(ConfigError, match="slot_ms"):
+        load_config(overrides=["env.tick_ms=3"])
+
+
+def test_overrides_and_roundtrip(tmp_path):
+    cfg = load_config(overrides=["scenario.n_users=5", "reward.team_share=0.2", "name=x"])
+    assert cfg.scenario.n_users == 5 and cfg.reward.team_share == 0.2
+    out = tmp_path / "resolved.yaml"
+    dump_config(cfg, out)
+    again = load_config(out)
+    assert again == cfg and again.hash() == cfg.hash()
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(overrides=["scenario.bogus=1"])
+    with pytest.raises(ConfigError, match="key.path=value"):
+        load_config(overrides=["novalue"])
+
+
+def test_profile_validation(tmp_path):
+    prof = load_profile("llama31_8b_h100")
+    assert prof.target.verify.time_ms(1, 5) == pytest.approx(8.38 + 0.023)
+    assert prof.target.verify.time_ms(4, 200) == pytest.approx(8.38 + 4 * 0.023 + 0.026 * 40)
+    with pytest.raises(ConfigError, match="not found"):
+        load_profile("no_such_profile")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntarget: {model: m, verify: {t0_ms: 1}}\ndevices: {}\n")
+    with pytest.raises(ConfigError, match="target.verify.c_b_ms"):
+        load_profile(bad)
+    with pytest.raises(ConfigError, match="not in latency profile"):
+        from marl_sd.envs.core import BatchedSimulator
+
+        BatchedSimulator(load_config(overrides=["scenario.devices=[{name: toaster, share: 1}]"]))
