@@ -39,7 +39,7 @@ SERVER_METRICS = ("batches", "batch_users", "batch_tokens", "busy_ms")
 # tensors that make up the simulator state (for get_state / set_state)
 STATE = ("pos", "waypoint", "speed", "dev", "draft_ms", "power_w", "max_gamma", "phase", "timer",
          "bytes_left", "gamma_cur", "gamma_next", "server", "target", "bid_w", "prio_w", "q_len",
-         "arrivals", "q_head", "remaining", "out_len", "ctx", "alpha", "first_tok", "prefill",
+         "arrivals", "requests", "q_head", "remaining", "out_len", "ctx", "alpha", "first_tok", "prefill",
          "first_round", "handover_bytes", "predraft", "full_accept", "queued_at", "acc_hits",
          "acc_trials", "tok_latency", "ul_activity", "ul_rate", "dl_rate", "srv_left",
          "srv_active", "srv_busy_frac", "outstanding_last", "now", "t")
@@ -121,6 +121,7 @@ class BatchedSimulator:
         self.prio_w = torch.ones(B, N, device=self.device)
         self.q_len = self._zeros(B, N, dtype=long)
         self.arrivals = self._zeros(B, N, self.Q)
+        self.requests = self._zeros(B, N, self.Q, 3)
         self.q_head = self._zeros(B, N, dtype=long)
         self.remaining = self._zeros(B, N, dtype=long)
         self.out_len = self._zeros(B, N, dtype=long)
@@ -239,6 +240,7 @@ class BatchedSimulator:
         T, B, N = self.ticks, self.B, self.N
         self._u_arr = torch.rand(T, B, N, generator=self.gen, device=self.device)
         self._u_acc = torch.rand(T, B, N, generator=self.gen, device=self.device)
+        self._u_req = torch.rand(T, B, N, 3, generator=self.gen, device=self.device)
         for k in range(T):
             self._tick(k)
         self._end_slot()
@@ -259,6 +261,10 @@ class BatchedSimulator:
             slot = ((self.q_head + self.q_len) % self.Q).unsqueeze(-1)
             old = self.arrivals.gather(2, slot)
             self.arrivals.scatter_(2, slot, torch.where(ok.unsqueeze(-1), now, old))
+            req = self.scn.requests_from_uniform(self._u_req[k], self.dev)
+            slot3 = slot.unsqueeze(-1).expand(-1, -1, 1, 3)
+            old = self.requests.gather(2, slot3)
+            self.requests.scatter_(2, slot3, torch.where(ok.view(self.B, self.N, 1, 1), req.unsqueeze(2), old))
             self.q_len = self.q_len + ok.long()
             start = (phase == IDLE) & ok
             if bool(start.any()):
@@ -312,9 +318,8 @@ class BatchedSimulator:
         m["outstanding_ms"] += self.q_len * dt
 
     def _start_request(self, start: torch.Tensor) -> None:
-        g = self.gen
-        prompt, out = self.scn.sample_lengths((self.B, self.N), g)
-        alpha = self.scn.sample_task_alpha(self.dev, g)
+        head = self.requests.gather(2, self.q_head.view(self.B, self.N, 1, 1).expand(-1, -1, 1, 3)).squeeze(2)
+        prompt, out, alpha = head[..., 0].long(), head[..., 1].long(), head[..., 2]
         w = lambda new, old: torch.where(start, new, old)  # noqa: E731
         self.server = w(self.target, self.server)
         self._gather_rates()

@@ -78,17 +78,21 @@ class Scenario:
         """Device class index per user, [B, N]."""
         return torch.multinomial(self.dev_share.expand(B, -1), self.N, replacement=True, generator=gen)
 
-    def sample_task_alpha(self, dev_idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Acceptance rate of a fresh request per user: task alpha x device alpha scale."""
-        flat = torch.multinomial(self.task_share, dev_idx.numel(), replacement=True, generator=gen)
-        alpha = self.task_alpha[flat].view_as(dev_idx.float()) * self.dev_alpha_scale[dev_idx]
-        return alpha.clamp(0.0, 0.99)
+    def requests_from_uniform(self, u: torch.Tensor, dev_idx: torch.Tensor) -> torch.Tensor:
+        """Map uniforms [..., 3] to request attributes [..., 3] = (prompt tokens, output tokens, alpha).
 
-    def sample_lengths(self, shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        Drawing the uniforms when a request *arrives* (not when its service starts) keeps the
+        workload identical across policies for the same seed (common random numbers).
+        """
         w = self.cfg.workload
-        prompt = torch.randint(w.prompt_tokens.low, w.prompt_tokens.high + 1, shape, generator=gen, device=self.device)
-        out = torch.randint(w.output_tokens.low, w.output_tokens.high + 1, shape, generator=gen, device=self.device)
-        return prompt, out
+        lo_p, hi_p = w.prompt_tokens.low, w.prompt_tokens.high
+        lo_o, hi_o = w.output_tokens.low, w.output_tokens.high
+        prompt = (lo_p + torch.floor(u[..., 0] * (hi_p - lo_p + 1))).clamp(max=hi_p)
+        out = (lo_o + torch.floor(u[..., 1] * (hi_o - lo_o + 1))).clamp(max=hi_o)
+        cum = torch.cumsum(self.task_share / self.task_share.sum(), 0)
+        task = torch.searchsorted(cum, u[..., 2].contiguous()).clamp(max=len(self.task_names) - 1)
+        alpha = (self.task_alpha[task] * self.dev_alpha_scale[dev_idx]).clamp(0.0, 0.99)
+        return torch.stack([prompt, out, alpha], -1)
 
     def sample_speeds(self, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
         lo, hi = self.cfg.mobility.speed_mps

@@ -50,7 +50,7 @@ def test_multistep_determinism():
         np.testing.assert_array_equal(x[4], y[4])
     assert any(not np.array_equal(x[0], z[0]) for x, z in zip(a, c))
     # the episode actually served requests
-    assert sum(sum(dict(u)["completed"] for u in x[3]) for x in a) >= 5
+    assert sum(sum(dict(u)["emitted"] for u in x[3]) for x in a) > 200
 
 
 def test_render_state_and_spaces():
