@@ -106,3 +106,33 @@ class ObservationBuilder:
         best_snr = u["snr"].max(-1, keepdim=True).values
         per_user = torch.cat([u["srv"], u["queue"], u["rem"], u["draft"], u["acc"], best_snr], -1)
         return torch.cat([self._server_feats(f), per_user.reshape(B, -1), f.time_frac.view(B, 1)], -1).float()
+
+
+def decode_local(obs: torch.Tensor, spec: ObsSpec) -> dict[str, torch.Tensor]:
+    """Invert `ObservationBuilder.local`: raw-scale features from [..., obs_dim] observations.
+
+    Lets policies that reason in physical units (heuristics) consume the same observations
+    as learned policies.
+    """
+    vector = {"snr_db", "ul_mbps", "server_onehot", "srv_users", "srv_queued_tokens", "srv_busy", "agent_id"}
+    out, off = {}, 0
+    for name, width in spec.layout():
+        out[name] = obs[..., off:off + width] if name in vector else obs[..., off]
+        off += width
+    M = spec.n_servers
+    return {
+        "snr_db": out["snr_db"] * 20.0,
+        "ul_mbps": torch.expm1(out["ul_mbps"] * 5.0),
+        "server": out["server_onehot"].argmax(-1) if M > 1 else torch.zeros(obs.shape[:-1], dtype=torch.long),
+        "draft_ms": out["draft_ms"] * 50.0,
+        "power_w": out["power_w"] * 40.0,
+        "max_gamma": torch.round(out["max_gamma"] * spec.gamma_max).long(),
+        "queue": torch.round(out["queue"] * spec.queue_capacity),
+        "remaining": out["remaining"] * spec.max_output_tokens,
+        "acceptance": out["acceptance"],
+        "outstanding": out["outstanding"] * 5.0,
+        "token_latency_ms": out["token_latency_ms"] * 100.0,
+        "srv_users": out["srv_users"] * spec.n_users,
+        "srv_queued_tokens": out["srv_queued_tokens"] * spec.verify_token_budget,
+        "srv_busy": out["srv_busy"],
+    }

@@ -97,7 +97,7 @@ class ScenarioConfig(Strict):
     n_users: int = Field(8, ge=1)
     n_servers: int = Field(3, ge=1)
     isd_m: float = Field(200.0, gt=0)
-    profile: str = "llama31_8b_h100"
+    profile: str = "llama31_8b_a10g_roofline"
     devices: list[DeviceShare] = Field(
         default_factory=lambda: [
             DeviceShare(name="phone_npu_1b", share=0.4),

@@ -1,0 +1,111 @@
+"""Evaluate policies on identical seeds (common random numbers) with 95 % confidence intervals."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from marl_sd.agents.policy import Policy
+from marl_sd.config import Config
+from marl_sd.envs.core import BatchedSimulator, summarize
+
+log = logging.getLogger(__name__)
+
+# metric name -> (label, unit, lower is better)
+METRICS = {
+    "latency_per_token_ms": ("latency / token, mean", "ms", True),
+    "token_latency_p50_ms": ("latency / token, p50", "ms", True),
+    "token_latency_p95_ms": ("latency / token, p95", "ms", True),
+    "request_latency_ms": ("request latency, mean", "ms", True),
+    "request_latency_p95_ms": ("request latency, p95", "ms", True),
+    "ttft_ms": ("TTFT, mean", "ms", True),
+    "tpot_ms": ("TPOT, mean", "ms", True),
+    "energy_per_token_j": ("energy / token", "J", True),
+    "throughput_tok_s": ("throughput", "tok/s", False),
+    "slo_attainment": ("SLO attainment", "", False),
+    "handovers_per_user_min": ("handovers / user / min", "", True),
+    "reward": ("reward / agent-step", "", False),
+    "acceptance": ("acceptance", "", False),
+    "tokens_per_round": ("tokens / round", "", False),
+    "outstanding_at_end": ("requests unfinished at end", "", True),
+}
+
+
+@dataclass
+class PolicyResult:
+    name: str
+    centralized: bool
+    description: str
+    per_seed: list[dict] = field(default_factory=list)
+    token_latencies: list[np.ndarray] = field(default_factory=list)
+
+    def summary(self) -> dict[str, tuple[float, float]]:
+        """metric -> (mean over seeds, 95 % CI half-width)."""
+        out = {}
+        for k in METRICS:
+            vals = np.array([s[k] for s in self.per_seed if not math.isnan(s[k])], dtype=float)
+            out[k] = mean_ci(vals)
+        return out
+
+
+def mean_ci(vals: np.ndarray) -> tuple[float, float]:
+    if len(vals) == 0:
+        return math.nan, math.nan
+    if len(vals) == 1:
+        return float(vals[0]), math.nan
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, len(vals) - 1) * vals.std(ddof=1) / math.sqrt(len(vals))
+    return float(vals.mean()), float(half)
+
+
+@torch.no_grad()
+def run_policy(cfg: Config, policy: Policy, seed: int, episodes: int) -> tuple[dict, np.ndarray]:
+    """One batch of `episodes` parallel episodes with simulator seed `seed`."""
+    sim = BatchedSimulator(cfg, num_envs=episodes, seed=seed)
+    sim.record_requests = True
+    policy.reset(seed)
+    acc: dict[str, torch.Tensor] = {}
+    rew = 0.0
+    for _ in range(sim.horizon):
+        a = policy.act(sim.observations(), sim.mask)
+        r, _ = sim.step(a)
+        rew += float(r.mean())
+        for k, v in sim.slot_metrics().items():
+            acc[k] = acc.get(k, 0) + v.sum(0)
+    s = summarize(acc)
+    reqs = torch.cat(sim.request_log) if sim.request_log else torch.zeros(0, 6)
+    lat, out, ttft, tpot = reqs[:, 2].numpy(), reqs[:, 3].numpy(), reqs[:, 4].numpy(), reqs[:, 5].numpy()
+    per_tok = lat / np.maximum(out, 1)
+    e = cfg.eval
+    duration_s = sim.horizon * cfg.env.slot_ms / 1000.0
+    pct = (lambda x, q: float(np.percentile(x, q)) if len(x) else math.nan)
+    s.update({
+        "token_latency_p50_ms": pct(per_tok, 50),
+        "token_latency_p95_ms": pct(per_tok, 95),
+        "request_latency_p95_ms": pct(lat, 95),
+        "throughput_tok_s": s["tokens_emitted"] / (duration_s * episodes),
+        "slo_attainment": float(np.mean((ttft <= e.slo_ttft_ms) & (tpot <= e.slo_tpot_ms))) if len(lat) else math.nan,
+        "handovers_per_user_min": s["handovers"] / (episodes * sim.N * duration_s / 60.0),
+        "reward": rew / sim.horizon,
+        "outstanding_at_end": float(sim.q_len.float().sum()) / episodes,
+    })
+    return s, per_tok
+
+
+def evaluate(cfg: Config, policies: list[Policy], seeds: list[int], episodes: int, progress=None) -> list[PolicyResult]:
+    results = []
+    for pol in policies:
+        res = PolicyResult(pol.name, pol.centralized, pol.description)
+        for seed in seeds:
+            s, per_tok = run_policy(cfg, pol, seed, episodes)
+            res.per_seed.append(s)
+            res.token_latencies.append(per_tok)
+            if progress is not None:
+                progress()
+        log.info("%s: %.1f ms/token", pol.name, np.nanmean([s["latency_per_token_ms"] for s in res.per_seed]))
+        results.append(res)
+    return results

@@ -1,0 +1,358 @@
+"""Heuristic baselines, all behind the `Policy` interface.
+
+Every heuristic reads the same local observations as a learned policy (decoded back to
+physical units) plus static knowledge of the scenario (latency profile, payload sizes).
+Centralized methods look at all users of an environment at once, as the papers they
+reproduce do; the evaluation table marks them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from marl_sd.agents.policy import Policy, PolicyContext, split_mask
+from marl_sd.envs.observation import decode_local
+
+INF = float("inf")
+
+
+class LatencyModel:
+    """Predicted per-token latency [.., M, G] of every (server, gamma) choice for every user.
+
+    Round = draft (minus the expected pre-drafted tokens) + uplink + queueing + T(b, K) +
+    downlink; per token = round / E[N], E[N] = (1 - a^(g+1)) / (1 - a). gamma = 0 is one server
+    decode step (plus queueing) per token.
+    """
+
+    def __init__(self, ctx: PolicyContext):
+        self.ctx = ctx
+        p = ctx.profile
+        self.verify = p.target.verify
+        self.header = float(p.payload.header_bytes)
+        self.tok_bytes = float(p.payload.token_id_bytes + ctx.cfg.scenario.topk * p.payload.topk_pair_bytes)
+        self.base = ctx.cfg.scenario.channel.base_latency_ms
+        self.G = ctx.cfg.env.gamma_max + 1
+
+    def predict(self, f: dict, users_at: torch.Tensor | None = None, share_scale: torch.Tensor | None = None,
+                alpha: torch.Tensor | None = None, hysteresis: float = 0.0) -> torch.Tensor:
+        """users_at [B, M]: users served per server (default: observed); share_scale [B, N, M]
+        multiplies the observed uplink rate (a different bandwidth split); `hysteresis` inflates
+        the latency of leaving the current server while a request is active (handover cost)."""
+        g = torch.arange(self.G, dtype=torch.float32)
+        a = (f["acceptance"] if alpha is None else alpha).clamp(0.01, 0.99)[..., None, None]
+        e_n = (1 - a ** (g + 1)) / (1 - a)  # [B, N, 1, G]
+        rate = (f["ul_mbps"] * 125.0).clamp(min=1e-3)  # bytes per ms, [B, N, M]
+        if share_scale is not None:
+            rate = rate * share_scale
+        # per-server loads as each user observes them: [B, N, M]
+        b = f["srv_users"] if users_at is None else users_at.unsqueeze(1).expand_as(rate)
+        at = torch.nn.functional.one_hot(f["server"], b.shape[-1]).float()
+        b_i = (b + (1 - at)).clamp(min=1)  # including me
+        k = f["srv_queued_tokens"].unsqueeze(-1) + g + 1
+        t_ver = self.verify.time_ms(b_i.unsqueeze(-1), k)  # [B, N, M, G]
+        wait = f["srv_busy"].unsqueeze(-1) * t_ver / 2
+        up = (self.header + g * self.tok_bytes) / rate.unsqueeze(-1) + self.base
+        down = self.base + (self.header + 4 * e_n) / rate.unsqueeze(-1)
+        t_d = f["draft_ms"][..., None, None]
+        inflight = up + wait + t_ver + down
+        kept = a**g * torch.minimum(g, inflight / t_d)
+        spec = (g * t_d - kept * t_d + inflight) / e_n
+        ar = (t_ver + wait).expand_as(spec)
+        lat = torch.where(g == 0, ar, spec)
+        if hysteresis:
+            leave = (1 - at) * (f["queue"] > 0).float().unsqueeze(-1)
+            lat = lat * (1 + hysteresis * leave).unsqueeze(-1)
+        return lat
+
+
+def _bid_level(weight: torch.Tensor, levels: list[float]) -> torch.Tensor:
+    """Nearest bid level (in log scale) for a relative weight normalized to the smallest level."""
+    lv = torch.log(torch.tensor(levels))
+    w = torch.log(weight.clamp(min=1e-6) * levels[0])
+    return (w.unsqueeze(-1) - lv).abs().argmin(-1)
+
+
+def _mask_lat(lat: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    ok = masks[0].unsqueeze(-1) & masks[3].unsqueeze(-2)
+    return torch.where(ok, lat, INF)
+
+
+def _assemble(server, bid, prio, gamma):
+    return torch.stack([server.long(), bid.long(), prio.long(), gamma.long()], -1)
+
+
+class RandomPolicy(Policy):
+    name, description = "random", "uniform over the valid actions"
+
+    def __init__(self, ctx, seed: int = 0):
+        super().__init__(ctx)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def reset(self, seed=None):
+        if seed is not None:
+            self.gen.manual_seed(seed)
+
+    def act(self, obs, mask):
+        out = []
+        for m in split_mask(mask, self.ctx.nvec):
+            u = torch.rand(m.shape, generator=self.gen)
+            out.append(torch.argmax(m.float() * (u + 1e-3), -1))
+        return torch.stack(out, -1)
+
+
+class NearestPolicy(Policy):
+    """Max-SINR server, equal bandwidth split (equal bids), fixed gamma (capped by the device)."""
+
+    name = "nearest"
+
+    def __init__(self, ctx, gamma: int = 4, name: str | None = None):
+        super().__init__(ctx)
+        self.gamma = gamma
+        self.name = name or f"nearest_g{gamma}"
+        self.description = f"max-SINR server + equal split + fixed gamma={gamma}"
+
+    def _server(self, f, masks):
+        return torch.where(masks[0], f["snr_db"], -INF).argmax(-1)
+
+    def act(self, obs, mask):
+        f = decode_local(obs, self.ctx.spec)
+        masks = split_mask(mask, self.ctx.nvec)
+        s = self._server(f, masks)
+        z = torch.zeros_like(s)
+        return _assemble(s, z, z, torch.minimum(torch.full_like(s, self.gamma), f["max_gamma"]))
+
+
+class LeastLoadedPolicy(NearestPolicy):
+    """Fewest associated users among covered servers (ties: best SINR), equal split, fixed gamma."""
+
+    def __init__(self, ctx, gamma: int = 4):
+        super().__init__(ctx, gamma, name="least_loaded")
+        self.description = f"least-loaded covered server + equal split + fixed gamma={gamma}"
+
+    def _server(self, f, masks):
+        at = torch.nn.functional.one_hot(f["server"], self.ctx.spec.n_servers).float()
+        load = f["srv_users"] - at  # others only
+        score = -load * 1000.0 + f["snr_db"].clamp(-50, 50)
+        return torch.where(masks[0], score, -INF).argmax(-1)
+
+
+class CentralizedARPolicy(NearestPolicy):
+    """No drafting: every token decoded autoregressively on the server (gamma = 0)."""
+
+    def __init__(self, ctx):
+        super().__init__(ctx, gamma=0, name="centralized_ar")
+        self.description = "max-SINR server, gamma = 0 (autoregressive serving, all on the server)"
+
+
+class AdaptiveGammaPolicy(NearestPolicy):
+    """Max-SINR server + equal split; gamma minimising the predicted per-token latency there."""
+
+    def __init__(self, ctx):
+        super().__init__(ctx, name="nearest_adaptive")
+        self.description = "max-SINR server + equal split + adaptive gamma (latency model, running acceptance)"
+        self.model = LatencyModel(ctx)
+
+    def act(self, obs, mask):
+        f = decode_local(obs, self.ctx.spec)
+        masks = split_mask(mask, self.ctx.nvec)
+        s = self._server(f, masks)
+        lat = _mask_lat(self.model.predict(f), masks)
+        g = lat.gather(-2, s[..., None, None].expand(*s.shape, 1, lat.shape[-1])).squeeze(-2).argmin(-1)
+        z = torch.zeros_like(s)
+        return _assemble(s, z, z, g)
+
+
+class GreedyLatencyPolicy(Policy):
+    """Each user alone picks the (server, gamma) with the lowest predicted per-token latency
+    given the current loads; leaving the current server mid-request must look 25 % better (handover cost)."""
+
+    name = "greedy_latency"
+    description = "per-user argmin of predicted per-token latency over (server, gamma), current loads"
+
+    def __init__(self, ctx, hysteresis: float = 0.25):
+        super().__init__(ctx)
+        self.model = LatencyModel(ctx)
+        self.hyst = hysteresis
+
+    def act(self, obs, mask):
+        f = decode_local(obs, self.ctx.spec)
+        masks = split_mask(mask, self.ctx.nvec)
+        lat = _mask_lat(self.model.predict(f, hysteresis=self.hyst), masks)  # [B, N, M, G]
+        flat = lat.flatten(-2).argmin(-1)
+        s, g = flat // lat.shape[-1], flat % lat.shape[-1]
+        z = torch.zeros_like(s)
+        return _assemble(s, z, z, g)
+
+
+class TwoPhaseMatchingPolicy(Policy):
+    """Two-phase matching association with proportional allocation (after arXiv 2511.01695).
+
+    Phase 1: deferred acceptance: users propose to servers in order of predicted latency;
+    servers hold at most ceil(1.25 N / M) users, preferring the strongest links. Phase 2: swap
+    matching: swap two users' servers while it lowers the sum of predicted latencies. Then
+    bandwidth bids proportional to each user's uplink airtime need, and per-user gamma.
+    """
+
+    name = "two_phase_matching"
+    centralized = True
+    description = "deferred-acceptance + swap matching, proportional bandwidth, per-user gamma (2511.01695)"
+
+    def __init__(self, ctx, swaps: int = 3, hysteresis: float = 0.25):
+        super().__init__(ctx)
+        self.model = LatencyModel(ctx)
+        self.swaps = swaps
+        self.hyst = hysteresis
+
+    def _latency(self, f, masks, assign):
+        """[B, N, M] latency of each user at each server given the assignment's loads."""
+        M = self.ctx.spec.n_servers
+        onehot = torch.nn.functional.one_hot(assign, M).float()
+        users = onehot.sum(1)  # [B, M]
+        cur = torch.nn.functional.one_hot(f["server"], M).float()
+        share_now = 1.0 / (f["srv_users"] - cur + 1).clamp(min=1)
+        share_new = 1.0 / (users.unsqueeze(1) - onehot + 1).clamp(min=1)
+        lat = self.model.predict(f, users_at=users, share_scale=share_new / share_now, hysteresis=self.hyst)
+        lat = _mask_lat(lat, masks)
+        best, g = lat.min(-1)
+        return best, g
+
+    def act(self, obs, mask):
+        f = decode_local(obs, self.ctx.spec)
+        masks = split_mask(mask, self.ctx.nvec)
+        B, N = f["server"].shape
+        M = self.ctx.spec.n_servers
+        cap = math.ceil(1.25 * N / M)
+        lat0, _ = self._latency(f, masks, f["server"])
+        pref = lat0.argsort(-1)  # [B, N, M] servers by preference
+        assign = torch.full((B, N), -1, dtype=torch.long)
+        nxt = torch.zeros(B, N, dtype=torch.long)
+        snr = f["snr_db"]
+        for _ in range(M):
+            free = assign < 0
+            if not bool(free.any()):
+                break
+            prop = pref.gather(-1, nxt.clamp(max=M - 1).unsqueeze(-1)).squeeze(-1)
+            prop = torch.where(free, prop, assign)
+            # each server keeps its `cap` strongest proposers (holding ones included)
+            score = snr.gather(-1, prop.unsqueeze(-1)).squeeze(-1)
+            valid = masks[0].gather(-1, prop.unsqueeze(-1)).squeeze(-1)
+            same = (prop.unsqueeze(2) == prop.unsqueeze(1)) & valid.unsqueeze(1)
+            stronger = (score.unsqueeze(1) > score.unsqueeze(2)) | (
+                (score.unsqueeze(1) == score.unsqueeze(2)) & (torch.arange(N) < torch.arange(N).unsqueeze(1)))
+            rank = (same & stronger).sum(-1)
+            assign = torch.where((rank < cap) & valid, prop, -1)
+            nxt = torch.where(assign < 0, nxt + 1, nxt)
+        fallback = torch.where(masks[0], snr, -INF).argmax(-1)
+        assign = torch.where(assign < 0, fallback, assign)
+        for _ in range(self.swaps):
+            lat, _ = self._latency(f, masks, assign)
+            own = lat.gather(-1, assign.unsqueeze(-1)).squeeze(-1)  # [B, N]
+            # gain of swapping i and j: lat_i(s_j) + lat_j(s_i) vs own_i + own_j
+            li_sj = lat.gather(-1, assign.unsqueeze(1).expand(B, N, N))  # [B, i, j] = lat_i at s_j
+            new = li_sj + li_sj.transpose(1, 2)
+            gain = own.unsqueeze(2) + own.unsqueeze(1) - new
+            gain = torch.where(torch.isfinite(gain), gain, -INF)
+            best = gain.flatten(1).max(-1)
+            do = best.values > 1e-3
+            if not bool(do.any()):
+                break
+            i, j = best.indices // N, best.indices % N
+            bi = torch.arange(B)
+            si, sj = assign[bi, i].clone(), assign[bi, j].clone()
+            assign[bi, i] = torch.where(do, sj, si)
+            assign[bi, j] = torch.where(do, si, sj)
+        _, g = self._latency(f, masks, assign)
+        gamma = g.gather(-1, assign.unsqueeze(-1)).squeeze(-1)
+        rate = (f["ul_mbps"].gather(-1, assign.unsqueeze(-1)).squeeze(-1)).clamp(min=1e-3)
+        need = (self.model.header + gamma * self.model.tok_bytes) / rate  # airtime need
+        rel = need / need.min(1, keepdim=True).values.clamp(min=1e-9)
+        bid = _bid_level(rel, self.ctx.cfg.env.bid_weights)
+        return _assemble(assign, bid, torch.zeros_like(bid), gamma)
+
+
+class ClosedFormDPPolicy(Policy):
+    """Closed-form bandwidth allocation + dynamic programming over gamma (after arXiv 2510.11331).
+
+    Association: max-SINR. Bandwidth: the batch waits for its last upload, so the min-max
+    closed form gives shares proportional to each user's upload need (bytes / rate). Gamma:
+    a knapsack DP per server over the verify token budget minimising the sum of predicted
+    per-token latencies (batch verify time evaluated at the resulting batch size and tokens).
+    """
+
+    name = "closed_form_dp"
+    centralized = True
+    description = "max-SINR + closed-form (min-max) bandwidth + knapsack DP over gamma (2510.11331)"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.model = LatencyModel(ctx)
+
+    def act(self, obs, mask):
+        ctx = self.ctx
+        f = decode_local(obs, ctx.spec)
+        masks = split_mask(mask, ctx.nvec)
+        B, N = f["server"].shape
+        M, G = ctx.spec.n_servers, self.model.G
+        s = torch.where(masks[0], f["snr_db"], -INF).argmax(-1)
+        onehot = torch.nn.functional.one_hot(s, M).float()
+        users = onehot.sum(1)
+        cur = torch.nn.functional.one_hot(f["server"], M).float()
+        share_now = 1.0 / (f["srv_users"] - cur + 1).clamp(min=1)
+        lat = self.model.predict(f, users_at=users, share_scale=(1.0 / users.clamp(min=1)).unsqueeze(1) / share_now)
+        lat = _mask_lat(lat, masks).gather(-2, s[..., None, None].expand(B, N, 1, G)).squeeze(-2)  # [B, N, G]
+        budget = int(ctx.cfg.scenario.verify_token_budget)
+        cap = min(budget, N * G)
+        dp = torch.full((B, M, cap + 1), INF)
+        dp[..., 0] = 0.0
+        choice = torch.zeros(N, B, M, cap + 1, dtype=torch.long)
+        for i in range(N):
+            new = torch.full_like(dp, INF)
+            arg = torch.zeros(B, M, cap + 1, dtype=torch.long)
+            mine = onehot[:, i].bool()  # [B, M]
+            for g in range(G):
+                c = lat[:, i, g]
+                if not bool(torch.isfinite(c).any()):
+                    continue
+                w = g + 1
+                cand = torch.full_like(dp, INF)
+                cand[..., w:] = dp[..., :-w] + c.view(B, 1, 1)
+                better = cand < new
+                new = torch.where(better, cand, new)
+                arg = torch.where(better, g, arg)
+            new = torch.where(mine.unsqueeze(-1), new, dp)  # users of other servers add nothing
+            arg = torch.where(mine.unsqueeze(-1), arg, -1)
+            choice[i] = arg
+            dp = new
+        k = dp.argmin(-1)  # [B, M]
+        gamma = torch.zeros(B, N, dtype=torch.long)
+        for i in reversed(range(N)):
+            gi = choice[i].gather(-1, k.unsqueeze(-1)).squeeze(-1)  # [B, M]
+            mine = onehot[:, i].bool()
+            gsel = (gi * mine).sum(-1)
+            gamma[:, i] = gsel.clamp(min=0)
+            k = k - torch.where(mine & (gi >= 0), gi + 1, 0)
+        rate = f["ul_mbps"].gather(-1, s.unsqueeze(-1)).squeeze(-1).clamp(min=1e-3)
+        need = (self.model.header + gamma * self.model.tok_bytes) / rate
+        rel = need / need.min(1, keepdim=True).values.clamp(min=1e-9)
+        bid = _bid_level(rel, ctx.cfg.env.bid_weights)
+        return _assemble(s, bid, torch.zeros_like(bid), gamma)
+
+
+HEURISTICS = {
+    "random": RandomPolicy,
+    "nearest_g4": lambda ctx: NearestPolicy(ctx, 4),
+    "nearest_g2": lambda ctx: NearestPolicy(ctx, 2),
+    "nearest_adaptive": AdaptiveGammaPolicy,
+    "least_loaded": LeastLoadedPolicy,
+    "greedy_latency": GreedyLatencyPolicy,
+    "two_phase_matching": TwoPhaseMatchingPolicy,
+    "closed_form_dp": ClosedFormDPPolicy,
+    "centralized_ar": CentralizedARPolicy,
+}
+
+
+def make_heuristic(name: str, ctx: PolicyContext) -> Policy:
+    if name not in HEURISTICS:
+        raise KeyError(f"unknown policy '{name}' (known: {', '.join(HEURISTICS)})")
+    return HEURISTICS[name](ctx)

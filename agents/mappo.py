@@ -1,0 +1,214 @@
+"""MAPPO on stable-baselines3: sb3-contrib MaskablePPO + a centralized-critic policy.
+
+* `MAPPOPolicy`: the observation is `[local obs | global state]`; the actor reads the local
+  slice only (decentralized execution), the critic reads local + state (centralized training)
+  or only the local slice (`critic_input="local"`: independent PPO, the ablation). LayerNorm on
+  inputs and hidden layers, SB3's orthogonal init (gains sqrt(2) / 0.01 / 1).
+* `ValueNorm`: the critic head predicts normalized values; this output layer de-normalizes them
+  with a debiased running mean/variance of the returns, and `MAPPO.train` scales `vf_coef` by
+  1/variance, which is exactly MAPPO's normalized value loss.
+* `MAPPO.collect_rollouts`: sb3-contrib 2.9.2's loop with the truncation bootstrap done in one
+  batched critic forward instead of one forward per truncated slot.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from sb3_contrib import MaskablePPO
+from sb3_contrib.common.maskable.buffers import MaskableDictRolloutBuffer, MaskableRolloutBuffer
+from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_supported
+from stable_baselines3.common.utils import obs_as_tensor
+from torch import nn
+
+from marl_sd.config import TrainConfig
+
+
+def _mlp(in_dim: int, arch: list[int], activation, layer_norm: bool) -> tuple[nn.Sequential, int]:
+    layers: list[nn.Module] = [nn.LayerNorm(in_dim)] if layer_norm else []
+    for h in arch:
+        layers += [nn.Linear(in_dim, h), activation()]
+        if layer_norm:
+            layers.append(nn.LayerNorm(h))
+        in_dim = h
+    return nn.Sequential(*layers), in_dim
+
+
+class SplitMlpExtractor(nn.Module):
+    """Drop-in for SB3's MlpExtractor: actor on the local slice, critic on local+state or local."""
+
+    def __init__(self, obs_dim, state_dim, pi_arch, vf_arch, activation, layer_norm, critic_input):
+        super().__init__()
+        self.obs_dim, self.critic_input = obs_dim, critic_input
+        self.policy_net, self.latent_dim_pi = _mlp(obs_dim, pi_arch, activation, layer_norm)
+        vf_in = {"local+state": obs_dim + state_dim, "state": state_dim, "local": obs_dim}[critic_input]
+        self.value_net, self.latent_dim_vf = _mlp(vf_in, vf_arch, activation, layer_norm)
+
+    def forward(self, features):
+        return self.forward_actor(features), self.forward_critic(features)
+
+    def forward_actor(self, features):
+        return self.policy_net(features[..., : self.obs_dim])
+
+    def forward_critic(self, features):
+        if self.critic_input == "local+state":
+            x = features
+        elif self.critic_input == "state":
+            x = features[..., self.obs_dim:]
+        else:
+            x = features[..., : self.obs_dim]
+        return self.value_net(x)
+
+
+class ValueNorm(nn.Module):
+    """Debiased EMA of the return mean / mean-square (float64 buffers), as an output layer."""
+
+    def __init__(self, beta: float = 0.999, eps: float = 1e-5):
+        super().__init__()
+        self.beta, self.eps = beta, eps
+        for n in ("mean", "mean_sq", "debias"):
+            self.register_buffer(n, torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.to(self.mean.device, torch.float64).flatten()
+        self.mean.mul_(self.beta).add_((1 - self.beta) * x.mean())
+        self.mean_sq.mul_(self.beta).add_((1 - self.beta) * (x**2).mean())
+        self.debias.mul_(self.beta).add_(1 - self.beta)
+
+    def _mu_var(self):
+        d = self.debias.clamp(min=self.eps)
+        mu = self.mean / d
+        var = (self.mean_sq / d - mu**2).clamp(min=1e-2)
+        fresh = self.debias == 0
+        return torch.where(fresh, 0.0, mu), torch.where(fresh, 1.0, var)
+
+    def stats(self) -> tuple[float, float]:
+        mu, var = self._mu_var()
+        return float(mu), float(var)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        mu, var = self._mu_var()
+        return v * var.sqrt().to(v.dtype) + mu.to(v.dtype)
+
+
+class MAPPOPolicy(MaskableActorCriticPolicy):
+    def __init__(self, *args, obs_dim: int, state_dim: int, critic_input: str = "local+state",
+                 layer_norm: bool = True, value_norm: bool = True, value_norm_beta: float = 0.999, **kwargs):
+        self.obs_dim, self.state_dim, self.critic_input = obs_dim, state_dim, critic_input
+        self.layer_norm, self.value_norm, self.value_norm_beta = layer_norm, value_norm, value_norm_beta
+        kwargs.setdefault("activation_fn", nn.ReLU)
+        kwargs.setdefault("net_arch", dict(pi=[64, 64], vf=[64, 64]))
+        super().__init__(*args, **kwargs)
+
+    def _build_mlp_extractor(self) -> None:
+        a = self.net_arch if isinstance(self.net_arch, dict) else dict(pi=self.net_arch, vf=self.net_arch)
+        self.mlp_extractor = SplitMlpExtractor(self.obs_dim, self.state_dim, a["pi"], a["vf"],
+                                               self.activation_fn, self.layer_norm, self.critic_input)
+
+    def _build(self, lr_schedule) -> None:
+        super()._build(lr_schedule)
+        if self.value_norm:
+            self.value_net = nn.Sequential(self.value_net, ValueNorm(self.value_norm_beta))
+
+    @property
+    def value_normalizer(self) -> ValueNorm | None:
+        return self.value_net[1] if self.value_norm else None
+
+    def actor_logits(self, local_obs: torch.Tensor) -> torch.Tensor:
+        """Raw concatenated logits [batch, sum(nvec)] from local observations (what export ships)."""
+        return self.action_net(self.mlp_extractor.policy_net(local_obs))
+
+    def _get_constructor_parameters(self):
+        d = super()._get_constructor_parameters()
+        d.update(obs_dim=self.obs_dim, state_dim=self.state_dim, critic_input=self.critic_input,
+                 layer_norm=self.layer_norm, value_norm=self.value_norm, value_norm_beta=self.value_norm_beta)
+        return d
+
+
+class MAPPO(MaskablePPO):
+    """MaskablePPO + value normalization + batched truncation bootstrap."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vf_coef_base = self.vf_coef
+
+    def train(self) -> None:
+        vn = getattr(self.policy, "value_normalizer", None)
+        if vn is not None:
+            vn.update(torch.as_tensor(self.rollout_buffer.returns))
+            _, var = vn.stats()
+            self.vf_coef = self.vf_coef_base / var
+            self.logger.record("train/value_norm_std", var**0.5)
+        super().train()
+
+    def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps, use_masking=True):
+        assert isinstance(rollout_buffer, (MaskableRolloutBuffer, MaskableDictRolloutBuffer))
+        assert self._last_obs is not None, "No previous observation was provided"
+        self.policy.set_training_mode(False)
+        n_steps = 0
+        action_masks = None
+        rollout_buffer.reset()
+        if use_masking and not is_masking_supported(env):
+            raise ValueError("Environment does not support action masking.")
+        callback.on_rollout_start()
+        while n_steps < n_rollout_steps:
+            with torch.no_grad():
+                obs_tensor = obs_as_tensor(self._last_obs, self.device)
+                if use_masking:
+                    action_masks = get_action_masks(env)
+                actions, values, log_probs = self.policy(obs_tensor, action_masks=action_masks)
+            actions = actions.cpu().numpy()
+            new_obs, rewards, dones, infos = env.step(actions)
+            self.num_timesteps += env.num_envs
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return False
+            self._update_info_buffer(infos, dones)
+            n_steps += 1
+            if isinstance(self.action_space, spaces.Discrete):
+                actions = actions.reshape(-1, 1)
+            idx = [i for i in np.flatnonzero(dones)
+                   if infos[i].get("terminal_observation") is not None and infos[i].get("TimeLimit.truncated", False)]
+            if idx:
+                term_obs = np.stack([infos[i]["terminal_observation"] for i in idx])
+                with torch.no_grad():
+                    tv = self.policy.predict_values(obs_as_tensor(term_obs, self.device))
+                rewards[idx] += self.gamma * tv.flatten().cpu().numpy()
+            rollout_buffer.add(self._last_obs, actions, rewards, self._last_episode_starts, values, log_probs,
+                               action_masks=action_masks)
+            self._last_obs = new_obs
+            self._last_episode_starts = dones
+        with torch.no_grad():
+            values = self.policy.predict_values(obs_as_tensor(new_obs, self.device))
+        rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
+        callback.on_rollout_end()
+        return True
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but torch sees no CUDA device")
+    return device
+
+
+def mappo_kwargs(t: TrainConfig, obs_dim: int, state_dim: int, num_envs: int) -> dict:
+    """MAPPO-paper hyper-parameters mapped onto MaskablePPO arguments."""
+    rollout = t.n_steps * num_envs
+    if rollout % t.num_mini_batch:
+        raise ValueError(f"train.n_steps * num_envs ({rollout}) must be divisible by train.num_mini_batch ({t.num_mini_batch})")
+    return dict(
+        n_steps=t.n_steps, batch_size=rollout // t.num_mini_batch, n_epochs=t.n_epochs,
+        learning_rate=t.learning_rate, gamma=t.gamma, gae_lambda=t.gae_lambda, clip_range=t.clip_range,
+        ent_coef=t.ent_coef, vf_coef=t.vf_coef, max_grad_norm=t.max_grad_norm, normalize_advantage=True,
+        stats_window_size=num_envs,
+        policy_kwargs=dict(obs_dim=obs_dim, state_dim=state_dim,
+                           critic_input="local+state" if t.algorithm == "mappo" else "local",
+                           layer_norm=t.layer_norm, value_norm=t.value_norm,
+                           net_arch=dict(pi=list(t.hidden), vf=list(t.hidden)),
+                           optimizer_kwargs=dict(eps=t.adam_eps)),
+        device=resolve_device(t.device),
+    )
