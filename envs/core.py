@@ -32,7 +32,7 @@ SUB_ACTIONS = ("server", "uplink_bid", "verify_priority", "gamma")
 
 # per-slot accumulators, [B, N] each; reset at the start of every step
 USER_METRICS = ("completed", "latency_ms", "tokens", "ttft_ms", "tpot_ms", "tpot_n", "energy_j",
-                "accepted", "rejected", "drafted", "rounds", "spec_rounds", "emitted", "handovers", "dropped",
+                "accepted", "rejected", "drafted", "rounds", "spec_rounds", "emitted", "handovers", "dropped", "arrived",
                 "outstanding_ms", "airtime_ms")
 SERVER_METRICS = ("batches", "batch_users", "batch_tokens", "busy_ms")
 
@@ -258,6 +258,7 @@ class BatchedSimulator:
             room = self.q_len < self.Q
             m["dropped"] += (arrive & ~room).float()
             ok = arrive & room
+            m["arrived"] += ok
             slot = ((self.q_head + self.q_len) % self.Q).unsqueeze(-1)
             old = self.arrivals.gather(2, slot)
             self.arrivals.scatter_(2, slot, torch.where(ok.unsqueeze(-1), now, old))
@@ -542,6 +543,7 @@ def summarize(m: dict[str, torch.Tensor]) -> dict[str, float]:
         "tokens_emitted": s["emitted"],
         "handovers": s["handovers"],
         "dropped": s["dropped"],
+        "arrived": s["arrived"],
         "server_util": s["server_busy_ms"] / s["slot_ms_total"] if s.get("slot_ms_total") else nan,
         "batch_size": s["server_batch_users"] / s["server_batches"] if s["server_batches"] else nan,
         "batch_tokens": s["server_batch_tokens"] / s["server_batches"] if s["server_batches"] else nan,

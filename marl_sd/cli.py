@@ -10,7 +10,7 @@ from rich.table import Table
 
 from marl_sd.config import ConfigError, load_config
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def _cmd_bench(args) -> int:
@@ -31,10 +31,125 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from pathlib import Path
+
+    from marl_sd.agents.train import train
+
+    cfg = load_config(args.config, args.set)
+    name = args.name or cfg.name
+    run_dir = Path(args.runs_dir) / name
+    if args.resume and (run_dir / "config.yaml").exists():
+        cfg = load_config(run_dir / "config.yaml", args.set)
+    if args.device:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": args.device})})
+    cfg = cfg.model_copy(update={"name": name})
+    console.print(f"training [bold]{name}[/bold] -> {run_dir}  ({cfg.train.algorithm}, {cfg.train.total_timesteps:,} "
+                  f"agent-steps, {cfg.train.num_envs} envs x {cfg.scenario.n_users} users, device {cfg.train.device})")
+    model = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
+    st = model.train_stats
+    if st["interrupted"]:
+        console.print(f"[yellow]stopped[/yellow] at {st['agent_steps']:,} agent-steps; continue with --resume")
+        return 130
+    console.print(f"done: {st['agent_steps']:,} agent-steps in {st['wall_s']:.0f} s "
+                  f"({st['agent_steps_per_s']:,.0f} agent-steps/s incl. learning)")
+    return 0
+
+
+def _load_run_or_config(target: str, overrides: list[str]):
+    from pathlib import Path
+
+    p = Path(target)
+    if p.is_dir():
+        if not (p / "config.yaml").exists():
+            raise ConfigError(f"{p} is not a run directory (no config.yaml)")
+        return load_config(p / "config.yaml", overrides), p
+    cfg = load_config(p, overrides)
+    return cfg, Path("runs") / cfg.name
+
+
+def _policies(cfg, run_dir, names):
+    from marl_sd.agents.heuristics import HEURISTICS, make_heuristic
+    from marl_sd.agents.policy import LearnedPolicy, PolicyContext
+    from marl_sd.agents.train import load_policy
+
+    ctx = PolicyContext.from_config(cfg)
+    names = names or (cfg.eval.policies or ["learned", *HEURISTICS])
+    out = []
+    for n in names:
+        if n == "learned":
+            ckpt = next((run_dir / f for f in ("best.zip", "final.zip") if (run_dir / f).exists()), None)
+            if ckpt is None:
+                continue
+            out.append(LearnedPolicy(ctx, load_policy(ckpt), name=cfg.train.algorithm))
+        else:
+            out.append(make_heuristic(n, ctx))
+    return out
+
+
+def _cmd_eval(args) -> int:
+    import time
+
+    from rich.progress import Progress
+
+    from marl_sd.agents.evaluate import evaluate
+    from marl_sd.report import plot_results, plot_sweep, results_table, write_results, write_sweep
+
+    cfg, run_dir = _load_run_or_config(args.target, args.set)
+    episodes = args.episodes or cfg.eval.episodes
+    seeds = args.seeds or cfg.eval.seeds
+    out_dir = run_dir / "eval"
+    policies = _policies(cfg, run_dir, args.policies)
+    t0 = time.time()
+    with Progress(console=console, transient=True) as prog:
+        task = prog.add_task("evaluating", total=len(policies) * len(seeds))
+        results = evaluate(cfg, policies, seeds, episodes, progress=lambda: prog.advance(task))
+    console.print(results_table(results, f"{cfg.name}: {len(seeds)} seeds x {episodes} episodes x "
+                                         f"{cfg.env.horizon} slots (mean ±95 % CI over seeds)"))
+    write_results(results, out_dir, {"config_hash": cfg.hash(), "seeds": seeds, "episodes": episodes,
+                                     "wall_s": time.time() - t0})
+    paths = plot_results(results, out_dir)
+    if args.sweep:
+        key, vals = args.sweep.split("=")
+        if key != "users":
+            raise ConfigError("--sweep supports users=N1,N2,...")
+        sweep = {}
+        for v in [int(x) for x in vals.split(",")]:
+            c = load_config(run_dir / "config.yaml" if (run_dir / "config.yaml").exists() else args.target,
+                            [*args.set, f"scenario.n_users={v}"])
+            pols = [p for p in _policies(c, run_dir, [n for n in (args.policies or []) if n != "learned"] or None)
+                    if p.name not in ("mappo", "ippo") or v == cfg.scenario.n_users]
+            sweep[v] = evaluate(c, pols, seeds, episodes)
+            console.print(f"  users={v}: " + ", ".join(f"{r.name} {r.summary()['latency_per_token_ms'][0]:.1f}"
+                                                       for r in sweep[v]))
+        paths += [plot_sweep(sweep, "users", out_dir), write_sweep(sweep, "users", out_dir)]
+    console.print(f"wrote {out_dir}/results.csv, results.json, " + ", ".join(p.name for p in paths))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="marl-sd", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train MAPPO/IPPO agents from a config")
+    t.add_argument("config")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--name", help="run name (default: the config's name); output in runs/<name>/")
+    t.add_argument("--resume", action="store_true", help="continue exactly from the run's last checkpoint")
+    t.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--runs-dir", default="runs")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a run's policy against the heuristics")
+    e.add_argument("target", help="a run directory (runs/<name>) or a config file (heuristics only)")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--episodes", type=int, help="parallel episodes per seed")
+    e.add_argument("--seeds", type=int, nargs="+")
+    e.add_argument("--policies", nargs="+", help="subset: learned and/or heuristic names")
+    e.add_argument("--sweep", help="load sweep, e.g. users=4,8,16,32")
+    e.set_defaults(func=_cmd_eval)
 
     b = sub.add_parser("bench", help="benchmarks that print figures")
     b.add_argument("what", choices=["env"])

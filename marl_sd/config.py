@@ -199,9 +199,19 @@ class Config(Strict):
         return self.model_dump(mode="json")
 
     def hash(self) -> str:
-        """Stable hash of the resolved configuration (scenario identity for exports and caches)."""
+        """Stable hash of the resolved configuration."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def identity_hash(self) -> str:
+        """Hash of what a trained policy depends on: scenario, env, reward, seed and the learning
+        set-up -- not the training length, device or evaluation settings."""
+        d = self.to_dict()
+        d.pop("eval")
+        d.pop("name")
+        for k in ("total_timesteps", "device", "checkpoint_every", "eval_every", "eval_episodes"):
+            d["train"].pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _set_path(tree: dict, dotted: str, value: Any, source: str) -> None:

@@ -1,0 +1,280 @@
+"""Training runner: config -> vectorized env -> MAPPO -> runs/<name>/ (checkpoints, TensorBoard).
+
+Checkpoints are *exact*: taken at rollout boundaries (after an update, before collecting)
+with the RNG states and the simulator state that SB3's zip does not hold, so `--resume`
+continues bit-identically (same thread count and hardware). Ctrl-C stops at the next rollout
+boundary after saving such a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import random
+import signal
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.logger import configure
+from stable_baselines3.common.vec_env import VecMonitor
+
+from marl_sd.agents.mappo import MAPPO, MAPPOPolicy, mappo_kwargs
+from marl_sd.agents.policy import LearnedPolicy, PolicyContext
+from marl_sd.config import Config
+from marl_sd.envs.vec_env import MultiAgentVecEnv
+from marl_sd.runs import write_metadata
+
+log = logging.getLogger(__name__)
+CKPT_DIR = "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or belongs to another scenario/algorithm."""
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def save_exact(model: MAPPO, venv: MultiAgentVecEnv, path: Path, cfg: Config) -> None:
+    model.save(str(path) + ".zip")
+    torch.save({"torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
+                "python_rng": random.getstate(), "env": venv.get_state(), "config_hash": cfg.identity_hash(),
+                "num_timesteps": model.num_timesteps, "threads": torch.get_num_threads()},
+               str(path) + ".rng.pt")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Exact checkpoints of a run, oldest first (paths without suffix)."""
+    d = Path(run_dir) / CKPT_DIR
+    stems = [p.with_suffix("") for p in d.glob("ckpt_*.zip") if p.with_suffix(".rng.pt").exists()]
+    return sorted(stems, key=lambda p: int(p.name.split("_")[1]))
+
+
+_CORRUPT = (zipfile.BadZipFile, EOFError, RuntimeError, KeyError, pickle.UnpicklingError)
+
+
+def _load_zip(path: Path, venv, device: str) -> MAPPO:
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is corrupt: not a zip archive")
+    try:
+        return MAPPO.load(str(path), env=venv, device=device, force_reset=False)
+    except _CORRUPT as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {type(e).__name__}: {e}") from None
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path} does not match this scenario: {e}") from None
+
+
+def load_exact(stem: Path, venv: MultiAgentVecEnv, cfg: Config, device: str) -> MAPPO:
+    zip_path, rng_path = Path(str(stem) + ".zip"), Path(str(stem) + ".rng.pt")
+    if not zip_path.exists() or not rng_path.exists():
+        raise CheckpointError(f"checkpoint {stem} is incomplete: need {zip_path.name} and {rng_path.name}")
+    try:
+        extra = torch.load(rng_path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise CheckpointError(f"checkpoint {rng_path} is corrupt: {type(e).__name__}: {e}") from None
+    if extra.get("config_hash") != cfg.identity_hash():
+        raise CheckpointError(f"checkpoint {stem} was written for another configuration "
+                              f"(hash {extra.get('config_hash')} != {cfg.identity_hash()}); "
+                              "resume with the run's config.yaml (only train.total_timesteps may change)")
+    model = _load_zip(zip_path, venv, device)
+    torch.set_rng_state(extra["torch_rng"])
+    np.random.set_state(extra["numpy_rng"])
+    random.setstate(extra["python_rng"])
+    venv.set_state(extra["env"])
+    return model
+
+
+def load_policy(path: str | Path, device: str = "cpu") -> MAPPOPolicy:
+    """Load just the trained policy from a checkpoint zip (no env needed), with clear errors."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} not found")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path} is corrupt: not a zip archive")
+    try:
+        model = MAPPO.load(str(path), device=device)
+    except (*_CORRUPT, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {type(e).__name__}: {e}") from None
+    if not isinstance(model.policy, MAPPOPolicy):
+        raise CheckpointError(f"checkpoint {path} does not hold a MAPPO policy")
+    return model.policy
+
+
+# ---------------------------------------------------------------------------------- callbacks
+class ExactCheckpoint(BaseCallback):
+    """Exact checkpoint every `every` rollouts, and on a stop request (Ctrl-C)."""
+
+    def __init__(self, every: int, run_dir: Path, venv: MultiAgentVecEnv, cfg: Config):
+        super().__init__()
+        self.every, self.dir, self.venv, self.cfg = every, Path(run_dir) / CKPT_DIR, venv, cfg
+        self.rollouts, self.stop_requested, self.stopped = 0, False, False
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def save(self) -> Path:
+        stem = self.dir / f"ckpt_{self.num_timesteps}"
+        save_exact(self.model, self.venv, stem, self.cfg)
+        return stem
+
+    def _on_rollout_start(self) -> None:
+        if self.rollouts > 0 and (self.rollouts % self.every == 0 or self.stop_requested):
+            self.save()
+            if self.stop_requested:
+                self.stopped = True
+        self.rollouts += 1
+
+    def _on_step(self) -> bool:
+        return not self.stopped
+
+
+class EnvMetricsCallback(BaseCallback):
+    """Env metrics (latency, energy, acceptance, batch size, handovers) once per rollout."""
+
+    def __init__(self):
+        super().__init__()
+        self.last: dict[str, float] = {}
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.last = self.training_env.unwrapped.pop_metrics() if hasattr(self.training_env, "unwrapped") else {}
+        for k, v in self.last.items():
+            if np.isfinite(v):
+                self.logger.record(f"env/{k}", v)
+
+
+class EvalCallback(BaseCallback):
+    """Deterministic evaluation on fixed seeds every `every` rollouts; keeps the best as best.zip."""
+
+    def __init__(self, cfg: Config, every: int, run_dir: Path):
+        super().__init__()
+        self.cfg, self.every, self.dir = cfg, every, Path(run_dir)
+        self.rollouts, self.best = 0, -np.inf
+        self.history: list[dict] = []
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        self.rollouts += 1
+        if self.rollouts % self.every:
+            return
+        self.run_eval()
+
+    def run_eval(self) -> dict:
+        from marl_sd.agents.evaluate import run_policy
+
+        ctx = PolicyContext.from_config(self.cfg)
+        pol = LearnedPolicy(ctx, self.model.policy)
+        state = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        s, _ = run_policy(self.cfg, pol, seed=10_000, episodes=self.cfg.train.eval_episodes)
+        torch.set_rng_state(state[0]); np.random.set_state(state[1]); random.setstate(state[2])  # noqa: E702
+        row = {"timesteps": self.num_timesteps, "reward": s["reward"], "latency_per_token_ms": s["latency_per_token_ms"],
+               "wall_s": time.time()}
+        self.history.append(row)
+        self.logger.record("eval/reward", s["reward"])
+        self.logger.record("eval/latency_per_token_ms", s["latency_per_token_ms"])
+        if s["reward"] > self.best:
+            self.best = s["reward"]
+            self.model.save(str(self.dir / "best.zip"))
+        with open(self.dir / "eval_history.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        return row
+
+
+class RichProgress(BaseCallback):
+    """Progress bar with ETA, agent-steps/s, the current per-token latency and reward."""
+
+    def __init__(self, total: int, metrics: EnvMetricsCallback, enabled: bool = True):
+        super().__init__()
+        self.total, self.metrics, self.enabled = total, metrics, enabled
+        self.progress = self.task = None
+
+    def _on_training_start(self) -> None:
+        if not self.enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=self.total, completed=self.num_timesteps, info="")
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        if self.progress is None:
+            return
+        m = self.metrics.last
+        info = f"lat {m.get('latency_per_token_ms', float('nan')):.1f} ms/tok"
+        rew = self.model.ep_info_buffer
+        if rew:
+            info += f"  ep_rew {np.mean([e['r'] for e in rew]):.1f}"
+        self.progress.update(self.task, completed=self.num_timesteps, info=info)
+
+    def _on_training_end(self) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=self.num_timesteps)
+            self.progress.stop()
+
+
+# ---------------------------------------------------------------------------------- entry point
+def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
+          total_timesteps: int | None = None) -> MAPPO:
+    """Train (or resume) a run; returns the model. Writes everything under `run_dir`."""
+    run_dir = Path(run_dir)
+    torch.set_num_threads(cfg.sim.threads)
+    t = cfg.train
+    venv = MultiAgentVecEnv(cfg, num_envs=t.num_envs)
+    env = VecMonitor(venv)
+    kwargs = mappo_kwargs(t, venv.obs_dim, venv.state_dim, venv.num_envs)
+    device = kwargs.pop("device")
+    total = total_timesteps or t.total_timesteps
+    if resume:
+        ckpts = list_checkpoints(run_dir)
+        if not ckpts:
+            raise CheckpointError(f"--resume: no checkpoint in {run_dir / CKPT_DIR}")
+        model = load_exact(ckpts[-1], venv, cfg, device)
+        model.set_env(env, force_reset=False)
+        log.info("resumed from %s at %d agent-steps", ckpts[-1], model.num_timesteps)
+    else:
+        if (run_dir / CKPT_DIR).exists() and list_checkpoints(run_dir):
+            raise CheckpointError(f"{run_dir} already has checkpoints: use --resume, or another --name")
+        write_metadata(run_dir, cfg, {"algorithm": t.algorithm, "device": device})
+        model = MAPPO(MAPPOPolicy, env, seed=cfg.seed, device=device, **kwargs)
+    model.set_logger(configure(str(run_dir / "tb"), ["tensorboard", "csv"]))
+    remaining = max(0, total - model.num_timesteps)
+    metrics = EnvMetricsCallback()
+    ckpt = ExactCheckpoint(t.checkpoint_every, run_dir, venv, cfg)
+    evalcb = EvalCallback(cfg, t.eval_every, run_dir)
+    bar = RichProgress(total, metrics, enabled=progress)
+    old = signal.getsignal(signal.SIGINT)
+
+    def _stop(signum, frame):
+        if ckpt.stop_requested:
+            raise KeyboardInterrupt
+        ckpt.stop_requested = True
+        log.warning("stop requested: saving a checkpoint at the end of this rollout (Ctrl-C again to abort)")
+
+    signal.signal(signal.SIGINT, _stop)
+    start = time.time()
+    try:
+        if remaining > 0:
+            model.learn(remaining, callback=CallbackList([metrics, evalcb, ckpt, bar]), reset_num_timesteps=False)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    wall = time.time() - start
+    if not ckpt.stopped:
+        ckpt.save()  # the end of learn() is a rollout boundary: an exact resume point
+        model.save(str(run_dir / "final.zip"))
+        if not evalcb.history or evalcb.history[-1]["timesteps"] != model.num_timesteps:
+            evalcb.run_eval()
+    stats = {"agent_steps": model.num_timesteps, "wall_s": wall,
+             "agent_steps_per_s": (model.num_timesteps - (total - remaining)) / max(wall, 1e-9),
+             "interrupted": ckpt.stopped}
+    (run_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
+    model.train_stats = stats
+    return model
