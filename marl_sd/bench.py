@@ -25,7 +25,7 @@ def bench_sim(cfg: Config, num_envs: int, steps: int, warmup: int = 3) -> dict:
 
     torch.set_num_threads(cfg.sim.threads)
     sim = BatchedSimulator(cfg, num_envs=num_envs)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=sim.device).manual_seed(0)
     for _ in range(warmup):
         sim.step(random_masked_actions(sim.mask, sim.nvec, gen))
     t0 = time.perf_counter()
