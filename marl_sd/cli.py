@@ -20,6 +20,14 @@ def _cmd_bench(args) -> int:
     if args.what == "env":
         rows = [bench_sim(cfg, b, args.steps if b > 1 else max(args.steps, 50)) for b in args.num_envs]
         rows.append(bench_pettingzoo(cfg, max(args.steps, 50)))
+        if args.compare_fidelity:
+            other = "sionna" if cfg.scenario.channel.fidelity == "fast" else "fast"
+            alt = load_config(args.config, [*args.set, f"scenario.channel.fidelity={other}"])
+            b = max(args.num_envs)
+            r = bench_sim(alt, b, args.steps)
+            base = next(x for x in rows if x["what"] == f"BatchedSimulator B={b}")
+            r["what"] += f" ({other}: {base['ms_per_step'] and r['ms_per_step'] / base['ms_per_step']:.2f}x time)"
+            rows.append(r)
         t = Table(title=f"env throughput (N={cfg.scenario.n_users}, M={cfg.scenario.n_servers}, "
                         f"tick {cfg.env.tick_ms} ms, {cfg.sim.threads} torch thread(s), random masked actions)")
         for c in ("what", "agent-steps/s", "env-steps/s", "ms/step"):
@@ -127,6 +135,43 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_traces(args) -> int:
+    import json
+    from pathlib import Path
+
+    cfg = load_config(args.config, args.set)
+    c = cfg.scenario.channel
+    if args.action == "build":
+        from rich.progress import Progress
+
+        from marl_sd.envs.channel.sionna_bank import load_or_build
+
+        with Progress(console=console) as prog:
+            task = prog.add_task("Sionna fading banks", total=2 * c.bank_size)
+            assets, path, built = load_or_build(c, progress=lambda n: prog.advance(task, n), rebuild=args.rebuild)
+            prog.update(task, completed=2 * c.bank_size)
+        console.print(f"{'built' if built else 'cached'}: {path} ({assets['build_s']:.1f} s to build; "
+                      f"UL cap {float(assets['ul_se'].max()):.2f} bit/RE)")
+    elif args.action == "validate":
+        from marl_sd.envs.channel.sionna_bank import validate_against_sionna
+        from marl_sd.envs.scenario import hex_sites
+
+        r = validate_against_sionna(c, hex_sites(cfg.scenario.n_servers, cfg.scenario.isd_m), n_users=args.users)
+        console.print_json(json.dumps(r))
+    elif args.action == "export":
+        from marl_sd.envs.channel.traces import export_traces
+
+        out = Path(args.out or f"runs/{cfg.name}/traces.npz")
+        meta = export_traces(cfg, out, args.slots, args.seed)
+        console.print(f"wrote {out} ({meta['slots']} slots x {meta['users']} users) and {out.with_suffix('.json')}")
+    elif args.action == "plot":
+        from marl_sd.envs.channel.traces import rate_cdf_plot
+
+        out = Path(args.out or f"runs/{cfg.name}/uplink_rate_cdf.png")
+        console.print_json(json.dumps(rate_cdf_plot(cfg, out, drops=args.drops, seed=args.seed)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="marl-sd", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -151,12 +196,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sweep", help="load sweep, e.g. users=4,8,16,32")
     e.set_defaults(func=_cmd_eval)
 
+    tr = sub.add_parser("traces", help="Sionna channel banks and rate traces")
+    tr.add_argument("action", choices=["build", "validate", "export", "plot"])
+    tr.add_argument("config", nargs="?", default=None)
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    tr.add_argument("--rebuild", action="store_true")
+    tr.add_argument("--out")
+    tr.add_argument("--slots", type=int, default=600, help="export: control slots to record")
+    tr.add_argument("--drops", type=int, default=64, help="plot: independent drops")
+    tr.add_argument("--users", type=int, default=200, help="validate: random user positions")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.set_defaults(func=_cmd_traces)
+
     b = sub.add_parser("bench", help="benchmarks that print figures")
     b.add_argument("what", choices=["env"])
     b.add_argument("config", nargs="?", default=None)
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--num-envs", type=int, nargs="+", default=[1, 64, 256])
     b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--no-compare-fidelity", dest="compare_fidelity", action="store_false",
+                   help="skip the fast-vs-sionna channel comparison at the largest B")
     b.set_defaults(func=_cmd_bench)
     return p
 

@@ -89,6 +89,7 @@ class ChannelConfig(Strict):
     min_distance_m: float = Field(10.0, gt=0)
     coverage_snr_db: float = Field(-5.0, description="wideband UL SNR needed to associate")
     base_latency_ms: float = Field(4.0, ge=0, description="air interface + core, per message")
+    outage_se: float = Field(0.05, ge=0, description="bit/RE floor in outage (repetition + HARQ keep a trickle)")
     fading_subbands: int = Field(16, ge=1)
     bank_size: int = Field(8192, ge=64, description="fading realisations per LoS state (sionna)")
 

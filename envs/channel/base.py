@@ -113,13 +113,14 @@ def link_rates(ch: ChannelModel, server: torch.Tensor, weight: torch.Tensor, ul_
     i_ul = b.ue_tx_mw * (i_total - i_own) / b.bandwidth_hz  # [B, 1, M] mW/Hz from other cells
     sig_ul = b.ue_tx_mw * g_sb / (share * b.bandwidth_hz).unsqueeze(-1)  # [B, N, M, S] mW/Hz
     sinr_ul = sig_ul / (b.noise_bs_mw_hz + i_ul.unsqueeze(-1))
-    se_ul = ch.ul_table.lookup(10.0 * torch.log10(sinr_ul.clamp(min=1e-30))).mean(-1)
+    floor = ch.cfg.outage_se
+    se_ul = ch.ul_table.lookup(10.0 * torch.log10(sinr_ul.clamp(min=1e-30))).mean(-1).clamp(min=floor)
 
     dl_pow = b.bs_tx_mw * g_sb / b.bandwidth_hz  # [B, N, M, S]
     busy = srv_active.to(g_ls.dtype).view(g_ls.shape[0], 1, M, 1)
     i_dl = (dl_pow * busy).sum(2, keepdim=True) - dl_pow * busy
     sinr_dl = dl_pow / (b.noise_ue_mw_hz + i_dl)
-    se_dl = ch.dl_table.lookup(10.0 * torch.log10(sinr_dl.clamp(min=1e-30))).mean(-1)
+    se_dl = ch.dl_table.lookup(10.0 * torch.log10(sinr_dl.clamp(min=1e-30))).mean(-1).clamp(min=floor)
 
     re_rate = b.re_per_hz * b.bandwidth_hz / 8000.0  # bytes per ms per unit of (share x SE)
     return {
