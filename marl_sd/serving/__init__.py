@@ -1,0 +1,1 @@
+"""Real speculative serving: verifier servers, drafting clients, emulated links, metrics."""

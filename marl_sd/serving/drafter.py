@@ -1,0 +1,208 @@
+"""Drafting client: an edge device with a draft model, talking to verifier servers.
+
+`Drafter` holds the draft model state: committed tokens `seq`, drafts ahead of them (each with
+the exact top-k distribution it was sampled from) and a KV cache kept as a prefix of
+`seq + drafts`. While a round is being verified the client keeps drafting (its guess of the
+bonus token, then more); when the round comes back fully accepted and the bonus equals that
+guess, the pre-drafted tokens become the next round's first drafts.
+
+`DraftClient` runs requests over the network: one gRPC stream per request (a session), link
+emulation on both directions, and fail-over: if a server dies, the session is re-opened on
+the next server with the committed context, so no token is lost or duplicated.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import torch
+
+from marl_sd.serving import protocol as P
+from marl_sd.serving.links import Link
+from marl_sd.serving.models import prefill, rollback
+from marl_sd.serving.speculative import sample_weights, top_k_renormalized
+from marl_sd.serving.verifier import SERVICE, grpc_options
+
+log = logging.getLogger("marl_sd.drafter")
+
+
+class Drafter:
+    def __init__(self, model, greedy: bool = True, temperature: float = 1.0, topk: int = 8, seed: int = 0):
+        self.model, self.greedy, self.temperature, self.topk = model, greedy, temperature, topk
+        self.rng = np.random.default_rng(seed)
+        self.seq: list[int] = []
+        self.drafts: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self.cache = None
+        self.cache_tokens: list[int] = []
+
+    def start(self, tokens: list[int]) -> None:
+        self.seq = list(tokens)
+        self.drafts = []
+        self.cache = prefill(self.model, self.seq)
+        self.cache_tokens = self.seq[:-1]
+
+    @torch.no_grad()
+    def extend(self, n: int) -> None:
+        """Draft until `n` tokens are ahead of the committed sequence."""
+        while len(self.drafts) < n:
+            ctx = self.seq + [d for d, _, _ in self.drafts]
+            common = 0
+            for a, b in zip(self.cache_tokens, ctx[:-1]):
+                if a != b:
+                    break
+                common += 1
+            if common < len(self.cache_tokens):
+                rollback(self.cache, common)
+                self.cache_tokens = self.cache_tokens[:common]
+            feed = ctx[common:]
+            logits = self.model(torch.tensor([feed]), past_key_values=self.cache, use_cache=True).logits[0, -1]
+            self.cache_tokens += feed
+            if self.greedy:
+                x = int(logits.argmax())
+                ids, pr = np.array([x], np.int32), np.array([1.0], np.float32)
+            else:
+                probs = torch.softmax(logits.double() / self.temperature, -1).numpy()
+                ids, pr = top_k_renormalized(probs, self.topk)
+                x = int(ids[sample_weights(pr.astype(np.float64), self.rng)])
+            self.drafts.append((x, ids, pr))
+
+    def round(self, gamma: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+        self.extend(gamma)
+        sent = self.drafts[:gamma]
+        k = max((len(i) for _, i, _ in sent), default=0)
+        ids = np.zeros((gamma, k), np.int32)
+        pr = np.zeros((gamma, k), np.float32)
+        for j, (_, i, p) in enumerate(sent):
+            ids[j, : len(i)], pr[j, : len(p)] = i, p
+        return [d for d, _, _ in sent], ids, pr
+
+    def commit(self, gamma: int, accepted: int, new: list[int]) -> bool:
+        """Apply a round's result; returns True when pre-drafted tokens were kept."""
+        extra = self.drafts[gamma:]
+        self.seq += list(new)
+        keep = accepted == gamma and extra and extra[0][0] == new[-1]
+        self.drafts = extra[1:] if keep else []
+        return bool(keep)
+
+
+@dataclass
+class RequestResult:
+    prompt_len: int
+    tokens: list[int]
+    ttft_ms: float
+    e2e_ms: float
+    rounds: list[dict] = field(default_factory=list)
+    failovers: int = 0
+
+    @property
+    def tpot_ms(self) -> float:
+        n = len(self.tokens)
+        return (self.e2e_ms - self.ttft_ms) / (n - 1) if n > 1 else float("nan")
+
+    def summary(self) -> dict:
+        acc = sum(r["accepted"] for r in self.rounds)
+        rej = sum(1 for r in self.rounds if r["accepted"] < r["gamma"])
+        return {"prompt_len": self.prompt_len, "tokens": len(self.tokens), "ttft_ms": self.ttft_ms,
+                "tpot_ms": self.tpot_ms, "e2e_ms": self.e2e_ms, "rounds": len(self.rounds),
+                "alpha": acc / max(acc + rej, 1), "failovers": self.failovers}
+
+
+class DraftClient:
+    """Runs requests against a list of servers (fail-over in order)."""
+
+    def __init__(self, drafter: Drafter, servers: list[str], gamma: int = 4, uplink: Link | None = None,
+                 downlink: Link | None = None, predraft: bool = True, timeout_s: float = 30.0):
+        if not servers:
+            raise ValueError("need at least one server address")
+        self.drafter, self.servers, self.gamma = drafter, list(servers), gamma
+        self.uplink, self.downlink = uplink, downlink
+        self.predraft, self.timeout = predraft, timeout_s
+        self.server_idx = 0
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft")
+        self.log: list[dict] = []
+
+    async def _in_pool(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def _link(self, link: Link | None, nbytes: int) -> float:
+        return await link.send(nbytes) if link is not None else 0.0
+
+    async def generate(self, prompt: list[int], max_new_tokens: int, greedy: bool = True, seed: int = 0,
+                       eos_id: int | None = None) -> RequestResult:
+        d = self.drafter
+        t0 = time.monotonic()
+        await self._in_pool(d.start, list(prompt))
+        ttft, failovers, rounds = None, 0, []
+        attempts = 0
+        while len(d.seq) - len(prompt) < max_new_tokens:
+            addr = self.servers[self.server_idx % len(self.servers)]
+            try:
+                async with grpc.aio.insecure_channel(addr, options=grpc_options()) as ch:
+                    await asyncio.wait_for(ch.channel_ready(), 5.0)
+                    call = ch.stream_stream(f"/{SERVICE}/Session")(timeout=self.timeout)
+                    open_msg = P.encode_open(P.OpenMsg(0, np.asarray(d.seq, np.int32), greedy, seed, d.temperature))
+                    await self._link(self.uplink, len(open_msg))
+                    await call.write(open_msg)
+                    ack = P.decode(await call.read())
+                    await self._link(self.downlink, 16)
+                    while len(d.seq) - len(prompt) < max_new_tokens:
+                        gamma = self.gamma
+                        td = time.monotonic()
+                        drafts, ids, pr = await self._in_pool(d.round, gamma)
+                        draft_ms = (time.monotonic() - td) * 1000
+                        msg = P.encode_verify(P.VerifyMsg(ack.session, len(rounds) + 1, np.asarray(drafts, np.int32),
+                                                          ids if not greedy else ids[:, :0], pr if not greedy else pr[:, :0]))
+                        tr = time.monotonic()
+                        up_ms = await self._link(self.uplink, len(msg)) * 1000
+                        await call.write(msg)
+                        pre = asyncio.ensure_future(self._in_pool(d.extend, 2 * gamma + 1)) if self.predraft and gamma else None
+                        raw = await call.read()
+                        if raw == grpc.aio.EOF:
+                            raise ConnectionError("server closed the stream")
+                        res = P.decode(raw)
+                        dn_ms = await self._link(self.downlink, len(raw)) * 1000
+                        if pre is not None:
+                            await pre
+                        kept = d.commit(gamma, res.accepted, res.tokens.tolist())
+                        if ttft is None:
+                            ttft = (time.monotonic() - t0) * 1000
+                        rounds.append({"gamma": gamma, "accepted": res.accepted, "draft_ms": draft_ms, "uplink_ms": up_ms,
+                                       "downlink_ms": dn_ms, "round_ms": (time.monotonic() - tr) * 1000,
+                                       "verify_ms": res.verify_ms, "queue_ms": res.queue_ms, "batch": res.batch,
+                                       "kept_predraft": kept, "server": addr})
+                        if eos_id is not None and eos_id in res.tokens.tolist():
+                            break
+                    await call.done_writing()
+                    break
+            except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError) as e:
+                code = e.code() if isinstance(e, grpc.aio.AioRpcError) else None
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                attempts += 1
+                if attempts > 2 * len(self.servers):
+                    raise ConnectionError(f"no server reachable after {attempts} attempts: {e}") from e
+                failovers += 1
+                self.server_idx += 1
+                d.drafts = []  # drafts of the interrupted round are re-drafted against the new server
+                log.warning("server %s failed (%s); failing over to %s", addr, code or type(e).__name__,
+                            self.servers[self.server_idx % len(self.servers)])
+            if eos_id is not None and eos_id in d.seq[len(prompt):]:
+                break
+        out = d.seq[len(prompt): len(prompt) + max_new_tokens]
+        if eos_id is not None and eos_id in out:
+            out = out[: out.index(eos_id) + 1]
+        e2e = (time.monotonic() - t0) * 1000
+        r = RequestResult(len(prompt), out, ttft if ttft is not None else e2e, e2e, rounds, failovers)
+        self.log.append(r.summary())
+        return r
+
+    def write_jsonl(self, path: str) -> None:
+        with open(path, "a") as fh:
+            for row in self.log:
+                fh.write(json.dumps(row) + "\n")

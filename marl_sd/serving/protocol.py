@@ -1,0 +1,110 @@
+"""Wire format: a fixed struct header + little-endian arrays, length-checked before any read.
+
+OPEN    client -> server  start a session with its context (prompt + committed tokens)
+VERIFY  client -> server  drafts of one round (+ top-k draft probabilities for sampling)
+RESULT  server -> client  accepted count and the new tokens (accepted drafts + one more)
+4 bytes per token id, 8 bytes per (id, prob) pair, as in the simulator's payload model.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+VERSION = 1
+OPEN = struct.Struct("<4sBBxxQIfI")  # magic, version, flags(bit0 greedy), session, seed, temperature, n
+VERIFY = struct.Struct("<4sBxxxQIHH")  # magic, version, session, round, n drafts, k
+RESULT = struct.Struct("<4sBxxxQIHHffH")  # magic, version, session, round, n accepted, n new, verify ms, queue ms, batch
+MAX_TOKENS = 1 << 16
+
+
+class ProtocolError(ValueError):
+    """A malformed or oversized message."""
+
+
+@dataclass
+class OpenMsg:
+    session: int
+    tokens: np.ndarray
+    greedy: bool = True
+    seed: int = 0
+    temperature: float = 1.0
+
+
+@dataclass
+class VerifyMsg:
+    session: int
+    round: int
+    drafts: np.ndarray
+    q_ids: np.ndarray
+    q_probs: np.ndarray
+
+
+@dataclass
+class ResultMsg:
+    session: int
+    round: int
+    accepted: int
+    tokens: np.ndarray
+    verify_ms: float = 0.0
+    queue_ms: float = 0.0
+    batch: int = 0
+
+
+def encode_open(m: OpenMsg) -> bytes:
+    t = np.asarray(m.tokens, dtype="<i4")
+    return OPEN.pack(b"MSDO", VERSION, int(m.greedy), m.session, m.seed, m.temperature, len(t)) + t.tobytes()
+
+
+def encode_verify(m: VerifyMsg) -> bytes:
+    d = np.asarray(m.drafts, dtype="<i4")
+    ids = np.asarray(m.q_ids, dtype="<i4").reshape(len(d), -1)
+    pr = np.asarray(m.q_probs, dtype="<f4").reshape(len(d), -1)
+    if ids.shape != pr.shape:
+        raise ProtocolError("q_ids and q_probs shapes differ")
+    k = ids.shape[1] if len(d) else 0
+    return VERIFY.pack(b"MSDV", VERSION, m.session, m.round, len(d), k) + d.tobytes() + ids.tobytes() + pr.tobytes()
+
+
+def encode_result(m: ResultMsg) -> bytes:
+    t = np.asarray(m.tokens, dtype="<i4")
+    return RESULT.pack(b"MSDR", VERSION, m.session, m.round, m.accepted, len(t), m.verify_ms, m.queue_ms, m.batch) + t.tobytes()
+
+
+def _header(buf: bytes, st: struct.Struct, magic: bytes) -> tuple:
+    if len(buf) < st.size:
+        raise ProtocolError(f"message too short: {len(buf)} bytes")
+    h = st.unpack_from(buf)
+    if h[0] != magic or h[1] != VERSION:
+        raise ProtocolError(f"bad magic/version {h[0]!r}/{h[1]} (expected {magic!r}/{VERSION})")
+    return h
+
+
+def decode(buf: bytes):
+    """Decode any message by its magic."""
+    if len(buf) < 4:
+        raise ProtocolError(f"message too short: {len(buf)} bytes")
+    magic = bytes(buf[:4])
+    if magic == b"MSDO":
+        _, _, flags, session, seed, temp, n = _header(buf, OPEN, magic)
+        if n == 0 or n > MAX_TOKENS or len(buf) != OPEN.size + 4 * n:
+            raise ProtocolError(f"OPEN length {len(buf)} does not match n={n}")
+        if not temp > 0:
+            raise ProtocolError("temperature must be > 0")
+        return OpenMsg(session, np.frombuffer(buf, "<i4", n, OPEN.size), bool(flags & 1), seed, temp)
+    if magic == b"MSDV":
+        _, _, session, rnd, n, k = _header(buf, VERIFY, magic)
+        if n > 256 or k > 1024 or len(buf) != VERIFY.size + 4 * n + 8 * n * k:
+            raise ProtocolError(f"VERIFY length {len(buf)} does not match n={n}, k={k}")
+        off = VERIFY.size
+        d = np.frombuffer(buf, "<i4", n, off)
+        ids = np.frombuffer(buf, "<i4", n * k, off + 4 * n).reshape(n, k)
+        pr = np.frombuffer(buf, "<f4", n * k, off + 4 * n + 4 * n * k).reshape(n, k)
+        return VerifyMsg(session, rnd, d, ids, pr)
+    if magic == b"MSDR":
+        _, _, session, rnd, acc, n, vms, qms, batch = _header(buf, RESULT, magic)
+        if len(buf) != RESULT.size + 4 * n:
+            raise ProtocolError(f"RESULT length {len(buf)} does not match n={n}")
+        return ResultMsg(session, rnd, acc, np.frombuffer(buf, "<i4", n, RESULT.size), vms, qms, batch)
+    raise ProtocolError(f"unknown message magic {magic!r}")

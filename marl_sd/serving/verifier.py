@@ -1,0 +1,174 @@
+"""Verifier server: gRPC aio over TCP, one bidirectional stream per session, batched verification.
+
+A session lives exactly as long as its stream: the first message is OPEN (context prefill),
+each VERIFY gets one RESULT, and when the stream ends or the client disappears the session's
+KV cache is freed. Verify requests from all sessions are micro-batched (a short window, a
+token budget) and run in one forward pass on a worker thread, so RPC I/O continues meanwhile.
+
+    python -m marl_sd.serving.verifier --model tiny:0 --port 0     # prints "READY <port>"
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import torch
+
+from marl_sd.serving import protocol as P
+from marl_sd.serving.engine import VerifierEngine, VerifyItem
+from marl_sd.serving.models import load_model
+
+log = logging.getLogger("marl_sd.verifier")
+SERVICE = "marlsd.Verifier"
+MAX_MESSAGE = 1 << 20
+
+
+def grpc_options(max_message: int = MAX_MESSAGE) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message)]
+
+
+class Verifier:
+    def __init__(self, engine: VerifierEngine, window_ms: float = 2.0, max_batch: int = 32, token_budget: int = 512):
+        self.engine = engine
+        self.window = window_ms / 1000.0
+        self.max_batch, self.token_budget = max_batch, token_budget
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+        self.ids = itertools.count(1)
+        self.stats = {"batches": 0, "batched_items": 0, "sessions_opened": 0, "sessions_closed": 0, "busy_s": 0.0}
+        self.t_start = time.monotonic()
+
+    async def run_model(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def batcher(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            tokens = len(batch[0][0].drafts) + 1
+            deadline = loop.time() + self.window
+            while len(batch) < self.max_batch and tokens < self.token_budget:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), left)
+                except asyncio.TimeoutError:
+                    break
+                batch.append(item)
+                tokens += len(item[0].drafts) + 1
+            live = [(it, fut, t) for it, fut, t in batch if not fut.done() and it.sid in self.engine.sessions]
+            if not live:
+                continue
+            t0 = time.monotonic()
+            try:
+                results = await self.run_model(self.engine.verify, [it for it, _, _ in live])
+            except Exception as e:  # noqa: BLE001 - report to every waiting session
+                for _, fut, _ in live:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            dt = time.monotonic() - t0
+            self.stats["batches"] += 1
+            self.stats["batched_items"] += len(live)
+            self.stats["busy_s"] += dt
+            for (it, fut, tq), res in zip(live, results):
+                if not fut.done():
+                    fut.set_result((res, dt * 1000, (t0 - tq) * 1000, len(live)))
+
+    async def session(self, requests, context: grpc.aio.ServicerContext):
+        sid = None
+        try:
+            async for raw in requests:
+                try:
+                    msg = P.decode(raw)
+                except P.ProtocolError as e:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                if isinstance(msg, P.OpenMsg):
+                    if sid is not None:
+                        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "session already open on this stream")
+                    sid = next(self.ids)
+                    try:
+                        await self.run_model(self.engine.open, sid, msg.tokens.tolist(), msg.greedy, msg.temperature, msg.seed)
+                    except (ValueError, RuntimeError) as e:
+                        sid = None
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                    self.stats["sessions_opened"] += 1
+                    yield P.encode_result(P.ResultMsg(sid, 0, 0, np.zeros(0, np.int32)))
+                elif isinstance(msg, P.VerifyMsg):
+                    if sid is None:
+                        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "VERIFY before OPEN")
+                    item = VerifyItem(sid, msg.drafts.tolist(), msg.q_ids, msg.q_probs)
+                    try:
+                        self.engine.validate(item)
+                    except (ValueError, KeyError) as e:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                    fut = asyncio.get_running_loop().create_future()
+                    await self.queue.put((item, fut, time.monotonic()))
+                    try:
+                        (n, new), vms, qms, b = await fut
+                    except ValueError as e:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                    yield P.encode_result(P.ResultMsg(sid, msg.round, n, np.asarray(new, np.int32), vms, qms, b))
+                else:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "clients send OPEN or VERIFY")
+        finally:
+            if sid is not None and self.engine.close(sid):
+                self.stats["sessions_closed"] += 1
+                log.info("session %d closed (%d open)", sid, len(self.engine.sessions))
+
+    async def status(self, request: bytes, context) -> bytes:
+        import json
+
+        up = time.monotonic() - self.t_start
+        s = dict(self.stats, open_sessions=len(self.engine.sessions), uptime_s=up,
+                 utilisation=self.stats["busy_s"] / max(up, 1e-9),
+                 mean_batch=self.stats["batched_items"] / max(self.stats["batches"], 1))
+        return json.dumps(s).encode()
+
+
+async def serve(model_spec: str, host: str = "127.0.0.1", port: int = 0, threads: int = 1, ready=None, **kw) -> None:
+    torch.set_num_threads(threads)
+    engine = VerifierEngine(load_model(model_spec))
+    v = Verifier(engine, **kw)
+    server = grpc.aio.server(options=grpc_options())
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        "Session": grpc.stream_stream_rpc_method_handler(v.session),
+        "Status": grpc.unary_unary_rpc_method_handler(v.status),
+    }),))
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    task = asyncio.create_task(v.batcher())
+    if ready is not None:
+        ready(bound)
+    try:
+        await server.wait_for_termination()
+    finally:
+        task.cancel()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="speculative-decoding verifier server")
+    p.add_argument("--model", required=True, help="local HF path, tiny:SEED or tiny-draft:SEED:NOISE")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed as READY <port>)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--window-ms", type=float, default=2.0)
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--token-budget", type=int, default=512)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    asyncio.run(serve(a.model, a.host, a.port, a.threads, ready=lambda port: print(f"READY {port}", flush=True),
+                      window_ms=a.window_ms, max_batch=a.max_batch, token_budget=a.token_budget))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

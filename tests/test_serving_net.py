@@ -1,0 +1,159 @@
+"""Verifier servers as real processes on 127.0.0.1: end to end, disconnects, fail-over, bad input.
+Every test is bounded in time and in the number of requests."""
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from marl_sd.serving import protocol as P
+from marl_sd.serving.drafter import Drafter, DraftClient
+from marl_sd.serving.links import Link
+from marl_sd.serving.models import load_model
+from marl_sd.serving.verifier import SERVICE, grpc_options
+
+
+def start_server(model="tiny:0"):
+    p = subprocess.Popen([sys.executable, "-m", "marl_sd.serving.verifier", "--model", model, "--port", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = p.stdout.readline()
+    if not line.startswith("READY"):
+        p.kill()
+        raise RuntimeError(f"server did not start: {line!r}")
+    return p, f"127.0.0.1:{int(line.split()[1])}"
+
+
+@pytest.fixture
+def servers():
+    procs = []
+
+    def make(n=1):
+        out = []
+        for _ in range(n):
+            p, addr = start_server()
+            procs.append(p)
+            out.append((p, addr))
+        return out
+    yield make
+    for p in procs:
+        p.kill()
+        p.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return load_model("tiny:0")
+
+
+def reference(target, prompt, n):
+    return target.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+
+
+async def status(addr):
+    async with grpc.aio.insecure_channel(addr) as ch:
+        return json.loads(await ch.unary_unary(f"/{SERVICE}/Status")(b"", timeout=5))
+
+
+def test_concurrent_clients_lossless(servers, target):
+    (_, addr), = servers(1)
+    prompts = [list(range(3, 3 + n)) for n in (4, 11, 25, 2)]
+
+    async def main():
+        clients = [DraftClient(Drafter(load_model("tiny-draft:0:0.15")), [addr], gamma=g) for g in (1, 3, 4, 6)]
+        res = await asyncio.wait_for(asyncio.gather(*(c.generate(p, 30) for c, p in zip(clients, prompts))), 60)
+        return res, await status(addr)
+    res, st = asyncio.run(main())
+    for r, p in zip(res, prompts):
+        assert r.tokens == reference(target, p, 30)
+        assert r.summary()["alpha"] > 0.2
+    assert st["open_sessions"] == 0 and st["sessions_closed"] == 4
+    assert st["mean_batch"] > 1.0  # concurrent sessions shared forward passes
+
+
+def test_disconnect_mid_request_frees_session(servers):
+    (_, addr), = servers(1)
+
+    async def main():
+        ch = grpc.aio.insecure_channel(addr, options=grpc_options())
+        call = ch.stream_stream(f"/{SERVICE}/Session")(timeout=10)
+        await call.write(P.encode_open(P.OpenMsg(0, np.arange(1, 30, dtype=np.int32))))
+        await call.read()
+        during = (await status(addr))["open_sessions"]
+        call.cancel()
+        await ch.close()
+        for _ in range(50):
+            st = await status(addr)
+            if st["open_sessions"] == 0:
+                return during, st
+            await asyncio.sleep(0.1)
+        return during, st
+    during, after = asyncio.run(main())
+    assert during == 1 and after["open_sessions"] == 0 and after["sessions_closed"] == 1
+
+
+def test_server_killed_clients_fail_over_without_losing_tokens(servers, target):
+    (p1, a1), (_, a2) = servers(2)
+    prompt = list(range(20, 32))
+
+    async def main():
+        c = DraftClient(Drafter(load_model("tiny-draft:0:0.15")), [a1, a2], gamma=3,
+                        uplink=Link(50.0, base_ms=15.0), downlink=Link(50.0, base_ms=15.0))
+        task = asyncio.ensure_future(c.generate(prompt, 80))
+        await asyncio.sleep(0.6)  # some rounds done on server 1
+        p1.kill()
+        return await asyncio.wait_for(task, 60)
+    r = asyncio.run(main())
+    assert r.failovers >= 1
+    assert {x["server"] for x in r.rounds} == {a1, a2}
+    assert r.tokens == reference(target, prompt, 80)  # no lost or duplicated tokens
+
+
+def test_malformed_and_oversized_messages(servers, target):
+    (_, addr), = servers(1)
+
+    async def send(raw, opts=None):
+        async with grpc.aio.insecure_channel(addr, options=opts or grpc_options()) as ch:
+            call = ch.stream_stream(f"/{SERVICE}/Session")(timeout=5)
+            await call.write(raw)
+            try:
+                return await call.read()
+            except grpc.aio.AioRpcError as e:
+                return e.code()
+    bad_len = P.encode_open(P.OpenMsg(0, np.arange(5, dtype=np.int32)))[:-3]
+    assert asyncio.run(send(b"garbage")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert asyncio.run(send(bad_len)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert asyncio.run(send(P.encode_open(P.OpenMsg(0, np.array([99999], np.int32))))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert asyncio.run(send(P.encode_verify(P.VerifyMsg(0, 1, np.array([1], np.int32), np.zeros((1, 0), np.int32),
+                                                        np.zeros((1, 0), np.float32))))) == grpc.StatusCode.FAILED_PRECONDITION
+    huge = b"MSDO" + b"\x00" * (2 << 20)
+    assert asyncio.run(send(huge, opts=[("grpc.max_send_message_length", 8 << 20)])) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # the server is still healthy afterwards
+    async def ok():
+        return await DraftClient(Drafter(target), [addr], gamma=2).generate([1, 2, 3], 10)
+    assert asyncio.run(ok()).tokens == reference(target, [1, 2, 3], 10)
+
+
+def test_sampling_mode_runs_end_to_end(servers):
+    (_, addr), = servers(1)
+
+    async def main():
+        d = Drafter(load_model("tiny-draft:0:0.15"), greedy=False, temperature=1.0, topk=8, seed=3)
+        return await DraftClient(d, [addr], gamma=3).generate([4, 5, 6], 25, greedy=False, seed=11)
+    r = asyncio.run(main())
+    assert len(r.tokens) == 25 and all(0 <= t < 512 for t in r.tokens)
+    assert r.summary()["rounds"] >= 7
+
+
+def test_link_emulation_delays():
+    link = Link(np.array([8.0]), base_ms=5.0)  # 8 Mbit/s = 1 byte/us
+    t = time.monotonic()
+    d1 = link.delay_s(1000, now=t)
+    d2 = link.delay_s(1000, now=t)  # queued behind the first message
+    assert d1 == pytest.approx(0.001 + 0.005) and d2 == pytest.approx(0.002 + 0.005)
+    with pytest.raises(ValueError):
+        Link(np.array([-1.0]))
