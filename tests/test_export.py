@@ -1,0 +1,54 @@
+import json
+
+import numpy as np
+import pytest
+
+from marl_sd.agents.mappo import MAPPO, MAPPOPolicy, mappo_kwargs
+from marl_sd.config import load_config
+from marl_sd.envs.vec_env import MultiAgentVecEnv
+from marl_sd.export import BundleError, export_bundle, load_bundle, masked_argmax
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    cfg = load_config(overrides=["env.horizon=10"])
+    venv = MultiAgentVecEnv(cfg, num_envs=2)
+    kw = mappo_kwargs(cfg.train, venv.obs_dim, venv.state_dim, venv.num_envs)
+    kw.pop("device")
+    model = MAPPO(MAPPOPolicy, venv, seed=0, **kw)
+    out = tmp_path_factory.mktemp("bundle")
+    manifest = export_bundle(model.policy, cfg, out, n_parity=1000)
+    return cfg, model, out, manifest
+
+
+def test_onnx_parity_with_torch(bundle):
+    cfg, model, out, manifest = bundle
+    p = manifest["parity"]
+    assert p["observations"] == 1000 and p["max_abs_logit_diff"] <= 1e-5 and p["same_masked_argmax"]
+    m, actor = load_bundle(out, cfg)
+    import torch
+
+    x = np.random.default_rng(0).normal(size=(64, m["obs_dim"])).astype(np.float32)
+    with torch.no_grad():
+        ref = model.policy.actor_logits(torch.as_tensor(x)).numpy()
+    assert np.abs(actor.logits(x) - ref).max() <= 1e-5
+    mask = np.ones((64, sum(m["nvec"])), bool)
+    mask[:, 1] = False
+    a = masked_argmax(actor.logits(x), mask, m["nvec"])
+    assert (a[:, 0] != 1).all()
+
+
+def test_wrong_or_broken_bundle_rejected(bundle, tmp_path):
+    cfg, _, out, _ = bundle
+    with pytest.raises(BundleError, match="does not match this scenario: obs_dim, nvec"):
+        load_bundle(out, load_config(overrides=["scenario.n_users=5", "scenario.n_servers=4"]))
+    with pytest.raises(BundleError, match="not a policy bundle"):
+        load_bundle(tmp_path)
+    broken = tmp_path / "b"
+    broken.mkdir()
+    (broken / "manifest.json").write_text((out / "manifest.json").read_text())
+    (broken / "actor.onnx").write_bytes(b"nonsense")
+    with pytest.raises(BundleError, match="onnxruntime"):
+        load_bundle(broken, cfg)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["config_hash"] == cfg.hash() and m["scenario"]["n_users"] == cfg.scenario.n_users
