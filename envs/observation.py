@@ -7,30 +7,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-import torch
+from typing import Any
 
 
 @dataclass
 class Features:
     """What an agent (or the controller on its behalf) can measure, batched over environments."""
 
-    snr_db: torch.Tensor  # [B, N, M] wideband uplink SNR to each server
-    ul_mbps: torch.Tensor  # [B, N, M] uplink rate if served by each server at current shares
-    server: torch.Tensor  # [B, N] long, current server
-    draft_ms: torch.Tensor  # [B, N] device draft cost per token
-    power_w: torch.Tensor  # [B, N] device drafting power
-    max_gamma: torch.Tensor  # [B, N] device speculation limit
-    queue: torch.Tensor  # [B, N] requests in the system (incl. the active one)
-    remaining: torch.Tensor  # [B, N] output tokens left of the active request
-    acceptance: torch.Tensor  # [B, N] running acceptance estimate
-    outstanding: torch.Tensor  # [B, N] mean outstanding requests over the last slot
-    token_latency_ms: torch.Tensor  # [B, N] running per-token latency of own requests
-    srv_users: torch.Tensor  # [B, M] users associated
-    srv_queued_tokens: torch.Tensor  # [B, M] draft tokens waiting for verification
-    srv_busy: torch.Tensor  # [B, M] busy fraction over the last slot
-    time_frac: torch.Tensor  # [B] episode progress
+    snr_db: Any  # [B, N, M] wideband uplink SNR to each server
+    ul_mbps: Any  # [B, N, M] uplink rate if served by each server at current shares
+    server: Any  # [B, N] long, current server
+    draft_ms: Any  # [B, N] device draft cost per token
+    power_w: Any  # [B, N] device drafting power
+    max_gamma: Any  # [B, N] device speculation limit
+    queue: Any  # [B, N] requests in the system (incl. the active one)
+    remaining: Any  # [B, N] output tokens left of the active request
+    acceptance: Any  # [B, N] running acceptance estimate
+    outstanding: Any  # [B, N] mean outstanding requests over the last slot
+    token_latency_ms: Any  # [B, N] running per-token latency of own requests
+    srv_users: Any  # [B, M] users associated
+    srv_queued_tokens: Any  # [B, M] draft tokens waiting for verification
+    srv_busy: Any  # [B, M] busy fraction over the last slot
+    time_frac: Any  # [B] episode progress
 
-    def to(self, device) -> "Features":
+    def to(self, device) -> "Features":  # torch only
         return Features(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
@@ -61,54 +61,97 @@ class ObsSpec:
                 ("srv_queued_tokens", M), ("srv_busy", M), ("agent_id", N)]
 
 
+class _Ops:
+    """The few array operations the builder needs, for torch tensors and numpy arrays alike
+    (the live controller builds observations with numpy and never imports torch)."""
+
+    def __init__(self, like):
+        self.torch = type(like).__module__.startswith("torch")
+        if self.torch:
+            import torch
+
+            self.t = torch
+        else:
+            import numpy as np
+
+            self.t = np
+
+    def f32(self, x):
+        return x.float() if self.torch else x.astype("float32")
+
+    def clip(self, x, lo=None, hi=None):
+        return x.clamp(lo, hi) if self.torch else self.t.clip(x, lo, hi)
+
+    def log1p(self, x):
+        return self.t.log1p(x)
+
+    def one_hot(self, idx, n):
+        if self.torch:
+            return self.t.nn.functional.one_hot(idx.long(), n).float()
+        return (idx[..., None] == self.t.arange(n)).astype("float32")
+
+    def cat(self, parts, axis=-1):
+        return self.t.cat(parts, axis) if self.torch else self.t.concatenate(parts, axis)
+
+    def expand(self, x, shape):
+        return x.expand(*shape) if self.torch else self.t.broadcast_to(x, shape)
+
+    def eye(self, n, like):
+        return self.t.eye(n, device=like.device) if self.torch else self.t.eye(n, dtype="float32")
+
+    def col(self, x):
+        return x[..., None]
+
+
 class ObservationBuilder:
     def __init__(self, spec: ObsSpec):
         self.spec = spec
-        self._eye = torch.eye(spec.n_users)
 
-    def _user_feats(self, f: Features) -> dict[str, torch.Tensor]:
+    def _user_feats(self, f: Features, o: _Ops) -> dict:
         s = self.spec
         return {
-            "snr": ((f.snr_db.clamp(-20.0, 40.0)) / 20.0),
-            "rate": torch.log1p(f.ul_mbps.clamp(min=0.0)) / 5.0,
-            "srv": torch.nn.functional.one_hot(f.server, s.n_servers).float(),
-            "draft": (f.draft_ms / 50.0).unsqueeze(-1),
-            "power": (f.power_w / 40.0).unsqueeze(-1),
-            "gmax": (f.max_gamma.float() / s.gamma_max).unsqueeze(-1),
-            "queue": (f.queue.float() / s.queue_capacity).unsqueeze(-1),
-            "rem": (f.remaining.float() / s.max_output_tokens).unsqueeze(-1),
-            "active": (f.queue > 0).float().unsqueeze(-1),
-            "acc": f.acceptance.unsqueeze(-1),
-            "out": (f.outstanding.clamp(max=10.0) / 5.0).unsqueeze(-1),
-            "lat": (f.token_latency_ms.clamp(max=500.0) / 100.0).unsqueeze(-1),
+            "snr": o.f32(o.clip(f.snr_db, -20.0, 40.0) / 20.0),
+            "rate": o.f32(o.log1p(o.clip(f.ul_mbps, 0.0)) / 5.0),
+            "srv": o.one_hot(f.server, s.n_servers),
+            "draft": o.col(o.f32(f.draft_ms / 50.0)),
+            "power": o.col(o.f32(f.power_w / 40.0)),
+            "gmax": o.col(o.f32(f.max_gamma) / s.gamma_max),
+            "queue": o.col(o.f32(f.queue) / s.queue_capacity),
+            "rem": o.col(o.f32(f.remaining) / s.max_output_tokens),
+            "active": o.col(o.f32(f.queue > 0)),
+            "acc": o.col(o.f32(f.acceptance)),
+            "out": o.col(o.f32(o.clip(f.outstanding, None, 10.0) / 5.0)),
+            "lat": o.col(o.f32(o.clip(f.token_latency_ms, None, 500.0) / 100.0)),
         }
 
-    def _server_feats(self, f: Features) -> torch.Tensor:
+    def _server_feats(self, f: Features, o: _Ops):
         s = self.spec
-        return torch.cat([f.srv_users.float() / s.n_users, f.srv_queued_tokens.float() / s.verify_token_budget,
-                          f.srv_busy.float()], -1)  # [B, 3M]
+        return o.cat([o.f32(f.srv_users) / s.n_users, o.f32(f.srv_queued_tokens) / s.verify_token_budget,
+                      o.f32(f.srv_busy)], -1)  # [B, 3M]
 
-    def local(self, f: Features) -> torch.Tensor:
+    def local(self, f: Features):
         """[B, N, obs_dim] float32 local observations, agent id one-hot last."""
-        u = self._user_feats(f)
+        o = _Ops(f.server)
+        u = self._user_feats(f, o)
         B, N = f.server.shape
-        srv = self._server_feats(f).unsqueeze(1).expand(B, N, -1)
-        tf = f.time_frac.view(B, 1, 1).expand(B, N, 1)
-        eye = self._eye.to(f.server.device).expand(B, N, N)
+        srv = o.expand(self._server_feats(f, o)[:, None, :], (B, N, 3 * self.spec.n_servers))
+        tf = o.expand(o.f32(f.time_frac).reshape(B, 1, 1), (B, N, 1))
+        eye = o.expand(o.eye(N, f.server)[None], (B, N, N))
         parts = [u["snr"], u["rate"], u["srv"], u["draft"], u["power"], u["gmax"], u["queue"], u["rem"],
                  u["active"], u["acc"], u["out"], u["lat"], tf, srv, eye]
-        return torch.cat(parts, -1).float()
+        return o.f32(o.cat(parts, -1))
 
-    def state(self, f: Features) -> torch.Tensor:
+    def state(self, f: Features):
         """[B, state_dim] global state for the centralized critic."""
-        u = self._user_feats(f)
+        o = _Ops(f.server)
+        u = self._user_feats(f, o)
         B = f.server.shape[0]
-        best_snr = u["snr"].max(-1, keepdim=True).values
-        per_user = torch.cat([u["srv"], u["queue"], u["rem"], u["draft"], u["acc"], best_snr], -1)
-        return torch.cat([self._server_feats(f), per_user.reshape(B, -1), f.time_frac.view(B, 1)], -1).float()
+        best_snr = u["snr"].max(-1, keepdims=True) if not o.torch else u["snr"].max(-1, keepdim=True).values
+        per_user = o.cat([u["srv"], u["queue"], u["rem"], u["draft"], u["acc"], best_snr], -1)
+        return o.f32(o.cat([self._server_feats(f, o), per_user.reshape(B, -1), o.f32(f.time_frac).reshape(B, 1)], -1))
 
 
-def decode_local(obs: torch.Tensor, spec: ObsSpec) -> dict[str, torch.Tensor]:
+def decode_local(obs, spec: ObsSpec) -> dict:
     """Invert `ObservationBuilder.local`: raw-scale features from [..., obs_dim] observations.
 
     Lets policies that reason in physical units (heuristics) consume the same observations
@@ -122,12 +165,12 @@ def decode_local(obs: torch.Tensor, spec: ObsSpec) -> dict[str, torch.Tensor]:
     M = spec.n_servers
     return {
         "snr_db": out["snr_db"] * 20.0,
-        "ul_mbps": torch.expm1(out["ul_mbps"] * 5.0),
-        "server": out["server_onehot"].argmax(-1) if M > 1 else torch.zeros(obs.shape[:-1], dtype=torch.long),
+        "ul_mbps": (out["ul_mbps"] * 5.0).expm1(),
+        "server": out["server_onehot"].argmax(-1) if M > 1 else (out["server_onehot"][..., 0] * 0).long(),
         "draft_ms": out["draft_ms"] * 50.0,
         "power_w": out["power_w"] * 40.0,
-        "max_gamma": torch.round(out["max_gamma"] * spec.gamma_max).long(),
-        "queue": torch.round(out["queue"] * spec.queue_capacity),
+        "max_gamma": (out["max_gamma"] * spec.gamma_max).round().long(),
+        "queue": (out["queue"] * spec.queue_capacity).round(),
         "remaining": out["remaining"] * spec.max_output_tokens,
         "acceptance": out["acceptance"],
         "outstanding": out["outstanding"] * 5.0,
