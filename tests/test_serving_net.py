@@ -104,7 +104,10 @@ def test_server_killed_clients_fail_over_without_losing_tokens(servers, target):
         c = DraftClient(Drafter(load_model("tiny-draft:0:0.15")), [a1, a2], gamma=3,
                         uplink=Link(50.0, base_ms=15.0), downlink=Link(50.0, base_ms=15.0))
         task = asyncio.ensure_future(c.generate(prompt, 80))
-        await asyncio.sleep(0.6)  # some rounds done on server 1
+        for _ in range(600):  # kill server 1 once some tokens were committed through it
+            if len(c.drafter.seq) >= len(prompt) + 12:
+                break
+            await asyncio.sleep(0.01)
         p1.kill()
         return await asyncio.wait_for(task, 60)
     r = asyncio.run(main())

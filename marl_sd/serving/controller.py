@@ -1,0 +1,228 @@
+"""Live controller: every control slot, build observations from measured reports, run the
+policy, publish association, bandwidth share, verify priority and gamma per user.
+
+Nodes *report* to the controller (clients: their links, backlog, acceptance, latency; servers:
+load) and receive the latest decision in the reply. A node that stops reporting never blocks
+the loop: after `stale_slots` slots its last decision stays in force and it is logged as
+unreachable. Observations are built with the simulator's `ObservationBuilder` on numpy
+arrays, and a policy bundle runs in onnxruntime: this process does not import torch
+(heuristic policies, which are torch code, are the exception).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from marl_sd.envs.observation import Features, ObservationBuilder, ObsSpec
+
+log = logging.getLogger("marl_sd.controller")
+SERVICE = "marlsd.Controller"
+
+
+@dataclass
+class UserReport:
+    """What a client measures (or knows about its device)."""
+
+    user: int
+    snr_db: list[float]
+    ul_mbps: list[float]
+    server: int
+    draft_ms: float
+    power_w: float
+    max_gamma: int
+    queue: int = 0
+    remaining: int = 0
+    acceptance: float = 0.5
+    outstanding: float = 0.0
+    token_latency_ms: float = 0.0
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class ServerReport:
+    server: int
+    users: int = 0
+    queued_tokens: float = 0.0
+    busy: float = 0.0
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Decision:
+    server: int
+    bid: int
+    priority: int
+    gamma: int
+    share: float = 1.0
+    slot: int = 0
+
+
+class ControllerCore:
+    """Policy-agnostic core: reports -> Features -> observations + masks -> decisions."""
+
+    def __init__(self, manifest: dict, policy, slot_ms: float = 100.0, stale_slots: int = 3, horizon: int = 100,
+                 coverage_snr_db: float = -5.0):
+        self.spec = ObsSpec(**manifest["obs_spec"])
+        self.nvec = list(manifest["nvec"])
+        self.bid_weights = np.asarray(manifest["bid_weights"], dtype=np.float64)
+        self.builder = ObservationBuilder(self.spec)
+        self.policy = policy  # callable(obs [1, N, D] float32, mask [1, N, K] bool) -> actions [1, N, 4]
+        self.slot_s, self.stale_s, self.horizon = slot_ms / 1000.0, stale_slots * slot_ms / 1000.0, horizon
+        self.coverage = coverage_snr_db
+        self.users: dict[int, UserReport] = {}
+        self.servers: dict[int, ServerReport] = {}
+        self.decisions: dict[int, Decision] = {}
+        self.slot = 0
+        self.decision_ms: list[float] = []
+        self.unreachable: set[int] = set()
+
+    def report_user(self, r: UserReport) -> Decision | None:
+        r.at = time.monotonic()
+        self.users[r.user] = r
+        self.unreachable.discard(r.user)
+        return self.decisions.get(r.user)
+
+    def report_server(self, r: ServerReport) -> None:
+        r.at = time.monotonic()
+        self.servers[r.server] = r
+
+    def features(self) -> Features:
+        """[1, N, ...] features from the latest reports (absent users: idle placeholders)."""
+        N, M = self.spec.n_users, self.spec.n_servers
+        snr = np.full((1, N, M), -20.0, np.float32)
+        ul = np.zeros((1, N, M), np.float32)
+        srv = np.zeros((1, N), np.int64)
+        cols = {k: np.zeros((1, N), np.float32) for k in ("draft_ms", "power_w", "queue", "remaining", "acceptance",
+                                                          "outstanding", "token_latency_ms")}
+        gmax = np.zeros((1, N), np.int64)
+        cols["acceptance"][:] = 0.5
+        for u, r in self.users.items():
+            if u >= N:
+                continue
+            snr[0, u], ul[0, u], srv[0, u], gmax[0, u] = r.snr_db, r.ul_mbps, r.server, r.max_gamma
+            for k in cols:
+                cols[k][0, u] = getattr(r, k)
+        onehot = (srv[..., None] == np.arange(M)).astype(np.float32)
+        users = onehot.sum(1)
+        queued = np.zeros((1, M), np.float32)
+        busy = np.zeros((1, M), np.float32)
+        for s, r in self.servers.items():
+            if s < M:
+                queued[0, s], busy[0, s] = r.queued_tokens, r.busy
+        return Features(snr_db=snr, ul_mbps=ul, server=srv, draft_ms=cols["draft_ms"], power_w=cols["power_w"],
+                        max_gamma=gmax, queue=cols["queue"], remaining=cols["remaining"], acceptance=cols["acceptance"],
+                        outstanding=cols["outstanding"], token_latency_ms=cols["token_latency_ms"], srv_users=users,
+                        srv_queued_tokens=queued, srv_busy=busy,
+                        time_frac=np.array([min(self.slot, self.horizon) / self.horizon], np.float32))
+
+    def masks(self, f: Features) -> np.ndarray:
+        """Same rules as the simulator: covered servers (best always), gamma <= device limit."""
+        cover = f.snr_db >= self.coverage
+        best = f.snr_db.argmax(-1)
+        cover |= best[..., None] == np.arange(self.spec.n_servers)
+        bids = np.ones(f.server.shape + (self.nvec[1] + self.nvec[2],), bool)
+        gam = np.arange(self.nvec[3]) <= f.max_gamma[..., None]
+        return np.concatenate([cover, bids, gam], -1)
+
+    def step(self) -> dict[int, Decision]:
+        """One control slot: observations -> policy -> decisions (kept for stale users)."""
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        f = self.features()
+        obs = self.builder.local(f)
+        mask = self.masks(f)
+        act = np.asarray(self.policy(obs, mask)).reshape(1, self.spec.n_users, 4)
+        weights = self.bid_weights[act[0, :, 1]]
+        chosen = act[0, :, 0]
+        fresh = {u for u, r in self.users.items() if now - r.at <= self.stale_s}
+        for u in set(self.users) - fresh:
+            if u not in self.unreachable:
+                log.warning("user %d has not reported for %.0f ms: keeping its last decision", u, 1000 * (now - self.users[u].at))
+                self.unreachable.add(u)
+        for u in fresh:
+            if u >= self.spec.n_users:
+                continue
+            same = (chosen == chosen[u]) & np.isin(np.arange(self.spec.n_users), list(fresh))
+            share = float(weights[u] / weights[same].sum())
+            self.decisions[u] = Decision(int(act[0, u, 0]), int(act[0, u, 1]), int(act[0, u, 2]), int(act[0, u, 3]),
+                                         share, self.slot)
+        self.slot += 1
+        self.decision_ms.append((time.perf_counter() - t0) * 1000)
+        return dict(self.decisions)
+
+    def latency_stats(self) -> dict:
+        x = np.asarray(self.decision_ms)
+        return {"slots": int(len(x)), "p50_ms": float(np.percentile(x, 50)) if len(x) else float("nan"),
+                "p99_ms": float(np.percentile(x, 99)) if len(x) else float("nan")}
+
+
+def bundle_policy(actor, nvec: list[int]):
+    """Deterministic masked argmax of an ONNX actor (numpy only)."""
+    from marl_sd.export import masked_argmax
+
+    def act(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        B, N, D = obs.shape
+        logits = actor.logits(obs.reshape(B * N, D))
+        return masked_argmax(logits, mask.reshape(B * N, -1), nvec).reshape(B, N, len(nvec))
+    return act
+
+
+def heuristic_policy(name: str, cfg):
+    """A heuristic by name (imports torch: only the learned bundle path is torch-free)."""
+    import torch
+
+    from marl_sd.agents.heuristics import make_heuristic
+    from marl_sd.agents.policy import PolicyContext
+
+    pol = make_heuristic(name, PolicyContext.from_config(cfg))
+
+    def act(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return pol.act(torch.as_tensor(obs), torch.as_tensor(mask)).numpy()
+    return act
+
+
+async def serve_controller(core: ControllerCore, host: str = "127.0.0.1", port: int = 0, ready=None,
+                           duration_s: float | None = None) -> None:
+    """gRPC front-end: unary `Report` (JSON in, JSON decision out) + the slot loop."""
+    import grpc
+
+    async def report(request: bytes, context) -> bytes:
+        try:
+            msg = json.loads(request)
+            if msg.get("kind") == "server":
+                core.report_server(ServerReport(**{k: v for k, v in msg.items() if k != "kind"}))
+                return b"{}"
+            d = core.report_user(UserReport(**{k: v for k, v in msg.items() if k != "kind"}))
+        except (ValueError, TypeError) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad report: {e}")
+        return json.dumps(d.__dict__ if d else {}).encode()
+
+    async def stats(request: bytes, context) -> bytes:
+        return json.dumps(core.latency_stats() | {"unreachable": sorted(core.unreachable), "slot": core.slot}).encode()
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+        "Report": grpc.unary_unary_rpc_method_handler(report),
+        "Stats": grpc.unary_unary_rpc_method_handler(stats)}),))
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    if ready is not None:
+        ready(bound)
+    t_end = None if duration_s is None else time.monotonic() + duration_s
+    try:
+        nxt = time.monotonic()
+        while t_end is None or time.monotonic() < t_end:
+            core.step()
+            nxt += core.slot_s
+            late = time.monotonic() - nxt
+            if late > core.slot_s:
+                log.warning("control slot overran by %.0f ms; skipping ahead", 1000 * late)
+                nxt = time.monotonic()
+            await asyncio.sleep(max(0.0, nxt - time.monotonic()))
+    finally:
+        await server.stop(0.5)

@@ -1,0 +1,108 @@
+"""Live controller: same observations as the simulator, torch-free bundle path, stale nodes."""
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from marl_sd.config import load_config
+from marl_sd.envs.core import BatchedSimulator
+from marl_sd.serving.controller import ControllerCore, ServerReport, UserReport, bundle_policy
+
+
+def reports_from_sim(sim):
+    f = sim.features()
+    users = [UserReport(user=i, snr_db=f.snr_db[0, i].tolist(), ul_mbps=f.ul_mbps[0, i].tolist(), server=int(f.server[0, i]),
+                        draft_ms=float(f.draft_ms[0, i]), power_w=float(f.power_w[0, i]), max_gamma=int(f.max_gamma[0, i]),
+                        queue=int(f.queue[0, i]), remaining=int(f.remaining[0, i]), acceptance=float(f.acceptance[0, i]),
+                        outstanding=float(f.outstanding[0, i]), token_latency_ms=float(f.token_latency_ms[0, i]))
+             for i in range(sim.N)]
+    servers = [ServerReport(server=s, users=int(f.srv_users[0, s]), queued_tokens=float(f.srv_queued_tokens[0, s]),
+                            busy=float(f.srv_busy[0, s])) for s in range(sim.M)]
+    return users, servers
+
+
+@pytest.fixture(scope="module")
+def manifest_and_actor(tmp_path_factory):
+    from marl_sd.agents.mappo import MAPPO, MAPPOPolicy, mappo_kwargs
+    from marl_sd.envs.vec_env import MultiAgentVecEnv
+    from marl_sd.export import export_bundle, load_bundle
+
+    cfg = load_config()
+    venv = MultiAgentVecEnv(cfg, num_envs=1)
+    kw = mappo_kwargs(cfg.train, venv.obs_dim, venv.state_dim, venv.num_envs)
+    kw.pop("device")
+    model = MAPPO(MAPPOPolicy, venv, seed=0, **kw)
+    out = tmp_path_factory.mktemp("b")
+    export_bundle(model.policy, cfg, out, n_parity=200)
+    m, actor = load_bundle(out, cfg)
+    return cfg, m, actor, out, model
+
+
+def test_controller_observation_equals_env_observation(manifest_and_actor):
+    cfg, m, actor, _, model = manifest_and_actor
+    sim = BatchedSimulator(cfg, num_envs=1, seed=4)
+    gen = torch.Generator().manual_seed(0)
+    from marl_sd.bench import random_masked_actions
+    for _ in range(12):
+        sim.step(random_masked_actions(sim.mask, sim.nvec, gen))
+    core = ControllerCore(m, bundle_policy(actor, m["nvec"]), horizon=cfg.env.horizon)
+    users, servers = reports_from_sim(sim)
+    for r in users:
+        core.report_user(r)
+    for r in servers:
+        core.report_server(r)
+    core.slot = int(sim.t)
+    f = core.features()
+    obs = core.builder.local(f)
+    np.testing.assert_allclose(obs, sim.observations().numpy(), atol=1e-6)
+    np.testing.assert_array_equal(core.masks(f), sim.mask.numpy())
+    d = core.step()
+    with torch.no_grad():
+        logits = model.policy.actor_logits(sim.observations()[0]).numpy()
+    from marl_sd.export import masked_argmax
+    ref = masked_argmax(logits, sim.mask[0].numpy(), m["nvec"])
+    assert [d[u].gamma for u in range(sim.N)] == ref[:, 3].tolist()
+    assert [d[u].server for u in range(sim.N)] == ref[:, 0].tolist()
+    for s in range(sim.M):  # bandwidth shares of each server's users sum to one
+        tot = sum(d[u].share for u in range(sim.N) if d[u].server == s)
+        assert tot == pytest.approx(1.0) or tot == 0
+
+
+def test_controller_survives_silent_node(manifest_and_actor):
+    cfg, m, actor, _, _ = manifest_and_actor
+    core = ControllerCore(m, bundle_policy(actor, m["nvec"]), slot_ms=20.0, stale_slots=2)
+    base = dict(snr_db=[10.0, 0.0, -3.0], ul_mbps=[20.0, 5.0, 1.0], server=0, draft_ms=17.0, power_w=4.5, max_gamma=6)
+    core.report_user(UserReport(user=0, **base))
+    core.report_user(UserReport(user=1, **base))
+    core.step()
+    before = core.decisions[1]
+    time.sleep(0.08)  # user 1 goes silent
+    core.report_user(UserReport(user=0, **base))
+    for _ in range(3):
+        core.step()
+    assert 1 in core.unreachable and core.decisions[1] == before
+    assert core.decisions[0].slot == 3
+    core.report_user(UserReport(user=1, **base))
+    assert 1 not in core.unreachable
+
+
+def test_bundle_controller_process_does_not_import_torch(manifest_and_actor):
+    _, _, _, out, _ = manifest_and_actor
+    code = f"""
+import sys
+from marl_sd.export import load_bundle
+from marl_sd.serving.controller import ControllerCore, UserReport, bundle_policy
+m, actor = load_bundle({str(out)!r})
+core = ControllerCore(m, bundle_policy(actor, m["nvec"]))
+core.report_user(UserReport(user=0, snr_db=[5.0, 1.0, 0.0], ul_mbps=[10, 3, 1], server=0, draft_ms=17, power_w=4, max_gamma=6))
+d = core.step()
+assert 0 in d and 0 <= d[0].gamma <= 6
+assert "torch" not in sys.modules, "torch was imported"
+print("ok", core.latency_stats()["p50_ms"])
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("ok")
