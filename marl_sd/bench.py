@@ -61,3 +61,39 @@ def bench_pettingzoo(cfg: Config, steps: int) -> dict:
     n = env.sim.N
     return {"what": "PettingZoo ParallelEnv B=1", "agent_steps_per_s": steps * n / dt,
             "env_steps_per_s": steps / dt, "ms_per_step": 1000 * dt / steps}
+
+
+def bench_controller(cfg: Config, slots: int = 500) -> dict:
+    """Controller decision latency per slot (features -> observations -> ONNX actor -> decisions)
+    for a freshly initialised MAPPO actor exported to a temporary bundle."""
+    import tempfile
+
+    from marl_sd.agents.mappo import MAPPO, MAPPOPolicy, mappo_kwargs
+    from marl_sd.envs.core import BatchedSimulator
+    from marl_sd.envs.vec_env import MultiAgentVecEnv
+    from marl_sd.export import export_bundle, load_bundle
+    from marl_sd.serving.controller import ControllerCore, ServerReport, UserReport, bundle_policy
+
+    venv = MultiAgentVecEnv(cfg, num_envs=1)
+    kw = mappo_kwargs(cfg.train, venv.obs_dim, venv.state_dim, 1)
+    kw.pop("device")
+    model = MAPPO(MAPPOPolicy, venv, seed=0, **kw)
+    sim = BatchedSimulator(cfg, num_envs=1, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_bundle(model.policy, cfg, tmp, n_parity=100)
+        manifest, actor = load_bundle(tmp, cfg)
+        core = ControllerCore(manifest, bundle_policy(actor, manifest["nvec"]), horizon=cfg.env.horizon)
+        for _ in range(slots):
+            f = sim.features()
+            for i in range(sim.N):
+                core.report_user(UserReport(i, f.snr_db[0, i].tolist(), f.ul_mbps[0, i].tolist(), int(f.server[0, i]),
+                                            float(f.draft_ms[0, i]), float(f.power_w[0, i]), int(f.max_gamma[0, i]),
+                                            int(f.queue[0, i]), int(f.remaining[0, i]), float(f.acceptance[0, i])))
+            for s in range(sim.M):
+                core.report_server(ServerReport(s, int(f.srv_users[0, s]), float(f.srv_queued_tokens[0, s]),
+                                                float(f.srv_busy[0, s])))
+            core.step()
+            if core.slot % 10 == 0:
+                sim.step(random_masked_actions(sim.mask, sim.nvec, gen))
+    return {"what": f"controller N={sim.N}, M={sim.M}", **core.latency_stats()}

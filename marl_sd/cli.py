@@ -36,6 +36,17 @@ def _cmd_bench(args) -> int:
             t.add_row(r["what"], f"{r['agent_steps_per_s']:,.0f}", f"{r['env_steps_per_s']:,.1f}",
                       f"{r['ms_per_step']:.2f}")
         console.print(t)
+    elif args.what == "controller":
+        from marl_sd.bench import bench_controller
+
+        configs = [args.config] if args.config else ["configs/default.yaml", "configs/large.yaml"]
+        rows = [bench_controller(load_config(c, args.set)) for c in configs]
+        t = Table(title="controller decision latency per slot (reports -> obs -> onnxruntime -> decisions)")
+        for c in ("what", "slots", "p50 ms", "p99 ms"):
+            t.add_column(c, justify="right")
+        for r in rows:
+            t.add_row(r["what"], str(r["slots"]), f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}")
+        console.print(t)
     return 0
 
 
@@ -297,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     pf.set_defaults(func=_cmd_profile)
 
     b = sub.add_parser("bench", help="benchmarks that print figures")
-    b.add_argument("what", choices=["env"])
+    b.add_argument("what", choices=["env", "controller"])
     b.add_argument("config", nargs="?", default=None)
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--num-envs", type=int, nargs="+", default=[1, 64, 256])
