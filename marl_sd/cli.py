@@ -192,8 +192,10 @@ def _cmd_serve(args) -> int:
         from marl_sd.serving.client import main as client_main
 
         return client_main(args.rest)
-    from marl_sd.serving.launcher import run_local
+    from marl_sd.serving.launcher import run_live, run_local
 
+    if args.action == "up":
+        return _serve_up(args, run_live)
     extra = ["--ignore-eos"] if args.ignore_eos else []
     if args.uplink_mbps:
         extra += ["--uplink-mbps", str(args.uplink_mbps), "--downlink-mbps", str(args.uplink_mbps)]
@@ -201,11 +203,11 @@ def _cmd_serve(args) -> int:
     cases = [(n, g) for n in args.clients for g in ([args.gamma, 0] if args.action == "bench" else [args.gamma])]
     for n, g in cases:
         console.print(f"[dim]{n} client(s), gamma={g}: {args.requests} request(s) each ...[/dim]")
-        r = run_local(args.target, args.draft, args.servers, n, args.requests, args.max_new, g, client_extra=extra)
+        r = run_local(args.target, args.draft, args.servers, n, args.requests, args.max_new or 64, g, client_extra=extra)
         r.update(clients=n, gamma=g)
         rows.append(r)
     t = Table(title=f"live serving: target {args.target}, draft {args.draft}, {args.servers} server(s), "
-                    f"{args.max_new} new tokens/request, 1 torch thread per process")
+                    f"{args.max_new or 64} new tokens/request, 1 torch thread per process")
     for c in ("clients", "mode", "tokens/s", "TPOT ms", "TPOT p95", "TTFT ms", "e2e ms", "alpha", "server batch", "util"):
         t.add_column(c, justify="right")
     for r in rows:
@@ -219,6 +221,44 @@ def _cmd_serve(args) -> int:
 
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps([{k: v for k, v in r.items() if k != "rows"} for r in rows], indent=2))
+    return 0
+
+
+def _serve_up(args, run_live) -> int:
+    import json
+    from pathlib import Path
+
+    policies = args.policy or ["nearest_g4"]
+    rows = []
+    for pol in policies:
+        console.print(f"[dim]live run: policy {pol}, {args.duration:.0f} s of arrivals ...[/dim]")
+        rows.append(run_live(args.config, pol, args.duration, args.target, args.draft, args.max_new, args.gamma))
+    sim = {}
+    if args.compare_sim:
+        from marl_sd.agents.evaluate import run_policy
+        from marl_sd.serving.controller_policy import sim_policy
+
+        cfg = load_config(args.config)
+        for pol in policies:
+            s, _ = run_policy(cfg, sim_policy(pol, cfg), seed=cfg.seed, episodes=8)
+            sim[pol] = s["latency_per_token_ms"]
+    t = Table(title=f"live serving with the controller ({args.config}, target {args.target}, draft {args.draft})")
+    for c in ("policy", "requests", "ms/token", "sim ms/token", "gap", "TTFT ms", "TPOT ms", "tokens/s", "handovers",
+              "decision p50/p99 ms", "alpha"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        p = r["policy"]
+        c = r.get("controller", {})
+        gap = (r["latency_per_token_ms"] - sim[p]) / sim[p] if p in sim else float("nan")
+        t.add_row(Path(p).name, str(r["requests"]), f"{r['latency_per_token_ms']:.1f}",
+                  f"{sim[p]:.1f}" if p in sim else "-", f"{gap:+.0%}" if p in sim else "-", f"{r['ttft_ms']:.0f}",
+                  f"{r['tpot_ms']:.1f}", f"{r['tokens_per_s']:.1f}", str(r["handovers"]),
+                  f"{c.get('p50_ms', float('nan')):.2f}/{c.get('p99_ms', float('nan')):.2f}", f"{r['alpha']:.2f}")
+    console.print(t)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps([{k: v for k, v in r.items() if k != "rows"} | {"sim_ms_per_token": sim.get(r["policy"])}
+                                              for r in rows], indent=2, default=float))
     return 0
 
 
@@ -296,11 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--servers", type=int, default=1)
     sv.add_argument("--clients", type=int, nargs="+", default=[2])
     sv.add_argument("--requests", type=int, default=2, help="requests per client")
-    sv.add_argument("--max-new", type=int, default=64)
+    sv.add_argument("--max-new", type=int, default=None, help="new tokens per request (default 64; up: the scenario's)")
     sv.add_argument("--gamma", type=int, default=4)
     sv.add_argument("--uplink-mbps", type=float, default=0.0, help="emulated link rate both ways (0: off)")
     sv.add_argument("--ignore-eos", action="store_true")
     sv.add_argument("--out", help="write the summary as JSON")
+    sv.add_argument("--config", default="configs/live.yaml", help="up: the scenario (users, servers, workload, slot)")
+    sv.add_argument("--policy", nargs="+", help="up: bundle directories and/or heuristic names (one run each)")
+    sv.add_argument("--duration", type=float, default=30.0, help="up: seconds of request arrivals")
+    sv.add_argument("--compare-sim", action="store_true", help="up: also simulate the same scenario and policy")
     sv.set_defaults(func=_cmd_serve)
 
     pf = sub.add_parser("profile", help="measure verify/prefill/draft latency into a profile YAML (see --help)",

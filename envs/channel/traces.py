@@ -18,7 +18,7 @@ def rate_traces(cfg: Config, slots: int, seed: int = 0) -> dict[str, np.ndarray]
 
     c = cfg.model_copy(update={"env": cfg.env.model_copy(update={"horizon": slots})})
     sim = BatchedSimulator(c, num_envs=1, seed=seed)
-    ul, dl, srv, dist = [], [], [], []
+    ul, dl, srv, dist, ulf, dlf, snr = [], [], [], [], [], [], []
     for _ in range(slots):
         a = torch.zeros(1, sim.N, 4, dtype=torch.long)
         a[..., 0] = sim.rates["snr_db"].argmax(-1)
@@ -28,9 +28,14 @@ def rate_traces(cfg: Config, slots: int, seed: int = 0) -> dict[str, np.ndarray]
         ul.append((sim.ul_rate[0] * 8 / 1000).cpu().numpy())
         dl.append((sim.dl_rate[0] * 8 / 1000).cpu().numpy())
         srv.append(sim.server[0].cpu().numpy())
+        share = sim.rates["share"][0]
+        ulf.append((sim.ul_rate_mat[0] / share * 8 / 1000).cpu().numpy())
+        dlf.append((sim.dl_rate_mat[0] / share * 8 / 1000).cpu().numpy())
+        snr.append(sim.rates["snr_db"][0].cpu().numpy())
         dist.append((sim.pos[0].unsqueeze(1) - sim.scn.bs_xy).norm(dim=-1).min(-1).values.cpu().numpy())
         sim.step(a)
     return {"ul_mbps": np.stack(ul), "dl_mbps": np.stack(dl), "server": np.stack(srv), "distance_m": np.stack(dist),
+            "ul_full_mbps": np.stack(ulf), "dl_full_mbps": np.stack(dlf), "snr_db": np.stack(snr),
             "slot_ms": np.array(c.env.slot_ms)}
 
 
@@ -40,7 +45,8 @@ def export_traces(cfg: Config, out: Path, slots: int, seed: int = 0) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **tr)
     meta = {"config_hash": cfg.hash(), "fidelity": cfg.scenario.channel.fidelity, "seed": seed, "slots": slots,
-            "users": int(tr["ul_mbps"].shape[1]), "units": "Mbps per slot, max-SNR server, equal bandwidth split"}
+            "users": int(tr["ul_mbps"].shape[1]), "units": "Mbps per slot: ul/dl_mbps at the max-SNR server with an equal split [T, N]; "
+            "ul/dl_full_mbps with the whole cell band to every server [T, N, M]; snr_db wideband UL SNR [T, N, M]"}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     return meta
 

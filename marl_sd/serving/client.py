@@ -54,25 +54,125 @@ def eos_of(model) -> int | None:
     return e[0] if isinstance(e, list) else e
 
 
+class ControlAgent:
+    """Reports measurements to the controller every slot and applies its latest decision.
+
+    Reporting runs in its own task (the decode loop never waits for the network); a missing
+    or late reply keeps the last decision. With a rate trace, the links follow the chosen
+    server's whole-band rate times the allocated share.
+    """
+
+    def __init__(self, addr: str, user: int, client: DraftClient, trace: dict | None, slot_ms: float,
+                 power_w: float, max_gamma: int, n_servers: int):
+        self.addr, self.user, self.client, self.trace = addr, user, client, trace
+        self.slot_s, self.power_w, self.max_gamma, self.M = slot_ms / 1000, power_w, max_gamma, n_servers
+        self.decision: dict | None = None
+        self.backlog = 0
+        self.outstanding_ms = 0.0
+        self.tok_latency = 0.0
+        self.t0 = time.monotonic()
+        self.missed = 0
+        client.on_round = self.apply
+
+    def _slot(self) -> int:
+        return int((time.monotonic() - self.t0) / self.slot_s)
+
+    def _row(self, key: str, t: int) -> list[float]:
+        arr = self.trace[key]
+        return arr[t % len(arr), self.user].tolist()
+
+    def report(self) -> dict:
+        t = self._slot()
+        snr = self._row("snr_db", t) if self.trace else [20.0] * self.M
+        full = self._row("ul_full_mbps", t) if self.trace else [50.0] * self.M
+        c = self.client
+        return {"kind": "user", "user": self.user, "snr_db": snr, "ul_mbps": full, "ul_full_mbps": full,
+                "server": c.server_idx % len(c.servers), "draft_ms": c.drafter.ms_per_token or 1.0,
+                "power_w": self.power_w, "max_gamma": self.max_gamma, "queue": self.backlog,
+                "remaining": int(c.meas["remaining"]) if self.backlog else 0, "acceptance": c.acceptance,
+                "outstanding": float(self.backlog), "token_latency_ms": self.tok_latency}
+
+    async def run(self) -> None:
+        import grpc
+
+        from marl_sd.serving.controller import SERVICE
+
+        async with grpc.aio.insecure_channel(self.addr) as ch:
+            rpc = ch.unary_unary(f"/{SERVICE}/Report")
+            while True:
+                try:
+                    reply = json.loads(await rpc(json.dumps(self.report()).encode(), timeout=self.slot_s))
+                    if reply:
+                        self.decision = reply
+                except grpc.aio.AioRpcError:
+                    self.missed += 1  # controller late or unreachable: keep the last decision
+                await asyncio.sleep(self.slot_s)
+
+    async def apply(self, client: DraftClient) -> None:
+        d = self.decision
+        if not d:
+            return
+        client.gamma = max(0, min(int(d["gamma"]), self.max_gamma))
+        client.switch_to = int(d["server"])
+        for link, key in ((client.uplink, "ul_full_mbps"), (client.downlink, "dl_full_mbps")):
+            if link is not None:
+                link.share = float(d.get("share", 1.0))
+                if self.trace is not None:
+                    link.trace = np.asarray(self.trace[key][:, self.user, int(d["server"])], dtype=float)
+
+
 async def run_workload(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     model = load_model(args.draft)
-    link = lambda mbps: Link(mbps, base_ms=args.base_ms) if mbps else None  # noqa: E731
+    trace = dict(np.load(args.trace)) if args.trace else None
+    servers = args.servers.split(",")
+
+    def link(mbps, key):
+        if trace is not None:
+            return Link(trace[key][:, args.user, 0], base_ms=args.base_ms, slot_ms=float(trace["slot_ms"]))
+        return Link(mbps, base_ms=args.base_ms) if mbps else None
     client = DraftClient(Drafter(model, greedy=not args.sample, temperature=args.temperature, topk=args.topk,
-                                 seed=args.seed), args.servers.split(","), gamma=args.gamma,
-                         uplink=link(args.uplink_mbps), downlink=link(args.downlink_mbps), predraft=not args.no_predraft)
-    prompts = make_prompts(args.draft, args.requests, args.seed)
-    rows = []
+                                 seed=args.seed), servers, gamma=args.gamma,
+                         uplink=link(args.uplink_mbps, "ul_full_mbps"), downlink=link(args.downlink_mbps, "dl_full_mbps"),
+                         predraft=not args.no_predraft)
+    agent = None
+    if args.controller:
+        agent = ControlAgent(args.controller, args.user, client, trace, args.slot_ms, args.power_w, args.max_gamma,
+                             len(servers))
+        reporter = asyncio.ensure_future(agent.run())
     rng = np.random.default_rng(args.seed)
-    for i, prompt in enumerate(prompts):
-        if args.rate > 0:
-            await asyncio.sleep(rng.exponential(1.0 / args.rate))
-        t = time.time()
+    if args.duration > 0:  # Poisson arrivals over the duration (requests queue behind each other)
+        arrivals, t = [], 0.0
+        while True:
+            t += rng.exponential(1.0 / max(args.rate, 1e-9))
+            if t >= args.duration:
+                break
+            arrivals.append(t)
+    else:
+        arrivals = list(np.cumsum(rng.exponential(1.0 / args.rate, args.requests))) if args.rate > 0 else [0.0] * args.requests
+    prompts = make_prompts(args.draft, len(arrivals), args.seed)
+    rows = []
+    t_start = time.monotonic()
+    wall0 = time.time()
+    for i, (arr, prompt) in enumerate(zip(arrivals, prompts)):
+        wait = t_start + arr - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        if agent is not None:
+            agent.backlog = sum(1 for a in arrivals[i:] if t_start + a <= time.monotonic())
         r = await client.generate(prompt, args.max_new, greedy=not args.sample, seed=args.seed * 1000 + i,
                                   eos_id=None if args.ignore_eos else eos_of(model))
-        row = r.summary() | {"client": args.client_id, "request": i, "gamma": args.gamma, "start": t,
-                             "output": r.tokens, "round_detail": r.rounds if args.detail else None}
+        latency_ms = (time.monotonic() - (t_start + arr)) * 1000  # includes waiting behind earlier requests
+        if agent is not None:
+            per = latency_ms / max(len(r.tokens), 1)
+            agent.tok_latency = per if not agent.tok_latency else 0.7 * agent.tok_latency + 0.3 * per
+        row = r.summary() | {"client": args.client_id, "request": i, "gamma": client.gamma, "start": wall0 + arr,
+                             "latency_ms": latency_ms, "latency_per_token_ms": latency_ms / max(len(r.tokens), 1),
+                             "handovers": client.meas["handovers"], "output": r.tokens,
+                             "round_detail": r.rounds if args.detail else None}
         rows.append(row)
+    if agent is not None:
+        reporter.cancel()
     return rows
 
 
@@ -96,6 +196,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--client-id", type=int, default=0)
+    p.add_argument("--duration", type=float, default=0.0, help="s of Poisson arrivals at --rate (0: --requests)")
+    p.add_argument("--controller", help="controller host:port (live control of gamma, server, shares)")
+    p.add_argument("--user", type=int, default=0, help="user index (agent) for the controller and the trace")
+    p.add_argument("--trace", help="rate traces (.npz from `marl-sd traces export`) driving the links")
+    p.add_argument("--slot-ms", type=float, default=100.0)
+    p.add_argument("--power-w", type=float, default=4.5, help="device drafting power reported to the controller")
+    p.add_argument("--max-gamma", type=int, default=8)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

@@ -40,6 +40,7 @@ class UserReport:
     acceptance: float = 0.5
     outstanding: float = 0.0
     token_latency_ms: float = 0.0
+    ul_full_mbps: list[float] | None = None  # whole-band rate per server: the controller applies shares
     at: float = field(default_factory=time.monotonic)
 
 
@@ -109,6 +110,13 @@ class ControllerCore:
                 cols[k][0, u] = getattr(r, k)
         onehot = (srv[..., None] == np.arange(M)).astype(np.float32)
         users = onehot.sum(1)
+        for u, r in self.users.items():  # share-scaled rates from whole-band measurements
+            if u < N and r.ul_full_mbps is not None:
+                d = self.decisions.get(u)
+                join = 1.0 / (users[0] - onehot[0, u] + 1.0)
+                if d is not None and d.server == r.server:
+                    join[r.server] = d.share
+                ul[0, u] = np.asarray(r.ul_full_mbps, np.float32) * join
         queued = np.zeros((1, M), np.float32)
         busy = np.zeros((1, M), np.float32)
         for s, r in self.servers.items():
@@ -226,3 +234,85 @@ async def serve_controller(core: ControllerCore, host: str = "127.0.0.1", port: 
             await asyncio.sleep(max(0.0, nxt - time.monotonic()))
     finally:
         await server.stop(0.5)
+
+
+async def poll_servers(core: ControllerCore, addrs: list[str]) -> None:
+    """Each slot, read every verifier's load (open sessions, busy fraction) with a short deadline;
+    an unreachable server keeps its last report and is logged once."""
+    import grpc
+
+    from marl_sd.serving.verifier import SERVICE as VERIFIER
+
+    chans = [grpc.aio.insecure_channel(a) for a in addrs]
+    rpcs = [c.unary_unary(f"/{VERIFIER}/Status") for c in chans]
+    last_busy = [None] * len(addrs)
+    down: set[int] = set()
+    try:
+        while True:
+            for i, rpc in enumerate(rpcs):
+                try:
+                    st = json.loads(await rpc(b"", timeout=core.slot_s / 2))
+                except grpc.aio.AioRpcError:
+                    if i not in down:
+                        log.warning("verifier %s not answering: keeping its last load report", addrs[i])
+                        down.add(i)
+                    continue
+                down.discard(i)
+                busy = 0.0 if last_busy[i] is None else (st["busy_s"] - last_busy[i]) / core.slot_s
+                last_busy[i] = st["busy_s"]
+                core.report_server(ServerReport(i, int(st["open_sessions"]), 0.0, float(min(max(busy, 0.0), 1.0))))
+            await asyncio.sleep(core.slot_s)
+    finally:
+        for c in chans:
+            await c.close()
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description="live controller: measured state -> policy -> decisions")
+    p.add_argument("--config", required=True, help="scenario config (sizes, slot length, coverage rule)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--bundle", help="policy bundle directory (ONNX actor, torch-free)")
+    g.add_argument("--heuristic", help="a heuristic policy by name")
+    p.add_argument("--servers", default="", help="verifier addresses to poll, index = server id")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--duration", type=float, default=None)
+    p.add_argument("--out", help="write decision-latency stats as JSON at the end")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    from marl_sd.config import load_config
+    from marl_sd.export import contract, load_bundle
+
+    cfg = load_config(a.config)
+    if a.bundle:
+        manifest, actor = load_bundle(a.bundle, cfg)
+        policy = bundle_policy(actor, manifest["nvec"])
+    else:
+        manifest = contract(cfg)
+        policy = heuristic_policy(a.heuristic, cfg)
+    core = ControllerCore(manifest, policy, slot_ms=cfg.env.slot_ms, horizon=cfg.env.horizon,
+                          coverage_snr_db=cfg.scenario.channel.coverage_snr_db)
+
+    async def run():
+        poller = asyncio.ensure_future(poll_servers(core, a.servers.split(","))) if a.servers else None
+        try:
+            await serve_controller(core, a.host, a.port, ready=lambda port: print(f"READY {port}", flush=True),
+                                   duration_s=a.duration)
+        finally:
+            if poller:
+                poller.cancel()
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    if a.out:
+        with open(a.out, "w") as fh:
+            json.dump(core.latency_stats() | {"unreachable": sorted(core.unreachable)}, fh)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

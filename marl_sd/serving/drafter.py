@@ -40,6 +40,7 @@ class Drafter:
         self.drafts: list[tuple[int, np.ndarray, np.ndarray]] = []
         self.cache = None
         self.cache_tokens: list[int] = []
+        self.ms_per_token = 0.0  # measured draft cost (running average)
 
     def start(self, tokens: list[int]) -> None:
         self.seq = list(tokens)
@@ -61,6 +62,7 @@ class Drafter:
                 rollback(self.cache, common)
                 self.cache_tokens = self.cache_tokens[:common]
             feed = ctx[common:]
+            t0 = time.perf_counter()
             logits = self.model(torch.tensor([feed]), past_key_values=self.cache, use_cache=True).logits[0, -1]
             self.cache_tokens += feed
             if self.greedy:
@@ -71,6 +73,8 @@ class Drafter:
                 ids, pr = top_k_renormalized(probs, self.topk)
                 x = int(ids[sample_weights(pr.astype(np.float64), self.rng)])
             self.drafts.append((x, ids, pr))
+            ms = (time.perf_counter() - t0) * 1000
+            self.ms_per_token = ms if not self.ms_per_token else 0.9 * self.ms_per_token + 0.1 * ms
 
     def round(self, gamma: int) -> tuple[list[int], np.ndarray, np.ndarray]:
         self.extend(gamma)
@@ -126,6 +130,11 @@ class DraftClient:
         self.server_idx = 0
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft")
         self.log: list[dict] = []
+        # live control: `on_round(client)` runs before every round and may change gamma, the
+        # link shares, or ask for another server (`switch_to`); running measurements for reports
+        self.on_round = None
+        self.switch_to: int | None = None
+        self.meas = {"acc_hits": 0.0, "acc_trials": 0.0, "draft_ms_per_token": 0.0, "remaining": 0, "handovers": 0}
 
     async def _in_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -151,7 +160,16 @@ class DraftClient:
                     await call.write(open_msg)
                     ack = P.decode(await call.read())
                     await self._link(self.downlink, 16)
+                    switched = False
                     while len(d.seq) - len(prompt) < max_new_tokens:
+                        self.meas["remaining"] = max_new_tokens - (len(d.seq) - len(prompt))
+                        if self.on_round is not None:
+                            await self.on_round(self)
+                        if self.switch_to is not None and self.switch_to != self.server_idx % len(self.servers):
+                            self.server_idx, self.switch_to = self.switch_to, None
+                            self.meas["handovers"] += 1
+                            switched = True  # handover: re-open at the new server with the committed context
+                            break
                         gamma = self.gamma
                         td = time.monotonic()
                         drafts, ids, pr = await self._in_pool(d.round, gamma)
@@ -170,6 +188,7 @@ class DraftClient:
                         if pre is not None:
                             await pre
                         kept = d.commit(gamma, res.accepted, res.tokens.tolist())
+                        self._measure(gamma, res.accepted, draft_ms)
                         if ttft is None:
                             ttft = (time.monotonic() - t0) * 1000
                         rounds.append({"gamma": gamma, "accepted": res.accepted, "draft_ms": draft_ms, "uplink_ms": up_ms,
@@ -179,7 +198,8 @@ class DraftClient:
                         if eos_id is not None and eos_id in res.tokens.tolist():
                             break
                     await call.done_writing()
-                    break
+                    if not switched:
+                        break
             except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError) as e:
                 code = e.code() if isinstance(e, grpc.aio.AioRpcError) else None
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -201,6 +221,20 @@ class DraftClient:
         r = RequestResult(len(prompt), out, ttft if ttft is not None else e2e, e2e, rounds, failovers)
         self.log.append(r.summary())
         return r
+
+    def _measure(self, gamma: int, accepted: int, draft_ms: float) -> None:
+        """Running acceptance (decayed, as in the simulator) and draft cost per token."""
+        m = self.meas
+        if gamma > 0:
+            m["acc_hits"] = 0.95 * m["acc_hits"] + accepted
+            m["acc_trials"] = 0.95 * m["acc_trials"] + accepted + (accepted < gamma)
+            if draft_ms > 0:
+                per = draft_ms / gamma
+                m["draft_ms_per_token"] = per if not m["draft_ms_per_token"] else 0.8 * m["draft_ms_per_token"] + 0.2 * per
+
+    @property
+    def acceptance(self) -> float:
+        return (self.meas["acc_hits"] + 1.0) / (self.meas["acc_trials"] + 2.0)
 
     def write_jsonl(self, path: str) -> None:
         with open(path, "a") as fh:

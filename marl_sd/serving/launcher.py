@@ -50,7 +50,7 @@ def server_status(addr: str) -> dict:
 
 
 def run_clients(servers: list[str], draft: str, n_clients: int, requests: int, max_new: int, gamma: int,
-                timeout_s: float = 900.0, extra: list[str] | None = None) -> list[dict]:
+                timeout_s: float = 900.0, extra: list[str] | None = None, per_client=None) -> list[dict]:
     """Start `n_clients` client processes at once; returns all request rows."""
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
@@ -58,7 +58,7 @@ def run_clients(servers: list[str], draft: str, n_clients: int, requests: int, m
             out = Path(tmp) / f"client{c}.jsonl"
             cmd = [sys.executable, "-m", "marl_sd.serving.client", "--servers", ",".join(servers), "--draft", draft,
                    "--requests", str(requests), "--max-new", str(max_new), "--gamma", str(gamma), "--seed", str(c),
-                   "--client-id", str(c), "--out", str(out), *(extra or [])]
+                   "--client-id", str(c), "--out", str(out), *(extra or []), *(per_client(c) if per_client else [])]
             procs.append((subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True), out))
         rows = []
         deadline = time.time() + timeout_s
@@ -98,4 +98,55 @@ def run_local(target: str, draft: str, n_servers: int, n_clients: int, requests:
     s["server_mean_batch"] = float(np.mean([x["mean_batch"] for x in st]))
     s["server_utilisation"] = float(np.mean([x["utilisation"] for x in st]))
     s["rows"] = rows
+    return s
+
+
+def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: str, max_new: int | None = None,
+             gamma: int = 4, timeout_s: float = 900.0) -> dict:
+    """The whole live chain on this machine: M verifiers, a controller running `policy` (a bundle
+    directory or a heuristic name) and N drafting clients whose links replay Sionna/fast-channel
+    rate traces of the scenario. Returns the summary, including the controller's decision latency."""
+    import os
+
+    from marl_sd.config import load_config
+    from marl_sd.envs.channel.traces import export_traces
+
+    cfg = load_config(cfg_path)
+    N, M = cfg.scenario.n_users, cfg.scenario.n_servers
+    w = cfg.scenario.workload
+    max_new = max_new or w.output_tokens.high
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Path(tmp) / "traces.npz"
+        export_traces(cfg, tr, slots=int((duration_s + 60) * 1000 / cfg.env.slot_ms), seed=cfg.seed)
+        with local_servers(target, M) as (_, addrs):
+            pol = ["--bundle", policy] if os.path.isdir(policy) else ["--heuristic", policy]
+            ctrl_out = Path(tmp) / "controller.json"
+            ctrl = subprocess.Popen([sys.executable, "-m", "marl_sd.serving.controller", "--config", cfg_path, *pol,
+                                     "--servers", ",".join(addrs), "--out", str(ctrl_out)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            try:
+                line = ctrl.stdout.readline()
+                if not line.startswith("READY"):
+                    raise RuntimeError(f"controller did not start ({line!r})")
+                caddr = f"127.0.0.1:{int(line.split()[1])}"
+                t0 = time.time()
+                rows = run_clients(addrs, draft, N, 0, max_new, gamma, timeout_s=timeout_s, per_client=lambda c: [
+                    "--controller", caddr, "--user", str(c), "--trace", str(tr), "--duration", str(duration_s),
+                    "--rate", str(w.arrival_rate_per_s), "--slot-ms", str(cfg.env.slot_ms), "--ignore-eos",
+                    "--max-gamma", str(cfg.env.gamma_max)])
+                wall = time.time() - t0
+                status = [server_status(a) for a in addrs]
+            finally:
+                import signal
+
+                ctrl.send_signal(signal.SIGINT)
+                try:
+                    ctrl.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    ctrl.kill()
+            ctrl_stats = json.loads(ctrl_out.read_text()) if ctrl_out.exists() else {}
+    s = summarize_rows(rows, wall)
+    s.update(policy=policy, controller=ctrl_stats, server_mean_batch=float(np.mean([x["mean_batch"] for x in status])),
+             latency_per_token_ms=float(np.mean([r["latency_per_token_ms"] for r in rows])) if rows else float("nan"),
+             handovers=int(sum(r.get("handovers", 0) for r in rows)), rows=rows)
     return s
