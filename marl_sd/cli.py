@@ -215,12 +215,21 @@ def _cmd_serve(args) -> int:
                   f"{r['tpot_ms']:.1f}", f"{r['tpot_p95_ms']:.1f}", f"{r['ttft_ms']:.0f}", f"{r['e2e_ms']:.0f}",
                   f"{r['alpha']:.2f}" if r["gamma"] else "-", f"{r['server_mean_batch']:.2f}", f"{r['server_utilisation']:.0%}")
     console.print(t)
+    summary = [{k: v for k, v in r.items() if k != "rows"} for r in rows]
+    if args.action == "bench":
+        from marl_sd.serving.launcher import verify_speedup
+
+        v = verify_speedup(args.target, batch=max(args.clients + [8]), gamma=args.gamma)
+        console.print(f"batched verification: {v['batch']} sessions x {v['gamma'] + 1} tokens in one forward "
+                      f"{v['batched_ms']:.1f} ms vs {v['sequential_ms']:.1f} ms one by one (x{v['speedup']:.2f}); "
+                      f"a 1-token decode takes {v['decode_1_token_ms']:.1f} ms")
+        summary.append({"verify_speedup": v})
     if args.out:
         import json
         from pathlib import Path
 
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps([{k: v for k, v in r.items() if k != "rows"} for r in rows], indent=2))
+        Path(args.out).write_text(json.dumps(summary, indent=2))
     return 0
 
 

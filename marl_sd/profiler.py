@@ -164,6 +164,10 @@ def run(args) -> dict:
         m = build_model(d, args.device, dtype)
         draft[d] = round(measure_decode(m, args.device, args.context, args.reps, args.warmup), 4)
         del m
+    for d in args.draft_model or []:  # real loaded models (e.g. smollm2-int8), timed as the drafter runs them
+        from marl_sd.serving.models import load_model
+
+        draft[d] = round(measure_decode(load_model(d), args.device, args.context, args.reps, args.warmup), 4)
     how = (f"marl_sd.profiler: {args.arch} random weights, {args.dtype}, transformers eager (sdpa), "
            f"context {args.context} tokens, median of {args.reps} after {args.warmup} warm-up, {machine_description(args.device)}")
     profile = {
@@ -186,14 +190,21 @@ def run(args) -> dict:
     return profile
 
 
-def merge_devices(profile: dict, base: str | None) -> dict:
-    """Copy payload and device classes from an existing profile (devices are not measured here)."""
+def merge_devices(profile: dict, base: str | None, device_class: str | None = None, power_w: float = 10.0) -> dict:
+    """Copy payload and device classes from an existing profile; optionally add a device class
+    whose draft cost is the first measured draft model's decode time on this machine."""
     if base:
         b = yaml.safe_load(Path(base).read_text())
         profile["payload"] = b.get("payload", {})
         profile["devices"] = b.get("devices", {})
     else:
         profile.setdefault("devices", {})
+    draft = profile["measured"]["draft_decode_ms"]
+    if device_class and draft:
+        name, ms = next(iter(draft.items()))
+        profile["devices"][device_class] = {
+            "draft_ms_per_token": ms, "power_w": power_w, "max_gamma": 8, "alpha_scale": 1.0,
+            "source": f"measured: 1-token decode of {name} ({profile['machine']}); power an estimate"}
     return profile
 
 
@@ -212,11 +223,14 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--name")
     p.add_argument("--devices-from", help="profile YAML whose device classes and payload to copy")
+    p.add_argument("--draft-model", nargs="*", default=[], help="real draft models to time (serving model specs)")
+    p.add_argument("--device-class", help="add a device class from the first measured draft")
+    p.add_argument("--device-power-w", type=float, default=10.0)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.dtype is None:
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
-    prof = merge_devices(run(args), args.devices_from)
+    prof = merge_devices(run(args), args.devices_from, args.device_class, args.device_power_w)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(yaml.safe_dump(prof, sort_keys=False, width=120))
     v = prof["target"]["verify"]

@@ -150,3 +150,35 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
              latency_per_token_ms=float(np.mean([r["latency_per_token_ms"] for r in rows])) if rows else float("nan"),
              handovers=int(sum(r.get("handovers", 0) for r in rows)), rows=rows)
     return s
+
+
+def verify_speedup(target: str, batch: int = 8, gamma: int = 4, context: int = 200, reps: int = 3) -> dict:
+    """Batched verification (one forward for `batch` sessions) vs one forward per session."""
+    import torch
+
+    from marl_sd.serving.engine import VerifierEngine, VerifyItem
+    from marl_sd.serving.models import load_model
+
+    torch.set_num_threads(1)
+    model = load_model(target)
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(0)
+    eng = VerifierEngine(model)
+    for i in range(batch):
+        eng.open(i, rng.integers(0, vocab, context + i * 7).tolist())
+
+    def items():
+        return [VerifyItem(i, rng.integers(0, vocab, gamma).tolist()) for i in range(batch)]
+
+    def timed(fn):
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return best * 1000
+    seq = timed(lambda: [eng.verify([it]) for it in items()])
+    bat = timed(lambda: eng.verify(items()))
+    one = timed(lambda: eng.verify([VerifyItem(0, [])]))
+    return {"batch": batch, "gamma": gamma, "sequential_ms": seq, "batched_ms": bat, "speedup": seq / bat,
+            "decode_1_token_ms": one}
