@@ -72,7 +72,7 @@ def bench_controller(cfg: Config, slots: int = 500) -> dict:
     from marl_sd.envs.core import BatchedSimulator
     from marl_sd.envs.vec_env import MultiAgentVecEnv
     from marl_sd.export import export_bundle, load_bundle
-    from marl_sd.serving.controller import ControllerCore, ServerReport, UserReport, bundle_policy
+    from marl_sd.serving.controller import ControllerCore, bundle_policy, reports_from_features
 
     venv = MultiAgentVecEnv(cfg, num_envs=1)
     kw = mappo_kwargs(cfg.train, venv.obs_dim, venv.state_dim, 1)
@@ -85,14 +85,11 @@ def bench_controller(cfg: Config, slots: int = 500) -> dict:
         manifest, actor = load_bundle(tmp, cfg)
         core = ControllerCore(manifest, bundle_policy(actor, manifest["nvec"]), horizon=cfg.env.horizon)
         for _ in range(slots):
-            f = sim.features()
-            for i in range(sim.N):
-                core.report_user(UserReport(i, f.snr_db[0, i].tolist(), f.ul_mbps[0, i].tolist(), int(f.server[0, i]),
-                                            float(f.draft_ms[0, i]), float(f.power_w[0, i]), int(f.max_gamma[0, i]),
-                                            int(f.queue[0, i]), int(f.remaining[0, i]), float(f.acceptance[0, i])))
-            for s in range(sim.M):
-                core.report_server(ServerReport(s, int(f.srv_users[0, s]), float(f.srv_queued_tokens[0, s]),
-                                                float(f.srv_busy[0, s])))
+            users, servers = reports_from_features(sim.features())
+            for r in users:
+                core.report_user(r)
+            for r in servers:
+                core.report_server(r)
             core.step()
             if core.slot % 10 == 0:
                 sim.step(random_masked_actions(sim.mask, sim.nvec, gen))

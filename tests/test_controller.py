@@ -9,19 +9,11 @@ import torch
 
 from marl_sd.config import load_config
 from marl_sd.envs.core import BatchedSimulator
-from marl_sd.serving.controller import ControllerCore, ServerReport, UserReport, bundle_policy
+from marl_sd.serving.controller import ControllerCore, UserReport, bundle_policy, reports_from_features
 
 
 def reports_from_sim(sim):
-    f = sim.features()
-    users = [UserReport(user=i, snr_db=f.snr_db[0, i].tolist(), ul_mbps=f.ul_mbps[0, i].tolist(), server=int(f.server[0, i]),
-                        draft_ms=float(f.draft_ms[0, i]), power_w=float(f.power_w[0, i]), max_gamma=int(f.max_gamma[0, i]),
-                        queue=int(f.queue[0, i]), remaining=int(f.remaining[0, i]), acceptance=float(f.acceptance[0, i]),
-                        outstanding=float(f.outstanding[0, i]), token_latency_ms=float(f.token_latency_ms[0, i]))
-             for i in range(sim.N)]
-    servers = [ServerReport(server=s, users=int(f.srv_users[0, s]), queued_tokens=float(f.srv_queued_tokens[0, s]),
-                            busy=float(f.srv_busy[0, s])) for s in range(sim.M)]
-    return users, servers
+    return reports_from_features(sim.features())
 
 
 @pytest.fixture(scope="module")

@@ -316,3 +316,16 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def reports_from_features(f: Features, env: int = 0) -> tuple[list[UserReport], list[ServerReport]]:
+    """The reports that nodes in state `f` (e.g. the simulator's features) would send."""
+    N, M = f.server.shape[1], f.snr_db.shape[-1]
+    users = [UserReport(user=i, snr_db=[float(x) for x in f.snr_db[env, i]], ul_mbps=[float(x) for x in f.ul_mbps[env, i]],
+                        server=int(f.server[env, i]), draft_ms=float(f.draft_ms[env, i]), power_w=float(f.power_w[env, i]),
+                        max_gamma=int(f.max_gamma[env, i]), queue=int(f.queue[env, i]), remaining=int(f.remaining[env, i]),
+                        acceptance=float(f.acceptance[env, i]), outstanding=float(f.outstanding[env, i]),
+                        token_latency_ms=float(f.token_latency_ms[env, i])) for i in range(N)]
+    servers = [ServerReport(server=s, users=int(f.srv_users[env, s]), queued_tokens=float(f.srv_queued_tokens[env, s]),
+                            busy=float(f.srv_busy[env, s])) for s in range(M)]
+    return users, servers
