@@ -133,6 +133,7 @@ def test_malformed_and_oversized_messages(servers, target):
     assert asyncio.run(send(P.encode_open(P.OpenMsg(0, np.array([99999], np.int32))))) == grpc.StatusCode.INVALID_ARGUMENT
     assert asyncio.run(send(P.encode_verify(P.VerifyMsg(0, 1, np.array([1], np.int32), np.zeros((1, 0), np.int32),
                                                         np.zeros((1, 0), np.float32))))) == grpc.StatusCode.FAILED_PRECONDITION
+    assert asyncio.run(send(P.encode_open(P.OpenMsg(0, np.array([1], np.int32), vocab=256)))) == grpc.StatusCode.INVALID_ARGUMENT
     huge = b"MSDO" + b"\x00" * (2 << 20)
     assert asyncio.run(send(huge, opts=[("grpc.max_send_message_length", 8 << 20)])) == grpc.StatusCode.RESOURCE_EXHAUSTED
     # the server is still healthy afterwards

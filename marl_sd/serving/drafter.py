@@ -154,11 +154,12 @@ class DraftClient:
             try:
                 async with grpc.aio.insecure_channel(addr, options=grpc_options()) as ch:
                     await asyncio.wait_for(ch.channel_ready(), 5.0)
-                    call = ch.stream_stream(f"/{SERVICE}/Session")(timeout=self.timeout)
-                    open_msg = P.encode_open(P.OpenMsg(0, np.asarray(d.seq, np.int32), greedy, seed, d.temperature))
+                    call = ch.stream_stream(f"/{SERVICE}/Session")()  # lives as long as the request
+                    open_msg = P.encode_open(P.OpenMsg(0, np.asarray(d.seq, np.int32), greedy, seed, d.temperature,
+                                                       int(d.model.config.vocab_size)))
                     await self._link(self.uplink, len(open_msg))
                     await call.write(open_msg)
-                    ack = P.decode(await call.read())
+                    ack = P.decode(await asyncio.wait_for(call.read(), self.timeout))
                     await self._link(self.downlink, 16)
                     switched = False
                     while len(d.seq) - len(prompt) < max_new_tokens:
@@ -180,7 +181,7 @@ class DraftClient:
                         up_ms = await self._link(self.uplink, len(msg)) * 1000
                         await call.write(msg)
                         pre = asyncio.ensure_future(self._in_pool(d.extend, 2 * gamma + 1)) if self.predraft and gamma else None
-                        raw = await call.read()
+                        raw = await asyncio.wait_for(call.read(), self.timeout)  # per-round deadline
                         if raw == grpc.aio.EOF:
                             raise ConnectionError("server closed the stream")
                         res = P.decode(raw)
@@ -200,7 +201,7 @@ class DraftClient:
                     await call.done_writing()
                     if not switched:
                         break
-            except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError) as e:
+            except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError, asyncio.InvalidStateError) as e:
                 code = e.code() if isinstance(e, grpc.aio.AioRpcError) else None
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
                     raise

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 VERSION = 1
-OPEN = struct.Struct("<4sBBxxQIfI")  # magic, version, flags(bit0 greedy), session, seed, temperature, n
+OPEN = struct.Struct("<4sBBxxQIfII")  # magic, version, flags(bit0 greedy), session, seed, temperature, vocab, n
 VERIFY = struct.Struct("<4sBxxxQIHH")  # magic, version, session, round, n drafts, k
 RESULT = struct.Struct("<4sBxxxQIHHffH")  # magic, version, session, round, n accepted, n new, verify ms, queue ms, batch
 MAX_TOKENS = 1 << 16
@@ -30,6 +30,7 @@ class OpenMsg:
     greedy: bool = True
     seed: int = 0
     temperature: float = 1.0
+    vocab: int = 0  # the draft model's vocabulary size (0: unknown); must equal the target's
 
 
 @dataclass
@@ -54,7 +55,7 @@ class ResultMsg:
 
 def encode_open(m: OpenMsg) -> bytes:
     t = np.asarray(m.tokens, dtype="<i4")
-    return OPEN.pack(b"MSDO", VERSION, int(m.greedy), m.session, m.seed, m.temperature, len(t)) + t.tobytes()
+    return OPEN.pack(b"MSDO", VERSION, int(m.greedy), m.session, m.seed, m.temperature, m.vocab, len(t)) + t.tobytes()
 
 
 def encode_verify(m: VerifyMsg) -> bytes:
@@ -89,12 +90,12 @@ def decode(buf: bytes):
         raise ProtocolError(f"message too short: {len(buf)} bytes")
     magic = bytes(buf[:4])
     if magic == b"MSDO":
-        _, _, flags, session, seed, temp, n = _header(buf, OPEN, magic)
+        _, _, flags, session, seed, temp, vocab, n = _header(buf, OPEN, magic)
         if n == 0 or n > MAX_TOKENS or len(buf) != OPEN.size + 4 * n:
             raise ProtocolError(f"OPEN length {len(buf)} does not match n={n}")
         if not temp > 0:
             raise ProtocolError("temperature must be > 0")
-        return OpenMsg(session, np.frombuffer(buf, "<i4", n, OPEN.size), bool(flags & 1), seed, temp)
+        return OpenMsg(session, np.frombuffer(buf, "<i4", n, OPEN.size), bool(flags & 1), seed, temp, vocab)
     if magic == b"MSDV":
         _, _, session, rnd, n, k = _header(buf, VERIFY, magic)
         if n > 256 or k > 1024 or len(buf) != VERIFY.size + 4 * n + 8 * n * k:

@@ -94,6 +94,10 @@ class Verifier:
                 if isinstance(msg, P.OpenMsg):
                     if sid is not None:
                         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "session already open on this stream")
+                    if msg.vocab and msg.vocab != self.engine.vocab:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                            f"draft vocabulary ({msg.vocab}) differs from the target's ({self.engine.vocab}): "
+                                            "the pair must share a tokenizer")
                     sid = next(self.ids)
                     try:
                         await self.run_model(self.engine.open, sid, msg.tokens.tolist(), msg.greedy, msg.temperature, msg.seed)
