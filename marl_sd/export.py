@@ -55,15 +55,19 @@ def export_bundle(policy, cfg, out_dir: Path, n_parity: int = 1000, seed: int = 
     out_dir.mkdir(parents=True, exist_ok=True)
 
     class Actor(torch.nn.Module):
+        """float32 in/out, float64 inside: onnxruntime's float32 kernels (LayerNorm, Gemm) round
+        differently from torch's by ~1e-5 on trained logits; in float64 only torch's own
+        float32 rounding (~1e-6) remains."""
+
         def __init__(self, p):
             super().__init__()
             self.policy_net = p.mlp_extractor.policy_net
             self.action_net = p.action_net
 
         def forward(self, obs):
-            return self.action_net(self.policy_net(obs))
+            return self.action_net(self.policy_net(obs.double())).float()
 
-    actor = copy.deepcopy(Actor(policy)).cpu().eval()
+    actor = copy.deepcopy(Actor(policy)).cpu().eval().double()
     path = out_dir / "actor.onnx"
     dummy = torch.zeros(2, policy.obs_dim)
     import logging
@@ -92,7 +96,7 @@ def export_bundle(policy, cfg, out_dir: Path, n_parity: int = 1000, seed: int = 
     x = torch.cat(obs)[:n_parity]
     m = torch.cat(masks)[:n_parity].numpy()
     with torch.no_grad():
-        ref = actor(x).numpy()
+        ref = policy.actor_logits(x.to(policy.device)).cpu().numpy()  # the live float32 policy
     onx = OnnxActor(path).logits(x.numpy())
     c = contract(cfg)
     diff = float(np.abs(onx - ref).max())
