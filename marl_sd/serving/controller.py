@@ -81,6 +81,7 @@ class ControllerCore:
         self.slot = 0
         self.decision_ms: list[float] = []
         self.unreachable: set[int] = set()
+        self.stats_path: str | None = None  # written every 20 slots, so a killed controller leaves its stats
 
     def report_user(self, r: UserReport) -> Decision | None:
         r.at = time.monotonic()
@@ -161,7 +162,13 @@ class ControllerCore:
                                          share, self.slot)
         self.slot += 1
         self.decision_ms.append((time.perf_counter() - t0) * 1000)
+        if self.stats_path and self.slot % 20 == 0:
+            self.write_stats()
         return dict(self.decisions)
+
+    def write_stats(self) -> None:
+        with open(self.stats_path, "w") as fh:
+            json.dump(self.latency_stats() | {"unreachable": sorted(self.unreachable)}, fh)
 
     def latency_stats(self) -> dict:
         x = np.asarray(self.decision_ms)
@@ -295,6 +302,7 @@ def main(argv=None) -> int:
         policy = heuristic_policy(a.heuristic, cfg)
     core = ControllerCore(manifest, policy, slot_ms=cfg.env.slot_ms, horizon=cfg.env.horizon,
                           coverage_snr_db=cfg.scenario.channel.coverage_snr_db)
+    core.stats_path = a.out
 
     async def run():
         poller = asyncio.ensure_future(poll_servers(core, a.servers.split(","))) if a.servers else None
@@ -309,8 +317,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         pass
     if a.out:
-        with open(a.out, "w") as fh:
-            json.dump(core.latency_stats() | {"unreachable": sorted(core.unreachable)}, fh)
+        core.write_stats()
     return 0
 
 
