@@ -184,14 +184,6 @@ def _cmd_traces(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    if args.action == "server":
-        from marl_sd.serving.verifier import main as server_main
-
-        return server_main(args.rest)
-    if args.action == "client":
-        from marl_sd.serving.client import main as client_main
-
-        return client_main(args.rest)
     from marl_sd.serving.launcher import run_live, run_local
 
     if args.action == "up":
@@ -339,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_cmd_export)
 
     sv = sub.add_parser("serve", help="live speculative serving: server, client, up (local run), bench")
-    sv.add_argument("action", choices=["server", "client", "up", "bench"])
+    sv.add_argument("action", choices=["server", "client", "up", "bench"],
+                    help="server / client: one process (see `marl-sd serve server --help`); up / bench: local runs")
     sv.add_argument("--target", default="tiny:0", help="target model (local HF path, smollm2, tiny:SEED)")
     sv.add_argument("--draft", default="tiny-draft:0:0.15", help="draft model (local HF path, smollm2-int8, ...)")
     sv.add_argument("--servers", type=int, default=1)
@@ -373,9 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:2] in (["serve", "server"], ["serve", "client"]):  # their own parsers own every option
+        from marl_sd.serving.client import main as client_main
+        from marl_sd.serving.verifier import main as server_main
+
+        return (server_main if raw[1] == "server" else client_main)(raw[2:])
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    passthrough = args.cmd == "profile" or (args.cmd == "serve" and args.action in ("server", "client"))
+    passthrough = args.cmd == "profile"
     if unknown and not passthrough:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.rest = unknown

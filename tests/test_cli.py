@@ -1,0 +1,20 @@
+"""The `marl-sd` command line: config errors exit 2 with the key named; commands run."""
+from marl_sd.cli import main
+
+
+def test_config_error_exit_code(capsys):
+    assert main(["train", "configs/smoke.yaml", "--set", "scenario.bogus=1", "--no-progress"]) == 2
+    assert "scenario.bogus" in capsys.readouterr().out
+
+
+def test_bench_env_runs(capsys):
+    assert main(["bench", "env", "--num-envs", "2", "--steps", "2", "--no-compare-fidelity"]) == 0
+    assert "agent-steps/s" in capsys.readouterr().out
+
+
+def test_serve_client_has_its_own_options(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "client", "--help"])
+    assert e.value.code == 0 and "--servers SERVERS" in capsys.readouterr().out
