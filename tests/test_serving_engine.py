@@ -103,3 +103,30 @@ def test_bad_inputs(target):
     with pytest.raises(ValueError, match="vocabulary"):
         check_pair(target, tiny_llama(0, vocab=256))
     assert eng.close(1) and not eng.close(1)
+
+
+def test_verify_priority_admitted_first_under_budget(target):
+    import asyncio
+    import time
+
+    from marl_sd.serving.verifier import Verifier
+
+    eng = VerifierEngine(target)
+    for sid in (1, 2, 3):
+        eng.open(sid, [5, 6, 7])
+    v = Verifier(eng, window_ms=20.0, token_budget=2)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        futs = {}
+        for sid, prio in ((1, 0), (2, 5), (3, 1)):
+            fut = loop.create_future()
+            now = time.monotonic()
+            await v.queue.put((-prio, now, next(v.seq), VerifyItem(sid, []), fut, now))
+            futs[sid] = fut
+        task = asyncio.ensure_future(v.batcher())
+        res = {sid: await asyncio.wait_for(f, 30) for sid, f in futs.items()}
+        task.cancel()
+        return {sid: r[3] for sid, r in res.items()}  # batch size each was verified in
+    sizes = asyncio.run(main())
+    assert sizes == {2: 2, 3: 2, 1: 1}  # priorities 5 and 1 fill the 2-token budget; 0 waits

@@ -113,6 +113,7 @@ class ControlAgent:
         if not d:
             return
         client.gamma = max(0, min(int(d["gamma"]), self.max_gamma))
+        client.priority = int(d.get("priority", 0))
         client.switch_to = int(d["server"])
         for link, key in ((client.uplink, "ul_full_mbps"), (client.downlink, "dl_full_mbps")):
             if link is not None:

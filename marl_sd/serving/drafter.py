@@ -134,6 +134,7 @@ class DraftClient:
         # link shares, or ask for another server (`switch_to`); running measurements for reports
         self.on_round = None
         self.switch_to: int | None = None
+        self.priority = 0
         self.meas = {"acc_hits": 0.0, "acc_trials": 0.0, "draft_ms_per_token": 0.0, "remaining": 0, "handovers": 0}
 
     async def _in_pool(self, fn, *args):
@@ -176,7 +177,8 @@ class DraftClient:
                         drafts, ids, pr = await self._in_pool(d.round, gamma)
                         draft_ms = (time.monotonic() - td) * 1000
                         msg = P.encode_verify(P.VerifyMsg(ack.session, len(rounds) + 1, np.asarray(drafts, np.int32),
-                                                          ids if not greedy else ids[:, :0], pr if not greedy else pr[:, :0]))
+                                                          ids if not greedy else ids[:, :0], pr if not greedy else pr[:, :0],
+                                                          self.priority))
                         tr = time.monotonic()
                         up_ms = await self._link(self.uplink, len(msg)) * 1000
                         await call.write(msg)

@@ -14,7 +14,7 @@ import numpy as np
 
 VERSION = 1
 OPEN = struct.Struct("<4sBBxxQIfII")  # magic, version, flags(bit0 greedy), session, seed, temperature, vocab, n
-VERIFY = struct.Struct("<4sBxxxQIHH")  # magic, version, session, round, n drafts, k
+VERIFY = struct.Struct("<4sBBxxQIHH")  # magic, version, priority, session, round, n drafts, k
 RESULT = struct.Struct("<4sBxxxQIHHffH")  # magic, version, session, round, n accepted, n new, verify ms, queue ms, batch
 MAX_TOKENS = 1 << 16
 
@@ -40,6 +40,7 @@ class VerifyMsg:
     drafts: np.ndarray
     q_ids: np.ndarray
     q_probs: np.ndarray
+    priority: int = 0  # verify-priority level from the controller: higher is admitted first
 
 
 @dataclass
@@ -61,13 +62,13 @@ def encode_open(m: OpenMsg) -> bytes:
 def encode_verify(m: VerifyMsg) -> bytes:
     d = np.asarray(m.drafts, dtype="<i4")
     if len(d) == 0:
-        return VERIFY.pack(b"MSDV", VERSION, m.session, m.round, 0, 0)
+        return VERIFY.pack(b"MSDV", VERSION, m.priority, m.session, m.round, 0, 0)
     ids = np.asarray(m.q_ids, dtype="<i4").reshape(len(d), -1)
     pr = np.asarray(m.q_probs, dtype="<f4").reshape(len(d), -1)
     if ids.shape != pr.shape:
         raise ProtocolError("q_ids and q_probs shapes differ")
     k = ids.shape[1] if len(d) else 0
-    return VERIFY.pack(b"MSDV", VERSION, m.session, m.round, len(d), k) + d.tobytes() + ids.tobytes() + pr.tobytes()
+    return VERIFY.pack(b"MSDV", VERSION, m.priority, m.session, m.round, len(d), k) + d.tobytes() + ids.tobytes() + pr.tobytes()
 
 
 def encode_result(m: ResultMsg) -> bytes:
@@ -97,14 +98,14 @@ def decode(buf: bytes):
             raise ProtocolError("temperature must be > 0")
         return OpenMsg(session, np.frombuffer(buf, "<i4", n, OPEN.size), bool(flags & 1), seed, temp, vocab)
     if magic == b"MSDV":
-        _, _, session, rnd, n, k = _header(buf, VERIFY, magic)
+        _, _, prio, session, rnd, n, k = _header(buf, VERIFY, magic)
         if n > 256 or k > 1024 or len(buf) != VERIFY.size + 4 * n + 8 * n * k:
             raise ProtocolError(f"VERIFY length {len(buf)} does not match n={n}, k={k}")
         off = VERIFY.size
         d = np.frombuffer(buf, "<i4", n, off)
         ids = np.frombuffer(buf, "<i4", n * k, off + 4 * n).reshape(n, k)
         pr = np.frombuffer(buf, "<f4", n * k, off + 4 * n + 4 * n * k).reshape(n, k)
-        return VerifyMsg(session, rnd, d, ids, pr)
+        return VerifyMsg(session, rnd, d, ids, pr, prio)
     if magic == b"MSDR":
         _, _, session, rnd, acc, n, vms, qms, batch = _header(buf, RESULT, magic)
         if len(buf) != RESULT.size + 4 * n:

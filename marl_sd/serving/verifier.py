@@ -39,7 +39,10 @@ class Verifier:
         self.engine = engine
         self.window = window_ms / 1000.0
         self.max_batch, self.token_budget = max_batch, token_budget
-        self.queue: asyncio.Queue = asyncio.Queue()
+        # verify requests wait in priority order (controller's priority level, then arrival):
+        # when the token budget binds, higher-priority sessions get into the batch first
+        self.queue: asyncio.PriorityQueue = asyncio.PriorityQueue()
+        self.seq = itertools.count()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
         self.ids = itertools.count(1)
         self.stats = {"batches": 0, "batched_items": 0, "sessions_opened": 0, "sessions_closed": 0, "busy_s": 0.0}
@@ -51,7 +54,7 @@ class Verifier:
     async def batcher(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self.queue.get()]
+            batch = [(await self.queue.get())[3:]]
             tokens = len(batch[0][0].drafts) + 1
             deadline = loop.time() + self.window
             while len(batch) < self.max_batch and tokens < self.token_budget:
@@ -59,7 +62,7 @@ class Verifier:
                 if left <= 0:
                     break
                 try:
-                    item = await asyncio.wait_for(self.queue.get(), left)
+                    item = (await asyncio.wait_for(self.queue.get(), left))[3:]
                 except asyncio.TimeoutError:
                     break
                 batch.append(item)
@@ -115,7 +118,8 @@ class Verifier:
                     except (ValueError, KeyError) as e:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
                     fut = asyncio.get_running_loop().create_future()
-                    await self.queue.put((item, fut, time.monotonic()))
+                    now = time.monotonic()
+                    await self.queue.put((-msg.priority, now, next(self.seq), item, fut, now))
                     try:
                         (n, new), vms, qms, b = await fut
                     except ValueError as e:
