@@ -90,7 +90,7 @@ class Drafter:
         """Apply a round's result; returns True when pre-drafted tokens were kept."""
         extra = self.drafts[gamma:]
         self.seq += list(new)
-        keep = accepted == gamma and extra and extra[0][0] == new[-1]
+        keep = gamma > 0 and accepted == gamma and len(new) == gamma + 1 and extra and extra[0][0] == new[-1]
         self.drafts = extra[1:] if keep else []
         return bool(keep)
 
@@ -135,6 +135,7 @@ class DraftClient:
         self.on_round = None
         self.switch_to: int | None = None
         self.priority = 0
+        self.ar_chunk = 8  # gamma = 0: tokens decoded per message by the server
         self.meas = {"acc_hits": 0.0, "acc_trials": 0.0, "draft_ms_per_token": 0.0, "remaining": 0, "handovers": 0}
 
     async def _in_pool(self, fn, *args):
@@ -176,9 +177,13 @@ class DraftClient:
                         td = time.monotonic()
                         drafts, ids, pr = await self._in_pool(d.round, gamma)
                         draft_ms = (time.monotonic() - td) * 1000
+                        if gamma == 0:  # autoregressive on the server: several tokens per message (streamed)
+                            steps = max(1, min(self.ar_chunk, max_new_tokens - (len(d.seq) - len(prompt))))
+                            ids, pr = np.zeros((0, steps), np.int32), np.zeros((0, steps), np.float32)
+                        elif greedy:
+                            ids, pr = ids[:, :0], pr[:, :0]
                         msg = P.encode_verify(P.VerifyMsg(ack.session, len(rounds) + 1, np.asarray(drafts, np.int32),
-                                                          ids if not greedy else ids[:, :0], pr if not greedy else pr[:, :0],
-                                                          self.priority))
+                                                          ids, pr, self.priority))
                         tr = time.monotonic()
                         up_ms = await self._link(self.uplink, len(msg)) * 1000
                         await call.write(msg)

@@ -61,8 +61,9 @@ def encode_open(m: OpenMsg) -> bytes:
 
 def encode_verify(m: VerifyMsg) -> bytes:
     d = np.asarray(m.drafts, dtype="<i4")
-    if len(d) == 0:
-        return VERIFY.pack(b"MSDV", VERSION, m.priority, m.session, m.round, 0, 0)
+    if len(d) == 0:  # k then counts autoregressive steps to run on the server (gamma = 0)
+        steps = int(np.asarray(m.q_ids).shape[-1]) if np.asarray(m.q_ids).ndim == 2 else 0
+        return VERIFY.pack(b"MSDV", VERSION, m.priority, m.session, m.round, 0, steps)
     ids = np.asarray(m.q_ids, dtype="<i4").reshape(len(d), -1)
     pr = np.asarray(m.q_probs, dtype="<f4").reshape(len(d), -1)
     if ids.shape != pr.shape:
@@ -99,10 +100,12 @@ def decode(buf: bytes):
         return OpenMsg(session, np.frombuffer(buf, "<i4", n, OPEN.size), bool(flags & 1), seed, temp, vocab)
     if magic == b"MSDV":
         _, _, prio, session, rnd, n, k = _header(buf, VERIFY, magic)
-        if n > 256 or k > 1024 or len(buf) != VERIFY.size + 4 * n + 8 * n * k:
+        if n > 256 or k > 1024 or len(buf) != VERIFY.size + 4 * n + 8 * n * k:  # n = 0: k = decode steps
             raise ProtocolError(f"VERIFY length {len(buf)} does not match n={n}, k={k}")
         off = VERIFY.size
         d = np.frombuffer(buf, "<i4", n, off)
+        if n == 0:
+            return VerifyMsg(session, rnd, d, np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), prio)
         ids = np.frombuffer(buf, "<i4", n * k, off + 4 * n).reshape(n, k)
         pr = np.frombuffer(buf, "<f4", n * k, off + 4 * n + 4 * n * k).reshape(n, k)
         return VerifyMsg(session, rnd, d, ids, pr, prio)

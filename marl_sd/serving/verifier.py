@@ -117,13 +117,20 @@ class Verifier:
                         self.engine.validate(item)
                     except (ValueError, KeyError) as e:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-                    fut = asyncio.get_running_loop().create_future()
-                    now = time.monotonic()
-                    await self.queue.put((-msg.priority, now, next(self.seq), item, fut, now))
-                    try:
-                        (n, new), vms, qms, b = await fut
-                    except ValueError as e:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                    # no drafts and k > 1: decode k tokens autoregressively on the server (gamma = 0,
+                    # streamed), each step batched with everyone else's work, one reply at the end
+                    steps = msg.q_ids.shape[1] if len(item.drafts) == 0 and msg.q_ids.shape[1] > 1 else 1
+                    new, vms, qms, b = [], 0.0, 0.0, 0
+                    for _ in range(steps):
+                        fut = asyncio.get_running_loop().create_future()
+                        now = time.monotonic()
+                        await self.queue.put((-msg.priority, now, next(self.seq), item, fut, now))
+                        try:
+                            (n, tok), v_ms, q_ms, b = await fut
+                        except ValueError as e:
+                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                        new += tok
+                        vms, qms = vms + v_ms, qms + q_ms
                     yield P.encode_result(P.ResultMsg(sid, msg.round, n, np.asarray(new, np.int32), vms, qms, b))
                 else:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "clients send OPEN or VERIFY")
