@@ -108,10 +108,14 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
     rate traces of the scenario. Returns the summary, including the controller's decision latency."""
     import os
 
-    from marl_sd.config import load_config
+    from marl_sd.config import ConfigError, load_config
     from marl_sd.envs.channel.traces import export_traces
 
     cfg = load_config(cfg_path)
+    from marl_sd.agents.heuristics import HEURISTICS
+
+    if not os.path.isdir(policy) and policy not in HEURISTICS:
+        raise ConfigError(f"policy '{policy}' is neither a bundle directory nor a heuristic ({', '.join(HEURISTICS)})")
     N, M = cfg.scenario.n_users, cfg.scenario.n_servers
     w = cfg.scenario.workload
     max_new = max_new or w.output_tokens.high
@@ -121,13 +125,15 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
         with local_servers(target, M) as (_, addrs):
             pol = ["--bundle", policy] if os.path.isdir(policy) else ["--heuristic", policy]
             ctrl_out = Path(tmp) / "controller.json"
+            ctrl_log = open(Path(tmp) / "controller.log", "w+")
             ctrl = subprocess.Popen([sys.executable, "-m", "marl_sd.serving.controller", "--config", cfg_path, *pol,
                                      "--servers", ",".join(addrs), "--out", str(ctrl_out)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                    stdout=subprocess.PIPE, stderr=ctrl_log, text=True)
             try:
                 line = ctrl.stdout.readline()
                 if not line.startswith("READY"):
-                    raise RuntimeError(f"controller did not start ({line!r})")
+                    ctrl_log.seek(0)
+                    raise RuntimeError(f"controller did not start:\n{ctrl_log.read()[-2000:]}")
                 caddr = f"127.0.0.1:{int(line.split()[1])}"
                 t0 = time.time()
                 rows = run_clients(addrs, draft, N, 0, max_new, gamma, timeout_s=timeout_s, per_client=lambda c: [
