@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from marl_sd.config import Config
-from marl_sd.envs.observation import ObsSpec
+from marl_sd.envs.observation import ObsSpec, action_nvec
 from marl_sd.envs.profiles import LatencyProfile, load_profile
 
 
@@ -28,11 +28,7 @@ class PolicyContext:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "PolicyContext":
-        w = cfg.scenario.workload
-        spec = ObsSpec(cfg.scenario.n_users, cfg.scenario.n_servers, cfg.env.gamma_max, w.queue_capacity,
-                       w.output_tokens.high, cfg.scenario.verify_token_budget)
-        nvec = [cfg.scenario.n_servers, len(cfg.env.bid_weights), len(cfg.env.priority_weights), cfg.env.gamma_max + 1]
-        return cls(cfg, spec, nvec, load_profile(cfg.scenario.profile))
+        return cls(cfg, ObsSpec.from_config(cfg), action_nvec(cfg), load_profile(cfg.scenario.profile))
 
 
 def split_mask(mask: torch.Tensor, nvec: list[int]) -> list[torch.Tensor]:

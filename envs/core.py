@@ -22,7 +22,7 @@ import torch
 
 from marl_sd.config import Config
 from marl_sd.envs.channel import link_rates, make_channel
-from marl_sd.envs.observation import Features, ObservationBuilder, ObsSpec
+from marl_sd.envs.observation import Features, ObservationBuilder, ObsSpec, action_mask, action_nvec
 from marl_sd.envs.profiles import load_profile
 from marl_sd.envs.scenario import Scenario
 
@@ -64,11 +64,11 @@ class BatchedSimulator:
         self.dt = float(e.tick_ms)
         self.ticks = int(round(e.slot_ms / e.tick_ms))
         self.horizon = e.horizon
-        self.nvec = [self.M, len(e.bid_weights), len(e.priority_weights), e.gamma_max + 1]
+        self.nvec = action_nvec(cfg)
         self.mask_offsets = [0, *torch.tensor(self.nvec).cumsum(0).tolist()[:-1]]
         w = cfg.scenario.workload
         self.Q = w.queue_capacity
-        self.spec = ObsSpec(self.N, self.M, e.gamma_max, self.Q, w.output_tokens.high, cfg.scenario.verify_token_budget)
+        self.spec = ObsSpec.from_config(cfg)
         self.obs_builder = ObservationBuilder(self.spec)
         self.obs_dim, self.state_dim = self.spec.obs_dim, self.spec.state_dim
         f = dict(dtype=torch.float32, device=self.device)
@@ -194,14 +194,9 @@ class BatchedSimulator:
         self.dl_rate = self.dl_rate_mat.gather(2, idx).squeeze(-1)
 
     def _update_mask(self) -> None:
-        """[B, N, sum(nvec)] bool: servers in coverage (best always), gamma <= device limit."""
-        snr = self.channel.budget.wideband_ul_snr_db(self.channel.gain_ls)
-        cover = snr >= self.cfg.scenario.channel.coverage_snr_db
-        cover |= torch.nn.functional.one_hot(snr.argmax(-1), self.M).bool()
-        B, N = self.B, self.N
-        bids = torch.ones(B, N, self.nvec[1] + self.nvec[2], dtype=torch.bool, device=self.device)
-        gam = torch.arange(self.nvec[3], device=self.device) <= self.max_gamma.unsqueeze(-1)
-        self.mask = torch.cat([cover, bids, gam], -1)
+        """[B, N, sum(nvec)] bool, from the SNR the last `_update_rates` computed."""
+        self.mask = action_mask(self.rates["snr_db"], self.max_gamma, self.nvec,
+                                self.cfg.scenario.channel.coverage_snr_db)
 
     # ------------------------------------------------------------------ actions
     def check_actions(self, a: torch.Tensor) -> None:

@@ -45,6 +45,12 @@ class ObsSpec:
     max_output_tokens: int
     verify_token_budget: int
 
+    @classmethod
+    def from_config(cls, cfg) -> "ObsSpec":
+        s, w = cfg.scenario, cfg.scenario.workload
+        return cls(s.n_users, s.n_servers, cfg.env.gamma_max, w.queue_capacity, w.output_tokens.high,
+                   s.verify_token_budget)
+
     @property
     def obs_dim(self) -> int:
         return 6 * self.n_servers + 10 + self.n_users
@@ -59,6 +65,11 @@ class ObsSpec:
                 ("max_gamma", 1), ("queue", 1), ("remaining", 1), ("active", 1), ("acceptance", 1),
                 ("outstanding", 1), ("token_latency_ms", 1), ("time_frac", 1), ("srv_users", M),
                 ("srv_queued_tokens", M), ("srv_busy", M), ("agent_id", N)]
+
+
+def action_nvec(cfg) -> list[int]:
+    """Sizes of the MultiDiscrete action: [server, uplink bid, verify priority, gamma]."""
+    return [cfg.scenario.n_servers, len(cfg.env.bid_weights), len(cfg.env.priority_weights), cfg.env.gamma_max + 1]
 
 
 class _Ops:
@@ -101,6 +112,23 @@ class _Ops:
 
     def col(self, x):
         return x[..., None]
+
+    def arange(self, n, like):
+        return self.t.arange(n, device=like.device) if self.torch else self.t.arange(n)
+
+    def ones_bool(self, shape, like):
+        return self.t.ones(shape, dtype=self.t.bool, device=like.device) if self.torch else self.t.ones(shape, bool)
+
+
+def action_mask(snr_db, max_gamma, nvec: list[int], coverage_snr_db: float):
+    """[..., sum(nvec)] bool masks, flat per sub-action (torch or numpy, like the inputs):
+    servers whose wideband UL SNR reaches `coverage_snr_db` (the best one always), every bid
+    and priority level, gamma up to the device's limit. Shared by simulator and controller."""
+    o = _Ops(snr_db)
+    cover = (snr_db >= coverage_snr_db) | (o.one_hot(snr_db.argmax(-1), nvec[0]) > 0)
+    bids = o.ones_bool(tuple(snr_db.shape[:-1]) + (nvec[1] + nvec[2],), snr_db)
+    gam = o.arange(nvec[3], snr_db) <= max_gamma[..., None]
+    return o.cat([cover, bids, gam], -1)
 
 
 class ObservationBuilder:

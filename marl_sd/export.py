@@ -33,12 +33,9 @@ def scenario_summary(cfg) -> dict:
 def contract(cfg) -> dict:
     """What a consumer must agree on to use the bundle: sizes, layout, action decoding.
     (Computed from the config alone: no torch needed.)"""
-    from marl_sd.envs.observation import ObsSpec
+    from marl_sd.envs.observation import ObsSpec, action_nvec
 
-    s, w = cfg.scenario, cfg.scenario.workload
-    spec = ObsSpec(s.n_users, s.n_servers, cfg.env.gamma_max, w.queue_capacity, w.output_tokens.high,
-                   s.verify_token_budget)
-    nvec = [s.n_servers, len(cfg.env.bid_weights), len(cfg.env.priority_weights), cfg.env.gamma_max + 1]
+    spec, nvec = ObsSpec.from_config(cfg), action_nvec(cfg)
     return {"obs_spec": asdict(spec), "obs_dim": spec.obs_dim, "obs_layout": [list(x) for x in spec.layout()],
             "nvec": nvec, "sub_actions": ["server", "uplink_bid", "verify_priority", "gamma"],
             "bid_weights": cfg.env.bid_weights, "priority_weights": cfg.env.priority_weights}

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from marl_sd.envs.observation import Features, ObservationBuilder, ObsSpec
+from marl_sd.envs.observation import Features, ObservationBuilder, ObsSpec, action_mask
 
 log = logging.getLogger("marl_sd.controller")
 SERVICE = "marlsd.Controller"
@@ -130,13 +130,8 @@ class ControllerCore:
                         time_frac=np.array([min(self.slot, self.horizon) / self.horizon], np.float32))
 
     def masks(self, f: Features) -> np.ndarray:
-        """Same rules as the simulator: covered servers (best always), gamma <= device limit."""
-        cover = f.snr_db >= self.coverage
-        best = f.snr_db.argmax(-1)
-        cover |= best[..., None] == np.arange(self.spec.n_servers)
-        bids = np.ones(f.server.shape + (self.nvec[1] + self.nvec[2],), bool)
-        gam = np.arange(self.nvec[3]) <= f.max_gamma[..., None]
-        return np.concatenate([cover, bids, gam], -1)
+        """The simulator's mask rules, on the reported state."""
+        return action_mask(f.snr_db, f.max_gamma, self.nvec, self.coverage)
 
     def step(self) -> dict[int, Decision]:
         """One control slot: observations -> policy -> decisions (kept for stale users)."""
