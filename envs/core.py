@@ -22,7 +22,8 @@ import torch
 
 from marl_sd.config import Config
 from marl_sd.envs.channel import link_rates, make_channel
-from marl_sd.envs.observation import Features, ObservationBuilder, ObsSpec, action_mask, action_nvec
+from marl_sd.envs.observation import (Features, ObservationBuilder, ObsSpec, acceptance_estimate, action_mask,
+                                     action_nvec, smooth_token_latency, update_acceptance)
 from marl_sd.envs.profiles import load_profile
 from marl_sd.envs.scenario import Scenario
 
@@ -381,12 +382,9 @@ class BatchedSimulator:
         spec = users & ~first & (self.gamma_cur > 0)
         sf, nf = spec.float(), n.float()
         rej = (n < self.gamma_cur).float()
-        hits, trials = sf * nf, sf * (nf + rej)
         self._acc_user[self._verify_slice] += torch.stack(
-            [hits, sf * rej, sf * self.gamma_cur, uf * ~first, sf, uf * produced])
-        decay = 1.0 - 0.05 * sf
-        self.acc_hits = self.acc_hits * decay + hits
-        self.acc_trials = self.acc_trials * decay + trials
+            [sf * nf, sf * rej, sf * self.gamma_cur, uf * ~first, sf, uf * produced])
+        self.acc_hits, self.acc_trials = update_acceptance(self.acc_hits, self.acc_trials, nf, rej, sf)
         self.remaining = torch.where(users, self.remaining - produced, self.remaining)
         self.ctx = torch.where(users, self.ctx + produced, self.ctx)
         self.full_accept = torch.where(users, spec & (n == self.gamma_cur), self.full_accept)
@@ -448,8 +446,7 @@ class BatchedSimulator:
         has_tpot = fin & (self.out_len > 1)
         m["tpot_ms"] += has_tpot.float() * (now - self.first_tok) / (out - 1).clamp(min=1)
         m["tpot_n"] += has_tpot.float()
-        self.tok_latency = torch.where(fin, torch.where(self.tok_latency > 0, 0.7 * self.tok_latency + 0.3 * lat / out, lat / out),
-                                       self.tok_latency)
+        self.tok_latency = torch.where(fin, smooth_token_latency(self.tok_latency, lat / out), self.tok_latency)
         if self.record_requests:
             bi, ui = fin.nonzero(as_tuple=True)
             rec = torch.stack([bi.float(), ui.float(), lat[fin], out[fin], (self.first_tok - arr)[fin],
@@ -493,7 +490,7 @@ class BatchedSimulator:
             max_gamma=self.max_gamma,
             queue=self.q_len,
             remaining=self.remaining,
-            acceptance=(self.acc_hits + 1.0) / (self.acc_trials + 2.0),
+            acceptance=acceptance_estimate(self.acc_hits, self.acc_trials),
             outstanding=self.outstanding_last,
             token_latency_ms=self.tok_latency,
             srv_users=onehot.sum(1),

@@ -67,6 +67,27 @@ class ObsSpec:
                 ("srv_queued_tokens", M), ("srv_busy", M), ("agent_id", N)]
 
 
+ACCEPTANCE_DECAY = 0.95  # per verified round
+
+
+def update_acceptance(hits, trials, accepted, rejected, active):
+    """Decayed counts behind the running acceptance estimate: accepted drafts and examined
+    drafts (accepted + the first rejection) of rounds where `active` (1/0). Scalars or tensors;
+    the simulator and the live drafting clients measure acceptance the same way."""
+    keep = 1.0 - (1.0 - ACCEPTANCE_DECAY) * active
+    return hits * keep + active * accepted, trials * keep + active * (accepted + rejected)
+
+
+def acceptance_estimate(hits, trials):
+    """Running acceptance with a uniform prior (0.5 before any round)."""
+    return (hits + 1.0) / (trials + 2.0)
+
+
+def smooth_token_latency(prev, new):
+    """Running per-token latency of completed requests: the first value, then an EMA (0.3 new)."""
+    return new + (prev > 0) * 0.7 * (prev - new)
+
+
 def action_nvec(cfg) -> list[int]:
     """Sizes of the MultiDiscrete action: [server, uplink bid, verify priority, gamma]."""
     return [cfg.scenario.n_servers, len(cfg.env.bid_weights), len(cfg.env.priority_weights), cfg.env.gamma_max + 1]

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from marl_sd.envs.observation import smooth_token_latency
 from marl_sd.serving.drafter import Drafter, DraftClient
 from marl_sd.serving.links import Link
 from marl_sd.serving.models import load_model
@@ -165,8 +166,7 @@ async def run_workload(args) -> list[dict]:
                                   eos_id=None if args.ignore_eos else eos_of(model))
         latency_ms = (time.monotonic() - (t_start + arr)) * 1000  # includes waiting behind earlier requests
         if agent is not None:
-            per = latency_ms / max(len(r.tokens), 1)
-            agent.tok_latency = per if not agent.tok_latency else 0.7 * agent.tok_latency + 0.3 * per
+            agent.tok_latency = smooth_token_latency(agent.tok_latency, latency_ms / max(len(r.tokens), 1))
         row = r.summary() | {"client": args.client_id, "request": i, "gamma": client.gamma, "start": wall0 + arr,
                              "latency_ms": latency_ms, "latency_per_token_ms": latency_ms / max(len(r.tokens), 1),
                              "handovers": client.meas["handovers"], "output": r.tokens,

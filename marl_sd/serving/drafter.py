@@ -13,7 +13,6 @@ the next server with the committed context, so no token is lost or duplicated.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ import grpc
 import numpy as np
 import torch
 
+from marl_sd.envs.observation import acceptance_estimate, update_acceptance
 from marl_sd.serving import protocol as P
 from marl_sd.serving.links import Link
 from marl_sd.serving.models import prefill, rollback
@@ -129,14 +129,13 @@ class DraftClient:
         self.predraft, self.timeout = predraft, timeout_s
         self.server_idx = 0
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft")
-        self.log: list[dict] = []
         # live control: `on_round(client)` runs before every round and may change gamma, the
         # link shares, or ask for another server (`switch_to`); running measurements for reports
         self.on_round = None
         self.switch_to: int | None = None
         self.priority = 0
         self.ar_chunk = 8  # gamma = 0: tokens decoded per message by the server
-        self.meas = {"acc_hits": 0.0, "acc_trials": 0.0, "draft_ms_per_token": 0.0, "remaining": 0, "handovers": 0}
+        self.meas = {"acc_hits": 0.0, "acc_trials": 0.0, "remaining": 0, "handovers": 0}
 
     async def _in_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -196,7 +195,7 @@ class DraftClient:
                         if pre is not None:
                             await pre
                         kept = d.commit(gamma, res.accepted, res.tokens.tolist())
-                        self._measure(gamma, res.accepted, draft_ms)
+                        self._measure(gamma, res.accepted)
                         if ttft is None:
                             ttft = (time.monotonic() - t0) * 1000
                         rounds.append({"gamma": gamma, "accepted": res.accepted, "draft_ms": draft_ms, "uplink_ms": up_ms,
@@ -226,25 +225,14 @@ class DraftClient:
         if eos_id is not None and eos_id in out:
             out = out[: out.index(eos_id) + 1]
         e2e = (time.monotonic() - t0) * 1000
-        r = RequestResult(len(prompt), out, ttft if ttft is not None else e2e, e2e, rounds, failovers)
-        self.log.append(r.summary())
-        return r
+        return RequestResult(len(prompt), out, ttft if ttft is not None else e2e, e2e, rounds, failovers)
 
-    def _measure(self, gamma: int, accepted: int, draft_ms: float) -> None:
-        """Running acceptance (decayed, as in the simulator) and draft cost per token."""
+    def _measure(self, gamma: int, accepted: int) -> None:
+        """Running acceptance, measured as the simulator measures it."""
         m = self.meas
-        if gamma > 0:
-            m["acc_hits"] = 0.95 * m["acc_hits"] + accepted
-            m["acc_trials"] = 0.95 * m["acc_trials"] + accepted + (accepted < gamma)
-            if draft_ms > 0:
-                per = draft_ms / gamma
-                m["draft_ms_per_token"] = per if not m["draft_ms_per_token"] else 0.8 * m["draft_ms_per_token"] + 0.2 * per
+        m["acc_hits"], m["acc_trials"] = update_acceptance(m["acc_hits"], m["acc_trials"], accepted,
+                                                           float(accepted < gamma), float(gamma > 0))
 
     @property
     def acceptance(self) -> float:
-        return (self.meas["acc_hits"] + 1.0) / (self.meas["acc_trials"] + 2.0)
-
-    def write_jsonl(self, path: str) -> None:
-        with open(path, "a") as fh:
-            for row in self.log:
-                fh.write(json.dumps(row) + "\n")
+        return acceptance_estimate(self.meas["acc_hits"], self.meas["acc_trials"])
