@@ -173,6 +173,7 @@ class BatchedSimulator:
         self.channel.set_state(st["channel"])
         self.gen.set_state(st["gen"])
         self._new_accumulators()
+        self._update_rates()  # rates and SNR are derived from the restored state
         self._update_mask()
 
     def _new_accumulators(self) -> None:
