@@ -212,3 +212,11 @@ def mappo_kwargs(t: TrainConfig, obs_dim: int, state_dim: int, num_envs: int) ->
                            optimizer_kwargs=dict(eps=t.adam_eps)),
         device=resolve_device(t.device),
     )
+
+
+def new_mappo(cfg, env, seed: int | None = None) -> MAPPO:
+    """A fresh MAPPO (or IPPO, per `train.algorithm`) model for a MultiAgentVecEnv, possibly
+    wrapped (e.g. in VecMonitor), with the config's hyper-parameters and device."""
+    raw = env.unwrapped
+    kw = mappo_kwargs(cfg.train, raw.obs_dim, raw.state_dim, raw.num_envs)
+    return MAPPO(MAPPOPolicy, env, seed=cfg.seed if seed is None else seed, **kw)

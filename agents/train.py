@@ -22,7 +22,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecMonitor
 
-from marl_sd.agents.mappo import MAPPO, MAPPOPolicy, mappo_kwargs
+from marl_sd.agents.mappo import MAPPO, MAPPOPolicy, new_mappo, resolve_device
 from marl_sd.agents.policy import LearnedPolicy, PolicyContext
 from marl_sd.config import Config
 from marl_sd.envs.vec_env import MultiAgentVecEnv
@@ -55,15 +55,21 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 _CORRUPT = (zipfile.BadZipFile, EOFError, RuntimeError, KeyError, pickle.UnpicklingError)
 
 
-def _load_zip(path: Path, venv, device: str) -> MAPPO:
+def _load_model(path: Path, device: str, venv=None) -> MAPPO:
+    """MAPPO.load with clear errors; with `venv`, a space mismatch means another scenario."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} not found")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"checkpoint {path} is corrupt: not a zip archive")
     try:
+        if venv is None:
+            return MAPPO.load(str(path), device=device)
         return MAPPO.load(str(path), env=venv, device=device, force_reset=False)
     except _CORRUPT as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {type(e).__name__}: {e}") from None
     except ValueError as e:
-        raise CheckpointError(f"checkpoint {path} does not match this scenario: {e}") from None
+        what = "does not match this scenario" if venv is not None else "is corrupt or unreadable"
+        raise CheckpointError(f"checkpoint {path} {what}: {e}") from None
 
 
 def load_exact(stem: Path, venv: MultiAgentVecEnv, cfg: Config, device: str) -> MAPPO:
@@ -78,7 +84,7 @@ def load_exact(stem: Path, venv: MultiAgentVecEnv, cfg: Config, device: str) -> 
         raise CheckpointError(f"checkpoint {stem} was written for another configuration "
                               f"(hash {extra.get('config_hash')} != {cfg.identity_hash()}); "
                               "resume with the run's config.yaml (only train.total_timesteps may change)")
-    model = _load_zip(zip_path, venv, device)
+    model = _load_model(zip_path, device, venv)
     torch.set_rng_state(extra["torch_rng"])
     np.random.set_state(extra["numpy_rng"])
     random.setstate(extra["python_rng"])
@@ -89,17 +95,15 @@ def load_exact(stem: Path, venv: MultiAgentVecEnv, cfg: Config, device: str) -> 
 def load_policy(path: str | Path, device: str = "cpu") -> MAPPOPolicy:
     """Load just the trained policy from a checkpoint zip (no env needed), with clear errors."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} not found")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(f"checkpoint {path} is corrupt: not a zip archive")
-    try:
-        model = MAPPO.load(str(path), device=device)
-    except (*_CORRUPT, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {type(e).__name__}: {e}") from None
+    model = _load_model(path, device)
     if not isinstance(model.policy, MAPPOPolicy):
         raise CheckpointError(f"checkpoint {path} does not hold a MAPPO policy")
     return model.policy
+
+
+def policy_checkpoint(run_dir: Path) -> Path | None:
+    """The policy a run offers for evaluation and export: best.zip, else final.zip."""
+    return next((Path(run_dir) / f for f in ("best.zip", "final.zip") if (Path(run_dir) / f).exists()), None)
 
 
 # ---------------------------------------------------------------------------------- callbacks
@@ -230,8 +234,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     t = cfg.train
     venv = MultiAgentVecEnv(cfg, num_envs=t.num_envs)
     env = VecMonitor(venv)
-    kwargs = mappo_kwargs(t, venv.obs_dim, venv.state_dim, venv.num_envs)
-    device = kwargs.pop("device")
+    device = resolve_device(t.device)
     total = total_timesteps or t.total_timesteps
     if resume:
         ckpts = list_checkpoints(run_dir)
@@ -241,12 +244,13 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         model.set_env(env, force_reset=False)
         log.info("resumed from %s at %d agent-steps", ckpts[-1], model.num_timesteps)
     else:
-        if (run_dir / CKPT_DIR).exists() and list_checkpoints(run_dir):
+        if list_checkpoints(run_dir):
             raise CheckpointError(f"{run_dir} already has checkpoints: use --resume, or another --name")
         write_metadata(run_dir, cfg, {"algorithm": t.algorithm, "device": device})
-        model = MAPPO(MAPPOPolicy, env, seed=cfg.seed, device=device, **kwargs)
+        model = new_mappo(cfg, env)
     model.set_logger(configure(str(run_dir / "tb"), ["tensorboard", "csv"]))
-    remaining = max(0, total - model.num_timesteps)
+    start_steps = model.num_timesteps
+    remaining = max(0, total - start_steps)
     metrics = EnvMetricsCallback()
     ckpt = ExactCheckpoint(t.checkpoint_every, run_dir, venv, cfg)
     evalcb = EvalCallback(cfg, t.eval_every, run_dir)
@@ -273,7 +277,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         if not evalcb.history or evalcb.history[-1]["timesteps"] != model.num_timesteps:
             evalcb.run_eval()
     stats = {"agent_steps": model.num_timesteps, "wall_s": wall,
-             "agent_steps_per_s": (model.num_timesteps - (total - remaining)) / max(wall, 1e-9),
+             "agent_steps_per_s": (model.num_timesteps - start_steps) / max(wall, 1e-9),
              "interrupted": ckpt.stopped}
     (run_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
     model.train_stats = stats

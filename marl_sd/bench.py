@@ -68,16 +68,14 @@ def bench_controller(cfg: Config, slots: int = 500) -> dict:
     for a freshly initialised MAPPO actor exported to a temporary bundle."""
     import tempfile
 
-    from marl_sd.agents.mappo import MAPPO, MAPPOPolicy, mappo_kwargs
+    from marl_sd.agents.mappo import new_mappo
     from marl_sd.envs.core import BatchedSimulator
     from marl_sd.envs.vec_env import MultiAgentVecEnv
     from marl_sd.export import export_bundle, load_bundle
     from marl_sd.serving.controller import ControllerCore, bundle_policy, reports_from_features
 
     venv = MultiAgentVecEnv(cfg, num_envs=1)
-    kw = mappo_kwargs(cfg.train, venv.obs_dim, venv.state_dim, 1)
-    kw.pop("device")
-    model = MAPPO(MAPPOPolicy, venv, seed=0, **kw)
+    model = new_mappo(cfg, venv, seed=0)
     sim = BatchedSimulator(cfg, num_envs=1, seed=1)
     gen = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

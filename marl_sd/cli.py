@@ -90,14 +90,14 @@ def _load_run_or_config(target: str, overrides: list[str]):
 def _policies(cfg, run_dir, names):
     from marl_sd.agents.heuristics import HEURISTICS, make_heuristic
     from marl_sd.agents.policy import LearnedPolicy, PolicyContext
-    from marl_sd.agents.train import load_policy
+    from marl_sd.agents.train import load_policy, policy_checkpoint
 
     ctx = PolicyContext.from_config(cfg)
     names = names or (cfg.eval.policies or ["learned", *HEURISTICS])
     out = []
     for n in names:
         if n == "learned":
-            ckpt = next((run_dir / f for f in ("best.zip", "final.zip") if (run_dir / f).exists()), None)
+            ckpt = policy_checkpoint(run_dir)
             if ckpt is None:
                 continue
             out.append(LearnedPolicy(ctx, load_policy(ckpt), name=cfg.train.algorithm))
@@ -266,12 +266,11 @@ def _serve_up(args, run_live) -> int:
 def _cmd_export(args) -> int:
     from pathlib import Path
 
-    from marl_sd.agents.train import load_policy
+    from marl_sd.agents.train import load_policy, policy_checkpoint
     from marl_sd.export import export_bundle
 
     cfg, run_dir = _load_run_or_config(args.run, [])
-    ckpt = Path(args.checkpoint) if args.checkpoint else next(
-        (run_dir / f for f in ("best.zip", "final.zip") if (run_dir / f).exists()), None)
+    ckpt = Path(args.checkpoint) if args.checkpoint else policy_checkpoint(run_dir)
     if ckpt is None:
         raise ConfigError(f"{run_dir} has no best.zip or final.zip; pass --checkpoint")
     out = Path(args.out or run_dir / "bundle")

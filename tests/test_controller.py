@@ -18,15 +18,13 @@ def reports_from_sim(sim):
 
 @pytest.fixture(scope="module")
 def manifest_and_actor(tmp_path_factory):
-    from marl_sd.agents.mappo import MAPPO, MAPPOPolicy, mappo_kwargs
+    from marl_sd.agents.mappo import new_mappo
     from marl_sd.envs.vec_env import MultiAgentVecEnv
     from marl_sd.export import export_bundle, load_bundle
 
     cfg = load_config()
     venv = MultiAgentVecEnv(cfg, num_envs=1)
-    kw = mappo_kwargs(cfg.train, venv.obs_dim, venv.state_dim, venv.num_envs)
-    kw.pop("device")
-    model = MAPPO(MAPPOPolicy, venv, seed=0, **kw)
+    model = new_mappo(cfg, venv, seed=0)
     out = tmp_path_factory.mktemp("b")
     export_bundle(model.policy, cfg, out, n_parity=200)
     m, actor = load_bundle(out, cfg)

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from marl_sd.agents.mappo import MAPPO, MAPPOPolicy, mappo_kwargs
+from marl_sd.agents.mappo import new_mappo
 from marl_sd.config import load_config
 from marl_sd.envs.vec_env import MultiAgentVecEnv
 from marl_sd.export import BundleError, export_bundle, load_bundle, masked_argmax
@@ -13,9 +13,7 @@ from marl_sd.export import BundleError, export_bundle, load_bundle, masked_argma
 def bundle(tmp_path_factory):
     cfg = load_config(overrides=["env.horizon=10"])
     venv = MultiAgentVecEnv(cfg, num_envs=2)
-    kw = mappo_kwargs(cfg.train, venv.obs_dim, venv.state_dim, venv.num_envs)
-    kw.pop("device")
-    model = MAPPO(MAPPOPolicy, venv, seed=0, **kw)
+    model = new_mappo(cfg, venv, seed=0)
     out = tmp_path_factory.mktemp("bundle")
     manifest = export_bundle(model.policy, cfg, out, n_parity=1000)
     return cfg, model, out, manifest
