@@ -66,6 +66,23 @@ class LatencyModel:
         return lat
 
 
+    def predict_assigned(self, f: dict, assign: torch.Tensor, hysteresis: float = 0.0) -> torch.Tensor:
+        """Latency [B, N, M, G] if users were associated as `assign` [B, N], equal split per server."""
+        M = f["snr_db"].shape[-1]
+        onehot = torch.nn.functional.one_hot(assign, M).float()
+        users = onehot.sum(1)  # [B, M]
+        cur = torch.nn.functional.one_hot(f["server"], M).float()
+        share_now = 1.0 / (f["srv_users"] - cur + 1).clamp(min=1)
+        share_new = 1.0 / (users.unsqueeze(1) - onehot + 1).clamp(min=1)
+        return self.predict(f, users_at=users, share_scale=share_new / share_now, hysteresis=hysteresis)
+
+    def proportional_bids(self, f: dict, server: torch.Tensor, gamma: torch.Tensor, levels: list[float]) -> torch.Tensor:
+        """Bid levels proportional to each user's uplink airtime need (bytes / rate at `server`)."""
+        rate = f["ul_mbps"].gather(-1, server.unsqueeze(-1)).squeeze(-1).clamp(min=1e-3)
+        need = (self.header + gamma * self.tok_bytes) / rate
+        return _bid_level(need / need.min(1, keepdim=True).values.clamp(min=1e-9), levels)
+
+
 def _bid_level(weight: torch.Tensor, levels: list[float]) -> torch.Tensor:
     """Nearest bid level (in log scale) for a relative weight normalized to the smallest level."""
     lv = torch.log(torch.tensor(levels))
@@ -206,14 +223,7 @@ class TwoPhaseMatchingPolicy(Policy):
 
     def _latency(self, f, masks, assign):
         """[B, N, M] latency of each user at each server given the assignment's loads."""
-        M = self.ctx.spec.n_servers
-        onehot = torch.nn.functional.one_hot(assign, M).float()
-        users = onehot.sum(1)  # [B, M]
-        cur = torch.nn.functional.one_hot(f["server"], M).float()
-        share_now = 1.0 / (f["srv_users"] - cur + 1).clamp(min=1)
-        share_new = 1.0 / (users.unsqueeze(1) - onehot + 1).clamp(min=1)
-        lat = self.model.predict(f, users_at=users, share_scale=share_new / share_now, hysteresis=self.hyst)
-        lat = _mask_lat(lat, masks)
+        lat = _mask_lat(self.model.predict_assigned(f, assign, self.hyst), masks)
         best, g = lat.min(-1)
         return best, g
 
@@ -264,10 +274,7 @@ class TwoPhaseMatchingPolicy(Policy):
             assign[bi, j] = torch.where(do, si, sj)
         _, g = self._latency(f, masks, assign)
         gamma = g.gather(-1, assign.unsqueeze(-1)).squeeze(-1)
-        rate = (f["ul_mbps"].gather(-1, assign.unsqueeze(-1)).squeeze(-1)).clamp(min=1e-3)
-        need = (self.model.header + gamma * self.model.tok_bytes) / rate  # airtime need
-        rel = need / need.min(1, keepdim=True).values.clamp(min=1e-9)
-        bid = _bid_level(rel, self.ctx.cfg.env.bid_weights)
+        bid = self.model.proportional_bids(f, assign, gamma, self.ctx.cfg.env.bid_weights)
         return _assemble(assign, bid, torch.zeros_like(bid), gamma)
 
 
@@ -296,11 +303,7 @@ class ClosedFormDPPolicy(Policy):
         M, G = ctx.spec.n_servers, self.model.G
         s = torch.where(masks[0], f["snr_db"], -INF).argmax(-1)
         onehot = torch.nn.functional.one_hot(s, M).float()
-        users = onehot.sum(1)
-        cur = torch.nn.functional.one_hot(f["server"], M).float()
-        share_now = 1.0 / (f["srv_users"] - cur + 1).clamp(min=1)
-        lat = self.model.predict(f, users_at=users, share_scale=(1.0 / users.clamp(min=1)).unsqueeze(1) / share_now)
-        lat = _mask_lat(lat, masks).gather(-2, s[..., None, None].expand(B, N, 1, G)).squeeze(-2)  # [B, N, G]
+        lat = _mask_lat(self.model.predict_assigned(f, s), masks).gather(-2, s[..., None, None].expand(B, N, 1, G)).squeeze(-2)  # [B, N, G]
         budget = int(ctx.cfg.scenario.verify_token_budget)
         cap = min(budget, N * G)
         dp = torch.full((B, M, cap + 1), INF)
@@ -332,10 +335,7 @@ class ClosedFormDPPolicy(Policy):
             gsel = (gi * mine).sum(-1)
             gamma[:, i] = gsel.clamp(min=0)
             k = k - torch.where(mine & (gi >= 0), gi + 1, 0)
-        rate = f["ul_mbps"].gather(-1, s.unsqueeze(-1)).squeeze(-1).clamp(min=1e-3)
-        need = (self.model.header + gamma * self.model.tok_bytes) / rate
-        rel = need / need.min(1, keepdim=True).values.clamp(min=1e-9)
-        bid = _bid_level(rel, ctx.cfg.env.bid_weights)
+        bid = self.model.proportional_bids(f, s, gamma, ctx.cfg.env.bid_weights)
         return _assemble(s, bid, torch.zeros_like(bid), gamma)
 
 
