@@ -132,13 +132,17 @@ def _cmd_eval(args) -> int:
         key, vals = args.sweep.split("=")
         if key != "users":
             raise ConfigError("--sweep supports users=N1,N2,...")
+        from marl_sd.agents.heuristics import HEURISTICS
+
+        heuristics = [n for n in (args.policies or cfg.eval.policies or HEURISTICS) if n != "learned"]
         sweep = {}
         for v in [int(x) for x in vals.split(",")]:
+            if v == cfg.scenario.n_users:  # the table above: same scenario, seeds and episodes
+                sweep[v] = results
+                continue
             c = load_config(run_dir / "config.yaml" if (run_dir / "config.yaml").exists() else args.target,
-                            [*args.set, f"scenario.n_users={v}"])
-            pols = [p for p in _policies(c, run_dir, [n for n in (args.policies or []) if n != "learned"] or None)
-                    if p.name not in ("mappo", "ippo") or v == cfg.scenario.n_users]
-            sweep[v] = evaluate(c, pols, seeds, episodes)
+                            [*args.set, f"scenario.n_users={v}"])  # a learned policy is sized for its own N
+            sweep[v] = evaluate(c, _policies(c, run_dir, heuristics), seeds, episodes)
             console.print(f"  users={v}: " + ", ".join(f"{r.name} {r.summary()['latency_per_token_ms'][0]:.1f}"
                                                        for r in sweep[v]))
         paths += [plot_sweep(sweep, "users", out_dir), write_sweep(sweep, "users", out_dir)]

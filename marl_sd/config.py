@@ -201,8 +201,7 @@ class Config(Strict):
 
     def hash(self) -> str:
         """Stable hash of the resolved configuration."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return _digest(self.to_dict())
 
     def identity_hash(self) -> str:
         """Hash of what a trained policy depends on: scenario, env, reward, seed and the learning
@@ -212,7 +211,11 @@ class Config(Strict):
         d.pop("name")
         for k in ("total_timesteps", "device", "checkpoint_every", "eval_every", "eval_episodes"):
             d["train"].pop(k)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return _digest(d)
+
+
+def _digest(tree: dict) -> str:
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _set_path(tree: dict, dotted: str, value: Any, source: str) -> None:

@@ -113,15 +113,12 @@ def plot_sweep(sweep: dict[int, list[PolicyResult]], key: str, out_dir: Path) ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    xs = sorted(sweep)
-    names = [r.name for r in sweep[xs[0]]]
-    for name in names:
-        m, ci = [], []
-        for x in xs:
-            r = next(r for r in sweep[x] if r.name == name)
-            a, b = r.summary()["latency_per_token_ms"]
-            m.append(a)
-            ci.append(0 if math.isnan(b) else b)
+    names = list(dict.fromkeys(r.name for x in sorted(sweep) for r in sweep[x]))
+    for name in names:  # a learned policy appears only at the N it was trained for
+        pts = sorted((x, r.summary()["latency_per_token_ms"]) for x in sweep for r in sweep[x] if r.name == name)
+        xs = [x for x, _ in pts]
+        m = [a for _, (a, _) in pts]
+        ci = [0 if math.isnan(b) else b for _, (_, b) in pts]
         ax.errorbar(xs, m, yerr=ci, label=name, marker="o", capsize=3, lw=1.2)
     ax.set_xlabel(key)
     ax.set_ylabel("mean latency per token [ms]")

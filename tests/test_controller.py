@@ -96,3 +96,17 @@ print("ok", core.latency_stats()["p50_ms"])
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("ok")
+
+
+def test_simulator_runs_the_bundle_as_the_controller_does(manifest_and_actor):
+    from marl_sd.export import masked_argmax
+    from marl_sd.serving.controller_policy import sim_policy
+
+    cfg, m, _, out, model = manifest_and_actor
+    sim = BatchedSimulator(cfg, num_envs=2, seed=9)
+    a = sim_policy(str(out), cfg).act(sim.observations(), sim.mask)
+    with torch.no_grad():
+        logits = model.policy.actor_logits(sim.observations().reshape(-1, sim.obs_dim)).numpy()
+    ref = masked_argmax(logits, sim.mask.reshape(-1, sim.mask.shape[-1]).numpy(), m["nvec"])
+    np.testing.assert_array_equal(a.reshape(-1, 4).numpy(), ref)
+    assert type(sim_policy("nearest_g4", cfg)).__name__ == "NearestPolicy"

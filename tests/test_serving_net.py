@@ -1,9 +1,8 @@
 """Verifier servers as real processes on 127.0.0.1: end to end, disconnects, fail-over, bad input.
 Every test is bounded in time and in the number of requests."""
 import asyncio
+import contextlib
 import json
-import subprocess
-import sys
 import time
 
 import grpc
@@ -13,36 +12,17 @@ import torch
 
 from marl_sd.serving import protocol as P
 from marl_sd.serving.drafter import Drafter, DraftClient
+from marl_sd.serving.launcher import local_servers
 from marl_sd.serving.links import Link
 from marl_sd.serving.models import load_model
 from marl_sd.serving.verifier import SERVICE, grpc_options
 
 
-def start_server(model="tiny:0"):
-    p = subprocess.Popen([sys.executable, "-m", "marl_sd.serving.verifier", "--model", model, "--port", "0"],
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = p.stdout.readline()
-    if not line.startswith("READY"):
-        p.kill()
-        raise RuntimeError(f"server did not start: {line!r}")
-    return p, f"127.0.0.1:{int(line.split()[1])}"
-
-
 @pytest.fixture
 def servers():
-    procs = []
-
-    def make(n=1):
-        out = []
-        for _ in range(n):
-            p, addr = start_server()
-            procs.append(p)
-            out.append((p, addr))
-        return out
-    yield make
-    for p in procs:
-        p.kill()
-        p.wait(timeout=10)
+    """servers(n) -> [(process, address)] of n verifier processes, all killed at the end."""
+    with contextlib.ExitStack() as stack:
+        yield lambda n=1: list(zip(*stack.enter_context(local_servers("tiny:0", n))))
 
 
 @pytest.fixture(scope="module")
