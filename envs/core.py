@@ -40,7 +40,7 @@ SERVER_METRICS = ("batches", "batch_users", "batch_tokens", "busy_ms")
 # tensors that make up the simulator state (for get_state / set_state)
 STATE = ("pos", "waypoint", "speed", "dev", "draft_ms", "power_w", "max_gamma", "phase", "timer",
          "bytes_left", "gamma_cur", "gamma_next", "server", "target", "bid_w", "prio_w", "q_len",
-         "arrivals", "requests", "q_head", "remaining", "out_len", "ctx", "alpha", "first_tok", "prefill",
+         "requests", "q_head", "remaining", "out_len", "ctx", "alpha", "first_tok", "prefill",
          "first_round", "handover_bytes", "predraft", "full_accept", "queued_at", "acc_hits",
          "acc_trials", "tok_latency", "ul_activity", "ul_rate", "dl_rate", "srv_left",
          "srv_active", "srv_busy_frac", "outstanding_last", "now", "t")
@@ -121,8 +121,7 @@ class BatchedSimulator:
         self.bid_w = torch.ones(B, N, device=self.device)
         self.prio_w = torch.ones(B, N, device=self.device)
         self.q_len = self._zeros(B, N, dtype=long)
-        self.arrivals = self._zeros(B, N, self.Q)
-        self.requests = self._zeros(B, N, self.Q, 3)
+        self.requests = self._zeros(B, N, self.Q, 4)  # queued requests: prompt, output, alpha, arrival ms
         self.q_head = self._zeros(B, N, dtype=long)
         self.remaining = self._zeros(B, N, dtype=long)
         self.out_len = self._zeros(B, N, dtype=long)
@@ -256,13 +255,11 @@ class BatchedSimulator:
             m["dropped"] += (arrive & ~room).float()
             ok = arrive & room
             m["arrived"] += ok
-            slot = ((self.q_head + self.q_len) % self.Q).unsqueeze(-1)
-            old = self.arrivals.gather(2, slot)
-            self.arrivals.scatter_(2, slot, torch.where(ok.unsqueeze(-1), now, old))
-            req = self.scn.requests_from_uniform(self._u_req[k], self.dev)
-            slot3 = slot.unsqueeze(-1).expand(-1, -1, 1, 3)
-            old = self.requests.gather(2, slot3)
-            self.requests.scatter_(2, slot3, torch.where(ok.view(self.B, self.N, 1, 1), req.unsqueeze(2), old))
+            req = torch.cat([self.scn.requests_from_uniform(self._u_req[k], self.dev),
+                             now.expand(self.B, self.N, 1)], -1)
+            slot = ((self.q_head + self.q_len) % self.Q).view(self.B, self.N, 1, 1).expand(-1, -1, 1, 4)
+            old = self.requests.gather(2, slot)
+            self.requests.scatter_(2, slot, torch.where(ok.view(self.B, self.N, 1, 1), req.unsqueeze(2), old))
             self.q_len = self.q_len + ok.long()
             start = (phase == IDLE) & ok
             if bool(start.any()):
@@ -315,8 +312,12 @@ class BatchedSimulator:
             self._round_boundary(down_done)
         m["outstanding_ms"] += self.q_len * dt
 
+    def _head_request(self) -> torch.Tensor:
+        """[B, N, 4] the request at the head of each user's queue."""
+        return self.requests.gather(2, self.q_head.view(self.B, self.N, 1, 1).expand(-1, -1, 1, 4)).squeeze(2)
+
     def _start_request(self, start: torch.Tensor) -> None:
-        head = self.requests.gather(2, self.q_head.view(self.B, self.N, 1, 1).expand(-1, -1, 1, 3)).squeeze(2)
+        head = self._head_request()
         prompt, out, alpha = head[..., 0].long(), head[..., 1].long(), head[..., 2]
         w = lambda new, old: torch.where(start, new, old)  # noqa: E731
         self.server = w(self.target, self.server)
@@ -435,7 +436,7 @@ class BatchedSimulator:
 
     def _complete_requests(self, fin: torch.Tensor) -> None:
         now = self.now
-        arr = self.arrivals.gather(2, self.q_head.unsqueeze(-1)).squeeze(-1)
+        arr = self._head_request()[..., 3]
         lat = now - arr
         out = self.out_len.float()
         f = fin.float()
