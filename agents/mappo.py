@@ -187,6 +187,16 @@ class MAPPO(MaskablePPO):
         return True
 
 
+class LinearSchedule:
+    """Learning rate decaying linearly to 0 over the run (SB3 passes the remaining progress 1 -> 0)."""
+
+    def __init__(self, initial: float):
+        self.initial = initial
+
+    def __call__(self, progress_remaining: float) -> float:
+        return self.initial * progress_remaining
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -202,7 +212,8 @@ def mappo_kwargs(t: TrainConfig, obs_dim: int, state_dim: int, num_envs: int) ->
         raise ValueError(f"train.n_steps * num_envs ({rollout}) must be divisible by train.num_mini_batch ({t.num_mini_batch})")
     return dict(
         n_steps=t.n_steps, batch_size=rollout // t.num_mini_batch, n_epochs=t.n_epochs,
-        learning_rate=t.learning_rate, gamma=t.gamma, gae_lambda=t.gae_lambda, clip_range=t.clip_range,
+        learning_rate=t.learning_rate if t.lr_schedule == "constant" else LinearSchedule(t.learning_rate),
+        gamma=t.gamma, gae_lambda=t.gae_lambda, clip_range=t.clip_range,
         ent_coef=t.ent_coef, vf_coef=t.vf_coef, max_grad_norm=t.max_grad_norm, normalize_advantage=True,
         stats_window_size=num_envs,
         policy_kwargs=dict(obs_dim=obs_dim, state_dim=state_dim,

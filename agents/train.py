@@ -22,6 +22,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecMonitor
 
+from marl_sd.agents.heuristics import HEURISTICS
 from marl_sd.agents.mappo import MAPPO, MAPPOPolicy, new_mappo, resolve_device
 from marl_sd.agents.policy import LearnedPolicy, PolicyContext
 from marl_sd.config import Config
@@ -226,6 +227,24 @@ class RichProgress(BaseCallback):
 
 
 # ---------------------------------------------------------------------------------- entry point
+def _pretrain(cfg: Config, model: MAPPO, venv: MultiAgentVecEnv, run_dir: Path, evalcb: EvalCallback,
+              progress: bool) -> None:
+    """Behaviour-clone the configured teacher, then evaluate the clone (it may stay the best)."""
+    from marl_sd.agents.pretrain import Kickstart
+
+    t0 = time.time()
+    stats = Kickstart(cfg, model, venv).run()
+    stats["wall_s"] = time.time() - t0
+    evalcb.init_callback(model)
+    stats["eval"] = evalcb.run_eval()
+    (run_dir / "pretrain.json").write_text(json.dumps(stats, indent=2))
+    if progress:
+        last = stats["iterations"][-1]
+        print(f"pretrained on {cfg.train.pretrain.teacher}: agreement {last['agreement']:.3f}, eval reward "
+              f"{stats['eval']['reward']:.4f}, {stats['eval']['latency_per_token_ms']:.1f} ms/token "
+              f"({stats['wall_s']:.0f} s)")
+
+
 def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
           total_timesteps: int | None = None) -> MAPPO:
     """Train (or resume) a run; returns the model. Writes everything under `run_dir`."""
@@ -246,6 +265,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     else:
         if list_checkpoints(run_dir):
             raise CheckpointError(f"{run_dir} already has checkpoints: use --resume, or another --name")
+        if t.pretrain.teacher is not None and t.pretrain.teacher not in HEURISTICS:
+            raise ValueError(f"train.pretrain.teacher: unknown heuristic '{t.pretrain.teacher}' "
+                             f"(known: {', '.join(HEURISTICS)})")
         write_metadata(run_dir, cfg, {"algorithm": t.algorithm, "device": device})
         model = new_mappo(cfg, env)
     model.set_logger(configure(str(run_dir / "tb"), ["tensorboard", "csv"]))
@@ -263,8 +285,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         ckpt.stop_requested = True
         log.warning("stop requested: saving a checkpoint at the end of this rollout (Ctrl-C again to abort)")
 
-    signal.signal(signal.SIGINT, _stop)
     start = time.time()
+    if not resume and t.pretrain.teacher is not None:
+        _pretrain(cfg, model, venv, run_dir, evalcb, progress)
+    signal.signal(signal.SIGINT, _stop)
     try:
         if remaining > 0:
             model.learn(remaining, callback=CallbackList([metrics, evalcb, ckpt, bar]), reset_num_timesteps=False)

@@ -59,6 +59,8 @@ class WorkloadConfig(Strict):
     prompt_tokens: Range = Range(low=64, high=256)
     output_tokens: Range = Range(low=32, high=128)
     queue_capacity: int = Field(16, ge=1, description="requests a user can hold; more are dropped")
+    arrivals_for_s: float | None = Field(None, gt=0, description="requests arrive only during the first s seconds "
+                                                                 "of an episode, then queues drain (as in a live run)")
 
 
 class MobilityConfig(Strict):
@@ -154,6 +156,18 @@ class SimConfig(Strict):
     num_envs: int = Field(1, ge=1, description="B: environments batched in one simulator")
 
 
+class PretrainConfig(Strict):
+    """Behaviour cloning of a heuristic teacher before PPO (kickstarting), DAgger-style."""
+
+    teacher: str | None = Field(None, description="heuristic to clone first; None: PPO from scratch")
+    iterations: int = Field(4, ge=1, description="episode batches: the first driven by the teacher, then by the student")
+    epochs: int = Field(4, ge=1, description="passes over all labelled data after each batch")
+    batch_size: int = Field(4096, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="keeps the cloned policy stochastic for PPO")
+    critic_rounds: int = Field(3, ge=0, description="TD(lambda) target refreshes fitting the critic on the last batch")
+
+
 class TrainConfig(Strict):
     algorithm: Literal["mappo", "ippo"] = "mappo"
     total_timesteps: int = Field(2_000_000, ge=1, description="agent-steps")
@@ -162,6 +176,7 @@ class TrainConfig(Strict):
     num_mini_batch: int = Field(2, ge=1)
     n_epochs: int = Field(5, ge=1)
     learning_rate: float = Field(5e-4, gt=0)
+    lr_schedule: Literal["constant", "linear"] = Field("constant", description="linear: decays to 0 at total_timesteps")
     gamma: float = Field(0.99, gt=0, le=1)
     gae_lambda: float = Field(0.95, ge=0, le=1)
     clip_range: float = Field(0.2, gt=0)
@@ -176,6 +191,7 @@ class TrainConfig(Strict):
     eval_every: int = Field(20, ge=1, description="rollouts between evaluations")
     eval_episodes: int = Field(8, ge=1)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    pretrain: PretrainConfig = PretrainConfig()
 
 
 class EvalConfig(Strict):
@@ -184,6 +200,15 @@ class EvalConfig(Strict):
     policies: list[str] = Field(default_factory=list, description="empty: all heuristics")
     slo_tpot_ms: float = Field(50.0, gt=0)
     slo_ttft_ms: float = Field(1000.0, gt=0)
+
+
+class ServingConfig(Strict):
+    """Live serving of the scenario (`marl-sd serve up`)."""
+
+    pace: bool = Field(False, description="emulate the scenario's hardware: verifier forwards padded to the "
+                                          "profile's T(b, K) and prefill time, each user's draft tokens to its "
+                                          "device class's draft time")
+    batch_window_ms: float = Field(2.0, ge=0, description="verifier micro-batching window")
 
 
 class Config(Strict):
@@ -195,6 +220,7 @@ class Config(Strict):
     sim: SimConfig = SimConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    serving: ServingConfig = ServingConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -208,6 +234,7 @@ class Config(Strict):
         set-up -- not the training length, device or evaluation settings."""
         d = self.to_dict()
         d.pop("eval")
+        d.pop("serving")
         d.pop("name")
         for k in ("total_timesteps", "device", "checkpoint_every", "eval_every", "eval_episodes"):
             d["train"].pop(k)
