@@ -26,7 +26,7 @@ demo: setup
 	$(VENV)/bin/marl-sd train configs/default.yaml --name demo --set train.total_timesteps=1500000
 	$(VENV)/bin/marl-sd eval $(DEMO_RUN) --episodes 4 --seeds 0 1
 	$(VENV)/bin/marl-sd export $(DEMO_RUN)
-	$(VENV)/bin/marl-sd serve up --config configs/live.yaml --policy $(DEMO_RUN)/bundle nearest_g4 nearest_adaptive \
+	$(VENV)/bin/marl-sd serve up --config configs/live.yaml --policy $(DEMO_RUN)/bundle nearest_g4 two_phase_matching \
 		--duration 20 --target tiny:0 --draft tiny-draft:0:0.15 --compare-sim --out $(DEMO_RUN)/live.json
 
 test: setup

@@ -63,9 +63,12 @@ def mean_ci(vals: np.ndarray) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def run_policy(cfg: Config, policy: Policy, seed: int, episodes: int) -> tuple[dict, np.ndarray]:
-    """One batch of `episodes` parallel episodes with simulator seed `seed`."""
+def run_policy(cfg: Config, policy: Policy, seed: int, episodes: int, schedule=None) -> tuple[dict, np.ndarray]:
+    """One batch of `episodes` parallel episodes with simulator seed `seed` (replaying a fixed
+    workload `schedule` in each, if given)."""
     sim = BatchedSimulator(cfg, num_envs=episodes, seed=seed)
+    if schedule is not None:
+        sim.replay_workload(schedule)
     sim.record_requests = True
     policy.reset(seed)
     acc: dict[str, torch.Tensor] = {}

@@ -81,12 +81,14 @@ class BatchedSimulator:
         self.id_bytes = float(pay.token_id_bytes)
         self.verify = self.profile.target.verify
         self.prefill_ms = self.profile.target.prefill.ms_per_token
-        self.base_lat = cfg.scenario.channel.base_latency_ms
+        self.base_lat = cfg.scenario.channel.base_latency_ms + self.profile.transport.per_message_ms
         self.lam_per_ms = w.arrival_rate_per_s / 1000.0
+        self.arrival_stop_ms = math.inf if w.arrivals_for_s is None else w.arrivals_for_s * 1000.0
         self.ue_tx_w = 10 ** (cfg.scenario.channel.ue_tx_dbm / 10) / 1000.0
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(cfg.seed if seed is None else int(seed))
         self.record_requests = False
+        self.replay = None
         self.request_log: list[torch.Tensor] = []
         self.reset()
 
@@ -227,6 +229,41 @@ class BatchedSimulator:
         idle = self.phase == IDLE
         self.server = torch.where(idle, self.target, self.server)
 
+    # ------------------------------------------------------------------ workload replay
+    def replay_workload(self, schedule: list[list[tuple[float, int, int]]] | None) -> None:
+        """Replay a fixed workload in every episode: per user, (arrival s, prompt tokens, output
+        tokens) -- e.g. the one a live run served, so simulated and measured latencies are paired.
+        Arrivals and lengths replace the random draws; acceptance stays random. None: back to Poisson."""
+        if schedule is None:
+            self.replay = None
+            return
+        if len(schedule) != self.N:
+            raise ValueError(f"workload schedule has {len(schedule)} users, the scenario {self.N}")
+        w = self.cfg.scenario.workload
+        total = self.horizon * self.ticks
+        arr = torch.zeros(total, self.N, dtype=torch.bool)
+        u = torch.full((total, self.N, 2), 0.5)
+        for n, reqs in enumerate(schedule):
+            for t_s, prompt, out in reqs:
+                g = max(0, math.ceil(t_s * 1000.0 / self.dt) - 1)
+                while g < total and arr[g, n]:
+                    g += 1
+                if g >= total:
+                    continue
+                arr[g, n] = True
+                for j, (x, r) in enumerate(((prompt, w.prompt_tokens), (out, w.output_tokens))):
+                    if not r.low <= x <= r.high:
+                        raise ValueError(f"replayed request length {x} outside the workload's [{r.low}, {r.high}]")
+                    u[g, n, j] = (x - r.low + 0.5) / (r.high - r.low + 1)
+        self.replay = (arr.to(self.device), u.to(self.device))
+
+    def _replay_slot(self, slot: int) -> None:
+        arr, u = self.replay
+        sl = slice(slot * self.ticks, (slot + 1) * self.ticks)
+        a = arr[sl].unsqueeze(1).expand(-1, self.B, -1)
+        self._u_arr = torch.where(a, -1.0, 2.0)
+        self._u_req[..., :2] = u[sl].unsqueeze(1).expand(-1, self.B, -1, -1)
+
     # ------------------------------------------------------------------ stepping
     def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Advance one control slot. Returns (rewards [B, N], truncated [B])."""
@@ -237,6 +274,8 @@ class BatchedSimulator:
         self._u_arr = torch.rand(T, B, N, generator=self.gen, device=self.device)
         self._u_acc = torch.rand(T, B, N, generator=self.gen, device=self.device)
         self._u_req = torch.rand(T, B, N, 3, generator=self.gen, device=self.device)
+        if self.replay is not None:
+            self._replay_slot(int(self.t))
         for k in range(T):
             self._tick(k)
         self._end_slot()
@@ -249,7 +288,7 @@ class BatchedSimulator:
         m = self.m
         phase = self.phase
         # arrivals (Poisson, one Bernoulli per tick)
-        arrive = self._u_arr[k] < self.lam_per_ms * dt
+        arrive = (self._u_arr[k] < self.lam_per_ms * dt) & (now <= self.arrival_stop_ms)
         if bool(arrive.any()):
             room = self.q_len < self.Q
             m["dropped"] += (arrive & ~room).float()

@@ -57,10 +57,19 @@ class DeviceProfile(Strict):
     source: str = ""
 
 
+class TransportCost(Strict):
+    """Software cost of one message beyond the link model (RPC, serialization, event loops):
+    zero for the analytic profiles, measured for a served profile (`marl-sd serve calibrate`)."""
+
+    per_message_ms: float = Field(0.0, ge=0)
+    source: str = ""
+
+
 class LatencyProfile(Strict):
     name: str
     target: TargetProfile
     payload: PayloadSpec = PayloadSpec()
+    transport: TransportCost = TransportCost()
     devices: dict[str, DeviceProfile]
     machine: str | None = None
     measured: dict | None = None

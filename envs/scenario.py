@@ -111,3 +111,23 @@ class Scenario:
             fresh = self.sample_points(tuple(pos.shape[:-1]), gen)
             waypoint = torch.where(arrived.unsqueeze(-1), fresh, waypoint)
         return new, waypoint, step
+
+
+def poisson_schedule(w, n_users: int, duration_s: float, seed: int) -> list[list[tuple[float, int, int]]]:
+    """A concrete workload for a live run: per user, Poisson arrivals over `duration_s` at the
+    workload's rate, with prompt and output lengths uniform over its ranges (numpy, seeded per
+    user). The simulator can replay it (`BatchedSimulator.replay_workload`)."""
+    import numpy as np
+
+    out = []
+    for n in range(n_users):
+        rng = np.random.default_rng([seed, n])
+        reqs, t = [], 0.0
+        while True:
+            t += rng.exponential(1.0 / w.arrival_rate_per_s)
+            if t >= duration_s:
+                break
+            reqs.append((round(float(t), 6), int(rng.integers(w.prompt_tokens.low, w.prompt_tokens.high + 1)),
+                         int(rng.integers(w.output_tokens.low, w.output_tokens.high + 1))))
+        out.append(reqs)
+    return out

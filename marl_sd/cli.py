@@ -237,18 +237,19 @@ def _serve_up(args, run_live) -> int:
     rows = []
     for pol in policies:
         console.print(f"[dim]live run: policy {pol}, {args.duration:.0f} s of arrivals ...[/dim]")
-        rows.append(run_live(args.config, pol, args.duration, args.target, args.draft, args.max_new, args.gamma))
-    sim = {}
+        rows.append(run_live(args.config, pol, args.duration, args.target, args.draft, args.max_new, args.gamma,
+                             detail=args.compare_sim))
+    sim, detail = {}, {}
     if args.compare_sim:
-        from marl_sd.agents.evaluate import run_policy
-        from marl_sd.serving.controller_policy import sim_policy
+        from marl_sd.serving.calibrate import compare_with_sim
 
-        cfg = load_config(args.config)
-        for pol in policies:
-            s, _ = run_policy(cfg, sim_policy(pol, cfg), seed=cfg.seed, episodes=8)
-            sim[pol] = s["latency_per_token_ms"]
+        out_dir = Path(args.out).parent if args.out else Path("runs") / "live"
+        console.print("[dim]simulating each policy with a served profile fitted to the other live runs ...[/dim]")
+        detail = compare_with_sim(args.config, rows, out_dir / "profiles", duration_s=args.duration)
+        sim = {p: d["sim_ms_per_token"] for p, d in detail.items()}
     t = Table(title=f"live serving with the controller ({args.config}, target {args.target}, draft {args.draft})")
-    for c in ("policy", "requests", "ms/token", "sim ms/token", "gap", "TTFT ms", "TPOT ms", "tokens/s", "handovers",
+    for c in ("policy", "requests", "ms/token", "sim ms/token", "gap", "sim, bare profile", "TTFT ms", "TPOT ms",
+              "tokens/s", "handovers",
               "decision p50/p99 ms", "alpha"):
         t.add_column(c, justify="right")
     for r in rows:
@@ -256,14 +257,15 @@ def _serve_up(args, run_live) -> int:
         c = r.get("controller", {})
         gap = (r["latency_per_token_ms"] - sim[p]) / sim[p] if p in sim else float("nan")
         t.add_row(Path(p).name, str(r["requests"]), f"{r['latency_per_token_ms']:.1f}",
-                  f"{sim[p]:.1f}" if p in sim else "-", f"{gap:+.0%}" if p in sim else "-", f"{r['ttft_ms']:.0f}",
+                  f"{sim[p]:.1f}" if p in sim else "-", f"{gap:+.0%}" if p in sim else "-",
+                  f"{detail[p]['base_profile_ms_per_token']:.1f}" if p in detail else "-", f"{r['ttft_ms']:.0f}",
                   f"{r['tpot_ms']:.1f}", f"{r['tokens_per_s']:.1f}", str(r["handovers"]),
                   f"{c.get('p50_ms', float('nan')):.2f}/{c.get('p99_ms', float('nan')):.2f}", f"{r['alpha']:.2f}")
     console.print(t)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps([{k: v for k, v in r.items() if k != "rows"} | {"sim_ms_per_token": sim.get(r["policy"])}
-                                              for r in rows], indent=2, default=float))
+        Path(args.out).write_text(json.dumps([{k: v for k, v in r.items() if k not in ("rows", "server_samples")}
+                                              | {"sim": detail.get(r["policy"])} for r in rows], indent=2, default=float))
     return 0
 
 

@@ -142,3 +142,33 @@ def test_link_emulation_delays():
     assert d1 == pytest.approx(0.001 + 0.005) and d2 == pytest.approx(0.002 + 0.005)
     with pytest.raises(ValueError):
         Link(np.array([-1.0]))
+
+
+def test_paced_verifier_and_drafter_emulate_the_profile(target):
+    """With pacing, every verifier batch cycle lasts at least the profile's T(b, K), draft tokens
+    take at least the device time, output stays lossless, and pre-drafting stops at the result."""
+    import threading
+
+    from marl_sd.envs.profiles import load_profile
+    from marl_sd.serving.launcher import server_status
+
+    verify = load_profile("llama31_8b_a10g_roofline").target.verify
+    with local_servers("tiny:0", 1, extra=["--pace-profile", "llama31_8b_a10g_roofline"]) as (_, (addr,)):
+        drafter = Drafter(load_model("tiny-draft:0:0.15"), pace_ms=5.0)
+        prompt = [3, 1, 4, 1, 5]
+        t0 = time.monotonic()
+        res = asyncio.run(DraftClient(drafter, [addr], gamma=3).generate(prompt, 12))
+        elapsed_ms = (time.monotonic() - t0) * 1000
+        assert res.tokens == reference(target, prompt, 12)
+        samples = server_status(addr, samples=True)["samples"]
+    assert samples and all(cycle >= verify.time_ms(b, k) - 0.5 for b, k, _, cycle in samples)
+    assert elapsed_ms >= len(res.rounds) * verify.t0_ms
+    assert all(r["draft_ms"] >= 5.0 * r["drafted"] - 0.5 for r in res.rounds)
+    # pre-drafting interrupted mid-token: that token is dropped, the finished ones stay
+    d = Drafter(load_model("tiny-draft:0:0.15"), pace_ms=40.0)
+    d.start([1, 2, 3])
+    stop = threading.Event()
+    threading.Timer(0.06, stop.set).start()
+    t0 = time.monotonic()
+    d.extend(10, stop)
+    assert len(d.drafts) == 1 and time.monotonic() - t0 < 0.2

@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,11 +36,13 @@ DEMO_PROMPTS = [
 ]
 
 
-def make_prompts(model_spec: str, n: int, seed: int) -> list[list[int]]:
-    """Token-id prompts: chat prompts for a real model, random ids for tiny test models."""
+def make_prompts(model_spec: str, n: int, seed: int, lengths: list[int] | None = None) -> list[list[int]]:
+    """Token-id prompts: chat prompts for a real model, random ids (of `lengths`, if given) for
+    tiny test models."""
     rng = np.random.default_rng(seed)
     if model_spec.startswith("tiny"):
-        return [rng.integers(0, 512, int(rng.integers(4, 40))).tolist() for _ in range(n)]
+        lens = lengths or [int(rng.integers(4, 40)) for _ in range(n)]
+        return [rng.integers(0, 512, k).tolist() for k in lens]
     from marl_sd.serving.models import load_tokenizer
 
     tok = load_tokenizer(model_spec.replace("-int8", ""))
@@ -134,7 +137,7 @@ async def run_workload(args) -> list[dict]:
             return Link(trace[key][:, args.user, 0], base_ms=args.base_ms, slot_ms=float(trace["slot_ms"]))
         return Link(mbps, base_ms=args.base_ms) if mbps else None
     client = DraftClient(Drafter(model, greedy=not args.sample, temperature=args.temperature, topk=args.topk,
-                                 seed=args.seed), servers, gamma=args.gamma,
+                                 seed=args.seed, pace_ms=args.pace_draft_ms), servers, gamma=args.gamma,
                          uplink=link(args.uplink_mbps, "ul_full_mbps"), downlink=link(args.downlink_mbps, "dl_full_mbps"),
                          predraft=not args.no_predraft)
     agent = None
@@ -143,7 +146,12 @@ async def run_workload(args) -> list[dict]:
                              len(servers))
         reporter = asyncio.ensure_future(agent.run())
     rng = np.random.default_rng(args.seed)
-    if args.duration > 0:  # Poisson arrivals over the duration (requests queue behind each other)
+    new_tokens = None
+    if args.schedule:  # a fixed workload: [arrival s, prompt tokens, output tokens] per request
+        sched = json.loads(Path(args.schedule).read_text())
+        arrivals, new_tokens = [float(x[0]) for x in sched], [int(x[2]) for x in sched]
+        prompts = make_prompts(args.draft, len(sched), args.seed, [int(x[1]) for x in sched])
+    elif args.duration > 0:  # Poisson arrivals over the duration (requests queue behind each other)
         arrivals, t = [], 0.0
         while True:
             t += rng.exponential(1.0 / max(args.rate, 1e-9))
@@ -152,7 +160,8 @@ async def run_workload(args) -> list[dict]:
             arrivals.append(t)
     else:
         arrivals = list(np.cumsum(rng.exponential(1.0 / args.rate, args.requests))) if args.rate > 0 else [0.0] * args.requests
-    prompts = make_prompts(args.draft, len(arrivals), args.seed)
+    if not args.schedule:
+        prompts = make_prompts(args.draft, len(arrivals), args.seed)
     rows = []
     t_start = time.monotonic()
     wall0 = time.time()
@@ -162,7 +171,8 @@ async def run_workload(args) -> list[dict]:
             await asyncio.sleep(wait)
         if agent is not None:
             agent.backlog = sum(1 for a in arrivals[i:] if t_start + a <= time.monotonic())
-        r = await client.generate(prompt, args.max_new, greedy=not args.sample, seed=args.seed * 1000 + i,
+        r = await client.generate(prompt, new_tokens[i] if new_tokens else args.max_new, greedy=not args.sample,
+                                  seed=args.seed * 1000 + i,
                                   eos_id=None if args.ignore_eos else eos_of(model))
         latency_ms = (time.monotonic() - (t_start + arr)) * 1000  # includes waiting behind earlier requests
         if agent is not None:
@@ -174,6 +184,7 @@ async def run_workload(args) -> list[dict]:
         rows.append(row)
     if agent is not None:
         reporter.cancel()
+    await client.close()
     return rows
 
 
@@ -198,12 +209,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--client-id", type=int, default=0)
     p.add_argument("--duration", type=float, default=0.0, help="s of Poisson arrivals at --rate (0: --requests)")
+    p.add_argument("--schedule", help="JSON list of [arrival s, prompt tokens, output tokens]: a fixed workload "
+                                      "(overrides --duration/--requests/--max-new)")
     p.add_argument("--controller", help="controller host:port (live control of gamma, server, shares)")
     p.add_argument("--user", type=int, default=0, help="user index (agent) for the controller and the trace")
     p.add_argument("--trace", help="rate traces (.npz from `marl-sd traces export`) driving the links")
     p.add_argument("--slot-ms", type=float, default=100.0)
     p.add_argument("--power-w", type=float, default=4.5, help="device drafting power reported to the controller")
     p.add_argument("--max-gamma", type=int, default=8)
+    p.add_argument("--pace-draft-ms", type=float, default=0.0,
+                   help="emulate a slower device: each draft token takes at least this long")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

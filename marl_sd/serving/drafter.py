@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,8 +34,10 @@ log = logging.getLogger("marl_sd.drafter")
 
 
 class Drafter:
-    def __init__(self, model, greedy: bool = True, temperature: float = 1.0, topk: int = 8, seed: int = 0):
+    def __init__(self, model, greedy: bool = True, temperature: float = 1.0, topk: int = 8, seed: int = 0,
+                 pace_ms: float = 0.0):
         self.model, self.greedy, self.temperature, self.topk = model, greedy, temperature, topk
+        self.pace_s = pace_ms / 1000.0  # emulated device: each draft token takes at least this long
         self.rng = np.random.default_rng(seed)
         self.seq: list[int] = []
         self.drafts: list[tuple[int, np.ndarray, np.ndarray]] = []
@@ -49,9 +52,11 @@ class Drafter:
         self.cache_tokens = self.seq[:-1]
 
     @torch.no_grad()
-    def extend(self, n: int) -> None:
-        """Draft until `n` tokens are ahead of the committed sequence."""
-        while len(self.drafts) < n:
+    def extend(self, n: int, stop: threading.Event | None = None) -> None:
+        """Draft until `n` tokens are ahead of the committed sequence, or `stop` is set (pre-drafting
+        ends when the round's result arrives; a paced token not finished by then is dropped, as an
+        emulated device would not have produced it yet)."""
+        while len(self.drafts) < n and not (stop is not None and stop.is_set()):
             ctx = self.seq + [d for d, _, _ in self.drafts]
             common = 0
             for a, b in zip(self.cache_tokens, ctx[:-1]):
@@ -73,6 +78,13 @@ class Drafter:
                 ids, pr = top_k_renormalized(probs, self.topk)
                 x = int(ids[sample_weights(pr.astype(np.float64), self.rng)])
             self.drafts.append((x, ids, pr))
+            left = self.pace_s - (time.perf_counter() - t0)
+            if left > 0:
+                if stop is None:
+                    time.sleep(left)
+                elif stop.wait(left):
+                    self.drafts.pop()
+                    return
             ms = (time.perf_counter() - t0) * 1000
             self.ms_per_token = ms if not self.ms_per_token else 0.9 * self.ms_per_token + 0.1 * ms
 
@@ -136,6 +148,24 @@ class DraftClient:
         self.priority = 0
         self.ar_chunk = 8  # gamma = 0: tokens decoded per message by the server
         self.meas = {"acc_hits": 0.0, "acc_trials": 0.0, "remaining": 0, "handovers": 0}
+        self._inflight: tuple[threading.Event, asyncio.Future | None] | None = None
+        self.channels: dict[str, grpc.aio.Channel] = {}
+
+    async def _channel(self, addr: str) -> grpc.aio.Channel:
+        ch = self.channels.get(addr)
+        if ch is None:
+            ch = self.channels[addr] = grpc.aio.insecure_channel(addr, options=grpc_options())
+        await asyncio.wait_for(ch.channel_ready(), 5.0)
+        return ch
+
+    async def _drop_channel(self, addr: str) -> None:
+        ch = self.channels.pop(addr, None)
+        if ch is not None:
+            await ch.close()
+
+    async def close(self) -> None:
+        for addr in list(self.channels):
+            await self._drop_channel(addr)
 
     async def _in_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -150,63 +180,73 @@ class DraftClient:
         await self._in_pool(d.start, list(prompt))
         ttft, failovers, rounds = None, 0, []
         attempts = 0
+        if self.on_round is not None:  # an idle device joins the server chosen for it: no handover
+            await self.on_round(self)
+            if self.switch_to is not None:
+                self.server_idx, self.switch_to = self.switch_to, None
         while len(d.seq) - len(prompt) < max_new_tokens:
             addr = self.servers[self.server_idx % len(self.servers)]
             try:
-                async with grpc.aio.insecure_channel(addr, options=grpc_options()) as ch:
-                    await asyncio.wait_for(ch.channel_ready(), 5.0)
-                    call = ch.stream_stream(f"/{SERVICE}/Session")()  # lives as long as the request
-                    open_msg = P.encode_open(P.OpenMsg(0, np.asarray(d.seq, np.int32), greedy, seed, d.temperature,
-                                                       int(d.model.config.vocab_size)))
-                    await self._link(self.uplink, len(open_msg))
-                    await call.write(open_msg)
-                    ack = P.decode(await asyncio.wait_for(call.read(), self.timeout))
-                    await self._link(self.downlink, 16)
-                    switched = False
-                    while len(d.seq) - len(prompt) < max_new_tokens:
-                        self.meas["remaining"] = max_new_tokens - (len(d.seq) - len(prompt))
-                        if self.on_round is not None:
-                            await self.on_round(self)
-                        if self.switch_to is not None and self.switch_to != self.server_idx % len(self.servers):
-                            self.server_idx, self.switch_to = self.switch_to, None
-                            self.meas["handovers"] += 1
-                            switched = True  # handover: re-open at the new server with the committed context
-                            break
-                        gamma = self.gamma
-                        td = time.monotonic()
-                        drafts, ids, pr = await self._in_pool(d.round, gamma)
-                        draft_ms = (time.monotonic() - td) * 1000
-                        if gamma == 0:  # autoregressive on the server: several tokens per message (streamed)
-                            steps = max(1, min(self.ar_chunk, max_new_tokens - (len(d.seq) - len(prompt))))
-                            ids, pr = np.zeros((0, steps), np.int32), np.zeros((0, steps), np.float32)
-                        elif greedy:
-                            ids, pr = ids[:, :0], pr[:, :0]
-                        msg = P.encode_verify(P.VerifyMsg(ack.session, len(rounds) + 1, np.asarray(drafts, np.int32),
-                                                          ids, pr, self.priority))
-                        tr = time.monotonic()
-                        up_ms = await self._link(self.uplink, len(msg)) * 1000
-                        await call.write(msg)
-                        pre = asyncio.ensure_future(self._in_pool(d.extend, 2 * gamma + 1)) if self.predraft and gamma else None
-                        raw = await asyncio.wait_for(call.read(), self.timeout)  # per-round deadline
-                        if raw == grpc.aio.EOF:
-                            raise ConnectionError("server closed the stream")
-                        res = P.decode(raw)
-                        dn_ms = await self._link(self.downlink, len(raw)) * 1000
-                        if pre is not None:
-                            await pre
-                        kept = d.commit(gamma, res.accepted, res.tokens.tolist())
-                        self._measure(gamma, res.accepted)
-                        if ttft is None:
-                            ttft = (time.monotonic() - t0) * 1000
-                        rounds.append({"gamma": gamma, "accepted": res.accepted, "draft_ms": draft_ms, "uplink_ms": up_ms,
-                                       "downlink_ms": dn_ms, "round_ms": (time.monotonic() - tr) * 1000,
-                                       "verify_ms": res.verify_ms, "queue_ms": res.queue_ms, "batch": res.batch,
-                                       "kept_predraft": kept, "server": addr})
-                        if eos_id is not None and eos_id in res.tokens.tolist():
-                            break
-                    await call.done_writing()
-                    if not switched:
+                ch = await self._channel(addr)  # one connection per server, kept across requests
+                call = ch.stream_stream(f"/{SERVICE}/Session")()  # lives as long as the request
+                open_msg = P.encode_open(P.OpenMsg(0, np.asarray(d.seq, np.int32), greedy, seed, d.temperature,
+                                                   int(d.model.config.vocab_size)))
+                await self._link(self.uplink, len(open_msg))
+                await call.write(open_msg)
+                ack = P.decode(await asyncio.wait_for(call.read(), self.timeout))
+                await self._link(self.downlink, 16)
+                switched = False
+                while len(d.seq) - len(prompt) < max_new_tokens:
+                    self.meas["remaining"] = max_new_tokens - (len(d.seq) - len(prompt))
+                    if self.on_round is not None:
+                        await self.on_round(self)
+                    if self.switch_to is not None and self.switch_to != self.server_idx % len(self.servers):
+                        self.server_idx, self.switch_to = self.switch_to, None
+                        self.meas["handovers"] += 1
+                        switched = True  # handover: re-open at the new server with the committed context
                         break
+                    gamma = self.gamma
+                    td, ahead = time.monotonic(), len(d.drafts)
+                    drafts, ids, pr = await self._in_pool(d.round, gamma)
+                    draft_ms = (time.monotonic() - td) * 1000
+                    drafted = max(0, len(d.drafts) - ahead)
+                    if gamma == 0:  # autoregressive on the server: several tokens per message (streamed)
+                        steps = max(1, min(self.ar_chunk, max_new_tokens - (len(d.seq) - len(prompt))))
+                        ids, pr = np.zeros((0, steps), np.int32), np.zeros((0, steps), np.float32)
+                    elif greedy:
+                        ids, pr = ids[:, :0], pr[:, :0]
+                    msg = P.encode_verify(P.VerifyMsg(ack.session, len(rounds) + 1, np.asarray(drafts, np.int32),
+                                                      ids, pr, self.priority))
+                    tr = time.monotonic()
+                    stop = threading.Event()  # pre-drafting runs from the upload until the result
+                    pre = (asyncio.ensure_future(self._in_pool(d.extend, 2 * gamma + 1, stop))
+                           if self.predraft and gamma else None)
+                    self._inflight = (stop, pre)
+                    up_ms = await self._link(self.uplink, len(msg)) * 1000
+                    await call.write(msg)
+                    raw = await asyncio.wait_for(call.read(), self.timeout)  # per-round deadline
+                    if raw == grpc.aio.EOF:
+                        raise ConnectionError("server closed the stream")
+                    res = P.decode(raw)
+                    dn_ms = await self._link(self.downlink, len(raw)) * 1000
+                    if pre is not None:
+                        stop.set()
+                        await pre
+                    self._inflight = None
+                    kept = d.commit(gamma, res.accepted, res.tokens.tolist())
+                    self._measure(gamma, res.accepted)
+                    if ttft is None:
+                        ttft = (time.monotonic() - t0) * 1000
+                    rounds.append({"gamma": gamma, "accepted": res.accepted, "draft_ms": draft_ms, "drafted": drafted,
+                                   "uplink_ms": up_ms,
+                                   "downlink_ms": dn_ms, "round_ms": (time.monotonic() - tr) * 1000,
+                                   "verify_ms": res.verify_ms, "queue_ms": res.queue_ms, "batch": res.batch,
+                                   "kept_predraft": kept, "server": addr})
+                    if eos_id is not None and eos_id in res.tokens.tolist():
+                        break
+                await call.done_writing()
+                if not switched:
+                    break
             except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError, asyncio.InvalidStateError) as e:
                 code = e.code() if isinstance(e, grpc.aio.AioRpcError) else None
                 if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -215,7 +255,13 @@ class DraftClient:
                 if attempts > 2 * len(self.servers):
                     raise ConnectionError(f"no server reachable after {attempts} attempts: {e}") from e
                 failovers += 1
+                await self._drop_channel(addr)
                 self.server_idx += 1
+                if self._inflight is not None:  # let pre-drafting stop before the drafts are reset
+                    self._inflight[0].set()
+                    if self._inflight[1] is not None:
+                        await self._inflight[1]
+                    self._inflight = None
                 d.drafts = []  # drafts of the interrupted round are re-drafted against the new server
                 log.warning("server %s failed (%s); failing over to %s", addr, code or type(e).__name__,
                             self.servers[self.server_idx % len(self.servers)])

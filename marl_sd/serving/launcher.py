@@ -38,14 +38,14 @@ def local_servers(model: str, n: int = 1, threads: int = 1, timeout_s: float = 1
             p.wait(timeout=10)
 
 
-def server_status(addr: str) -> dict:
+def server_status(addr: str, samples: bool = False) -> dict:
     import grpc
 
     from marl_sd.serving.verifier import SERVICE
 
     async def go():
         async with grpc.aio.insecure_channel(addr) as ch:
-            return json.loads(await ch.unary_unary(f"/{SERVICE}/Status")(b"", timeout=5))
+            return json.loads(await ch.unary_unary(f"/{SERVICE}/Status")(b"samples" if samples else b"", timeout=5))
     return asyncio.run(go())
 
 
@@ -101,15 +101,53 @@ def run_local(target: str, draft: str, n_servers: int, n_clients: int, requests:
     return s
 
 
+def user_devices(cfg) -> list[list[str]]:
+    """Client arguments per user: its device class drawn as the simulator draws it (seed
+    `cfg.seed`), reported power and gamma limit, and with `serving.pace` the class's draft time."""
+    import torch
+
+    from marl_sd.envs.profiles import load_profile
+    from marl_sd.envs.scenario import Scenario
+
+    profile = load_profile(cfg.scenario.profile)
+    scn = Scenario(cfg.scenario, profile)
+    idx = scn.sample_devices(1, torch.Generator().manual_seed(cfg.seed))[0].tolist()
+    out = []
+    for i in idx:
+        d = profile.devices[scn.device_names[i]]
+        args = ["--power-w", str(d.power_w), "--max-gamma", str(min(d.max_gamma, cfg.env.gamma_max))]
+        if cfg.serving.pace:
+            args += ["--pace-draft-ms", str(d.draft_ms_per_token)]
+        out.append(args)
+    return out
+
+
+def latency_per_token(rows: list[dict]) -> float:
+    """Request latency (arrival to last token) summed over requests / tokens summed: the
+    simulator's definition of mean latency per token."""
+    tokens = sum(r["tokens"] for r in rows)
+    return sum(r["latency_ms"] for r in rows) / tokens if tokens else float("nan")
+
+
+def handovers(rows: list[dict]) -> int:
+    """Handovers of all clients (each row carries its client's running count)."""
+    last: dict[int, int] = {}
+    for r in rows:
+        last[r["client"]] = max(last.get(r["client"], 0), int(r.get("handovers", 0)))
+    return sum(last.values())
+
+
 def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: str, max_new: int | None = None,
-             gamma: int = 4, timeout_s: float = 900.0) -> dict:
+             gamma: int = 4, timeout_s: float = 900.0, detail: bool = False) -> dict:
     """The whole live chain on this machine: M verifiers, a controller running `policy` (a bundle
     directory or a heuristic name) and N drafting clients whose links replay Sionna/fast-channel
-    rate traces of the scenario. Returns the summary, including the controller's decision latency."""
+    rate traces of the scenario. Returns the summary, including the controller's decision latency;
+    with `detail`, also per-round timings (in rows) and the verifiers' batch samples."""
     import os
 
     from marl_sd.config import ConfigError, load_config
     from marl_sd.envs.channel.traces import export_traces
+    from marl_sd.envs.scenario import poisson_schedule
 
     cfg = load_config(cfg_path)
     from marl_sd.agents.heuristics import HEURISTICS
@@ -122,7 +160,14 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
     with tempfile.TemporaryDirectory() as tmp:
         tr = Path(tmp) / "traces.npz"
         export_traces(cfg, tr, slots=int((duration_s + 60) * 1000 / cfg.env.slot_ms), seed=cfg.seed)
-        with local_servers(target, M) as (_, addrs):
+        schedule = poisson_schedule(w, N, duration_s, cfg.seed)
+        for c, reqs in enumerate(schedule):
+            (Path(tmp) / f"schedule{c}.json").write_text(json.dumps(reqs))
+        server_extra = ["--window-ms", str(cfg.serving.batch_window_ms)]
+        if cfg.serving.pace:
+            server_extra += ["--pace-profile", cfg.scenario.profile]
+        devices = user_devices(cfg)
+        with local_servers(target, M, extra=server_extra) as (_, addrs):
             pol = ["--bundle", policy] if os.path.isdir(policy) else ["--heuristic", policy]
             ctrl_out = Path(tmp) / "controller.json"
             ctrl_log = open(Path(tmp) / "controller.log", "w+")
@@ -137,11 +182,12 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
                 caddr = f"127.0.0.1:{int(line.split()[1])}"
                 t0 = time.time()
                 rows = run_clients(addrs, draft, N, 0, max_new, gamma, timeout_s=timeout_s, per_client=lambda c: [
-                    "--controller", caddr, "--user", str(c), "--trace", str(tr), "--duration", str(duration_s),
+                    "--controller", caddr, "--user", str(c), "--trace", str(tr),
+                    "--schedule", str(Path(tmp) / f"schedule{c}.json"),
                     "--rate", str(w.arrival_rate_per_s), "--slot-ms", str(cfg.env.slot_ms), "--ignore-eos",
-                    "--max-gamma", str(cfg.env.gamma_max)])
+                    *devices[c], *(["--detail"] if detail else [])])
                 wall = time.time() - t0
-                status = [server_status(a) for a in addrs]
+                status = [server_status(a, samples=detail) for a in addrs]
             finally:
                 import signal
 
@@ -153,8 +199,10 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
             ctrl_stats = json.loads(ctrl_out.read_text()) if ctrl_out.exists() else {}
     s = summarize_rows(rows, wall)
     s.update(policy=policy, controller=ctrl_stats, server_mean_batch=float(np.mean([x["mean_batch"] for x in status])),
-             latency_per_token_ms=float(np.mean([r["latency_per_token_ms"] for r in rows])) if rows else float("nan"),
-             handovers=int(sum(r.get("handovers", 0) for r in rows)), rows=rows)
+             latency_per_token_ms=latency_per_token(rows),
+             handovers=handovers(rows), rows=rows, schedule=schedule)
+    if detail:
+        s["server_samples"] = [x for st in status for x in st.get("samples", [])]
     return s
 
 

@@ -15,6 +15,7 @@ import itertools
 import logging
 import sys
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -35,8 +36,11 @@ def grpc_options(max_message: int = MAX_MESSAGE) -> list[tuple[str, int]]:
 
 
 class Verifier:
-    def __init__(self, engine: VerifierEngine, window_ms: float = 2.0, max_batch: int = 32, token_budget: int = 512):
+    def __init__(self, engine: VerifierEngine, window_ms: float = 2.0, max_batch: int = 32, token_budget: int = 512,
+                 pace=None):
         self.engine = engine
+        # emulated hardware: a TargetProfile whose T(b, K) and prefill cost each forward is padded to
+        self.pace = pace
         self.window = window_ms / 1000.0
         self.max_batch, self.token_budget = max_batch, token_budget
         # verify requests wait in priority order (controller's priority level, then arrival):
@@ -46,15 +50,35 @@ class Verifier:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
         self.ids = itertools.count(1)
         self.stats = {"batches": 0, "batched_items": 0, "sessions_opened": 0, "sessions_closed": 0, "busy_s": 0.0}
+        # recent batches (rows, tokens, forward ms, cycle ms = collection window + forward): what a
+        # served latency profile is fitted to (`marl-sd serve calibrate`)
+        self.samples: deque[tuple[int, int, float, float]] = deque(maxlen=8192)
         self.t_start = time.monotonic()
 
-    async def run_model(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+    async def run_model(self, fn, *args, pace_ms: float = 0.0):
+        """Run `fn` on the model thread; with pacing, the thread stays busy for at least `pace_ms`."""
+        def call():
+            t0 = time.perf_counter()
+            out = fn(*args)
+            left = pace_ms / 1000.0 - (time.perf_counter() - t0)
+            if left > 0:
+                time.sleep(left)
+            return out
+        return await asyncio.get_running_loop().run_in_executor(self.pool, call)
+
+    def verify_pace_ms(self, items: list[VerifyItem]) -> float:
+        if self.pace is None:
+            return 0.0
+        return float(self.pace.verify.time_ms(len(items), sum(len(it.drafts) + 1 for it in items)))
+
+    def prefill_pace_ms(self, n_tokens: int) -> float:
+        return self.pace.prefill.ms_per_token * n_tokens if self.pace is not None else 0.0
 
     async def batcher(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = [(await self.queue.get())[3:]]
+            t_first = time.monotonic()
             tokens = len(batch[0][0].drafts) + 1
             deadline = loop.time() + self.window
             while len(batch) < self.max_batch and tokens < self.token_budget:
@@ -72,7 +96,8 @@ class Verifier:
                 continue
             t0 = time.monotonic()
             try:
-                results = await self.run_model(self.engine.verify, [it for it, _, _ in live])
+                items = [it for it, _, _ in live]
+                results = await self.run_model(self.engine.verify, items, pace_ms=self.verify_pace_ms(items))
             except Exception as e:  # noqa: BLE001 - report to every waiting session
                 for _, fut, _ in live:
                     if not fut.done():
@@ -82,6 +107,8 @@ class Verifier:
             self.stats["batches"] += 1
             self.stats["batched_items"] += len(live)
             self.stats["busy_s"] += dt
+            self.samples.append((len(live), sum(len(it.drafts) + 1 for it, _, _ in live), dt * 1000,
+                                 (time.monotonic() - t_first) * 1000))
             for (it, fut, tq), res in zip(live, results):
                 if not fut.done():
                     fut.set_result((res, dt * 1000, (t0 - tq) * 1000, len(live)))
@@ -103,7 +130,8 @@ class Verifier:
                                             "the pair must share a tokenizer")
                     sid = next(self.ids)
                     try:
-                        await self.run_model(self.engine.open, sid, msg.tokens.tolist(), msg.greedy, msg.temperature, msg.seed)
+                        await self.run_model(self.engine.open, sid, msg.tokens.tolist(), msg.greedy, msg.temperature,
+                                             msg.seed, pace_ms=self.prefill_pace_ms(len(msg.tokens)))
                     except (ValueError, RuntimeError) as e:
                         sid = None
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -140,12 +168,16 @@ class Verifier:
                 log.info("session %d closed (%d open)", sid, len(self.engine.sessions))
 
     async def status(self, request: bytes, context) -> bytes:
+        """Counters; a request body of b"samples" adds the recent per-batch timings."""
         import json
 
         up = time.monotonic() - self.t_start
         s = dict(self.stats, open_sessions=len(self.engine.sessions), uptime_s=up,
                  utilisation=self.stats["busy_s"] / max(up, 1e-9),
-                 mean_batch=self.stats["batched_items"] / max(self.stats["batches"], 1))
+                 mean_batch=self.stats["batched_items"] / max(self.stats["batches"], 1),
+                 window_ms=self.window * 1000)
+        if request == b"samples":
+            s["samples"] = list(self.samples)
         return json.dumps(s).encode()
 
 
@@ -178,10 +210,17 @@ def main(argv=None) -> int:
     p.add_argument("--window-ms", type=float, default=2.0)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--token-budget", type=int, default=512)
+    p.add_argument("--pace-profile", help="emulate the target hardware of this latency profile (name or path): "
+                                          "each forward takes at least the profile's T(b, K) or prefill time")
     a = p.parse_args(argv)
+    pace = None
+    if a.pace_profile:
+        from marl_sd.envs.profiles import load_profile
+
+        pace = load_profile(a.pace_profile).target
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     asyncio.run(serve(a.model, a.host, a.port, a.threads, ready=lambda port: print(f"READY {port}", flush=True),
-                      window_ms=a.window_ms, max_batch=a.max_batch, token_budget=a.token_budget))
+                      window_ms=a.window_ms, max_batch=a.max_batch, token_budget=a.token_budget, pace=pace))
     return 0
 
 

@@ -1,0 +1,151 @@
+"""Served latency profiles: the simulator's cost model fitted to timings measured in live runs.
+
+(And the acceptance rate of the served draft/target pair, which replaces the scenario's task
+mix when the simulator is compared with a live run.)
+
+`marl-sd profile` times bare forward passes; a live run also pays for what surrounds them (the
+verifier's batching window, RPC and serialization, event loops and thread hand-offs, processes
+sharing the cores). This module fits each simulator cost term to the matching measurement of
+the live stack, so `serve up --compare-sim` predicts end-to-end latency from components:
+
+* T(b, K) = t0 + c_b b + c_N max(0, K - knee), fitted to the verifier's per-batch *cycle* time
+  (collection window + forward), averaged per (b, K);
+* the device's draft cost per token = all drafting time of speculative rounds / tokens drafted
+  (thread hand-offs included);
+* the per-message transport cost = half the mean of round time - uplink - downlink - server
+  queue - verify, over speculative rounds (what neither the link emulator nor the server sees).
+
+Prefill cost, payload sizes and the other devices stay as in the base profile.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from copy import deepcopy
+
+import numpy as np
+
+from marl_sd.envs.profiles import LatencyProfile
+from marl_sd.profiler import fit_verify
+
+
+def spec_rounds(rows: list[dict]) -> list[dict]:
+    """Per-round timings of the speculative (gamma > 0) rounds of all requests."""
+    out = []
+    for r in rows:
+        out += [x for x in (r.get("round_detail") or []) if x["gamma"] > 0]
+    return out
+
+
+def measured_acceptance(rows: list[dict]) -> float:
+    """Per-token acceptance over all speculative rounds, counted as the simulator counts it."""
+    rounds = spec_rounds(rows)
+    acc = sum(x["accepted"] for x in rounds)
+    rej = sum(1 for x in rounds if x["accepted"] < x["gamma"])
+    return acc / max(acc + rej, 1)
+
+
+def fit_served_profile(base: LatencyProfile, device_class: str | None, samples: list, rows: list[dict],
+                       name: str, note: str = "") -> dict:
+    """A profile dict (loadable by `load_profile`) from verifier batch samples
+    [(rows, tokens, forward_ms, cycle_ms), ...] and client request rows with round detail.
+    `device_class`: the class whose draft cost is refitted (None: keep the profile's, e.g. when
+    clients are paced to it)."""
+    if len(samples) < 10:
+        raise ValueError(f"need at least 10 verifier batches to fit a served profile, got {len(samples)}")
+    rounds = spec_rounds(rows)
+    if len(rounds) < 10:
+        raise ValueError(f"need at least 10 speculative rounds with timings (clients run with --detail), got {len(rounds)}")
+    groups: dict[tuple[int, int], list[float]] = defaultdict(list)
+    for b, k, _, cycle in samples:
+        groups[(int(b), int(k))].append(float(cycle))
+    grid = [(b, k / b, k, float(np.mean(v))) for (b, k), v in sorted(groups.items())]
+    verify = fit_verify(grid)
+    drafted = sum(x["drafted"] for x in rounds)
+    draft_ms = sum(x["draft_ms"] for x in rounds) / max(drafted, 1)
+    resid = [x["round_ms"] - x["uplink_ms"] - x["downlink_ms"] - x["queue_ms"] - x["verify_ms"] for x in rounds]
+    per_msg = max(0.0, float(np.mean(resid)) / 2)
+    where = f"live serving runs ({note})" if note else "live serving runs"
+    prof = deepcopy(base.model_dump(mode="json"))
+    prof["name"] = name
+    verify["source"] = (f"served: verifier batch cycle (window + forward) in {where}, mean per (b, K) over "
+                        f"{len(samples)} batches in {len(grid)} cells, fit mean |rel. error| {verify['fit_error']}")
+    verify.pop("fit_error_max", None)
+    prof["target"]["verify"] = verify
+    if device_class is not None:
+        dev = prof["devices"][device_class]
+        dev["draft_ms_per_token"] = round(draft_ms, 4)
+        dev["source"] = f"served: drafting time of {len(rounds)} speculative rounds / {drafted} tokens drafted, {where}"
+    prof["transport"] = {"per_message_ms": round(per_msg, 4),
+                         "source": f"served: (round - uplink - downlink - queue - verify) / 2, mean of {len(rounds)} "
+                                   f"speculative rounds, {where}"}
+    prof["measured"] = {"verify_cells": [{"b": b, "K": k, "ms": round(ms, 4), "n": len(groups[(b, k)])}
+                                         for b, _, k, ms in grid],
+                        "round_residual_ms": {"mean": float(np.mean(resid)), "p50": float(np.median(resid)),
+                                              "p90": float(np.percentile(resid, 90))}}
+    return prof
+
+
+def write_profile(prof: dict, path) -> None:
+    import yaml
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(prof, sort_keys=False))
+
+
+def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: float, episodes: int = 8,
+                     drain_s: float = 20.0) -> dict[str, dict]:
+    """Simulate each live run's policy on the same scenario with a served profile fitted to the
+    *other* live runs (held out; its own run only when there is a single one), and with the
+    scenario's own profile for reference. The simulated episodes follow the live protocol: the
+    run's own workload (arrival times and lengths) replayed, arrivals for `duration_s`, then
+    `drain_s` for the queues to empty. Also writes the profile fitted to all runs."""
+    import math
+
+    from pathlib import Path
+
+    from marl_sd.agents.evaluate import run_policy
+    from marl_sd.config import load_config
+    from marl_sd.envs.profiles import load_profile
+    from marl_sd.serving.controller_policy import sim_policy
+
+    cfg = load_config(cfg_path)
+    base = load_profile(cfg.scenario.profile)
+    device = None if cfg.serving.pace else max(cfg.scenario.devices, key=lambda d: d.share).name
+    profile_dir = Path(profile_dir)
+
+    def fit(runs: list[dict], name: str, note: str) -> Path:
+        prof = fit_served_profile(base, device, [x for r in runs for x in r["server_samples"]],
+                                  [x for r in runs for x in r["rows"]], name=name, note=note)
+        path = profile_dir / f"{name}.yaml"
+        write_profile(prof, path)
+        return path
+
+    def simulate(policy: str, profile: str, schedule, alpha: float | None = None) -> dict:
+        """The policy decides exactly as live (built on the scenario's own config); the simulator
+        runs with `profile` and, if given, the measured acceptance of the served model pair."""
+        horizon = math.ceil((duration_s + drain_s) * 1000 / cfg.env.slot_ms)
+        over = [f"scenario.profile={profile}", f"env.horizon={horizon}", f"scenario.workload.arrivals_for_s={duration_s}"]
+        if alpha is not None:
+            over.append(f"scenario.tasks=[{{name: served_pair, alpha: {alpha:.4f}, share: 1.0}}]")
+        s, _ = run_policy(load_config(cfg_path, over), sim_policy(policy, cfg), seed=cfg.seed, episodes=episodes,
+                          schedule=schedule)
+        return s
+
+    names = [Path(r["policy"]).name for r in live]
+    out = {}
+    for i, r in enumerate(live):
+        others = [x for j, x in enumerate(live) if j != i]
+        held_out = bool(others)
+        path = fit(others or [r], f"served_without_{names[i]}" if held_out else f"served_{names[i]}",
+                   ("policies " + ", ".join(names[j] for j in range(len(live)) if j != i)) if held_out
+                   else f"policy {names[i]}, in-sample")
+        alpha = measured_acceptance([x for o in (others or [r]) for x in o["rows"]])
+        served = simulate(r["policy"], str(path), r.get("schedule"), alpha)
+        plain = simulate(r["policy"], cfg.scenario.profile, r.get("schedule"))
+        out[r["policy"]] = {"sim_ms_per_token": served["latency_per_token_ms"], "held_out": held_out,
+                            "profile": str(path), "alpha": alpha, "base_profile_ms_per_token": plain["latency_per_token_ms"],
+                            "sim_ttft_ms": served["ttft_ms"], "sim_tpot_ms": served["tpot_ms"],
+                            "sim_handovers": served["handovers"] / episodes, "sim_requests": served["requests_completed"] / episodes}
+    fit(live, "served", "policies " + ", ".join(names))
+    return out

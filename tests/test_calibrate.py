@@ -1,0 +1,102 @@
+"""Served profiles: the simulator's cost terms fitted to live-run timings."""
+import pytest
+
+from marl_sd.envs.profiles import LatencyProfile, load_profile
+from marl_sd.serving.calibrate import fit_served_profile, write_profile
+
+
+def _round(gamma, drafted, draft_ms, up, dn, queue, verify, extra):
+    return {"gamma": gamma, "drafted": drafted, "draft_ms": draft_ms, "uplink_ms": up, "downlink_ms": dn,
+            "queue_ms": queue, "verify_ms": verify, "round_ms": up + dn + queue + verify + extra}
+
+
+def test_fit_recovers_the_generating_costs(tmp_path):
+    base = load_profile("tiny_cpu")
+    t = lambda b, k: 3.0 + 0.5 * b + 0.02 * k  # noqa: E731
+    samples = [(b, k, t(b, k) - 2.0, t(b, k)) for b in (1, 2, 3, 4) for k in (b * 3, b * 5, b * 9) for _ in range(3)]
+    rows = [{"round_detail": [_round(4, 3, 3 * 1.5, 5.0, 4.5, 1.0, 2.0, 1.2) for _ in range(12)]
+             + [_round(0, 0, 0.1, 4.0, 4.0, 0.5, 6.0, 9.0)]}]
+    prof = fit_served_profile(base, "cpu_tiny_draft", samples, rows, name="served_test")
+    v = prof["target"]["verify"]
+    assert v["t0_ms"] + v["c_b_ms"] * 2 + v["c_n_ms"] * max(0, 10 - v["n_knee"]) == pytest.approx(t(2, 10), rel=0.02)
+    assert prof["devices"]["cpu_tiny_draft"]["draft_ms_per_token"] == pytest.approx(1.5)
+    assert prof["transport"]["per_message_ms"] == pytest.approx(0.6)  # gamma = 0 rounds are not counted
+    assert prof["devices"]["phone_npu_1b"] == base.devices["phone_npu_1b"].model_dump(mode="json")
+    path = tmp_path / "served_test.yaml"
+    write_profile(prof, path)
+    loaded = load_profile(path)
+    assert isinstance(loaded, LatencyProfile) and loaded.transport.per_message_ms == pytest.approx(0.6)
+
+
+def test_fit_refuses_too_little_data():
+    base = load_profile("tiny_cpu")
+    with pytest.raises(ValueError, match="verifier batches"):
+        fit_served_profile(base, "cpu_tiny_draft", [(1, 5, 1.0, 2.0)] * 3, [], name="x")
+    with pytest.raises(ValueError, match="--detail"):
+        fit_served_profile(base, "cpu_tiny_draft", [(1, 5, 1.0, 2.0)] * 30, [{"round_detail": None}], name="x")
+
+
+def test_transport_cost_enters_the_simulator(tmp_path):
+    """A profile's per-message transport cost is added to every message the simulator sends."""
+    from marl_sd.agents.evaluate import run_policy
+    from marl_sd.agents.heuristics import make_heuristic
+    from marl_sd.agents.policy import PolicyContext
+    from marl_sd.config import load_config
+    from marl_sd.envs.core import BatchedSimulator
+
+    prof = load_profile("tiny_cpu").model_dump(mode="json")
+    prof["transport"] = {"per_message_ms": 5.0, "source": "test"}
+    write_profile(prof, tmp_path / "slow.yaml")
+
+    def latency(profile):
+        cfg = load_config("configs/live_cpu.yaml", ["env.horizon=50", f"scenario.profile={profile}"])
+        s, _ = run_policy(cfg, make_heuristic("nearest_g4", PolicyContext.from_config(cfg)), seed=0, episodes=4)
+        return cfg, s["latency_per_token_ms"]
+    cfg, slow = latency(tmp_path / "slow.yaml")
+    assert BatchedSimulator(cfg, num_envs=1).base_lat == pytest.approx(cfg.scenario.channel.base_latency_ms + 5.0)
+    assert slow > latency("tiny_cpu")[1] * 1.2
+
+
+def test_simulator_replays_a_live_workload():
+    """Every replayed request arrives at its time with its lengths, in every episode; then the
+    queues drain (`arrivals_for_s`-style protocol of a live run)."""
+    import torch
+
+    from marl_sd.agents.heuristics import make_heuristic
+    from marl_sd.agents.policy import PolicyContext
+    from marl_sd.config import load_config
+    from marl_sd.envs.core import BatchedSimulator
+    from marl_sd.envs.scenario import poisson_schedule
+
+    cfg = load_config("configs/live.yaml", ["env.horizon=60"])
+    sched = poisson_schedule(cfg.scenario.workload, cfg.scenario.n_users, duration_s=3.0, seed=7)
+    assert sched == poisson_schedule(cfg.scenario.workload, cfg.scenario.n_users, duration_s=3.0, seed=7)
+    n = sum(len(r) for r in sched)
+    assert n > 0
+    sim = BatchedSimulator(cfg, num_envs=3, seed=0)
+    sim.replay_workload(sched)
+    sim.record_requests = True
+    pol = make_heuristic("nearest_g4", PolicyContext.from_config(cfg))
+    arrived = 0.0
+    for _ in range(sim.horizon):
+        sim.step(pol.act(sim.observations(), sim.mask))
+        arrived += float(sim.slot_metrics()["arrived"].sum())
+    assert arrived == 3 * n
+    log = torch.cat(sim.request_log)
+    assert len(log) == 3 * n  # all served within the 6 s episode
+    got = sorted(log[:, 3].long().tolist())
+    want = sorted(out for reqs in sched for _, _, out in reqs) * 3
+    assert got == sorted(want)
+    with pytest.raises(ValueError, match="users"):
+        sim.replay_workload(sched[:2])
+
+
+def test_live_summary_uses_the_simulator_definitions():
+    """Latency per token = summed latency / summed tokens; handovers counted once per client."""
+    from marl_sd.serving.launcher import handovers, latency_per_token
+
+    rows = [{"client": 0, "latency_ms": 100.0, "tokens": 10, "handovers": 1},
+            {"client": 0, "latency_ms": 300.0, "tokens": 10, "handovers": 3},
+            {"client": 1, "latency_ms": 50.0, "tokens": 30, "handovers": 0}]
+    assert latency_per_token(rows) == pytest.approx(450.0 / 50)
+    assert handovers(rows) == 3
