@@ -108,6 +108,8 @@ class ControlAgent:
                     reply = json.loads(await rpc(json.dumps(self.report()).encode(), timeout=self.slot_s))
                     if reply:
                         self.decision = reply
+                        if not self.client.active:  # an idle device re-associates at once, for free
+                            self.client.server_idx = int(reply["server"])
                 except grpc.aio.AioRpcError:
                     self.missed += 1  # controller late or unreachable: keep the last decision
                 await asyncio.sleep(self.slot_s)

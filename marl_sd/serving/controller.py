@@ -262,7 +262,8 @@ async def poll_servers(core: ControllerCore, addrs: list[str]) -> None:
                 down.discard(i)
                 busy = 0.0 if last_busy[i] is None else (st["busy_s"] - last_busy[i]) / core.slot_s
                 last_busy[i] = st["busy_s"]
-                core.report_server(ServerReport(i, int(st["open_sessions"]), 0.0, float(min(max(busy, 0.0), 1.0))))
+                core.report_server(ServerReport(i, int(st["open_sessions"]), float(st.get("queued_tokens", 0.0)),
+                                                float(min(max(busy, 0.0), 1.0))))
             await asyncio.sleep(core.slot_s)
     finally:
         for c in chans:

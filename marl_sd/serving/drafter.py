@@ -150,6 +150,7 @@ class DraftClient:
         self.meas = {"acc_hits": 0.0, "acc_trials": 0.0, "remaining": 0, "handovers": 0}
         self._inflight: tuple[threading.Event, asyncio.Future | None] | None = None
         self.channels: dict[str, grpc.aio.Channel] = {}
+        self.active = False  # a request is being served
 
     async def _channel(self, addr: str) -> grpc.aio.Channel:
         ch = self.channels.get(addr)
@@ -175,6 +176,13 @@ class DraftClient:
 
     async def generate(self, prompt: list[int], max_new_tokens: int, greedy: bool = True, seed: int = 0,
                        eos_id: int | None = None) -> RequestResult:
+        self.active = True
+        try:
+            return await self._generate(prompt, max_new_tokens, greedy, seed, eos_id)
+        finally:
+            self.active = False
+
+    async def _generate(self, prompt, max_new_tokens, greedy, seed, eos_id) -> RequestResult:
         d = self.drafter
         t0 = time.monotonic()
         await self._in_pool(d.start, list(prompt))

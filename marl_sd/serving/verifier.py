@@ -47,6 +47,7 @@ class Verifier:
         # when the token budget binds, higher-priority sessions get into the batch first
         self.queue: asyncio.PriorityQueue = asyncio.PriorityQueue()
         self.seq = itertools.count()
+        self.queued_tokens = 0  # tokens waiting for a batch (the simulator's per-server queue feature)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
         self.ids = itertools.count(1)
         self.stats = {"batches": 0, "batched_items": 0, "sessions_opened": 0, "sessions_closed": 0, "busy_s": 0.0}
@@ -78,6 +79,7 @@ class Verifier:
         loop = asyncio.get_running_loop()
         while True:
             batch = [(await self.queue.get())[3:]]
+            self.queued_tokens -= len(batch[0][0].drafts) + 1
             t_first = time.monotonic()
             tokens = len(batch[0][0].drafts) + 1
             deadline = loop.time() + self.window
@@ -91,6 +93,7 @@ class Verifier:
                     break
                 batch.append(item)
                 tokens += len(item[0].drafts) + 1
+                self.queued_tokens -= len(item[0].drafts) + 1
             live = [(it, fut, t) for it, fut, t in batch if not fut.done() and it.sid in self.engine.sessions]
             if not live:
                 continue
@@ -152,6 +155,7 @@ class Verifier:
                     for _ in range(steps):
                         fut = asyncio.get_running_loop().create_future()
                         now = time.monotonic()
+                        self.queued_tokens += len(item.drafts) + 1
                         await self.queue.put((-msg.priority, now, next(self.seq), item, fut, now))
                         try:
                             (n, tok), v_ms, q_ms, b = await fut
@@ -174,7 +178,7 @@ class Verifier:
         up = time.monotonic() - self.t_start
         s = dict(self.stats, open_sessions=len(self.engine.sessions), uptime_s=up,
                  utilisation=self.stats["busy_s"] / max(up, 1e-9),
-                 mean_batch=self.stats["batched_items"] / max(self.stats["batches"], 1),
+                 mean_batch=self.stats["batched_items"] / max(self.stats["batches"], 1), queued_tokens=self.queued_tokens,
                  window_ms=self.window * 1000)
         if request == b"samples":
             s["samples"] = list(self.samples)
