@@ -89,3 +89,29 @@ class LearnedPolicy(Policy):
         nv = self.ctx.nvec
         a = masked_argmax(logits, m, nv) if self.deterministic else masked_sample(logits, m, nv, self.gen)
         return a.view(*obs.shape[:-1], len(nv))
+
+
+class DelayedPolicy(Policy):
+    """Applies the decision `slots` control slots old, as a live controller does whose decisions
+    reach the devices a report later; a stale sub-action the current mask forbids (a server
+    out of coverage by now) is replaced by the fresh one."""
+
+    def __init__(self, policy: Policy, slots: int):
+        super().__init__(policy.ctx)
+        self.policy, self.slots = policy, slots
+        self.name, self.centralized, self.description = policy.name, policy.centralized, policy.description
+        self.pending: list[torch.Tensor] = []
+
+    def reset(self, seed: int | None = None) -> None:
+        self.policy.reset(seed)
+        self.pending = []
+
+    def act(self, obs, mask):
+        fresh = self.policy.act(obs, mask)
+        self.pending.append(fresh)
+        if len(self.pending) <= self.slots:
+            return fresh
+        stale = self.pending.pop(0)
+        ok = torch.stack([m.gather(-1, stale[..., k: k + 1]).squeeze(-1)
+                          for k, m in enumerate(split_mask(mask, self.ctx.nvec))], -1)
+        return torch.where(ok, stale, fresh)

@@ -209,6 +209,9 @@ class ServingConfig(Strict):
                                           "profile's T(b, K) and prefill time, each user's draft tokens to its "
                                           "device class's draft time")
     batch_window_ms: float = Field(2.0, ge=0, description="verifier micro-batching window")
+    decision_delay_slots: int = Field(1, ge=0, description="slots between the state a live decision is computed "
+                                                           "from and the devices applying it (reports and replies "
+                                                           "are asynchronous); --compare-sim simulates it")
 
 
 class Config(Strict):

@@ -100,3 +100,32 @@ def test_live_summary_uses_the_simulator_definitions():
             {"client": 1, "latency_ms": 50.0, "tokens": 30, "handovers": 0}]
     assert latency_per_token(rows) == pytest.approx(450.0 / 50)
     assert handovers(rows) == 3
+
+
+def test_delayed_policy_applies_stale_decisions_within_the_mask():
+    import torch
+
+    from marl_sd.agents.policy import DelayedPolicy, Policy, PolicyContext
+    from marl_sd.config import load_config
+
+    ctx = PolicyContext.from_config(load_config("configs/live.yaml"))
+
+    class Counter(Policy):
+        def __init__(self, ctx):
+            super().__init__(ctx)
+            self.t = 0
+
+        def act(self, obs, mask):
+            self.t += 1
+            return torch.tensor([[[self.t % 3, 0, 0, self.t]]])
+    nv = ctx.nvec
+    full = torch.ones(1, 1, sum(nv), dtype=torch.bool)
+    pol = DelayedPolicy(Counter(ctx), 1)
+    obs = torch.zeros(1, 1, ctx.spec.obs_dim)
+    assert pol.act(obs, full)[0, 0, 3] == 1  # nothing older yet: the fresh decision
+    assert pol.act(obs, full)[0, 0, 3] == 1  # then always the previous slot's
+    assert pol.act(obs, full)[0, 0, 3] == 2  # t = 3 computed, t = 2 applied
+    forbid = full.clone()
+    forbid[..., 0] = False  # the stale decision (t = 3) chose server 0, out of coverage now
+    a = pol.act(obs, forbid)
+    assert a[0, 0, 0] == 1 and a[0, 0, 3] == 3  # fresh server (t = 4), stale gamma (t = 3)

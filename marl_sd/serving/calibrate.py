@@ -99,12 +99,13 @@ def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: f
     *other* live runs (held out; its own run only when there is a single one), and with the
     scenario's own profile for reference. The simulated episodes follow the live protocol: the
     run's own workload (arrival times and lengths) replayed, arrivals for `duration_s`, then
-    `drain_s` for the queues to empty. Also writes the profile fitted to all runs."""
+    `drain_s` for the queues to empty, and decisions applied `serving.decision_delay_slots` late. Also writes the profile fitted to all runs."""
     import math
 
     from pathlib import Path
 
     from marl_sd.agents.evaluate import run_policy
+    from marl_sd.agents.policy import DelayedPolicy
     from marl_sd.config import load_config
     from marl_sd.envs.profiles import load_profile
     from marl_sd.serving.controller_policy import sim_policy
@@ -128,8 +129,8 @@ def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: f
         over = [f"scenario.profile={profile}", f"env.horizon={horizon}", f"scenario.workload.arrivals_for_s={duration_s}"]
         if alpha is not None:
             over.append(f"scenario.tasks=[{{name: served_pair, alpha: {alpha:.4f}, share: 1.0}}]")
-        s, _ = run_policy(load_config(cfg_path, over), sim_policy(policy, cfg), seed=cfg.seed, episodes=episodes,
-                          schedule=schedule)
+        pol = DelayedPolicy(sim_policy(policy, cfg), cfg.serving.decision_delay_slots)
+        s, _ = run_policy(load_config(cfg_path, over), pol, seed=cfg.seed, episodes=episodes, schedule=schedule)
         return s
 
     names = [Path(r["policy"]).name for r in live]
