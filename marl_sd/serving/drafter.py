@@ -199,10 +199,17 @@ class DraftClient:
                 call = ch.stream_stream(f"/{SERVICE}/Session")()  # lives as long as the request
                 open_msg = P.encode_open(P.OpenMsg(0, np.asarray(d.seq, np.int32), greedy, seed, d.temperature,
                                                    int(d.model.config.vocab_size)))
+                # the first round's drafts are made while the session opens (prompt upload + prefill)
+                warm_stop = threading.Event()
+                warm = asyncio.ensure_future(self._in_pool(d.extend, self.gamma, warm_stop)) if self.gamma else None
+                self._inflight = (warm_stop, warm)
                 await self._link(self.uplink, len(open_msg))
                 await call.write(open_msg)
                 ack = P.decode(await asyncio.wait_for(call.read(), self.timeout))
                 await self._link(self.downlink, 16)
+                if warm is not None:
+                    await warm
+                self._inflight = None
                 switched = False
                 while len(d.seq) - len(prompt) < max_new_tokens:
                     self.meas["remaining"] = max_new_tokens - (len(d.seq) - len(prompt))
