@@ -237,7 +237,7 @@ def _serve_up(args, run_live) -> int:
     rows = []
     for pol in policies:
         console.print(f"[dim]live run: policy {pol}, {args.duration:.0f} s of arrivals ...[/dim]")
-        rows.append(run_live(args.config, pol, args.duration, args.target, args.draft, args.max_new, args.gamma,
+        rows.append(run_live(args.config, pol, args.duration, args.target, args.draft, args.gamma,
                              detail=args.compare_sim))
     sim, detail = {}, {}
     if args.compare_sim:
@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--servers", type=int, default=1)
     sv.add_argument("--clients", type=int, nargs="+", default=[2])
     sv.add_argument("--requests", type=int, default=2, help="requests per client")
-    sv.add_argument("--max-new", type=int, default=None, help="new tokens per request (default 64; up: the scenario's)")
+    sv.add_argument("--max-new", type=int, default=None, help="new tokens per request (default 64; up: the scenario's output lengths)")
     sv.add_argument("--gamma", type=int, default=4)
     sv.add_argument("--uplink-mbps", type=float, default=0.0, help="emulated link rate both ways (0: off)")
     sv.add_argument("--ignore-eos", action="store_true")

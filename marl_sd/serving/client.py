@@ -148,11 +148,11 @@ async def run_workload(args) -> list[dict]:
                              len(servers))
         reporter = asyncio.ensure_future(agent.run())
     rng = np.random.default_rng(args.seed)
-    new_tokens = None
+    new_tokens = prompt_lens = None
     if args.schedule:  # a fixed workload: [arrival s, prompt tokens, output tokens] per request
         sched = json.loads(Path(args.schedule).read_text())
-        arrivals, new_tokens = [float(x[0]) for x in sched], [int(x[2]) for x in sched]
-        prompts = make_prompts(args.draft, len(sched), args.seed, [int(x[1]) for x in sched])
+        arrivals = [float(x[0]) for x in sched]
+        prompt_lens, new_tokens = [int(x[1]) for x in sched], [int(x[2]) for x in sched]
     elif args.duration > 0:  # Poisson arrivals over the duration (requests queue behind each other)
         arrivals, t = [], 0.0
         while True:
@@ -162,8 +162,7 @@ async def run_workload(args) -> list[dict]:
             arrivals.append(t)
     else:
         arrivals = list(np.cumsum(rng.exponential(1.0 / args.rate, args.requests))) if args.rate > 0 else [0.0] * args.requests
-    if not args.schedule:
-        prompts = make_prompts(args.draft, len(arrivals), args.seed)
+    prompts = make_prompts(args.draft, len(arrivals), args.seed, prompt_lens)
     rows = []
     t_start = time.monotonic()
     wall0 = time.time()

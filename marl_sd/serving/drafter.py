@@ -148,9 +148,25 @@ class DraftClient:
         self.priority = 0
         self.ar_chunk = 8  # gamma = 0: tokens decoded per message by the server
         self.meas = {"acc_hits": 0.0, "acc_trials": 0.0, "remaining": 0, "handovers": 0}
-        self._inflight: tuple[threading.Event, asyncio.Future | None] | None = None
+        self._inflight: tuple[threading.Event, asyncio.Future] | None = None  # drafting in the background
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.active = False  # a request is being served
+
+    def _draft_in_background(self, n: int) -> None:
+        """Draft up to `n` tokens ahead on the draft thread while the network is busy (0: none)."""
+        if n:
+            stop = threading.Event()
+            self._inflight = (stop, asyncio.ensure_future(self._in_pool(self.drafter.extend, n, stop)))
+
+    async def _settle_drafting(self, interrupt: bool) -> None:
+        """Wait for background drafting to end; `interrupt` stops it at the current token."""
+        if self._inflight is None:
+            return
+        stop, fut = self._inflight
+        if interrupt:
+            stop.set()
+        await fut
+        self._inflight = None
 
     async def _channel(self, addr: str) -> grpc.aio.Channel:
         ch = self.channels.get(addr)
@@ -200,16 +216,12 @@ class DraftClient:
                 open_msg = P.encode_open(P.OpenMsg(0, np.asarray(d.seq, np.int32), greedy, seed, d.temperature,
                                                    int(d.model.config.vocab_size)))
                 # the first round's drafts are made while the session opens (prompt upload + prefill)
-                warm_stop = threading.Event()
-                warm = asyncio.ensure_future(self._in_pool(d.extend, self.gamma, warm_stop)) if self.gamma else None
-                self._inflight = (warm_stop, warm)
+                self._draft_in_background(self.gamma)
                 await self._link(self.uplink, len(open_msg))
                 await call.write(open_msg)
                 ack = P.decode(await asyncio.wait_for(call.read(), self.timeout))
                 await self._link(self.downlink, 16)
-                if warm is not None:
-                    await warm
-                self._inflight = None
+                await self._settle_drafting(interrupt=False)
                 switched = False
                 while len(d.seq) - len(prompt) < max_new_tokens:
                     self.meas["remaining"] = max_new_tokens - (len(d.seq) - len(prompt))
@@ -233,10 +245,8 @@ class DraftClient:
                     msg = P.encode_verify(P.VerifyMsg(ack.session, len(rounds) + 1, np.asarray(drafts, np.int32),
                                                       ids, pr, self.priority))
                     tr = time.monotonic()
-                    stop = threading.Event()  # pre-drafting runs from the upload until the result
-                    pre = (asyncio.ensure_future(self._in_pool(d.extend, 2 * gamma + 1, stop))
-                           if self.predraft and gamma else None)
-                    self._inflight = (stop, pre)
+                    # pre-drafting runs from the upload until the result
+                    self._draft_in_background(2 * gamma + 1 if self.predraft and gamma else 0)
                     up_ms = await self._link(self.uplink, len(msg)) * 1000
                     await call.write(msg)
                     raw = await asyncio.wait_for(call.read(), self.timeout)  # per-round deadline
@@ -244,10 +254,7 @@ class DraftClient:
                         raise ConnectionError("server closed the stream")
                     res = P.decode(raw)
                     dn_ms = await self._link(self.downlink, len(raw)) * 1000
-                    if pre is not None:
-                        stop.set()
-                        await pre
-                    self._inflight = None
+                    await self._settle_drafting(interrupt=True)
                     kept = d.commit(gamma, res.accepted, res.tokens.tolist())
                     self._measure(gamma, res.accepted)
                     if ttft is None:
@@ -272,11 +279,7 @@ class DraftClient:
                 failovers += 1
                 await self._drop_channel(addr)
                 self.server_idx += 1
-                if self._inflight is not None:  # let pre-drafting stop before the drafts are reset
-                    self._inflight[0].set()
-                    if self._inflight[1] is not None:
-                        await self._inflight[1]
-                    self._inflight = None
+                await self._settle_drafting(interrupt=True)  # before the drafts are reset
                 d.drafts = []  # drafts of the interrupted round are re-drafted against the new server
                 log.warning("server %s failed (%s); failing over to %s", addr, code or type(e).__name__,
                             self.servers[self.server_idx % len(self.servers)])

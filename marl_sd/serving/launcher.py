@@ -137,11 +137,12 @@ def handovers(rows: list[dict]) -> int:
     return sum(last.values())
 
 
-def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: str, max_new: int | None = None,
-             gamma: int = 4, timeout_s: float = 900.0, detail: bool = False) -> dict:
+def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: str, gamma: int = 4,
+             timeout_s: float = 900.0, detail: bool = False) -> dict:
     """The whole live chain on this machine: M verifiers, a controller running `policy` (a bundle
     directory or a heuristic name) and N drafting clients whose links replay Sionna/fast-channel
-    rate traces of the scenario. Returns the summary, including the controller's decision latency;
+    rate traces of the scenario, serving one fixed workload drawn from the scenario's (arrival
+    times, prompt and output lengths; `gamma` holds until the first decision). Returns the summary, including the controller's decision latency;
     with `detail`, also per-round timings (in rows) and the verifiers' batch samples."""
     import os
 
@@ -156,7 +157,6 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
         raise ConfigError(f"policy '{policy}' is neither a bundle directory nor a heuristic ({', '.join(HEURISTICS)})")
     N, M = cfg.scenario.n_users, cfg.scenario.n_servers
     w = cfg.scenario.workload
-    max_new = max_new or w.output_tokens.high
     with tempfile.TemporaryDirectory() as tmp:
         tr = Path(tmp) / "traces.npz"
         export_traces(cfg, tr, slots=int((duration_s + 60) * 1000 / cfg.env.slot_ms), seed=cfg.seed)
@@ -181,10 +181,10 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
                     raise RuntimeError(f"controller did not start:\n{ctrl_log.read()[-2000:]}")
                 caddr = f"127.0.0.1:{int(line.split()[1])}"
                 t0 = time.time()
-                rows = run_clients(addrs, draft, N, 0, max_new, gamma, timeout_s=timeout_s, per_client=lambda c: [
+                rows = run_clients(addrs, draft, N, 0, w.output_tokens.high, gamma, timeout_s=timeout_s, per_client=lambda c: [
                     "--controller", caddr, "--user", str(c), "--trace", str(tr),
                     "--schedule", str(Path(tmp) / f"schedule{c}.json"),
-                    "--rate", str(w.arrival_rate_per_s), "--slot-ms", str(cfg.env.slot_ms), "--ignore-eos",
+                    "--slot-ms", str(cfg.env.slot_ms), "--ignore-eos",
                     *devices[c], *(["--detail"] if detail else [])])
                 wall = time.time() - t0
                 status = [server_status(a, samples=detail) for a in addrs]

@@ -67,10 +67,8 @@ class Verifier:
             return out
         return await asyncio.get_running_loop().run_in_executor(self.pool, call)
 
-    def verify_pace_ms(self, items: list[VerifyItem]) -> float:
-        if self.pace is None:
-            return 0.0
-        return float(self.pace.verify.time_ms(len(items), sum(len(it.drafts) + 1 for it in items)))
+    def verify_pace_ms(self, rows: int, tokens: int) -> float:
+        return float(self.pace.verify.time_ms(rows, tokens)) if self.pace is not None else 0.0
 
     def prefill_pace_ms(self, n_tokens: int) -> float:
         return self.pace.prefill.ms_per_token * n_tokens if self.pace is not None else 0.0
@@ -100,7 +98,8 @@ class Verifier:
             t0 = time.monotonic()
             try:
                 items = [it for it, _, _ in live]
-                results = await self.run_model(self.engine.verify, items, pace_ms=self.verify_pace_ms(items))
+                k = sum(len(it.drafts) + 1 for it in items)
+                results = await self.run_model(self.engine.verify, items, pace_ms=self.verify_pace_ms(len(items), k))
             except Exception as e:  # noqa: BLE001 - report to every waiting session
                 for _, fut, _ in live:
                     if not fut.done():
@@ -110,8 +109,7 @@ class Verifier:
             self.stats["batches"] += 1
             self.stats["batched_items"] += len(live)
             self.stats["busy_s"] += dt
-            self.samples.append((len(live), sum(len(it.drafts) + 1 for it, _, _ in live), dt * 1000,
-                                 (time.monotonic() - t_first) * 1000))
+            self.samples.append((len(live), k, dt * 1000, (time.monotonic() - t_first) * 1000))
             for (it, fut, tq), res in zip(live, results):
                 if not fut.done():
                     fut.set_result((res, dt * 1000, (t0 - tq) * 1000, len(live)))
