@@ -89,6 +89,9 @@ def test_simulator_replays_a_live_workload():
     assert got == sorted(want)
     with pytest.raises(ValueError, match="users"):
         sim.replay_workload(sched[:2])
+    too_long = [[(0.5, 8, 10_000)]] + [[] for _ in range(cfg.scenario.n_users - 1)]
+    with pytest.raises(ValueError, match="outside the workload"):
+        sim.replay_workload(too_long)
 
 
 def test_live_summary_uses_the_simulator_definitions():
