@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEMO_RUN ?= runs/demo
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all wheel-check bench clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q -m ""
+
+# The wheel, installed into a fresh virtualenv outside the checkout, runs the chain from there.
+wheel-check:
+	PYTHON=$(PYTHON) TORCH_SPEC="$(TORCH_SPEC)" bash tests/wheel_smoke.sh
 
 bench: setup
 	$(VENV)/bin/marl-sd bench env

@@ -10,7 +10,7 @@ from gymnasium.utils import EzPickle
 from pettingzoo import ParallelEnv
 
 from marl_sd.config import Config, load_config
-from marl_sd.envs.core import BatchedSimulator, summarize
+from marl_sd.envs.core import USER_METRICS, BatchedSimulator, summarize
 
 
 class MECSpecDecEnv(ParallelEnv, EzPickle):
@@ -54,10 +54,12 @@ class MECSpecDecEnv(ParallelEnv, EzPickle):
         mask = self.sim.mask[0].cpu().numpy()
         infos = {a: {"action_mask": mask[i].copy()} for i, a in enumerate(self.agents)}
         if metrics is not None:
-            env_m = summarize(metrics)
+            # only what the slot defines: a ratio with nothing to divide (no request finished) is
+            # omitted rather than NaN, so infos compare equal across identical runs
+            env_m = {k: v for k, v in summarize(metrics).items() if v == v}
             for i, a in enumerate(self.agents):
                 infos[a]["metrics"] = env_m
-                infos[a]["own"] = {k: float(v[0, i]) for k, v in metrics.items() if v.shape[-1] == self.sim.N}
+                infos[a]["own"] = {k: float(metrics[k][0, i]) for k in USER_METRICS}
         return infos
 
     def reset(self, seed=None, options=None):

@@ -8,13 +8,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(str(files("marl_sd.configs")))  # the shipped YAML (package data), in a wheel or a checkout
 PROFILE_DIR = CONFIG_DIR / "profiles"
 
 
@@ -316,12 +317,25 @@ def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _merge(tree, loaded)
 
 
+def resolve_config_path(path: str | Path) -> Path:
+    """A config path as given if it exists, else the shipped config of that name: `configs/x.yaml`,
+    `x.yaml` and `x` all find `x.yaml` among the package's configs, so commands work outside a checkout."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    rel = p.relative_to("configs") if p.parts[:1] == ("configs",) else p
+    for cand in (CONFIG_DIR / rel, CONFIG_DIR / rel.with_suffix(".yaml")):
+        if not p.is_absolute() and cand.is_file():
+            return cand
+    return p
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (None: the built-in defaults) and apply `a.b=c` overrides."""
     tree: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
-        path = Path(path)
+        path = resolve_config_path(path)
         source = str(path)
         tree = _read_tree(path)
     for ov in overrides or []:

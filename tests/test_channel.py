@@ -10,10 +10,11 @@ from marl_sd.envs.scenario import Scenario, hex_sites
 
 @pytest.fixture(scope="module")
 def sionna_cfg(tmp_path_factory):
-    import os
-
-    os.environ["MARL_SD_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    return load_config(overrides=["scenario.channel.fidelity=sionna", "scenario.channel.bank_size=2048"])
+    """Sionna fidelity with a private, empty cache: each test that needs the bank builds it itself,
+    and the cache variable is restored afterwards (no test depends on another's side effects)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MARL_SD_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield load_config(overrides=["scenario.channel.fidelity=sionna", "scenario.channel.bank_size=2048"])
 
 
 def test_fast_path_matches_sionna(sionna_cfg):

@@ -1,0 +1,1 @@
+"""Shipped scenario configs, training presets and latency profiles (YAML package data)."""
