@@ -76,6 +76,9 @@ class MobilityConfig(Strict):
         return self
 
 
+BS_HEIGHT_M = {"umi": 10.0, "uma": 25.0}  # 3GPP TR 38.901 base-station heights
+
+
 class ChannelConfig(Strict):
     fidelity: Literal["fast", "sionna"] = "fast"
     model: Literal["umi", "uma"] = "umi"
@@ -87,7 +90,8 @@ class ChannelConfig(Strict):
     noise_dbm_hz: float = -174.0
     bs_noise_figure_db: float = 9.0
     ue_noise_figure_db: float = 5.0
-    h_bs_m: float = Field(10.0, gt=0)
+    h_bs_m: float = Field(10.0, gt=0, description="BS height; when not given, the 3GPP value of the model "
+                                                    "(UMi 10 m, UMa 25 m)")
     h_ut_m: float = Field(1.5, gt=0)
     min_distance_m: float = Field(10.0, gt=0)
     coverage_snr_db: float = Field(-5.0, description="wideband UL SNR needed to associate")
@@ -95,6 +99,13 @@ class ChannelConfig(Strict):
     outage_se: float = Field(0.05, ge=0, description="bit/RE floor in outage (repetition + HARQ keep a trickle)")
     fading_subbands: int = Field(16, ge=1)
     bank_size: int = Field(8192, ge=64, description="fading realisations per LoS state (sionna)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bs_height_of_model(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "h_bs_m" not in data:
+            data = {**data, "h_bs_m": BS_HEIGHT_M.get(data.get("model", "umi"), 10.0)}
+        return data
 
 
 class ScenarioConfig(Strict):

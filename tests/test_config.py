@@ -62,3 +62,17 @@ def test_profile_validation(tmp_path):
         from marl_sd.envs.core import BatchedSimulator
 
         BatchedSimulator(load_config(overrides=["scenario.devices=[{name: toaster, share: 1}]"]))
+
+
+def test_bs_height_follows_the_channel_model():
+    assert load_config().scenario.channel.h_bs_m == 10.0
+    assert load_config(overrides=["scenario.channel.model=uma"]).scenario.channel.h_bs_m == 25.0
+    assert load_config(overrides=["scenario.channel.model=uma", "scenario.channel.h_bs_m=30"]).scenario.channel.h_bs_m == 30.0
+
+
+def test_shipped_configs_found_by_name_outside_a_checkout(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: the package's own are used
+    for name in ("configs/smoke.yaml", "smoke.yaml", "smoke"):
+        assert load_config(name).name == "smoke"
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("configs/nope.yaml")

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from marl_sd.config import ChannelConfig
+from marl_sd.config import BS_HEIGHT_M, ChannelConfig
 from marl_sd.envs.channel.fast import FastChannel
 from marl_sd.envs.channel.phy import PhyTable
 
 log = logging.getLogger(__name__)
 BANK_VERSION = 1
 SIM_SINR_MIN_DB = -5.0  # lowest SINR of every bundled BLER curve: no extrapolation below
-H_BS = {"umi": 10.0, "uma": 25.0}
+H_BS = BS_HEIGHT_M
 
 
 def cache_dir() -> Path:
