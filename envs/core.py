@@ -9,10 +9,24 @@ with a fine tick (`tick_ms`, default 1 ms). Per user, a phase machine runs the S
 
 gamma = 0 means autoregressive decoding on the server: the user re-queues right after each
 verify step (tokens stream down) until the last token, which is sent on the downlink.
-While a round is in flight the device pre-drafts the next round; the pre-drafted tokens are
-kept only if the round was fully accepted. Servers batch every queued user whenever they are
-free (continuous batching) under a verify token budget, admitting higher priority bids first,
-and a batch takes T(b, K) + prefill from the latency profile. Acceptance is sampled per token.
+Servers batch every queued user whenever they are free (continuous batching) under a verify
+token budget, admitting higher priority bids first, and a batch takes T(b, K) + prefill from the
+latency profile.
+
+Fidelity to the serving client (`marl_sd/serving/drafter.py`):
+- The first round of a request opens the session (prompt upload, prefill, an acknowledgement,
+  no token); the device drafts the first gamma tokens meanwhile and uploads them once the ack is
+  in and they are all drafted.
+- Acceptance is a property of the text: at arrival every request draws its match pattern over
+  output positions (position i matches with probability alpha), and a round drafting positions
+  p..p+gamma-1 accepts the leading matches. Policy, gamma and timing cannot change it.
+- Pre-drafting (`env.predraft`): while a round is in flight the device drafts whole tokens, up to
+  gamma + 1 past the uploaded ones. They are kept only if the round was fully accepted and the
+  first of them equals the target's bonus token (pattern at position p+gamma); that token is
+  used up as the bonus, so the next round starts with the rest.
+- Timing is exact inside the 1 ms tick: the part of a tick left after a stage ends goes to the
+  next stage (a negative timer is the time elapsed since its stage ended), so a round lasts the
+  sum of its stage times. Interactions (batch formation) still happen on the tick grid.
 """
 from __future__ import annotations
 
@@ -40,10 +54,29 @@ SERVER_METRICS = ("batches", "batch_users", "batch_tokens", "busy_ms")
 # tensors that make up the simulator state (for get_state / set_state)
 STATE = ("pos", "waypoint", "speed", "dev", "draft_ms", "power_w", "max_gamma", "phase", "timer",
          "bytes_left", "gamma_cur", "gamma_next", "server", "target", "bid_w", "prio_w", "q_len",
-         "requests", "q_head", "remaining", "out_len", "ctx", "alpha", "first_tok", "prefill",
-         "first_round", "handover_bytes", "predraft", "full_accept", "queued_at", "acc_hits",
-         "acc_trials", "tok_latency", "ul_activity", "ul_rate", "dl_rate", "srv_left",
-         "srv_active", "srv_busy_frac", "outstanding_last", "now", "t")
+         "requests", "pattern", "q_head", "remaining", "out_len", "ctx", "alpha", "cur_pattern", "first_tok",
+         "prefill", "first_round", "handover_bytes", "keep_predraft", "extra_ahead", "open_gamma", "sent_at",
+         "queued_at", "acc_hits", "acc_trials", "tok_latency", "ul_activity", "ul_rate", "dl_rate", "srv_left",
+         "srv_active", "srv_free_at", "srv_busy_frac", "outstanding_last", "now", "t")
+
+
+def drafts_after_round(extra: torch.Tensor, gamma: torch.Tensor, flight_ms: torch.Tensor, draft_ms: torch.Tensor,
+                       keep: torch.Tensor, predraft: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The drafting client's pre-drafting rule (`Drafter.commit`), for tensors of rounds.
+
+    A round uploaded `gamma` drafts with `extra` more already drafted past them; while it was in
+    flight for `flight_ms` the device drafted whole tokens up to gamma + 1 past the uploaded ones
+    (none in an autoregressive round, gamma = 0).
+    `keep`: the round was fully accepted and the first draft past it equals the target's bonus
+    token. Then that token is used up as the bonus and the rest start the next round.
+    Returns (drafts ahead of the committed text, ms spent drafting in flight)."""
+    if predraft:
+        room = ((gamma + 1 - extra) * (gamma > 0)).clamp(min=0)  # no pre-drafting for gamma = 0
+        made = extra + torch.minimum(torch.floor(flight_ms / draft_ms), room)
+        drafted_ms = torch.minimum(flight_ms, room * draft_ms)
+    else:
+        made, drafted_ms = extra, torch.zeros_like(flight_ms)
+    return torch.where(keep & (made >= 1), made - 1, 0), drafted_ms
 
 
 class ActionError(ValueError):
@@ -69,6 +102,10 @@ class BatchedSimulator:
         self.mask_offsets = [0, *torch.tensor(self.nvec).cumsum(0).tolist()[:-1]]
         w = cfg.scenario.workload
         self.Q = w.queue_capacity
+        self.G = e.gamma_max + 1
+        self._g_range = torch.arange(self.G, device=self.device)
+        self.L = w.output_tokens.high + self.G  # match-pattern positions: output + a full draft past its end
+        self.predraft_on = e.predraft
         self.spec = ObsSpec.from_config(cfg)
         self.obs_builder = ObservationBuilder(self.spec)
         self.obs_dim, self.state_dim = self.spec.obs_dim, self.spec.state_dim
@@ -85,9 +122,11 @@ class BatchedSimulator:
         self.lam_per_ms = w.arrival_rate_per_s / 1000.0
         self.arrival_stop_ms = math.inf if w.arrivals_for_s is None else w.arrivals_for_s * 1000.0
         self.ue_tx_w = 10 ** (cfg.scenario.channel.ue_tx_dbm / 10) / 1000.0
+        self.ue_tx_kw = self.ue_tx_w / 1000.0  # joules per ms of transmission
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(cfg.seed if seed is None else int(seed))
         self.record_requests = False
+        self.round_trace: list[torch.Tensor] | None = None  # set to [] to record (env, user, position, gamma, accepted)
         self.replay = None
         self.request_log: list[torch.Tensor] = []
         self.reset()
@@ -124,6 +163,8 @@ class BatchedSimulator:
         self.prio_w = torch.ones(B, N, device=self.device)
         self.q_len = self._zeros(B, N, dtype=long)
         self.requests = self._zeros(B, N, self.Q, 4)  # queued requests: prompt, output, alpha, arrival ms
+        self.pattern = self._zeros(B, N, self.Q, self.L, dtype=torch.bool)  # per request: draft matches at position i
+        self.cur_pattern = self._zeros(B, N, self.L, dtype=torch.bool)  # the request in service
         self.q_head = self._zeros(B, N, dtype=long)
         self.remaining = self._zeros(B, N, dtype=long)
         self.out_len = self._zeros(B, N, dtype=long)
@@ -133,8 +174,10 @@ class BatchedSimulator:
         self.prefill = self._zeros(B, N)
         self.first_round = self._zeros(B, N, dtype=torch.bool)
         self.handover_bytes = self._zeros(B, N)
-        self.predraft = self._zeros(B, N)
-        self.full_accept = self._zeros(B, N, dtype=torch.bool)
+        self.keep_predraft = self._zeros(B, N, dtype=torch.bool)  # round fully accepted and bonus == first pre-draft
+        self.extra_ahead = self._zeros(B, N, dtype=long)  # drafts past the uploaded gamma when the round was sent
+        self.open_gamma = self._zeros(B, N, dtype=long)  # gamma drafted while the session opens
+        self.sent_at = self._zeros(B, N)  # when the in-flight round (or the session open) left the device
         self.queued_at = self._zeros(B, N)
         self.acc_hits = self._zeros(B, N)
         self.acc_trials = self._zeros(B, N)
@@ -142,6 +185,7 @@ class BatchedSimulator:
         self.ul_activity = self._zeros(B, N)
         self.srv_left = self._zeros(B, M)
         self.srv_active = self._zeros(B, M, dtype=torch.bool)
+        self.srv_free_at = self._zeros(B, M)
         self.srv_busy_frac = self._zeros(B, M)
         self.outstanding_last = self._zeros(B, N)
         self.now = torch.zeros((), device=self.device)
@@ -152,14 +196,7 @@ class BatchedSimulator:
 
     def _derive(self) -> None:
         """Per-user constants derived from the device class (not part of the saved state)."""
-        self.draft_per_tick = self.dt / self.draft_ms
-        self.draft_j_per_tick = self.power_w * self.dt / 1000.0
-        self.tx_j_per_tick = self.ue_tx_w * self.dt / 1000.0
-
-    @property
-    def pipelined(self) -> torch.Tensor:
-        """Users whose in-flight round lets the device pre-draft the next one."""
-        return (self.gamma_cur > 0) & ~self.first_round
+        self.power_kw = self.power_w / 1000.0  # joules per ms of drafting
 
     def get_state(self) -> dict:
         st = {k: getattr(self, k).clone() for k in STATE}
@@ -272,7 +309,6 @@ class BatchedSimulator:
         self._update_rates()
         T, B, N = self.ticks, self.B, self.N
         self._u_arr = torch.rand(T, B, N, generator=self.gen, device=self.device)
-        self._u_acc = torch.rand(T, B, N, generator=self.gen, device=self.device)
         self._u_req = torch.rand(T, B, N, 3, generator=self.gen, device=self.device)
         if self.replay is not None:
             self._replay_slot(int(self.t))
@@ -286,98 +322,133 @@ class BatchedSimulator:
         self.now = self.now + dt
         now = self.now
         m = self.m
-        phase = self.phase
-        # arrivals (Poisson, one Bernoulli per tick)
+        # arrivals (Poisson, one Bernoulli per tick); each request draws its match pattern now
         arrive = (self._u_arr[k] < self.lam_per_ms * dt) & (now <= self.arrival_stop_ms)
         if bool(arrive.any()):
-            room = self.q_len < self.Q
-            m["dropped"] += (arrive & ~room).float()
-            ok = arrive & room
-            m["arrived"] += ok
-            req = torch.cat([self.scn.requests_from_uniform(self._u_req[k], self.dev),
-                             now.expand(self.B, self.N, 1)], -1)
-            slot = ((self.q_head + self.q_len) % self.Q).view(self.B, self.N, 1, 1).expand(-1, -1, 1, 4)
-            old = self.requests.gather(2, slot)
-            self.requests.scatter_(2, slot, torch.where(ok.view(self.B, self.N, 1, 1), req.unsqueeze(2), old))
-            self.q_len = self.q_len + ok.long()
-            start = (phase == IDLE) & ok
-            if bool(start.any()):
-                self._start_request(start)
-                phase = self.phase
-        # progress: drafting timers, transfers (bytes, then base latency), pre-drafting
+            self._arrivals(arrive, k)
+        phase = self.phase
+        # progress: drafting, transfers (bytes, then base latency); a stage that ends inside the
+        # tick hands the rest of the tick to the next stage
         drafting = phase == DRAFT
         is_up = phase == UPLINK
         xfer = is_up | (phase == DOWNLINK)
+        draft_busy = drafting * self.timer.clamp(0.0, dt)
         sending = xfer & (self.bytes_left > 0)
         rate = torch.where(is_up, self.ul_rate, self.dl_rate)
-        self.bytes_left = self.bytes_left - sending * rate * dt
-        self.timer = self.timer - (drafting | (xfer & ~sending)) * dt
-        air = sending & is_up
-        pre = (phase >= UPLINK) & self.pipelined & (self.predraft < self.gamma_cur)
-        self.predraft = self.predraft + pre * self.draft_per_tick
-        m["energy_j"] += (drafting | pre) * self.draft_j_per_tick + air * self.tx_j_per_tick
-        m["airtime_ms"] += air * dt
+        left = self.bytes_left - sending * rate * dt  # <= 0 only for a finished transfer
+        used = sending * dt - (-left).clamp(min=0.0) / rate  # tick time spent sending
+        self.bytes_left = left.clamp(min=0.0)
+        self.timer = self.timer - (xfer | drafting) * dt + used  # base latency runs after the last byte
+        air = is_up * used
+        m["energy_j"] += draft_busy * self.power_kw + air * self.ue_tx_kw
+        m["airtime_ms"] += air
         # completions
         done = drafting & (self.timer <= 0)
         if bool(done.any()):
+            ov = -self.timer
             self.phase = torch.where(done, UPLINK, self.phase)
-            self.bytes_left = torch.where(done, self.header + self.gamma_cur * self.draft_bytes_per_token
-                                          + self.handover_bytes, self.bytes_left)
+            self.sent_at = torch.where(done, now - ov, self.sent_at)
+            self._begin_transfer(done, self.header + self.gamma_cur * self.draft_bytes_per_token + self.handover_bytes,
+                                 ov, self.ul_rate, uplink=True)
             self.handover_bytes = torch.where(done, 0.0, self.handover_bytes)
-            self.timer = torch.where(done, self.base_lat, self.timer)
         arrived = xfer & (self.bytes_left <= 0) & (self.timer <= 0)
+        down_done = None
         if bool(arrived.any()):
-            done = arrived & is_up
-            self.phase = torch.where(done, QUEUED, self.phase)
-            self.queued_at = torch.where(done, now, self.queued_at)
+            up_done = arrived & is_up
+            self.phase = torch.where(up_done, QUEUED, self.phase)
+            self.queued_at = torch.where(up_done, now + self.timer, self.queued_at)
             down_done = arrived & ~is_up
-        else:
-            down_done = None
+            down_ov = -self.timer
         # servers: finish batches, then batch whoever is queued at a free server
         if bool(self.srv_active.any()):
-            self.srv_left = self.srv_left - self.srv_active * dt
-            self.ms["busy_ms"] += self.srv_active * dt
-            fin = self.srv_active & (self.srv_left <= 0)
+            act = self.srv_active
+            self.ms["busy_ms"] += act * self.srv_left.clamp(0.0, dt)
+            self.srv_left = self.srv_left - act * dt
+            fin = act & (self.srv_left <= 0)
             if bool(fin.any()):
-                self.srv_active = self.srv_active & ~fin
+                self.srv_active = act & ~fin
+                self.srv_free_at = torch.where(fin, now + self.srv_left, self.srv_free_at)
                 users = (self.phase == VERIFY) & fin.gather(1, self.server)
-                self._complete_verify(users, k)
+                self._complete_verify(users, -self.srv_left.gather(1, self.server))
         queued = self.phase == QUEUED
         if bool(queued.any()):
             elig = queued & (~self.srv_active).gather(1, self.server)
             if bool(elig.any()):
                 self._form_batches(elig)
         if down_done is not None and bool(down_done.any()):
-            self._round_boundary(down_done)
+            self._round_boundary(down_done, down_ov)
         m["outstanding_ms"] += self.q_len * dt
+
+    def _arrivals(self, arrive: torch.Tensor, k: int) -> None:
+        """Queue the requests arriving this tick; each draws its match pattern, dropped ones too, so
+        the random stream does not depend on the policy (common random numbers)."""
+        m, now = self.m, self.now
+        room = self.q_len < self.Q
+        m["dropped"] += (arrive & ~room).float()
+        ok = arrive & room
+        m["arrived"] += ok
+        attrs = self.scn.requests_from_uniform(self._u_req[k], self.dev)
+        at = now - self.dt  # arrivals happen at the start of the tick; their upload runs in it
+        req = torch.cat([attrs, at.expand(self.B, self.N, 1)], -1)
+        slot = (self.q_head + self.q_len) % self.Q
+        idx = slot.view(self.B, self.N, 1, 1).expand(-1, -1, 1, 4)
+        old = self.requests.gather(2, idx)
+        self.requests.scatter_(2, idx, torch.where(ok.view(self.B, self.N, 1, 1), req.unsqueeze(2), old))
+        bi, ui = arrive.nonzero(as_tuple=True)
+        u = torch.rand(len(bi), self.L, generator=self.gen, device=self.device)
+        pat = u < attrs[bi, ui, 2].unsqueeze(-1)
+        keep = ok[bi, ui]
+        self.pattern[bi[keep], ui[keep], slot[bi, ui][keep]] = pat[keep]
+        self.q_len = self.q_len + ok.long()
+        start = (self.phase == IDLE) & ok
+        if bool(start.any()):
+            self._start_request(start, torch.zeros_like(self.timer), at)
+
+    def _begin_transfer(self, who: torch.Tensor, nbytes: torch.Tensor, spent: torch.Tensor, rate: torch.Tensor,
+                        uplink: bool = False) -> None:
+        """Start sending `nbytes` (then the base latency) for `who`, `spent` ms after the stage began
+        (the rest of the tick in which the previous stage ended)."""
+        t_bytes = nbytes / rate
+        self.bytes_left = torch.where(who, (nbytes - rate * spent).clamp(min=0.0), self.bytes_left)
+        self.timer = torch.where(who, self.base_lat - (spent - t_bytes).clamp(min=0.0), self.timer)
+        if uplink:
+            air = who * torch.minimum(spent, t_bytes)
+            self.m["airtime_ms"] += air
+            self.m["energy_j"] += air * self.ue_tx_kw
 
     def _head_request(self) -> torch.Tensor:
         """[B, N, 4] the request at the head of each user's queue."""
         return self.requests.gather(2, self.q_head.view(self.B, self.N, 1, 1).expand(-1, -1, 1, 4)).squeeze(2)
 
-    def _start_request(self, start: torch.Tensor) -> None:
+    def _start_request(self, start: torch.Tensor, spent: torch.Tensor, at: torch.Tensor | None = None) -> None:
+        """Open a session for the head request (`spent` ms into its upload, started at `at`): upload
+        the prompt while drafting the first round."""
         head = self._head_request()
         prompt, out, alpha = head[..., 0].long(), head[..., 1].long(), head[..., 2]
         w = lambda new, old: torch.where(start, new, old)  # noqa: E731
         self.server = w(self.target, self.server)
         self._gather_rates()
         self.phase = w(torch.full_like(self.phase, UPLINK), self.phase)
-        self.bytes_left = w(self.header + prompt.float() * self.id_bytes, self.bytes_left)
-        self.timer = w(torch.full_like(self.timer, self.base_lat), self.timer)
+        self._begin_transfer(start, self.header + prompt.float() * self.id_bytes, spent, self.ul_rate, uplink=True)
+        self.sent_at = w(self.now - spent if at is None else at, self.sent_at)
         self.prefill = w(prompt.float(), self.prefill)
         self.first_round = self.first_round | start
         self.gamma_cur = w(torch.zeros_like(self.gamma_cur), self.gamma_cur)
+        self.open_gamma = w(torch.minimum(self.gamma_next, self.max_gamma), self.open_gamma)
         self.remaining = w(out, self.remaining)
         self.out_len = w(out, self.out_len)
         self.ctx = w(prompt, self.ctx)
         self.alpha = w(alpha, self.alpha)
+        bi, ui = start.nonzero(as_tuple=True)
+        self.cur_pattern[bi, ui] = self.pattern[bi, ui, self.q_head[bi, ui]]
         self.first_tok = w(torch.full_like(self.first_tok, -1.0), self.first_tok)
-        self.predraft = w(torch.zeros_like(self.predraft), self.predraft)
-        self.full_accept = self.full_accept & ~start
+        self.keep_predraft = self.keep_predraft & ~start
+        self.extra_ahead = w(torch.zeros_like(self.extra_ahead), self.extra_ahead)
         self.handover_bytes = w(torch.zeros_like(self.handover_bytes), self.handover_bytes)
 
     def _form_batches(self, elig: torch.Tensor) -> None:
-        """Continuous batching at every free server, under the verify token budget."""
+        """Continuous batching at every free server, under the verify token budget. A batch starts
+        when both the server and its last admitted user were ready (inside the tick)."""
         k_tok = (self.gamma_cur + 1).float()
         zeros = self._zeros(self.B, self.M)
         budget = float(self.cfg.scenario.verify_token_budget)
@@ -391,10 +462,14 @@ class BatchedSimulator:
         b = zeros.scatter_add(1, self.server, af)
         kk = zeros.scatter_add(1, self.server, af * k_tok)
         pf = zeros.scatter_add(1, self.server, af * self.prefill)
+        ready = zeros.scatter_reduce(1, self.server, torch.where(admit, self.queued_at, -math.inf), "amax")
+        begin = torch.maximum(ready, self.srv_free_at)
         start = b > 0
         t = self.verify.time_ms(b, kk) + self.prefill_ms * pf
-        self.srv_left = torch.where(start, t, self.srv_left)
+        already = (self.now - begin).clamp(min=0.0)
+        self.srv_left = torch.where(start, t - already, self.srv_left)
         self.srv_active = self.srv_active | start
+        self.ms["busy_ms"] += start * torch.minimum(already, t)
         self.ms["batches"] += start.float()
         self.ms["batch_users"] += b
         self.ms["batch_tokens"] += kk
@@ -411,42 +486,49 @@ class BatchedSimulator:
         before = (ahead.float() * k_tok.unsqueeze(1)).sum(-1)
         return elig & ((before + k_tok <= budget) | (before == 0))
 
-    def _complete_verify(self, users: torch.Tensor, k: int) -> None:
-        first = self.first_round
-        u = self._u_acc[k].clamp(min=1e-12)
-        geo = torch.floor(torch.log(u) / torch.log(self.alpha.clamp(1e-6, 1 - 1e-6)))
-        n = torch.minimum(geo, self.gamma_cur.float()).long()
-        n = torch.where(first, 0, n)
-        emitted = n + 1
+    def _complete_verify(self, users: torch.Tensor, spent: torch.Tensor) -> None:
+        """A batch is done (`spent` ms ago): accept each round's leading matches of the request's
+        pattern, then send the result down (or, for gamma = 0, stream the token and re-queue)."""
+        first = self.first_round  # a session open: gamma_cur is 0 and no token comes back
+        g = self.gamma_cur
+        done_pos = self.out_len - self.remaining  # output position of the round's first draft
+        win = self.cur_pattern.gather(2, done_pos.unsqueeze(-1) + self._g_range)  # [B, N, G]: p .. p + gamma_max
+        n = win.long().cumprod(-1).sum(-1).minimum(g)  # leading matches, at most gamma
+        bonus_match = win.gather(2, g.unsqueeze(-1)).squeeze(-1)
+        if self.round_trace is not None:
+            bi, ui = (users & (g > 0)).nonzero(as_tuple=True)
+            self.round_trace.append(torch.stack([bi, ui, done_pos[bi, ui], g[bi, ui], n[bi, ui]], -1))
+        emitted = (n + 1) * ~first
         produced = torch.minimum(emitted, self.remaining)
         uf = users.float()
-        spec = users & ~first & (self.gamma_cur > 0)
+        spec = users & (g > 0)
         sf, nf = spec.float(), n.float()
-        rej = (n < self.gamma_cur).float()
+        rej = (n < g).float()
         self._acc_user[self._verify_slice] += torch.stack(
-            [sf * nf, sf * rej, sf * self.gamma_cur, uf * ~first, sf, uf * produced])
+            [sf * nf, sf * rej, sf * g, uf * ~first, sf, uf * produced])
         self.acc_hits, self.acc_trials = update_acceptance(self.acc_hits, self.acc_trials, nf, rej, sf)
         self.remaining = torch.where(users, self.remaining - produced, self.remaining)
         self.ctx = torch.where(users, self.ctx + produced, self.ctx)
-        self.full_accept = torch.where(users, spec & (n == self.gamma_cur), self.full_accept)
+        self.keep_predraft = torch.where(users, spec & (n == g) & bonus_match, self.keep_predraft)
         self.prefill = torch.where(users, 0.0, self.prefill)
-        stream = users & ~first & (self.gamma_cur == 0) & (self.remaining > 0)
+        stream = users & ~first & (g == 0) & (self.remaining > 0)
         down = users & ~stream
         self.phase = torch.where(down, DOWNLINK, self.phase)
-        self.bytes_left = torch.where(down, self.header + emitted.float() * self.id_bytes, self.bytes_left)
-        self.timer = torch.where(down, self.base_lat, self.timer)
+        self._begin_transfer(down, self.header + emitted.float() * self.id_bytes, spent, self.dl_rate)
         if bool(stream.any()):
-            self._round_boundary(stream)
+            self._round_boundary(stream, spent)
 
-    def _round_boundary(self, users: torch.Tensor) -> None:
-        """A round's result is at the device: finish the request or start the next round."""
-        now = self.now
-        ttft = users & self.first_round
-        self.first_tok = torch.where(ttft, now, self.first_tok)
+    def _round_boundary(self, users: torch.Tensor, spent: torch.Tensor) -> None:
+        """A round's result is at the device (`spent` ms ago): finish the request or start the next
+        round, with the drafts kept from pre-drafting (the client's rule)."""
+        at = self.now - spent
+        emitted_any = users & (self.first_tok < 0) & (self.out_len > self.remaining)
+        self.first_tok = torch.where(emitted_any, at, self.first_tok)
+        opened = users & self.first_round
         self.first_round = self.first_round & ~users
         fin = users & (self.remaining <= 0)
         if bool(fin.any()):
-            self._complete_requests(fin)
+            self._complete_requests(fin, spent)
         cont = users & ~fin
         if not bool(cont.any()):
             return
@@ -458,23 +540,41 @@ class BatchedSimulator:
             self.handover_bytes = torch.where(ho, self.ctx.float() * self.id_bytes, self.handover_bytes)
             self.prefill = torch.where(ho, self.ctx.float(), self.prefill)
             self.m["handovers"] += ho.float()
-        kept = torch.where(self.full_accept, torch.minimum(self.predraft, gamma.float()), 0.0)
+        t_d = self.draft_ms
+        flight = at - self.sent_at
+        ahead, drafted_ms = drafts_after_round(self.extra_ahead, self.gamma_cur, flight, t_d, self.keep_predraft,
+                                               self.predraft_on)
+        wait = None
+        if bool(opened.any()):
+            # session open: the first round's open_gamma drafts were made meanwhile; the client
+            # waits for all of them before it uploads
+            g0 = self.open_gamma
+            ahead = torch.where(opened, g0, ahead)
+            g0_ms = g0 * t_d
+            wait = torch.where(opened, (g0_ms - flight).clamp(min=0.0), 0.0)
+            open_ms = torch.minimum(flight, g0_ms)
+            drafted_ms = torch.where(opened, open_ms, drafted_ms)
+        self.m["energy_j"] += cont * drafted_ms * self.power_kw
+        need = (gamma - ahead).clamp(min=0) * t_d
+        if wait is not None:
+            need = need + wait
+        self.extra_ahead = torch.where(cont, (ahead - gamma).clamp(min=0), self.extra_ahead)
+        self.keep_predraft = self.keep_predraft & ~cont
         self.gamma_cur = torch.where(cont, gamma, self.gamma_cur)
-        self.predraft = torch.where(cont, 0.0, self.predraft)
         drafting = cont & (gamma > 0)
         ar_up = cont & (gamma == 0) & ho
         ar_q = cont & (gamma == 0) & ~ho
         self.phase = torch.where(drafting, DRAFT, self.phase)
-        self.timer = torch.where(drafting, (gamma.float() - kept) * self.draft_ms, self.timer)
+        self.timer = torch.where(drafting, need - spent, self.timer)
         self.phase = torch.where(ar_up, UPLINK, self.phase)
-        self.bytes_left = torch.where(ar_up, self.header + self.handover_bytes, self.bytes_left)
-        self.timer = torch.where(ar_up, self.base_lat, self.timer)
-        self.handover_bytes = torch.where(ar_up, 0.0, self.handover_bytes)
+        if bool(ar_up.any()):
+            self._begin_transfer(ar_up, self.header + self.handover_bytes, spent, self.ul_rate, uplink=True)
+            self.handover_bytes = torch.where(ar_up, 0.0, self.handover_bytes)
         self.phase = torch.where(ar_q, QUEUED, self.phase)
-        self.queued_at = torch.where(ar_q, now, self.queued_at)
+        self.queued_at = torch.where(ar_q, at, self.queued_at)
 
-    def _complete_requests(self, fin: torch.Tensor) -> None:
-        now = self.now
+    def _complete_requests(self, fin: torch.Tensor, spent: torch.Tensor) -> None:
+        now = self.now - spent
         arr = self._head_request()[..., 3]
         lat = now - arr
         out = self.out_len.float()
@@ -500,7 +600,7 @@ class BatchedSimulator:
         # the next queued request starts right away
         nxt = fin & (self.q_len > 0)
         if bool(nxt.any()):
-            self._start_request(nxt)
+            self._start_request(nxt, spent)
 
     def _end_slot(self) -> None:
         slot = self.cfg.env.slot_ms

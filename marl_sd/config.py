@@ -145,6 +145,8 @@ class EnvConfig(Strict):
     bid_weights: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
     priority_weights: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
     check_actions: bool = Field(True, description="raise on out-of-range or masked actions")
+    predraft: bool = Field(True, description="devices keep drafting while a round is in flight (the client's "
+                                             "default; false matches `serve client --no-predraft`)")
 
     @model_validator(mode="after")
     def _ticks(self) -> "EnvConfig":

@@ -36,26 +36,21 @@ def test_single_user_tokens_per_round_and_latency(alpha, gamma):
     sim, s, ms_per_token = run_busy(single_user_cfg(alpha), gamma, envs=32, slots=150, seed=1)
     e_n = (1 - alpha ** (gamma + 1)) / (1 - alpha)
     assert s["tokens_per_round"] == pytest.approx(e_n, rel=0.02)
-    # analytic round on the 1 ms event grid (each phase lasts a whole number of ticks): draft
-    # gamma tokens (minus those pre-drafted during the previous round when it was fully
-    # accepted) + uplink (1 tick of bytes + base latency) + T(1, gamma + 1) + downlink
+    # a round lasts the sum of its stage times (no tick rounding): draft gamma tokens, minus those
+    # kept from pre-drafting (whole tokens, the first one used up as the bonus, only when the round
+    # and the bonus matched), + uplink + T(1, gamma + 1) + downlink. The fading channel makes the
+    # transfer times vary, and a session open per request adds a little: within 5 %.
     t_d = sim.profile.devices["phone_npu_1b"].draft_ms_per_token
-    base = sim.base_lat
-    wait = (1 + base) + math.ceil(sim.profile.target.verify.time_ms(1, gamma + 1)) + (1 + base)
-    kept = min(gamma, wait / t_d)
-    full = alpha**gamma
-    round_ms = wait + full * math.ceil((gamma - kept) * t_d) + (1 - full) * math.ceil(gamma * t_d)
+    flight = 2 * sim.base_lat + sim.profile.target.verify.time_ms(1, gamma + 1)
+    made = min(math.floor(flight / t_d), gamma + 1)
+    round_ms = flight + (gamma - alpha ** (gamma + 1) * max(made - 1, 0)) * t_d
     assert ms_per_token == pytest.approx(round_ms / e_n, rel=0.05)
-    # without the grid (continuous phases) the same formula is still within 10 %
-    cont = 2 * base + sim.profile.target.verify.time_ms(1, gamma + 1)
-    cont_round = cont + gamma * t_d - full * min(gamma, cont / t_d) * t_d
-    assert ms_per_token == pytest.approx(cont_round / e_n, rel=0.10)
 
 
 def test_autoregressive_gamma0_latency():
     sim, s, ms_per_token = run_busy(single_user_cfg(0.8, out=200), 0, envs=8, slots=60, seed=2)
     step = sim.profile.target.verify.time_ms(1, 1)
-    assert ms_per_token == pytest.approx(math.ceil(step), rel=0.03)  # one decode step per token
+    assert ms_per_token == pytest.approx(step, rel=0.03)  # one decode step per token
     assert s["energy_per_token_j"] < 1e-3  # no drafting on the device
 
 
@@ -66,6 +61,7 @@ def test_verify_batch_takes_profile_time():
     sim.gamma_cur = gam
     sim.phase = torch.full_like(sim.phase, QUEUED)
     sim.remaining = torch.full_like(sim.remaining, 100)
+    sim.out_len = torch.full_like(sim.out_len, 100)
     sim.q_len = torch.ones_like(sim.q_len)
     sim._form_batches(sim.phase == QUEUED)
     k = int((gam + 1).sum())
@@ -73,7 +69,7 @@ def test_verify_batch_takes_profile_time():
     assert float(sim.srv_left[0, 0]) == pytest.approx(expect)
     ticks = 0
     while int(sim.phase[0, 5]) == 4:  # VERIFY
-        sim._u_arr, sim._u_acc = torch.ones(1, 1, 6), torch.rand(1, 1, 6)
+        sim._u_arr = torch.ones(1, 1, 6)  # no arrivals
         sim._tick(0)
         ticks += 1
     assert ticks == math.ceil(expect)

@@ -118,6 +118,8 @@ def user_devices(cfg) -> list[list[str]]:
         args = ["--power-w", str(d.power_w), "--max-gamma", str(min(d.max_gamma, cfg.env.gamma_max))]
         if cfg.serving.pace:
             args += ["--pace-draft-ms", str(d.draft_ms_per_token)]
+        if not cfg.env.predraft:  # the simulator's switch, applied to the real clients
+            args.append("--no-predraft")
         out.append(args)
     return out
 

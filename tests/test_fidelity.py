@@ -1,0 +1,196 @@
+"""Fidelity of the simulator to the serving client: acceptance tied to the text, the client's
+pre-drafting rule, and exact timing inside the 1 ms tick (against an event-exact reference)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from marl_sd.config import load_config
+from marl_sd.envs.core import BatchedSimulator, drafts_after_round
+
+UL, DL = 600.0, 2500.0  # bytes per ms on the fixed test links (4.8 and 20 Mbit/s)
+
+
+def one_user_cfg(alpha=0.8, out=128, predraft=True, device="phone_npu_1b", envs=1):
+    return load_config(overrides=[
+        "scenario.n_users=1", "scenario.n_servers=1", f"scenario.devices=[{{name: {device}, share: 1}}]",
+        f"scenario.tasks=[{{name: t, alpha: {alpha}, share: 1}}]", "scenario.mobility.model=static",
+        f"scenario.workload.output_tokens={{low: {out}, high: {out}}}",
+        "scenario.workload.prompt_tokens={low: 64, high: 64}", "env.horizon=1000", f"env.predraft={predraft}",
+        f"sim.num_envs={envs}"])
+
+
+class ScriptedSim(BatchedSimulator):
+    """Fixed link rates, and (optionally) a scripted match pattern for every request."""
+
+    script: torch.Tensor | None = None
+
+    def _gather_rates(self):
+        self.ul_rate = torch.full((self.B, self.N), UL)
+        self.dl_rate = torch.full((self.B, self.N), DL)
+
+    def _start_request(self, start, spent, at=None):
+        super()._start_request(start, spent, at)
+        if self.script is not None:
+            self.cur_pattern[start] = self.script[: self.L]
+
+
+def serve_one(cfg, gamma, script=None, seed=0):
+    """Serve one request arriving at t = 0 in every env; returns (sim, latency ms per env)."""
+    sim = ScriptedSim(cfg, seed=seed)
+    sim.script = script
+    out = cfg.scenario.workload.output_tokens.high
+    sim.replay_workload([[(0.0, 64, out)]])
+    sim.reset()
+    sim.record_requests = True
+    sim.round_trace = []
+    a = torch.zeros(sim.B, 1, 4, dtype=torch.long)
+    a[..., 3] = gamma
+    while sum(len(r) for r in sim.request_log) < sim.B:
+        assert int(sim.t) < sim.horizon, "request did not finish"
+        sim.step(a)
+    log = torch.cat(sim.request_log)
+    return sim, log[log[:, 0].argsort(), 2]
+
+
+def reference_ms(sim, script, out, gamma, predraft=True):
+    """Event-exact reference of one request served alone (continuous time, the client's rules)."""
+    prof = sim.profile
+    t_d = float(sim.draft_ms[0, 0])
+    base, hdr = sim.base_lat, sim.header
+    up = lambda nbytes: nbytes / UL + base  # noqa: E731
+    dn = lambda nbytes: nbytes / DL + base  # noqa: E731
+    verify = lambda k: prof.target.verify.time_ms(1, k)  # noqa: E731
+    flight = up(hdr + 64 * sim.id_bytes) + prof.target.prefill.ms_per_token * 64 + verify(1) + dn(hdr)
+    t = flight + max(0.0, gamma * t_d - flight)  # session open; the first drafts are made meanwhile
+    ahead, p = gamma, 0
+    while True:
+        t += max(0, gamma - ahead) * t_d
+        n = 0
+        while n < gamma and script[p + n]:
+            n += 1
+        flight = up(hdr + gamma * sim.draft_bytes_per_token) + verify(gamma + 1) + dn(hdr + (n + 1) * sim.id_bytes)
+        t += flight
+        keep = n == gamma and bool(script[p + gamma])
+        p += n + 1
+        if p >= out:
+            return t
+        extra = max(ahead - gamma, 0)
+        a, _ = drafts_after_round(torch.tensor(extra), torch.tensor(gamma), torch.tensor(flight), torch.tensor(t_d),
+                                  torch.tensor(keep), predraft)
+        ahead = int(a)
+
+
+@pytest.mark.parametrize("gamma,predraft,alpha", [(4, True, 0.7), (4, False, 0.7), (2, True, 0.9), (6, True, 0.5)])
+def test_one_request_matches_the_event_exact_reference(gamma, predraft, alpha):
+    out = 128
+    cfg = one_user_cfg(out=out, predraft=predraft)
+    script = torch.rand(out + 16, generator=torch.Generator().manual_seed(gamma)) < alpha
+    sim, lat = serve_one(cfg, gamma, script)
+    ref = reference_ms(sim, script.tolist(), out, gamma, predraft)
+    assert float(lat[0]) == pytest.approx(ref, rel=1e-4)  # exact up to float32 time keeping
+
+
+def closed_form_ms_per_token(sim, gamma, alpha, out, predraft):
+    """Expected latency per token of a long request: session open + rounds of the renewal process
+    (i.i.d. matches, the client's pre-drafting rule in expectation)."""
+    prof, t_d, base, hdr = sim.profile, float(sim.draft_ms[0, 0]), sim.base_lat, sim.header
+    e_n = (1 - alpha ** (gamma + 1)) / (1 - alpha)
+    flight = ((hdr + gamma * sim.draft_bytes_per_token) / UL + base + prof.target.verify.time_ms(1, gamma + 1)
+              + (hdr + e_n * sim.id_bytes) / DL + base)
+    made = min(math.floor(flight / t_d), gamma + 1) if predraft else 0
+    kept = alpha ** (gamma + 1) * max(made - 1, 0)
+    round_ms = (gamma - kept) * t_d + flight
+    opening = (hdr + 64 * sim.id_bytes) / UL + prof.target.prefill.ms_per_token * 64 + prof.target.verify.time_ms(1, 1) \
+        + hdr / DL + 2 * base
+    opening = max(opening, gamma * t_d) - gamma * t_d  # the first round's drafts are ready when it opens
+    return (opening + out / e_n * round_ms) / out
+
+
+@pytest.mark.parametrize("predraft", [True, False])
+def test_long_requests_within_one_percent_of_the_closed_form(predraft):
+    gamma, alpha, out = 4, 0.7, 1000
+    cfg = one_user_cfg(alpha=alpha, out=out, predraft=predraft, envs=48)
+    sim, lat = serve_one(cfg, gamma, seed=3)
+    ms_per_token = float(lat.mean()) / out
+    alpha = float(sim.alpha[0, 0])  # the task's alpha scaled by the device class's draft model
+    assert ms_per_token == pytest.approx(closed_form_ms_per_token(sim, gamma, alpha, out, predraft), rel=0.01)
+
+
+def test_predraft_gain_is_the_clients_rule():
+    """The gain from pre-drafting equals the closed form of the client's rule (a few %), not the
+    fractional carry-over the simulator used to credit."""
+    gamma, alpha, out = 4, 0.7, 1000
+    on = serve_one(one_user_cfg(alpha=alpha, out=out, envs=48), gamma, seed=3)
+    off = serve_one(one_user_cfg(alpha=alpha, out=out, predraft=False, envs=48), gamma, seed=3)
+    gain = 1 - float(on[1].mean()) / float(off[1].mean())
+    alpha = float(on[0].alpha[0, 0])
+    cf = 1 - closed_form_ms_per_token(on[0], gamma, alpha, out, True) / closed_form_ms_per_token(on[0], gamma, alpha, out, False)
+    assert gain == pytest.approx(cf, abs=0.01)
+    assert 0 <= gain < 0.05
+
+
+def test_acceptance_is_a_property_of_the_text():
+    """The same requests served with gamma 2 and gamma 6: every position drafted in both runs has
+    the same outcome, and it is the request's pattern."""
+    cfg = one_user_cfg(alpha=0.75, out=128, envs=8)
+    outcome = {}
+    for gamma in (2, 6):
+        sim, _ = serve_one(cfg, gamma, seed=11)
+        pat = sim.cur_pattern.clone()
+        seen = {}
+        for b, u, p, g, n in torch.cat(sim.round_trace).tolist():
+            for i in range(p, p + min(n + 1, g)):
+                seen[(b, u, i)] = i < p + n  # accepted unless it is the first mismatch
+                assert seen[(b, u, i)] == bool(pat[b, u, i])
+        outcome[gamma] = seen
+    common = outcome[2].keys() & outcome[6].keys()
+    assert len(common) > 300
+    assert all(outcome[2][k] == outcome[6][k] for k in common)
+
+
+def test_policy_cannot_steer_acceptance_luck():
+    """Common random numbers: the match patterns of the same seed are identical whatever the
+    policy does (here: gamma 1 vs gamma 8 and another server choice)."""
+    cfg = load_config(overrides=["env.horizon=30", "scenario.n_servers=1"])
+    pats = []
+    for gamma in (1, 3):
+        sim = BatchedSimulator(cfg, num_envs=4, seed=5)
+        a = torch.zeros(4, sim.N, 4, dtype=torch.long)
+        a[..., 3] = torch.minimum(sim.max_gamma, torch.tensor(gamma))
+        for _ in range(30):
+            sim.step(a)
+        pats.append((sim.pattern.clone(), int(sim.m["arrived"].sum())))
+    assert torch.equal(pats[0][0], pats[1][0])
+
+
+def test_client_and_simulator_predraft_agree_token_for_token():
+    """The real Drafter (tiny model) and the simulator's rule on a scripted sequence of rounds:
+    (gamma, tokens drafted in flight, accepted, bonus equals the first pre-draft)."""
+    from marl_sd.serving.drafter import Drafter
+    from marl_sd.serving.models import load_model
+
+    d = Drafter(load_model("tiny:0"))
+    d.start(list(range(5, 25)))
+    rng = np.random.default_rng(0)
+    script = [(int(rng.integers(1, 6)), int(rng.integers(0, 9)), None, bool(rng.random() < 0.6)) for _ in range(40)]
+    held = 0  # drafts ahead of the committed text
+    for gamma, in_flight, _, match in script:
+        extra = max(held - gamma, 0)
+        drafts, _, _ = d.round(gamma)
+        before = len(d.drafts)
+        assert before == max(gamma, held)
+        d.extend(min(before + in_flight, 2 * gamma + 1))  # pre-drafting, interrupted by the result
+        accepted = gamma if rng.random() < 0.5 else int(rng.integers(0, gamma))
+        past = d.drafts[gamma:]
+        if accepted == gamma:
+            bonus = past[0][0] if (match and past) else (past[0][0] + 1 if past else 7)
+        else:
+            bonus = drafts[accepted] + 1  # the target's correction differs from the draft
+        d.commit(gamma, accepted, drafts[:accepted] + [bonus])
+        t_d = 10.0
+        ahead, _ = drafts_after_round(torch.tensor(extra), torch.tensor(gamma), torch.tensor(in_flight * t_d + 5.0),
+                                      torch.tensor(t_d), torch.tensor(accepted == gamma and match))
+        assert len(d.drafts) == int(ahead), (gamma, in_flight, accepted, match)
+        held = len(d.drafts)
