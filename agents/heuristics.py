@@ -12,6 +12,7 @@ import math
 import torch
 
 from marl_sd.agents.policy import Policy, PolicyContext, split_mask
+from marl_sd.envs.costs import MessageCosts, expected_predraft_kept, expected_tokens_per_round
 from marl_sd.envs.observation import decode_local
 
 INF = float("inf")
@@ -20,18 +21,18 @@ INF = float("inf")
 class LatencyModel:
     """Predicted per-token latency [.., M, G] of every (server, gamma) choice for every user.
 
-    Round = draft (minus the expected pre-drafted tokens) + uplink + queueing + T(b, K) +
-    downlink; per token = round / E[N], E[N] = (1 - a^(g+1)) / (1 - a). gamma = 0 is one server
-    decode step (plus queueing) per token.
+    Round = draft (minus the drafts the client's pre-drafting rule keeps, in expectation) +
+    uplink + queueing + T(b, K) + downlink, with the simulator's own message costs
+    (`marl_sd.envs.costs`); per token = round / E[N], E[N] = (1 - a^(g+1)) / (1 - a). gamma = 0
+    is one server decode step (plus queueing) per token.
     """
 
     def __init__(self, ctx: PolicyContext):
         self.ctx = ctx
         p = ctx.profile
         self.verify = p.target.verify
-        self.header = float(p.payload.header_bytes)
-        self.tok_bytes = float(p.payload.token_id_bytes + ctx.cfg.scenario.topk * p.payload.topk_pair_bytes)
-        self.base = ctx.cfg.scenario.channel.base_latency_ms
+        self.costs = MessageCosts.of(ctx.cfg, p)
+        self.base = self.costs.message_ms
         self.G = ctx.cfg.env.gamma_max + 1
 
     def predict(self, f: dict, users_at: torch.Tensor | None = None, share_scale: torch.Tensor | None = None,
@@ -41,7 +42,7 @@ class LatencyModel:
         the latency of leaving the current server while a request is active (handover cost)."""
         g = torch.arange(self.G, dtype=torch.float32)
         a = (f["acceptance"] if alpha is None else alpha).clamp(0.01, 0.99)[..., None, None]
-        e_n = (1 - a ** (g + 1)) / (1 - a)  # [B, N, 1, G]
+        e_n = expected_tokens_per_round(a, g)  # [B, N, 1, G]
         rate = (f["ul_mbps"] * 125.0).clamp(min=1e-3)  # bytes per ms, [B, N, M]
         if share_scale is not None:
             rate = rate * share_scale
@@ -52,11 +53,11 @@ class LatencyModel:
         k = f["srv_queued_tokens"].unsqueeze(-1) + g + 1
         t_ver = self.verify.time_ms(b_i.unsqueeze(-1), k)  # [B, N, M, G]
         wait = f["srv_busy"].unsqueeze(-1) * t_ver / 2
-        up = (self.header + g * self.tok_bytes) / rate.unsqueeze(-1) + self.base
-        down = self.base + (self.header + 4 * e_n) / rate.unsqueeze(-1)
+        up = self.costs.upload_bytes(g) / rate.unsqueeze(-1) + self.base
+        down = self.base + self.costs.result_bytes(e_n) / rate.unsqueeze(-1)
         t_d = f["draft_ms"][..., None, None]
         inflight = up + wait + t_ver + down
-        kept = a**g * torch.minimum(g, inflight / t_d)
+        kept = expected_predraft_kept(a, g, inflight, t_d)
         spec = (g * t_d - kept * t_d + inflight) / e_n
         ar = (t_ver + wait).expand_as(spec)
         lat = torch.where(g == 0, ar, spec)
@@ -79,7 +80,7 @@ class LatencyModel:
     def proportional_bids(self, f: dict, server: torch.Tensor, gamma: torch.Tensor, levels: list[float]) -> torch.Tensor:
         """Bid levels proportional to each user's uplink airtime need (bytes / rate at `server`)."""
         rate = f["ul_mbps"].gather(-1, server.unsqueeze(-1)).squeeze(-1).clamp(min=1e-3)
-        need = (self.header + gamma * self.tok_bytes) / rate
+        need = self.costs.upload_bytes(gamma) / rate
         return _bid_level(need / need.min(1, keepdim=True).values.clamp(min=1e-9), levels)
 
 

@@ -36,6 +36,7 @@ import torch
 
 from marl_sd.config import Config
 from marl_sd.envs.channel import link_rates, make_channel
+from marl_sd.envs.costs import MessageCosts
 from marl_sd.envs.observation import (Features, ObservationBuilder, ObsSpec, acceptance_estimate, action_mask,
                                      action_nvec, smooth_token_latency, update_acceptance)
 from marl_sd.envs.profiles import load_profile
@@ -112,13 +113,13 @@ class BatchedSimulator:
         f = dict(dtype=torch.float32, device=self.device)
         self.bid_table = torch.tensor(e.bid_weights, **f)
         self.prio_table = torch.tensor(e.priority_weights, **f)
-        pay = self.profile.payload
-        self.header = float(pay.header_bytes)
-        self.draft_bytes_per_token = float(pay.token_id_bytes + cfg.scenario.topk * pay.topk_pair_bytes)
-        self.id_bytes = float(pay.token_id_bytes)
+        self.costs = MessageCosts.of(cfg, self.profile)
+        self.header = self.costs.header_bytes
+        self.draft_bytes_per_token = self.costs.draft_token_bytes
+        self.id_bytes = self.costs.token_id_bytes
         self.verify = self.profile.target.verify
         self.prefill_ms = self.profile.target.prefill.ms_per_token
-        self.base_lat = cfg.scenario.channel.base_latency_ms + self.profile.transport.per_message_ms
+        self.base_lat = self.costs.message_ms
         self.lam_per_ms = w.arrival_rate_per_s / 1000.0
         self.arrival_stop_ms = math.inf if w.arrivals_for_s is None else w.arrivals_for_s * 1000.0
         self.ue_tx_w = 10 ** (cfg.scenario.channel.ue_tx_dbm / 10) / 1000.0
