@@ -17,7 +17,7 @@ def one_user_cfg(alpha=0.8, out=128, predraft=True, device="phone_npu_1b", envs=
         "scenario.n_users=1", "scenario.n_servers=1", f"scenario.devices=[{{name: {device}, share: 1}}]",
         f"scenario.tasks=[{{name: t, alpha: {alpha}, share: 1}}]", "scenario.mobility.model=static",
         f"scenario.workload.output_tokens={{low: {out}, high: {out}}}",
-        "scenario.workload.prompt_tokens={low: 64, high: 64}", "env.horizon=1000", f"env.predraft={predraft}",
+        "scenario.workload.prompt_tokens={low: 64, high: 64}", "env.horizon=3000", f"env.predraft={predraft}",
         f"sim.num_envs={envs}"])
 
 
@@ -194,3 +194,30 @@ def test_client_and_simulator_predraft_agree_token_for_token():
                                       torch.tensor(t_d), torch.tensor(accepted == gamma and match))
         assert len(d.drafts) == int(ahead), (gamma, in_flight, accepted, match)
         held = len(d.drafts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["jetson_orin_nano_1b7", "raspberry_pi5_0b5", "laptop_gpu_1b"])
+@pytest.mark.parametrize("gamma", [1, 3, 6])
+def test_round_time_across_device_classes(device, gamma):
+    """For every device class (draft 3-49 ms/token) and gamma: the request time equals the session
+    open plus the realized number of rounds times the analytic expected round (the client's
+    pre-drafting rule in expectation), within 1 %. Counting the rounds removes the sampling noise
+    of tokens per round, which the other closed-form test bounds."""
+    out = 600
+    cfg = one_user_cfg(alpha=0.75, out=out, device=device, envs=32)
+    g = min(gamma, int(BatchedSimulator(cfg, num_envs=1).max_gamma[0, 0]))
+    sim, lat = serve_one(cfg, g, seed=4)
+    prof, t_d, base, hdr = sim.profile, float(sim.draft_ms[0, 0]), sim.base_lat, sim.header
+    alpha = float(sim.alpha[0, 0])
+    trace = torch.cat(sim.round_trace)
+    rounds = len(trace) / sim.B
+    e_emit = float((trace[:, 4] + 1).float().mean())
+    flight = ((hdr + g * sim.draft_bytes_per_token) / UL + base + prof.target.verify.time_ms(1, g + 1)
+              + (hdr + e_emit * sim.id_bytes) / DL + base)
+    made = min(math.floor(flight / t_d), g + 1)
+    round_ms = (g - alpha ** (g + 1) * max(made - 1, 0)) * t_d + flight
+    opening = (hdr + 64 * sim.id_bytes) / UL + prof.target.prefill.ms_per_token * 64 + prof.target.verify.time_ms(1, 1) \
+        + hdr / DL + 2 * base
+    expect = max(opening, g * t_d) + rounds * round_ms - g * t_d  # the first round was drafted during the open
+    assert float(lat.mean()) == pytest.approx(expect, rel=0.01)
