@@ -54,7 +54,7 @@ class LatencyModel:
         t_ver = self.verify.time_ms(b_i.unsqueeze(-1), k)  # [B, N, M, G]
         wait = f["srv_busy"].unsqueeze(-1) * t_ver / 2
         up = self.costs.upload_bytes(g) / rate.unsqueeze(-1) + self.base
-        down = self.base + self.costs.result_bytes(e_n) / rate.unsqueeze(-1)
+        down = self.base + self.costs.ids_bytes(e_n) / rate.unsqueeze(-1)
         t_d = f["draft_ms"][..., None, None]
         inflight = up + wait + t_ver + down
         kept = expected_predraft_kept(a, g, inflight, t_d)

@@ -36,7 +36,7 @@ import torch
 
 from marl_sd.config import Config
 from marl_sd.envs.channel import link_rates, make_channel
-from marl_sd.envs.costs import MessageCosts
+from marl_sd.envs.costs import MessageCosts, drafts_after_round
 from marl_sd.envs.observation import (Features, ObservationBuilder, ObsSpec, acceptance_estimate, action_mask,
                                      action_nvec, smooth_token_latency, update_acceptance)
 from marl_sd.envs.profiles import load_profile
@@ -59,25 +59,6 @@ STATE = ("pos", "waypoint", "speed", "dev", "draft_ms", "power_w", "max_gamma", 
          "prefill", "first_round", "handover_bytes", "keep_predraft", "extra_ahead", "open_gamma", "sent_at",
          "queued_at", "acc_hits", "acc_trials", "tok_latency", "ul_activity", "ul_rate", "dl_rate", "srv_left",
          "srv_active", "srv_free_at", "srv_busy_frac", "outstanding_last", "now", "t")
-
-
-def drafts_after_round(extra: torch.Tensor, gamma: torch.Tensor, flight_ms: torch.Tensor, draft_ms: torch.Tensor,
-                       keep: torch.Tensor, predraft: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The drafting client's pre-drafting rule (`Drafter.commit`), for tensors of rounds.
-
-    A round uploaded `gamma` drafts with `extra` more already drafted past them; while it was in
-    flight for `flight_ms` the device drafted whole tokens up to gamma + 1 past the uploaded ones
-    (none in an autoregressive round, gamma = 0).
-    `keep`: the round was fully accepted and the first draft past it equals the target's bonus
-    token. Then that token is used up as the bonus and the rest start the next round.
-    Returns (drafts ahead of the committed text, ms spent drafting in flight)."""
-    if predraft:
-        room = ((gamma + 1 - extra) * (gamma > 0)).clamp(min=0)  # no pre-drafting for gamma = 0
-        made = extra + torch.minimum(torch.floor(flight_ms / draft_ms), room)
-        drafted_ms = torch.minimum(flight_ms, room * draft_ms)
-    else:
-        made, drafted_ms = extra, torch.zeros_like(flight_ms)
-    return torch.where(keep & (made >= 1), made - 1, 0), drafted_ms
 
 
 class ActionError(ValueError):
@@ -114,16 +95,11 @@ class BatchedSimulator:
         self.bid_table = torch.tensor(e.bid_weights, **f)
         self.prio_table = torch.tensor(e.priority_weights, **f)
         self.costs = MessageCosts.of(cfg, self.profile)
-        self.header = self.costs.header_bytes
-        self.draft_bytes_per_token = self.costs.draft_token_bytes
-        self.id_bytes = self.costs.token_id_bytes
         self.verify = self.profile.target.verify
         self.prefill_ms = self.profile.target.prefill.ms_per_token
-        self.base_lat = self.costs.message_ms
         self.lam_per_ms = w.arrival_rate_per_s / 1000.0
         self.arrival_stop_ms = math.inf if w.arrivals_for_s is None else w.arrivals_for_s * 1000.0
-        self.ue_tx_w = 10 ** (cfg.scenario.channel.ue_tx_dbm / 10) / 1000.0
-        self.ue_tx_kw = self.ue_tx_w / 1000.0  # joules per ms of transmission
+        self.ue_tx_kw = 10 ** (cfg.scenario.channel.ue_tx_dbm / 10) / 1e6  # joules per ms of transmission
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(cfg.seed if seed is None else int(seed))
         self.record_requests = False
@@ -349,8 +325,8 @@ class BatchedSimulator:
             ov = -self.timer
             self.phase = torch.where(done, UPLINK, self.phase)
             self.sent_at = torch.where(done, now - ov, self.sent_at)
-            self._begin_transfer(done, self.header + self.gamma_cur * self.draft_bytes_per_token + self.handover_bytes,
-                                 ov, self.ul_rate, uplink=True)
+            self._begin_transfer(done, self.costs.upload_bytes(self.gamma_cur) + self.handover_bytes, ov, self.ul_rate,
+                                 uplink=True)
             self.handover_bytes = torch.where(done, 0.0, self.handover_bytes)
         arrived = xfer & (self.bytes_left <= 0) & (self.timer <= 0)
         down_done = None
@@ -411,7 +387,7 @@ class BatchedSimulator:
         (the rest of the tick in which the previous stage ended)."""
         t_bytes = nbytes / rate
         self.bytes_left = torch.where(who, (nbytes - rate * spent).clamp(min=0.0), self.bytes_left)
-        self.timer = torch.where(who, self.base_lat - (spent - t_bytes).clamp(min=0.0), self.timer)
+        self.timer = torch.where(who, self.costs.message_ms - (spent - t_bytes).clamp(min=0.0), self.timer)
         if uplink:
             air = who * torch.minimum(spent, t_bytes)
             self.m["airtime_ms"] += air
@@ -430,7 +406,7 @@ class BatchedSimulator:
         self.server = w(self.target, self.server)
         self._gather_rates()
         self.phase = w(torch.full_like(self.phase, UPLINK), self.phase)
-        self._begin_transfer(start, self.header + prompt.float() * self.id_bytes, spent, self.ul_rate, uplink=True)
+        self._begin_transfer(start, self.costs.ids_bytes(prompt.float()), spent, self.ul_rate, uplink=True)
         self.sent_at = w(self.now - spent if at is None else at, self.sent_at)
         self.prefill = w(prompt.float(), self.prefill)
         self.first_round = self.first_round | start
@@ -515,7 +491,7 @@ class BatchedSimulator:
         stream = users & ~first & (g == 0) & (self.remaining > 0)
         down = users & ~stream
         self.phase = torch.where(down, DOWNLINK, self.phase)
-        self._begin_transfer(down, self.header + emitted.float() * self.id_bytes, spent, self.dl_rate)
+        self._begin_transfer(down, self.costs.ids_bytes(emitted.float()), spent, self.dl_rate)
         if bool(stream.any()):
             self._round_boundary(stream, spent)
 
@@ -538,7 +514,7 @@ class BatchedSimulator:
         if bool(ho.any()):
             self.server = torch.where(ho, self.target, self.server)
             self._gather_rates()
-            self.handover_bytes = torch.where(ho, self.ctx.float() * self.id_bytes, self.handover_bytes)
+            self.handover_bytes = torch.where(ho, self.ctx.float() * self.costs.token_id_bytes, self.handover_bytes)
             self.prefill = torch.where(ho, self.ctx.float(), self.prefill)
             self.m["handovers"] += ho.float()
         t_d = self.draft_ms
@@ -569,7 +545,7 @@ class BatchedSimulator:
         self.timer = torch.where(drafting, need - spent, self.timer)
         self.phase = torch.where(ar_up, UPLINK, self.phase)
         if bool(ar_up.any()):
-            self._begin_transfer(ar_up, self.header + self.handover_bytes, spent, self.ul_rate, uplink=True)
+            self._begin_transfer(ar_up, self.costs.upload_bytes(0) + self.handover_bytes, spent, self.ul_rate, uplink=True)
             self.handover_bytes = torch.where(ar_up, 0.0, self.handover_bytes)
         self.phase = torch.where(ar_q, QUEUED, self.phase)
         self.queued_at = torch.where(ar_q, at, self.queued_at)

@@ -1,5 +1,6 @@
-"""One cost model of a speculative round, shared by the simulator, the heuristics' latency
-prediction and the served-profile calibration, so they cannot drift apart."""
+"""One cost model of a speculative round, shared by the simulator and the heuristics' latency
+prediction so they cannot drift apart: message sizes, per-message latency (including the
+transport cost the served-profile calibration fits) and the client's pre-drafting rule."""
 from __future__ import annotations
 
 import math
@@ -28,10 +29,12 @@ class MessageCosts:
                    message_ms=cfg.scenario.channel.base_latency_ms + profile.transport.per_message_ms)
 
     def upload_bytes(self, gamma):
+        """A round's upload: gamma drafted tokens with their top-k distributions."""
         return self.header_bytes + gamma * self.draft_token_bytes
 
-    def result_bytes(self, emitted):
-        return self.header_bytes + emitted * self.token_id_bytes
+    def ids_bytes(self, n):
+        """A message of n token ids: a prompt, a context handed over, a round's result."""
+        return self.header_bytes + n * self.token_id_bytes
 
 
 def expected_tokens_per_round(alpha, gamma):
@@ -39,8 +42,27 @@ def expected_tokens_per_round(alpha, gamma):
     return (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
+def drafts_after_round(extra: torch.Tensor, gamma: torch.Tensor, flight_ms: torch.Tensor, draft_ms: torch.Tensor,
+                       keep: torch.Tensor, predraft: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The drafting client's pre-drafting rule (`Drafter.commit`), for tensors of rounds.
+
+    A round uploaded `gamma` drafts with `extra` more already drafted past them; while it was in
+    flight for `flight_ms` the device drafted whole tokens up to gamma + 1 past the uploaded ones
+    (none in an autoregressive round, gamma = 0).
+    `keep`: the round was fully accepted and the first draft past it equals the target's bonus
+    token. Then that token is used up as the bonus and the rest start the next round.
+    Returns (drafts ahead of the committed text, ms spent drafting in flight)."""
+    if predraft:
+        room = ((gamma + 1 - extra) * (gamma > 0)).clamp(min=0)  # no pre-drafting for gamma = 0
+        made = extra + torch.minimum(torch.floor(flight_ms / draft_ms), room)
+        drafted_ms = torch.minimum(flight_ms, room * draft_ms)
+    else:
+        made, drafted_ms = extra, torch.zeros_like(flight_ms)
+    return torch.where(keep & (made >= 1), made - 1, 0), drafted_ms
+
+
 def expected_predraft_kept(alpha, gamma, flight_ms, draft_ms):
-    """Expected drafts carried into the next round by the client's rule: whole tokens drafted in
+    """`drafts_after_round` in expectation over i.i.d. matches: whole tokens drafted in
     flight (at most gamma + 1), kept when all gamma drafts and the bonus position match, one used
     up as the bonus. Works on floats and tensors."""
     if isinstance(flight_ms, torch.Tensor) or isinstance(gamma, torch.Tensor):

@@ -53,7 +53,7 @@ def test_transport_cost_enters_the_simulator(tmp_path):
         s, _ = run_policy(cfg, make_heuristic("nearest_g4", PolicyContext.from_config(cfg)), seed=0, episodes=4)
         return cfg, s["latency_per_token_ms"]
     cfg, slow = latency(tmp_path / "slow.yaml")
-    assert BatchedSimulator(cfg, num_envs=1).base_lat == pytest.approx(cfg.scenario.channel.base_latency_ms + 5.0)
+    assert BatchedSimulator(cfg, num_envs=1).costs.message_ms == pytest.approx(cfg.scenario.channel.base_latency_ms + 5.0)
     assert slow > latency("tiny_cpu")[1] * 1.2
 
 

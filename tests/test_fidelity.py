@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from marl_sd.config import load_config
-from marl_sd.envs.core import BatchedSimulator, drafts_after_round
+from marl_sd.envs.core import BatchedSimulator
+from marl_sd.envs.costs import drafts_after_round
 
 UL, DL = 600.0, 2500.0  # bytes per ms on the fixed test links (4.8 and 20 Mbit/s)
 
@@ -58,11 +59,11 @@ def reference_ms(sim, script, out, gamma, predraft=True):
     """Event-exact reference of one request served alone (continuous time, the client's rules)."""
     prof = sim.profile
     t_d = float(sim.draft_ms[0, 0])
-    base, hdr = sim.base_lat, sim.header
+    base, hdr = sim.costs.message_ms, sim.costs.header_bytes
     up = lambda nbytes: nbytes / UL + base  # noqa: E731
     dn = lambda nbytes: nbytes / DL + base  # noqa: E731
     verify = lambda k: prof.target.verify.time_ms(1, k)  # noqa: E731
-    flight = up(hdr + 64 * sim.id_bytes) + prof.target.prefill.ms_per_token * 64 + verify(1) + dn(hdr)
+    flight = up(hdr + 64 * sim.costs.token_id_bytes) + prof.target.prefill.ms_per_token * 64 + verify(1) + dn(hdr)
     t = flight + max(0.0, gamma * t_d - flight)  # session open; the first drafts are made meanwhile
     ahead, p = gamma, 0
     while True:
@@ -70,7 +71,7 @@ def reference_ms(sim, script, out, gamma, predraft=True):
         n = 0
         while n < gamma and script[p + n]:
             n += 1
-        flight = up(hdr + gamma * sim.draft_bytes_per_token) + verify(gamma + 1) + dn(hdr + (n + 1) * sim.id_bytes)
+        flight = up(hdr + gamma * sim.costs.draft_token_bytes) + verify(gamma + 1) + dn(hdr + (n + 1) * sim.costs.token_id_bytes)
         t += flight
         keep = n == gamma and bool(script[p + gamma])
         p += n + 1
@@ -95,14 +96,14 @@ def test_one_request_matches_the_event_exact_reference(gamma, predraft, alpha):
 def closed_form_ms_per_token(sim, gamma, alpha, out, predraft):
     """Expected latency per token of a long request: session open + rounds of the renewal process
     (i.i.d. matches, the client's pre-drafting rule in expectation)."""
-    prof, t_d, base, hdr = sim.profile, float(sim.draft_ms[0, 0]), sim.base_lat, sim.header
+    prof, t_d, base, hdr = sim.profile, float(sim.draft_ms[0, 0]), sim.costs.message_ms, sim.costs.header_bytes
     e_n = (1 - alpha ** (gamma + 1)) / (1 - alpha)
-    flight = ((hdr + gamma * sim.draft_bytes_per_token) / UL + base + prof.target.verify.time_ms(1, gamma + 1)
-              + (hdr + e_n * sim.id_bytes) / DL + base)
+    flight = ((hdr + gamma * sim.costs.draft_token_bytes) / UL + base + prof.target.verify.time_ms(1, gamma + 1)
+              + (hdr + e_n * sim.costs.token_id_bytes) / DL + base)
     made = min(math.floor(flight / t_d), gamma + 1) if predraft else 0
     kept = alpha ** (gamma + 1) * max(made - 1, 0)
     round_ms = (gamma - kept) * t_d + flight
-    opening = (hdr + 64 * sim.id_bytes) / UL + prof.target.prefill.ms_per_token * 64 + prof.target.verify.time_ms(1, 1) \
+    opening = (hdr + 64 * sim.costs.token_id_bytes) / UL + prof.target.prefill.ms_per_token * 64 + prof.target.verify.time_ms(1, 1) \
         + hdr / DL + 2 * base
     opening = max(opening, gamma * t_d) - gamma * t_d  # the first round's drafts are ready when it opens
     return (opening + out / e_n * round_ms) / out
@@ -208,16 +209,16 @@ def test_round_time_across_device_classes(device, gamma):
     cfg = one_user_cfg(alpha=0.75, out=out, device=device, envs=32)
     g = min(gamma, int(BatchedSimulator(cfg, num_envs=1).max_gamma[0, 0]))
     sim, lat = serve_one(cfg, g, seed=4)
-    prof, t_d, base, hdr = sim.profile, float(sim.draft_ms[0, 0]), sim.base_lat, sim.header
+    prof, t_d, base, hdr = sim.profile, float(sim.draft_ms[0, 0]), sim.costs.message_ms, sim.costs.header_bytes
     alpha = float(sim.alpha[0, 0])
     trace = torch.cat(sim.round_trace)
     rounds = len(trace) / sim.B
     e_emit = float((trace[:, 4] + 1).float().mean())
-    flight = ((hdr + g * sim.draft_bytes_per_token) / UL + base + prof.target.verify.time_ms(1, g + 1)
-              + (hdr + e_emit * sim.id_bytes) / DL + base)
+    flight = ((hdr + g * sim.costs.draft_token_bytes) / UL + base + prof.target.verify.time_ms(1, g + 1)
+              + (hdr + e_emit * sim.costs.token_id_bytes) / DL + base)
     made = min(math.floor(flight / t_d), g + 1)
     round_ms = (g - alpha ** (g + 1) * max(made - 1, 0)) * t_d + flight
-    opening = (hdr + 64 * sim.id_bytes) / UL + prof.target.prefill.ms_per_token * 64 + prof.target.verify.time_ms(1, 1) \
+    opening = (hdr + 64 * sim.costs.token_id_bytes) / UL + prof.target.prefill.ms_per_token * 64 + prof.target.verify.time_ms(1, 1) \
         + hdr / DL + 2 * base
     expect = max(opening, g * t_d) + rounds * round_ms - g * t_d  # the first round was drafted during the open
     assert float(lat.mean()) == pytest.approx(expect, rel=0.01)

@@ -41,7 +41,7 @@ def test_single_user_tokens_per_round_and_latency(alpha, gamma):
     # and the bonus matched), + uplink + T(1, gamma + 1) + downlink. The fading channel makes the
     # transfer times vary, and a session open per request adds a little: within 5 %.
     t_d = sim.profile.devices["phone_npu_1b"].draft_ms_per_token
-    flight = 2 * sim.base_lat + sim.profile.target.verify.time_ms(1, gamma + 1)
+    flight = 2 * sim.costs.message_ms + sim.profile.target.verify.time_ms(1, gamma + 1)
     made = min(math.floor(flight / t_d), gamma + 1)
     round_ms = flight + (gamma - alpha ** (gamma + 1) * max(made - 1, 0)) * t_d
     assert ms_per_token == pytest.approx(round_ms / e_n, rel=0.05)
