@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from marl_sd.agents.policy import Policy, PolicyContext, split_mask
+from marl_sd.agents.policy import Policy, PolicyContext
 from marl_sd.envs.costs import MessageCosts, expected_predraft_kept, expected_tokens_per_round
 from marl_sd.envs.observation import decode_local
 
@@ -112,11 +112,7 @@ class RandomPolicy(Policy):
             self.gen.manual_seed(seed)
 
     def act(self, obs, mask):
-        out = []
-        for m in split_mask(mask, self.ctx.nvec):
-            u = torch.rand(m.shape, generator=self.gen)
-            out.append(torch.argmax(m.float() * (u + 1e-3), -1))
-        return torch.stack(out, -1)
+        return self.ctx.actions.random_valid(mask, self.gen)
 
 
 class NearestPolicy(Policy):
@@ -135,7 +131,7 @@ class NearestPolicy(Policy):
 
     def act(self, obs, mask):
         f = decode_local(obs, self.ctx.spec)
-        masks = split_mask(mask, self.ctx.nvec)
+        masks = self.ctx.actions.split(mask.bool())
         s = self._server(f, masks)
         z = torch.zeros_like(s)
         return _assemble(s, z, z, torch.minimum(torch.full_like(s, self.gamma), f["max_gamma"]))
@@ -173,7 +169,7 @@ class AdaptiveGammaPolicy(NearestPolicy):
 
     def act(self, obs, mask):
         f = decode_local(obs, self.ctx.spec)
-        masks = split_mask(mask, self.ctx.nvec)
+        masks = self.ctx.actions.split(mask.bool())
         s = self._server(f, masks)
         lat = _mask_lat(self.model.predict(f), masks)
         g = lat.gather(-2, s[..., None, None].expand(*s.shape, 1, lat.shape[-1])).squeeze(-2).argmin(-1)
@@ -195,7 +191,7 @@ class GreedyLatencyPolicy(Policy):
 
     def act(self, obs, mask):
         f = decode_local(obs, self.ctx.spec)
-        masks = split_mask(mask, self.ctx.nvec)
+        masks = self.ctx.actions.split(mask.bool())
         lat = _mask_lat(self.model.predict(f, hysteresis=self.hyst), masks)  # [B, N, M, G]
         flat = lat.flatten(-2).argmin(-1)
         s, g = flat // lat.shape[-1], flat % lat.shape[-1]
@@ -230,7 +226,7 @@ class TwoPhaseMatchingPolicy(Policy):
 
     def act(self, obs, mask):
         f = decode_local(obs, self.ctx.spec)
-        masks = split_mask(mask, self.ctx.nvec)
+        masks = self.ctx.actions.split(mask.bool())
         B, N = f["server"].shape
         M = self.ctx.spec.n_servers
         cap = math.ceil(1.25 * N / M)
@@ -299,7 +295,7 @@ class ClosedFormDPPolicy(Policy):
     def act(self, obs, mask):
         ctx = self.ctx
         f = decode_local(obs, ctx.spec)
-        masks = split_mask(mask, ctx.nvec)
+        masks = ctx.actions.split(mask.bool())
         B, N = f["server"].shape
         M, G = ctx.spec.n_servers, self.model.G
         s = torch.where(masks[0], f["snr_db"], -INF).argmax(-1)

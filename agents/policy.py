@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from marl_sd.config import Config
-from marl_sd.envs.observation import ObsSpec, action_nvec
+from marl_sd.contract import ActionLayout, ObsSpec
 from marl_sd.envs.profiles import LatencyProfile, load_profile
 
 
@@ -23,30 +23,16 @@ class PolicyContext:
 
     cfg: Config
     spec: ObsSpec
-    nvec: list[int]
+    actions: ActionLayout
     profile: LatencyProfile
 
     @classmethod
     def from_config(cls, cfg: Config) -> "PolicyContext":
-        return cls(cfg, ObsSpec.from_config(cfg), action_nvec(cfg), load_profile(cfg.scenario.profile))
+        return cls(cfg, ObsSpec.from_config(cfg), ActionLayout.from_config(cfg), load_profile(cfg.scenario.profile))
 
-
-def split_mask(mask: torch.Tensor, nvec: list[int]) -> list[torch.Tensor]:
-    return list(torch.split(mask.bool(), list(nvec), dim=-1))
-
-
-def masked_argmax(logits: torch.Tensor, mask: torch.Tensor, nvec: list[int]) -> torch.Tensor:
-    z = torch.where(mask.bool(), logits, torch.finfo(logits.dtype).min)
-    return torch.stack([p.argmax(-1) for p in torch.split(z, list(nvec), dim=-1)], -1)
-
-
-def masked_sample(logits: torch.Tensor, mask: torch.Tensor, nvec: list[int], gen: torch.Generator | None = None) -> torch.Tensor:
-    z = torch.where(mask.bool(), logits, torch.finfo(logits.dtype).min)
-    out = []
-    for p in torch.split(z, list(nvec), dim=-1):
-        probs = torch.softmax(p, -1).reshape(-1, p.shape[-1])
-        out.append(torch.multinomial(probs, 1, generator=gen).view(p.shape[:-1]))
-    return torch.stack(out, -1)
+    @property
+    def nvec(self) -> list[int]:
+        return self.actions.nvec
 
 
 class Policy(ABC):
@@ -86,9 +72,9 @@ class LearnedPolicy(Policy):
         dev = self.policy.device
         logits = self.policy.actor_logits(obs.to(dev).reshape(-1, obs.shape[-1]).float()).cpu()
         m = mask.reshape(-1, mask.shape[-1])
-        nv = self.ctx.nvec
-        a = masked_argmax(logits, m, nv) if self.deterministic else masked_sample(logits, m, nv, self.gen)
-        return a.view(*obs.shape[:-1], len(nv))
+        act = self.ctx.actions
+        a = act.masked_argmax(logits, m) if self.deterministic else act.masked_sample(logits, m, self.gen)
+        return a.view(*obs.shape[:-1], len(act.nvec))
 
 
 class DelayedPolicy(Policy):
@@ -112,6 +98,4 @@ class DelayedPolicy(Policy):
         if len(self.pending) <= self.slots:
             return fresh
         stale = self.pending.pop(0)
-        ok = torch.stack([m.gather(-1, stale[..., k: k + 1]).squeeze(-1)
-                          for k, m in enumerate(split_mask(mask, self.ctx.nvec))], -1)
-        return torch.where(ok, stale, fresh)
+        return torch.where(self.ctx.actions.allowed(stale, mask), stale, fresh)

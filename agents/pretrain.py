@@ -22,7 +22,7 @@ import torch
 
 from marl_sd.agents.heuristics import make_heuristic
 from marl_sd.agents.mappo import MAPPO
-from marl_sd.agents.policy import PolicyContext, masked_argmax
+from marl_sd.agents.policy import PolicyContext
 from marl_sd.config import Config
 from marl_sd.envs.vec_env import MultiAgentVecEnv
 
@@ -63,7 +63,7 @@ class Kickstart:
             label = self.teacher.act(local, mask)
             with torch.no_grad():
                 logits = pol.actor_logits(local.reshape(-1, local.shape[-1]).to(pol.device).float()).cpu()
-            own = masked_argmax(logits, mask.reshape(-1, mask.shape[-1]), self.ctx.nvec).view_as(label)
+            own = self.ctx.actions.masked_argmax(logits, mask.reshape(-1, mask.shape[-1])).view_as(label)
             reward, _ = sim.step(own if student_drives else label)
             for k, v in (("obs", local), ("state", state), ("mask", mask), ("label", label), ("reward", reward),
                          ("agree", (own == label).float())):

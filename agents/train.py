@@ -18,13 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecMonitor
 
+from marl_sd.agents.evaluate import run_policy
 from marl_sd.agents.heuristics import HEURISTICS
 from marl_sd.agents.mappo import MAPPO, MAPPOPolicy, new_mappo, resolve_device
 from marl_sd.agents.policy import LearnedPolicy, PolicyContext
+from marl_sd.agents.pretrain import Kickstart
 from marl_sd.config import Config
 from marl_sd.envs.vec_env import MultiAgentVecEnv
 from marl_sd.runs import write_metadata
@@ -169,8 +172,6 @@ class EvalCallback(BaseCallback):
         self.run_eval()
 
     def run_eval(self) -> dict:
-        from marl_sd.agents.evaluate import run_policy
-
         ctx = PolicyContext.from_config(self.cfg)
         pol = LearnedPolicy(ctx, self.model.policy)
         state = (torch.get_rng_state(), np.random.get_state(), random.getstate())
@@ -200,7 +201,6 @@ class RichProgress(BaseCallback):
     def _on_training_start(self) -> None:
         if not self.enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
@@ -230,7 +230,6 @@ class RichProgress(BaseCallback):
 def _pretrain(cfg: Config, model: MAPPO, venv: MultiAgentVecEnv, run_dir: Path, evalcb: EvalCallback,
               progress: bool) -> None:
     """Behaviour-clone the configured teacher, then evaluate the clone (it may stay the best)."""
-    from marl_sd.agents.pretrain import Kickstart
 
     t0 = time.time()
     stats = Kickstart(cfg, model, venv).run()

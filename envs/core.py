@@ -35,16 +35,21 @@ import math
 import torch
 
 from marl_sd.config import Config
+from marl_sd.contract import SUB_ACTIONS, ActionLayout, ObsSpec
 from marl_sd.envs.channel import link_rates, make_channel
 from marl_sd.envs.costs import MessageCosts, drafts_after_round
-from marl_sd.envs.observation import (Features, ObservationBuilder, ObsSpec, acceptance_estimate, action_mask,
-                                     action_nvec, smooth_token_latency, update_acceptance)
+from marl_sd.envs.observation import (
+    Features,
+    ObservationBuilder,
+    acceptance_estimate,
+    smooth_token_latency,
+    update_acceptance,
+)
 from marl_sd.envs.profiles import load_profile
 from marl_sd.envs.scenario import Scenario
 
 IDLE, DRAFT, UPLINK, QUEUED, VERIFY, DOWNLINK = range(6)
 PHASES = ("idle", "draft", "uplink", "queued", "verify", "downlink")
-SUB_ACTIONS = ("server", "uplink_bid", "verify_priority", "gamma")
 
 # per-slot accumulators, [B, N] each; reset at the start of every step
 USER_METRICS = ("completed", "latency_ms", "tokens", "ttft_ms", "tpot_ms", "tpot_n", "energy_j",
@@ -80,8 +85,8 @@ class BatchedSimulator:
         self.dt = float(e.tick_ms)
         self.ticks = int(round(e.slot_ms / e.tick_ms))
         self.horizon = e.horizon
-        self.nvec = action_nvec(cfg)
-        self.mask_offsets = [0, *torch.tensor(self.nvec).cumsum(0).tolist()[:-1]]
+        self.actions = ActionLayout.from_config(cfg)
+        self.nvec = self.actions.nvec
         w = cfg.scenario.workload
         self.Q = w.queue_capacity
         self.G = e.gamma_max + 1
@@ -199,6 +204,14 @@ class BatchedSimulator:
         self.ms = {k: self._zeros(self.B, self.M) for k in SERVER_METRICS}
 
     # ------------------------------------------------------------------ radio
+    def set_association(self, server: torch.Tensor, ul_activity: float | None = None) -> None:
+        """Associate users with `server` [B, N] now (and optionally set every user's uplink
+        activity), recomputing the link rates: for rate traces and inspection, outside `step`."""
+        self.server = server.to(self.device).long()
+        if ul_activity is not None:
+            self.ul_activity = torch.full_like(self.ul_activity, float(ul_activity))
+        self._update_rates()
+
     def _update_rates(self) -> None:
         r = link_rates(self.channel, self.server, self.bid_w, self.ul_activity, self.srv_active | (self.srv_busy_frac > 0))
         self.rates = r
@@ -212,21 +225,18 @@ class BatchedSimulator:
 
     def _update_mask(self) -> None:
         """[B, N, sum(nvec)] bool, from the SNR the last `_update_rates` computed."""
-        self.mask = action_mask(self.rates["snr_db"], self.max_gamma, self.nvec,
-                                self.cfg.scenario.channel.coverage_snr_db)
+        self.mask = self.actions.mask(self.rates["snr_db"], self.max_gamma, self.cfg.scenario.channel.coverage_snr_db)
 
     # ------------------------------------------------------------------ actions
     def check_actions(self, a: torch.Tensor) -> None:
         if a.shape != (self.B, self.N, 4):
             raise ActionError(f"actions must have shape {(self.B, self.N, 4)}, got {tuple(a.shape)}")
-        nv = torch.tensor(self.nvec, device=a.device)
-        bad = (a < 0) | (a >= nv)
+        bad = ~self.actions.in_range(a)
         if bool(bad.any()):
             b, n, k = bad.nonzero()[0].tolist()
             raise ActionError(f"env {b} user_{n}: {SUB_ACTIONS[k]} = {int(a[b, n, k])} out of range "
                               f"[0, {self.nvec[k]})")
-        idx = a + torch.tensor(self.mask_offsets, device=a.device)
-        ok = self.mask.gather(2, idx)
+        ok = self.actions.allowed(a, self.mask)
         if not bool(ok.all()):
             b, n, k = (~ok).nonzero()[0].tolist()
             why = "server out of coverage" if k == 0 else f"gamma above the device limit {int(self.max_gamma[b, n])}"

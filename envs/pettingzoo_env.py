@@ -11,6 +11,7 @@ from pettingzoo import ParallelEnv
 
 from marl_sd.config import Config, load_config
 from marl_sd.envs.core import USER_METRICS, BatchedSimulator, summarize
+from marl_sd.envs.render import render_frame
 
 
 class MECSpecDecEnv(ParallelEnv, EzPickle):
@@ -98,7 +99,6 @@ class MECSpecDecEnv(ParallelEnv, EzPickle):
     def render(self):
         if self.render_mode != "rgb_array":
             return None
-        from marl_sd.envs.render import render_frame
 
         return render_frame(self.sim, 0)
 

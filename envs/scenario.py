@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from marl_sd.config import ConfigError, ScenarioConfig
@@ -117,7 +118,6 @@ def poisson_schedule(w, n_users: int, duration_s: float, seed: int) -> list[list
     """A concrete workload for a live run: per user, Poisson arrivals over `duration_s` at the
     workload's rate, with prompt and output lengths uniform over its ranges (numpy, seeded per
     user). The simulator can replay it (`BatchedSimulator.replay_workload`)."""
-    import numpy as np
 
     out = []
     for n in range(n_users):

@@ -1,61 +1,47 @@
 """Benchmarks that print figures: simulator throughput in agent-steps per second."""
 from __future__ import annotations
 
+import tempfile
 import time
 
 import numpy as np
 import torch
 
+from marl_sd.agents.mappo import new_mappo
+from marl_sd.bundle import bundle_policy, load_bundle
 from marl_sd.config import Config
-
-
-def random_masked_actions(mask: torch.Tensor, nvec: list[int], gen: torch.Generator) -> torch.Tensor:
-    """Uniform random valid actions from a flat [B, N, sum(nvec)] mask (batched, no Python loop)."""
-    out, off = [], 0
-    for n in nvec:
-        m = mask[..., off:off + n].float()
-        u = torch.rand(m.shape, generator=gen, device=m.device)
-        out.append(torch.argmax(m * (u + 1e-3), -1))
-        off += n
-    return torch.stack(out, -1)
+from marl_sd.envs.core import BatchedSimulator
+from marl_sd.envs.pettingzoo_env import MECSpecDecEnv
+from marl_sd.envs.vec_env import MultiAgentVecEnv
+from marl_sd.export import export_bundle
+from marl_sd.serving.controller import ControllerCore, reports_from_features
 
 
 def bench_sim(cfg: Config, num_envs: int, steps: int, warmup: int = 3) -> dict:
-    from marl_sd.envs.core import BatchedSimulator
-
     torch.set_num_threads(cfg.sim.threads)
     sim = BatchedSimulator(cfg, num_envs=num_envs)
     gen = torch.Generator(device=sim.device).manual_seed(0)
     for _ in range(warmup):
-        sim.step(random_masked_actions(sim.mask, sim.nvec, gen))
+        sim.step(sim.actions.random_valid(sim.mask, gen))
     t0 = time.perf_counter()
     for _ in range(steps):
-        sim.step(random_masked_actions(sim.mask, sim.nvec, gen))
+        sim.step(sim.actions.random_valid(sim.mask, gen))
     dt = time.perf_counter() - t0
     return {"what": f"BatchedSimulator B={num_envs}", "agent_steps_per_s": steps * num_envs * sim.N / dt,
             "env_steps_per_s": steps * num_envs / dt, "ms_per_step": 1000 * dt / steps}
 
 
 def bench_pettingzoo(cfg: Config, steps: int) -> dict:
-    from marl_sd.envs.pettingzoo_env import MECSpecDecEnv
-
     env = MECSpecDecEnv(cfg)
     obs, infos = env.reset(seed=0)
     rng = np.random.default_rng(0)
-    nvec = env.sim.nvec
-
-    def act(mask):
-        out, off = [], 0
-        for n in nvec:
-            out.append(rng.choice(np.flatnonzero(mask[off:off + n])))
-            off += n
-        return np.array(out)
+    layout = env.sim.actions
 
     done_steps, t0 = 0, time.perf_counter()
     while done_steps < steps:
         if not env.agents:
             obs, infos = env.reset()
-        obs, r, te, tr, infos = env.step({a: act(infos[a]["action_mask"]) for a in env.agents})
+        obs, r, te, tr, infos = env.step({a: layout.random_valid(infos[a]["action_mask"], rng) for a in env.agents})
         done_steps += 1
     dt = time.perf_counter() - t0
     n = env.sim.N
@@ -66,14 +52,6 @@ def bench_pettingzoo(cfg: Config, steps: int) -> dict:
 def bench_controller(cfg: Config, slots: int = 500) -> dict:
     """Controller decision latency per slot (features -> observations -> ONNX actor -> decisions)
     for a freshly initialised MAPPO actor exported to a temporary bundle."""
-    import tempfile
-
-    from marl_sd.agents.mappo import new_mappo
-    from marl_sd.envs.core import BatchedSimulator
-    from marl_sd.envs.vec_env import MultiAgentVecEnv
-    from marl_sd.export import export_bundle, load_bundle
-    from marl_sd.serving.controller import ControllerCore, bundle_policy, reports_from_features
-
     venv = MultiAgentVecEnv(cfg, num_envs=1)
     model = new_mappo(cfg, venv, seed=0)
     sim = BatchedSimulator(cfg, num_envs=1, seed=1)
@@ -81,7 +59,7 @@ def bench_controller(cfg: Config, slots: int = 500) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         export_bundle(model.policy, cfg, tmp, n_parity=100)
         manifest, actor = load_bundle(tmp, cfg)
-        core = ControllerCore(manifest, bundle_policy(actor, manifest["nvec"]), horizon=cfg.env.horizon)
+        core = ControllerCore(manifest, bundle_policy(actor, manifest), horizon=cfg.env.horizon)
         for _ in range(slots):
             users, servers = reports_from_features(sim.features())
             for r in users:
@@ -90,5 +68,5 @@ def bench_controller(cfg: Config, slots: int = 500) -> dict:
                 core.report_server(r)
             core.step()
             if core.slot % 10 == 0:
-                sim.step(random_masked_actions(sim.mask, sim.nvec, gen))
+                sim.step(sim.actions.random_valid(sim.mask, gen))
     return {"what": f"controller N={sim.N}, M={sim.M}", **core.latency_stats()}

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
+from pathlib import Path
 
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 
 from marl_sd.config import ConfigError, load_config
@@ -51,8 +55,6 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from pathlib import Path
-
     from marl_sd.agents.train import train
 
     cfg = load_config(args.config, args.set)
@@ -76,8 +78,6 @@ def _cmd_train(args) -> int:
 
 
 def _load_run_or_config(target: str, overrides: list[str]):
-    from pathlib import Path
-
     p = Path(target)
     if p.is_dir():
         if not (p / "config.yaml").exists():
@@ -107,10 +107,6 @@ def _policies(cfg, run_dir, names):
 
 
 def _cmd_eval(args) -> int:
-    import time
-
-    from rich.progress import Progress
-
     from marl_sd.agents.evaluate import evaluate
     from marl_sd.report import plot_results, plot_sweep, results_table, write_results, write_sweep
 
@@ -151,13 +147,9 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_traces(args) -> int:
-    import json
-    from pathlib import Path
-
     cfg = load_config(args.config, args.set)
     c = cfg.scenario.channel
     if args.action == "build":
-        from rich.progress import Progress
 
         from marl_sd.envs.channel.sionna_bank import load_or_build
 
@@ -174,13 +166,13 @@ def _cmd_traces(args) -> int:
         r = validate_against_sionna(c, hex_sites(cfg.scenario.n_servers, cfg.scenario.isd_m), n_users=args.users)
         console.print_json(json.dumps(r))
     elif args.action == "export":
-        from marl_sd.envs.channel.traces import export_traces
+        from marl_sd.envs.traces import export_traces
 
         out = Path(args.out or f"runs/{cfg.name}/traces.npz")
         meta = export_traces(cfg, out, args.slots, args.seed)
         console.print(f"wrote {out} ({meta['slots']} slots x {meta['users']} users) and {out.with_suffix('.json')}")
     elif args.action == "plot":
-        from marl_sd.envs.channel.traces import rate_cdf_plot
+        from marl_sd.envs.traces import rate_cdf_plot
 
         out = Path(args.out or f"runs/{cfg.name}/uplink_rate_cdf.png")
         console.print_json(json.dumps(rate_cdf_plot(cfg, out, drops=args.drops, seed=args.seed)))
@@ -221,8 +213,6 @@ def _cmd_serve(args) -> int:
                       f"a 1-token decode takes {v['decode_1_token_ms']:.1f} ms")
         summary.append({"verify_speedup": v})
     if args.out:
-        import json
-        from pathlib import Path
 
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=2))
@@ -230,9 +220,6 @@ def _cmd_serve(args) -> int:
 
 
 def _serve_up(args, run_live) -> int:
-    import json
-    from pathlib import Path
-
     policies = args.policy or ["nearest_g4"]
     rows = []
     for pol in policies:
@@ -270,8 +257,6 @@ def _serve_up(args, run_live) -> int:
 
 
 def _cmd_export(args) -> int:
-    from pathlib import Path
-
     from marl_sd.agents.train import load_policy, policy_checkpoint
     from marl_sd.export import export_bundle
 

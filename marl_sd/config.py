@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
@@ -328,6 +329,13 @@ def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     for parent in parents:
         tree = _merge(tree, _read_tree((path.parent / parent), seen + (path.resolve(),)))
     return _merge(tree, loaded)
+
+
+def cache_dir() -> Path:
+    """Where built artefacts are cached (Sionna fading banks, converted models):
+    $MARL_SD_CACHE, else $XDG_CACHE_HOME/marl-sd, else ~/.cache/marl-sd."""
+    root = os.environ.get("MARL_SD_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "marl-sd")
+    return Path(root)
 
 
 def resolve_config_path(path: str | Path) -> Path:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import yaml
 
+from marl_sd.serving.models import load_model
+
 # Published architectures (sizes from the models' config.json files).
 ARCHS: dict[str, dict] = {
     "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -165,7 +167,6 @@ def run(args) -> dict:
         draft[d] = round(measure_decode(m, args.device, args.context, args.reps, args.warmup), 4)
         del m
     for d in args.draft_model or []:  # real loaded models (e.g. smollm2-int8), timed as the drafter runs them
-        from marl_sd.serving.models import load_model
 
         draft[d] = round(measure_decode(load_model(d), args.device, args.context, args.reps, args.warmup), 4)
     how = (f"marl_sd.profiler: {args.arch} random weights, {args.dtype}, transformers eager (sdpa), "

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from marl_sd.bundle import bundle_policy
 from marl_sd.config import load_config
+from marl_sd.contract import ActionLayout
 from marl_sd.envs.core import BatchedSimulator
-from marl_sd.serving.controller import ControllerCore, UserReport, bundle_policy, reports_from_features
+from marl_sd.serving.controller import ControllerCore, UserReport, reports_from_features
 
 
 def reports_from_sim(sim):
@@ -19,8 +21,9 @@ def reports_from_sim(sim):
 @pytest.fixture(scope="module")
 def manifest_and_actor(tmp_path_factory):
     from marl_sd.agents.mappo import new_mappo
+    from marl_sd.bundle import load_bundle
     from marl_sd.envs.vec_env import MultiAgentVecEnv
-    from marl_sd.export import export_bundle, load_bundle
+    from marl_sd.export import export_bundle
 
     cfg = load_config()
     venv = MultiAgentVecEnv(cfg, num_envs=1)
@@ -35,10 +38,9 @@ def test_controller_observation_equals_env_observation(manifest_and_actor):
     cfg, m, actor, _, model = manifest_and_actor
     sim = BatchedSimulator(cfg, num_envs=1, seed=4)
     gen = torch.Generator().manual_seed(0)
-    from marl_sd.bench import random_masked_actions
     for _ in range(12):
-        sim.step(random_masked_actions(sim.mask, sim.nvec, gen))
-    core = ControllerCore(m, bundle_policy(actor, m["nvec"]), horizon=cfg.env.horizon)
+        sim.step(sim.actions.random_valid(sim.mask, gen))
+    core = ControllerCore(m, bundle_policy(actor, m), horizon=cfg.env.horizon)
     users, servers = reports_from_sim(sim)
     for r in users:
         core.report_user(r)
@@ -52,8 +54,7 @@ def test_controller_observation_equals_env_observation(manifest_and_actor):
     d = core.step()
     with torch.no_grad():
         logits = model.policy.actor_logits(sim.observations()[0]).numpy()
-    from marl_sd.export import masked_argmax
-    ref = masked_argmax(logits, sim.mask[0].numpy(), m["nvec"])
+    ref = ActionLayout(m["nvec"]).masked_argmax(logits, sim.mask[0].numpy())
     assert [d[u].gamma for u in range(sim.N)] == ref[:, 3].tolist()
     assert [d[u].server for u in range(sim.N)] == ref[:, 0].tolist()
     for s in range(sim.M):  # bandwidth shares of each server's users sum to one
@@ -63,7 +64,7 @@ def test_controller_observation_equals_env_observation(manifest_and_actor):
 
 def test_controller_survives_silent_node(manifest_and_actor):
     cfg, m, actor, _, _ = manifest_and_actor
-    core = ControllerCore(m, bundle_policy(actor, m["nvec"]), slot_ms=20.0, stale_slots=2)
+    core = ControllerCore(m, bundle_policy(actor, m), slot_ms=20.0, stale_slots=2)
     base = dict(snr_db=[10.0, 0.0, -3.0], ul_mbps=[20.0, 5.0, 1.0], server=0, draft_ms=17.0, power_w=4.5, max_gamma=6)
     core.report_user(UserReport(user=0, **base))
     core.report_user(UserReport(user=1, **base))
@@ -83,10 +84,10 @@ def test_bundle_controller_process_does_not_import_torch(manifest_and_actor):
     _, _, _, out, _ = manifest_and_actor
     code = f"""
 import sys
-from marl_sd.export import load_bundle
-from marl_sd.serving.controller import ControllerCore, UserReport, bundle_policy
+from marl_sd.bundle import bundle_policy, load_bundle
+from marl_sd.serving.controller import ControllerCore, UserReport
 m, actor = load_bundle({str(out)!r})
-core = ControllerCore(m, bundle_policy(actor, m["nvec"]))
+core = ControllerCore(m, bundle_policy(actor, m))
 core.report_user(UserReport(user=0, snr_db=[5.0, 1.0, 0.0], ul_mbps=[10, 3, 1], server=0, draft_ms=17, power_w=4, max_gamma=6))
 d = core.step()
 assert 0 in d and 0 <= d[0].gamma <= 6
@@ -99,7 +100,6 @@ print("ok", core.latency_stats()["p50_ms"])
 
 
 def test_simulator_runs_the_bundle_as_the_controller_does(manifest_and_actor):
-    from marl_sd.export import masked_argmax
     from marl_sd.serving.controller_policy import sim_policy
 
     cfg, m, _, out, model = manifest_and_actor
@@ -107,6 +107,6 @@ def test_simulator_runs_the_bundle_as_the_controller_does(manifest_and_actor):
     a = sim_policy(str(out), cfg).act(sim.observations(), sim.mask)
     with torch.no_grad():
         logits = model.policy.actor_logits(sim.observations().reshape(-1, sim.obs_dim)).numpy()
-    ref = masked_argmax(logits, sim.mask.reshape(-1, sim.mask.shape[-1]).numpy(), m["nvec"])
+    ref = ActionLayout(m["nvec"]).masked_argmax(logits, sim.mask.reshape(-1, sim.mask.shape[-1]).numpy())
     np.testing.assert_array_equal(a.reshape(-1, 4).numpy(), ref)
     assert type(sim_policy("nearest_g4", cfg)).__name__ == "NearestPolicy"

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 
 from marl_sd.agents.mappo import new_mappo
+from marl_sd.bundle import BundleError, load_bundle
 from marl_sd.config import load_config
+from marl_sd.contract import ActionLayout
 from marl_sd.envs.vec_env import MultiAgentVecEnv
-from marl_sd.export import BundleError, export_bundle, load_bundle, masked_argmax
+from marl_sd.export import export_bundle
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def test_onnx_parity_with_torch(bundle):
     assert np.abs(actor.logits(x) - ref).max() <= 1e-5
     mask = np.ones((64, sum(m["nvec"])), bool)
     mask[:, 1] = False
-    a = masked_argmax(actor.logits(x), mask, m["nvec"])
+    a = ActionLayout(m["nvec"]).masked_argmax(actor.logits(x), mask)
     assert (a[:, 0] != 1).all()
 
 

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from marl_sd.serving import protocol as P
-from marl_sd.serving.drafter import Drafter, DraftClient
+from marl_sd.serving.drafter import DraftClient, Drafter
 from marl_sd.serving.launcher import local_servers
 from marl_sd.serving.links import Link
 from marl_sd.serving.models import load_model
-from marl_sd.serving.verifier import SERVICE, grpc_options
+from marl_sd.serving.protocol import VERIFIER_SERVICE as SERVICE
+from marl_sd.serving.protocol import grpc_options
 
 
 @pytest.fixture

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from marl_sd.serving.speculative import (accept_greedy, dense_q, sample_weights, speculative_verify,
-                                         top_k_renormalized)
+from marl_sd.serving.speculative import accept_greedy, dense_q, sample_weights, speculative_verify, top_k_renormalized
 
 V, START, N_TOK = 5, 0, 3
 

@@ -132,14 +132,4 @@ def link_rates(ch: ChannelModel, server: torch.Tensor, weight: torch.Tensor, ul_
     }
 
 
-def make_channel(cfg: ChannelConfig, bs_xy: torch.Tensor) -> ChannelModel:
-    if cfg.fidelity == "fast":
-        from marl_sd.envs.channel.fast import FastChannel
-
-        return FastChannel(cfg, bs_xy)
-    from marl_sd.envs.channel.sionna_bank import SionnaBankChannel
-
-    return SionnaBankChannel(cfg, bs_xy)
-
-
-__all__ = ["ChannelModel", "LinkBudget", "bid_shares", "link_rates", "make_channel"]
+__all__ = ["ChannelModel", "LinkBudget", "bid_shares", "link_rates"]

@@ -7,7 +7,6 @@ Sionna-generated fading bank and Sionna's PHY abstraction.
 """
 from __future__ import annotations
 
-
 import torch
 
 from marl_sd.config import ChannelConfig

@@ -16,14 +16,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
+from importlib import metadata
 from pathlib import Path
 
 import torch
 
-from marl_sd.config import BS_HEIGHT_M, ChannelConfig
+from marl_sd.config import BS_HEIGHT_M, ChannelConfig, cache_dir
+from marl_sd.envs.channel.base import LinkBudget
 from marl_sd.envs.channel.fast import FastChannel
+from marl_sd.envs.channel.pathloss import los_probability, pathloss_db
 from marl_sd.envs.channel.phy import PhyTable
 
 log = logging.getLogger(__name__)
@@ -32,14 +34,7 @@ SIM_SINR_MIN_DB = -5.0  # lowest SINR of every bundled BLER curve: no extrapolat
 H_BS = BS_HEIGHT_M
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("MARL_SD_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "marl-sd")
-    return Path(root)
-
-
 def bank_key(c: ChannelConfig) -> str:
-    from importlib import metadata
-
     try:
         ver = metadata.version("sionna-no-rt")
     except metadata.PackageNotFoundError:
@@ -77,7 +72,7 @@ def fading_bank(model: str, los: bool, n_real: int, n_sub: int, bandwidth_hz: fl
                 progress=None) -> torch.Tensor:
     """float32 [n_real, n_sub] unit-mean subband power gains from Sionna's UMi/UMa CIRs."""
     from sionna.phy.channel import cir_to_ofdm_channel, subcarrier_frequencies
-    from sionna.phy.channel.tr38901 import UMa, UMi, PanelArray
+    from sionna.phy.channel.tr38901 import PanelArray, UMa, UMi
 
     Model = {"umi": UMi, "uma": UMa}[model]
     omni = PanelArray(num_rows_per_panel=1, num_cols_per_panel=1, polarization="single", polarization_type="V",
@@ -188,9 +183,6 @@ def validate_against_sionna(c: ChannelConfig, bs_xy: torch.Tensor, n_users: int 
     gain. Fast path: closed-form pathloss + AR(1)-initialised shadowing + a bank row. Returns
     the pathloss difference and percentiles (10/50/90) of the per-subband UL SNR in dB.
     """
-    from marl_sd.envs.channel.base import LinkBudget
-    from marl_sd.envs.channel.pathloss import los_probability, pathloss_db
-
     gen = torch.Generator().manual_seed(seed)
     fast = SionnaBankChannel(c, bs_xy)
     M = bs_xy.shape[0]
@@ -206,7 +198,7 @@ def validate_against_sionna(c: ChannelConfig, bs_xy: torch.Tensor, n_users: int 
 
     with _SionnaSession(seed):
         from sionna.phy.channel import cir_to_ofdm_channel, subcarrier_frequencies
-        from sionna.phy.channel.tr38901 import UMa, UMi, PanelArray
+        from sionna.phy.channel.tr38901 import PanelArray, UMa, UMi
 
         fc = c.carrier_ghz * 1e9
         omni = PanelArray(num_rows_per_panel=1, num_cols_per_panel=1, polarization="single", polarization_type="V",

@@ -19,13 +19,20 @@ Prefill cost, payload sizes and the other devices stay as in the base profile.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from copy import deepcopy
+from pathlib import Path
 
 import numpy as np
+import yaml
 
-from marl_sd.envs.profiles import LatencyProfile
+from marl_sd.agents.evaluate import run_policy
+from marl_sd.agents.policy import DelayedPolicy
+from marl_sd.config import load_config
+from marl_sd.envs.profiles import LatencyProfile, load_profile
 from marl_sd.profiler import fit_verify
+from marl_sd.serving.controller_policy import sim_policy
 
 
 def spec_rounds(rows: list[dict]) -> list[dict]:
@@ -86,9 +93,6 @@ def fit_served_profile(base: LatencyProfile, device_class: str | None, samples: 
 
 
 def write_profile(prof: dict, path) -> None:
-    import yaml
-    from pathlib import Path
-
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(prof, sort_keys=False))
 
@@ -100,15 +104,6 @@ def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: f
     scenario's own profile for reference. The simulated episodes follow the live protocol: the
     run's own workload (arrival times and lengths) replayed, arrivals for `duration_s`, then
     `drain_s` for the queues to empty, and decisions applied `serving.decision_delay_slots` late. Also writes the profile fitted to all runs."""
-    import math
-
-    from pathlib import Path
-
-    from marl_sd.agents.evaluate import run_policy
-    from marl_sd.agents.policy import DelayedPolicy
-    from marl_sd.config import load_config
-    from marl_sd.envs.profiles import load_profile
-    from marl_sd.serving.controller_policy import sim_policy
 
     cfg = load_config(cfg_path)
     base = load_profile(cfg.scenario.profile)

@@ -16,13 +16,15 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import torch
 
 from marl_sd.envs.observation import smooth_token_latency
-from marl_sd.serving.drafter import Drafter, DraftClient
+from marl_sd.serving.drafter import DraftClient, Drafter
 from marl_sd.serving.links import Link
-from marl_sd.serving.models import load_model
+from marl_sd.serving.models import load_model, load_tokenizer
+from marl_sd.serving.protocol import CONTROLLER_SERVICE
 
 DEMO_PROMPTS = [
     "Write a Python function that checks whether a number is prime.",
@@ -43,7 +45,6 @@ def make_prompts(model_spec: str, n: int, seed: int, lengths: list[int] | None =
     if model_spec.startswith("tiny"):
         lens = lengths or [int(rng.integers(4, 40)) for _ in range(n)]
         return [rng.integers(0, 512, k).tolist() for k in lens]
-    from marl_sd.serving.models import load_tokenizer
 
     tok = load_tokenizer(model_spec.replace("-int8", ""))
     out = []
@@ -97,12 +98,8 @@ class ControlAgent:
                 "outstanding": float(self.backlog), "token_latency_ms": self.tok_latency}
 
     async def run(self) -> None:
-        import grpc
-
-        from marl_sd.serving.controller import SERVICE
-
         async with grpc.aio.insecure_channel(self.addr) as ch:
-            rpc = ch.unary_unary(f"/{SERVICE}/Report")
+            rpc = ch.unary_unary(f"/{CONTROLLER_SERVICE}/Report")
             while True:
                 try:
                     reply = json.loads(await rpc(json.dumps(self.report()).encode(), timeout=self.slot_s))

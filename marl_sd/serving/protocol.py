@@ -18,6 +18,16 @@ VERIFY = struct.Struct("<4sBBxxQIHH")  # magic, version, priority, session, roun
 RESULT = struct.Struct("<4sBxxxQIHHffH")  # magic, version, session, round, n accepted, n new, verify ms, queue ms, batch
 MAX_TOKENS = 1 << 16
 
+# gRPC services: the verifier (a bidirectional `Session` stream per request, unary `Status`) and
+# the controller (unary `Report` and `Stats`, JSON bodies)
+VERIFIER_SERVICE = "marlsd.Verifier"
+CONTROLLER_SERVICE = "marlsd.Controller"
+MAX_MESSAGE = 1 << 20
+
+
+def grpc_options(max_message: int = MAX_MESSAGE) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message)]
+
 
 class ProtocolError(ValueError):
     """A malformed or oversized message."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import logging
 import sys
 import time
@@ -22,17 +23,12 @@ import grpc
 import numpy as np
 import torch
 
+from marl_sd.envs.profiles import load_profile
 from marl_sd.serving import protocol as P
 from marl_sd.serving.engine import VerifierEngine, VerifyItem
 from marl_sd.serving.models import load_model
 
 log = logging.getLogger("marl_sd.verifier")
-SERVICE = "marlsd.Verifier"
-MAX_MESSAGE = 1 << 20
-
-
-def grpc_options(max_message: int = MAX_MESSAGE) -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message)]
 
 
 class Verifier:
@@ -171,7 +167,6 @@ class Verifier:
 
     async def status(self, request: bytes, context) -> bytes:
         """Counters; a request body of b"samples" adds the recent per-batch timings."""
-        import json
 
         up = time.monotonic() - self.t_start
         s = dict(self.stats, open_sessions=len(self.engine.sessions), uptime_s=up,
@@ -187,8 +182,8 @@ async def serve(model_spec: str, host: str = "127.0.0.1", port: int = 0, threads
     torch.set_num_threads(threads)
     engine = VerifierEngine(load_model(model_spec))
     v = Verifier(engine, **kw)
-    server = grpc.aio.server(options=grpc_options())
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
+    server = grpc.aio.server(options=P.grpc_options())
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(P.VERIFIER_SERVICE, {
         "Session": grpc.stream_stream_rpc_method_handler(v.session),
         "Status": grpc.unary_unary_rpc_method_handler(v.status),
     }),))
@@ -217,7 +212,6 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     pace = None
     if a.pace_profile:
-        from marl_sd.envs.profiles import load_profile
 
         pace = load_profile(a.pace_profile).target
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)

@@ -8,14 +8,13 @@ import numpy as np
 import torch
 
 from marl_sd.config import Config
+from marl_sd.envs.core import BatchedSimulator
 
 
 @torch.no_grad()
 def rate_traces(cfg: Config, slots: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Per-slot UL/DL rates [slots, N] (Mbps) of each user at its max-SNR server with an equal
     bandwidth split, with mobility and fading evolving as in the environment."""
-    from marl_sd.envs.core import BatchedSimulator
-
     c = cfg.model_copy(update={"env": cfg.env.model_copy(update={"horizon": slots})})
     sim = BatchedSimulator(c, num_envs=1, seed=seed)
     ul, dl, srv, dist, ulf, dlf, snr = [], [], [], [], [], [], []
@@ -23,8 +22,7 @@ def rate_traces(cfg: Config, slots: int, seed: int = 0) -> dict[str, np.ndarray]
         a = torch.zeros(1, sim.N, 4, dtype=torch.long)
         a[..., 0] = sim.rates["snr_db"].argmax(-1)
         sim.apply_actions(a)
-        sim.server = a[..., 0]
-        sim._update_rates()
+        sim.set_association(a[..., 0])
         ul.append((sim.ul_rate[0] * 8 / 1000).cpu().numpy())
         dl.append((sim.dl_rate[0] * 8 / 1000).cpu().numpy())
         srv.append(sim.server[0].cpu().numpy())
@@ -58,15 +56,11 @@ def rate_cdf_plot(cfg: Config, out: Path, drops: int = 64, seed: int = 0) -> dic
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from marl_sd.envs.core import BatchedSimulator
-
     sim = BatchedSimulator(cfg, num_envs=drops, seed=seed)
     a = torch.zeros(drops, sim.N, 4, dtype=torch.long)
     a[..., 0] = sim.rates["snr_db"].argmax(-1)
     sim.apply_actions(a)
-    sim.server = a[..., 0]
-    sim.ul_activity = torch.full_like(sim.ul_activity, 0.2)  # other cells' users transmit 20 % of the time
-    sim._update_rates()
+    sim.set_association(a[..., 0], ul_activity=0.2)  # other cells' users transmit 20 % of the time
     ul = (sim.ul_rate * 8 / 1000).flatten().cpu().numpy()
     d = (sim.pos.unsqueeze(2) - sim.scn.bs_xy).norm(dim=-1).min(-1).values.flatten().cpu().numpy()
     r = sim.scn.cell_radius

@@ -1,0 +1,84 @@
+"""Policy bundles: `actor.onnx` (local observation -> logits per sub-action) + `manifest.json`.
+
+The manifest makes the bundle self-describing: the feature table with its scales and clips, the
+action layout and mask rules (`marl_sd.contract.manifest_contract`), the scenario it was trained
+on (summary + identity hash), package version, and the torch <-> onnxruntime parity measured at
+export. Reading a bundle needs numpy and onnxruntime only, so the live controller runs without
+torch; `marl_sd.export` writes bundles.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from marl_sd.contract import ActionLayout, manifest_contract
+
+MANIFEST_VERSION = 2
+CHECKED_KEYS = ("obs_dim", "nvec", "obs_layout", "features", "bid_weights", "priority_weights")
+
+
+class BundleError(ValueError):
+    """A policy bundle is missing, malformed, or was made for another scenario."""
+
+
+def scenario_summary(cfg) -> dict:
+    s = cfg.scenario
+    return {"n_users": s.n_users, "n_servers": s.n_servers, "isd_m": s.isd_m, "profile": s.profile,
+            "channel": {"model": s.channel.model, "fidelity": s.channel.fidelity},
+            "devices": [d.name for d in s.devices], "slot_ms": cfg.env.slot_ms, "gamma_max": cfg.env.gamma_max}
+
+
+class OnnxActor:
+    """onnxruntime session for `actor.onnx` (no torch needed)."""
+
+    def __init__(self, path: Path, threads: int = 1):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        self.sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+    def logits(self, obs: np.ndarray) -> np.ndarray:
+        return self.sess.run(None, {"obs": np.ascontiguousarray(obs, dtype=np.float32)})[0]
+
+
+def load_bundle(bundle_dir: Path, cfg=None) -> tuple[dict, OnnxActor]:
+    """Read a bundle; with `cfg`, reject it unless sizes, layout and action decoding match."""
+    bundle_dir = Path(bundle_dir)
+    mf = bundle_dir / "manifest.json"
+    if not mf.exists():
+        raise BundleError(f"{bundle_dir} is not a policy bundle (no manifest.json)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{mf} is not valid JSON: {e}") from None
+    if manifest.get("manifest_version") != MANIFEST_VERSION:
+        raise BundleError(f"{mf}: unsupported manifest version {manifest.get('manifest_version')}")
+    if cfg is not None:
+        want = manifest_contract(cfg)
+        bad = [k for k in CHECKED_KEYS if json.loads(json.dumps(want[k])) != manifest.get(k)]
+        if bad:
+            raise BundleError(f"bundle {bundle_dir} does not match this scenario: {', '.join(bad)} differ "
+                              f"(bundle: {manifest['scenario']}, here: {scenario_summary(cfg)})")
+    onnx_path = bundle_dir / manifest.get("onnx_file", "actor.onnx")
+    if not onnx_path.exists():
+        raise BundleError(f"bundle {bundle_dir} lacks {onnx_path.name}")
+    try:
+        actor = OnnxActor(onnx_path)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises several types for a broken file
+        raise BundleError(f"{onnx_path} cannot be loaded by onnxruntime: {e}") from None
+    return manifest, actor
+
+
+def bundle_policy(actor: OnnxActor, manifest: dict):
+    """Deterministic masked argmax of an ONNX actor on [B, N, obs_dim] observations (numpy only)."""
+    layout = ActionLayout(manifest["nvec"])
+
+    def act(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        B, N, D = obs.shape
+        logits = actor.logits(obs.reshape(B * N, D))
+        return layout.masked_argmax(logits, mask.reshape(B * N, -1)).reshape(B, N, len(layout.nvec))
+    return act

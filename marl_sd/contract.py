@@ -1,0 +1,231 @@
+"""The contract between environment and policy, declared once.
+
+`LOCAL_FEATURES` is the local observation, block by block: which measured quantity it encodes,
+its width, and how it is normalized (clip, then transform, then divide by the scale). The
+observation size and layout, the encoder (`marl_sd.envs.observation.ObservationBuilder`), the
+decoder the heuristics use, and the policy bundle's manifest all derive from this table.
+`ActionLayout` is the MultiDiscrete action: its sub-actions, their sizes, the mask rules, and
+the mask operations (split, masked argmax, masked sample, random valid sample) for numpy
+arrays and torch tensors alike.
+
+This module depends only on numpy (torch is used when torch tensors are passed in), so the
+live controller can load it without torch.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+SUB_ACTIONS = ("server", "uplink_bid", "verify_priority", "gamma")
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One block of the local observation.
+
+    `source` names the `Features` field it encodes; `width` is 1, "M" (one per server) or "N"
+    (one per user); `scope` says whose quantity it is: the user's own, a per-server quantity
+    every user sees, or the episode's; `kind`: linear (clip, divide), log1p (clip, log1p,
+    divide), onehot (index -> one-hot), indicator (value > 0), agent_id (the user's own
+    one-hot); `scale` is a number or the name of an `ObsSpec` size; `integer` quantities are
+    cast to float before normalizing and rounded when decoded."""
+
+    name: str
+    source: str | None
+    width: int | str = 1
+    kind: str = "linear"
+    scale: float | str = 1.0
+    clip: tuple[float | None, float | None] = (None, None)
+    scope: str = "user"
+    integer: bool = False
+
+
+LOCAL_FEATURES: tuple[Feature, ...] = (
+    Feature("snr_db", "snr_db", "M", scale=20.0, clip=(-20.0, 40.0)),
+    Feature("ul_mbps", "ul_mbps", "M", kind="log1p", scale=5.0, clip=(0.0, None)),
+    Feature("server_onehot", "server", "M", kind="onehot"),
+    Feature("draft_ms", "draft_ms", scale=50.0),
+    Feature("power_w", "power_w", scale=40.0),
+    Feature("max_gamma", "max_gamma", scale="gamma_max", integer=True),
+    Feature("queue", "queue", scale="queue_capacity", integer=True),
+    Feature("remaining", "remaining", scale="max_output_tokens", integer=True),
+    Feature("active", "queue", kind="indicator"),
+    Feature("acceptance", "acceptance"),
+    Feature("outstanding", "outstanding", scale=5.0, clip=(None, 10.0)),
+    Feature("token_latency_ms", "token_latency_ms", scale=100.0, clip=(None, 500.0)),
+    Feature("time_frac", "time_frac", scope="episode"),
+    Feature("srv_users", "srv_users", "M", scale="n_users", scope="server", integer=True),
+    Feature("srv_queued_tokens", "srv_queued_tokens", "M", scale="verify_token_budget", scope="server", integer=True),
+    Feature("srv_busy", "srv_busy", "M", scope="server"),
+    Feature("agent_id", None, "N", kind="agent_id"),
+)
+FEATURES_BY_NAME = {f.name: f for f in LOCAL_FEATURES}
+
+# The centralized critic's state: the server blocks, then these blocks of every user (plus each
+# user's best normalized SNR), then the episode progress.
+STATE_USER_BLOCKS = ("server_onehot", "queue", "remaining", "draft_ms", "acceptance")
+
+
+@dataclass(frozen=True)
+class ObsSpec:
+    """Sizes and normalization constants; exported in the policy manifest."""
+
+    n_users: int
+    n_servers: int
+    gamma_max: int
+    queue_capacity: int
+    max_output_tokens: int
+    verify_token_budget: int
+
+    @classmethod
+    def from_config(cls, cfg) -> "ObsSpec":
+        s, w = cfg.scenario, cfg.scenario.workload
+        return cls(s.n_users, s.n_servers, cfg.env.gamma_max, w.queue_capacity, w.output_tokens.high,
+                   s.verify_token_budget)
+
+    def width(self, f: Feature) -> int:
+        return {"M": self.n_servers, "N": self.n_users}.get(f.width, f.width)
+
+    def scale(self, f: Feature) -> float:
+        return float(getattr(self, f.scale)) if isinstance(f.scale, str) else float(f.scale)
+
+    def layout(self) -> list[tuple[str, int]]:
+        return [(f.name, self.width(f)) for f in LOCAL_FEATURES]
+
+    @property
+    def obs_dim(self) -> int:
+        return sum(self.width(f) for f in LOCAL_FEATURES)
+
+    @property
+    def state_dim(self) -> int:
+        per_user = sum(self.width(FEATURES_BY_NAME[b]) for b in STATE_USER_BLOCKS) + 1
+        servers = sum(self.width(f) for f in LOCAL_FEATURES if f.scope == "server")
+        return servers + self.n_users * per_user + 1
+
+    def feature_table(self) -> list[dict]:
+        """The table with sizes resolved: what a consumer needs to encode observations."""
+        return [{"name": f.name, "source": f.source, "width": self.width(f), "kind": f.kind,
+                 "scale": self.scale(f), "clip": list(f.clip), "scope": f.scope, "integer": f.integer}
+                for f in LOCAL_FEATURES]
+
+
+def features_from_manifest(manifest: dict) -> tuple[Feature, ...]:
+    """The feature table a bundle's manifest carries (sizes resolved), as `Feature`s."""
+    return tuple(Feature(f["name"], f["source"], int(f["width"]), f["kind"], float(f["scale"]), tuple(f["clip"]),
+                         f["scope"], bool(f["integer"])) for f in manifest["features"])
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+class ActionLayout:
+    """The MultiDiscrete action [server, uplink bid, verify priority, gamma] and its flat mask
+    [..., sum(nvec)] (True = allowed). Methods accept numpy arrays or torch tensors."""
+
+    names = SUB_ACTIONS
+
+    def __init__(self, nvec):
+        self.nvec = [int(n) for n in nvec]
+        self.offsets = [int(x) for x in np.cumsum([0, *self.nvec[:-1]])]
+
+    @classmethod
+    def from_config(cls, cfg) -> "ActionLayout":
+        e = cfg.env
+        return cls([cfg.scenario.n_servers, len(e.bid_weights), len(e.priority_weights), e.gamma_max + 1])
+
+    @property
+    def mask_dim(self) -> int:
+        return sum(self.nvec)
+
+    def split(self, x) -> list:
+        """Per sub-action slices of a flat [..., sum(nvec)] array (mask or logits)."""
+        return [x[..., o:o + n] for o, n in zip(self.offsets, self.nvec)]
+
+    def masked_argmax(self, logits, mask):
+        """[..., 4] the highest-logit allowed choice of every sub-action."""
+        if _is_torch(logits):
+            import torch
+
+            z = torch.where(mask.bool(), logits, torch.finfo(logits.dtype).min)
+            return torch.stack([p.argmax(-1) for p in self.split(z)], -1)
+        z = np.where(np.asarray(mask).astype(bool), logits, -np.inf)
+        return np.stack([p.argmax(-1) for p in self.split(z)], -1)
+
+    def masked_sample(self, logits, mask, gen=None):
+        """[..., 4] a sample of each sub-action's softmax over the allowed choices (torch)."""
+        import torch
+
+        z = torch.where(mask.bool(), logits, torch.finfo(logits.dtype).min)
+        out = []
+        for p in self.split(z):
+            probs = torch.softmax(p, -1).reshape(-1, p.shape[-1])
+            out.append(torch.multinomial(probs, 1, generator=gen).view(p.shape[:-1]))
+        return torch.stack(out, -1)
+
+    def random_valid(self, mask, gen):
+        """[..., 4] uniform random allowed actions; `gen` is a torch.Generator for torch masks,
+        a numpy Generator for numpy masks. Batched, no loop over users."""
+        out = []
+        for m in self.split(mask):
+            if _is_torch(m):
+                import torch
+
+                u = torch.rand(m.shape, generator=gen, device=m.device)
+                out.append(torch.argmax(m.float() * (u + 1e-3), -1))
+            else:
+                out.append(np.argmax(m.astype(np.float32) * (gen.random(m.shape) + 1e-3), -1))
+        if _is_torch(mask):
+            import torch
+
+            return torch.stack(out, -1)
+        return np.stack(out, -1)
+
+    def allowed(self, actions, mask):
+        """[..., 4] bool: whether each sub-action of `actions` is allowed by `mask`."""
+        if _is_torch(actions):
+            import torch
+
+            return torch.stack([m.bool().gather(-1, actions[..., k:k + 1]).squeeze(-1)
+                                for k, m in enumerate(self.split(mask))], -1)
+        return np.stack([np.take_along_axis(np.asarray(m, bool), actions[..., k:k + 1], -1)[..., 0]
+                         for k, m in enumerate(self.split(mask))], -1)
+
+    def in_range(self, actions):
+        """[..., 4] bool: whether each sub-action index lies in [0, n)."""
+        if _is_torch(actions):
+            import torch
+
+            return (actions >= 0) & (actions < torch.tensor(self.nvec, device=actions.device))
+        return (actions >= 0) & (actions < np.asarray(self.nvec))
+
+    def mask(self, snr_db, max_gamma, coverage_snr_db: float):
+        """The mask rules: servers whose wideband UL SNR reaches `coverage_snr_db` (the best one
+        always), every bid and priority level, gamma up to the device's limit."""
+        n_srv, n_bid, n_prio, n_gam = self.nvec
+        if _is_torch(snr_db):
+            import torch
+
+            best = torch.nn.functional.one_hot(snr_db.argmax(-1), n_srv) > 0
+            bids = torch.ones(tuple(snr_db.shape[:-1]) + (n_bid + n_prio,), dtype=torch.bool, device=snr_db.device)
+            gam = torch.arange(n_gam, device=snr_db.device) <= max_gamma[..., None]
+            return torch.cat([(snr_db >= coverage_snr_db) | best, bids, gam], -1)
+        best = snr_db.argmax(-1)[..., None] == np.arange(n_srv)
+        bids = np.ones(tuple(snr_db.shape[:-1]) + (n_bid + n_prio,), bool)
+        gam = np.arange(n_gam) <= np.asarray(max_gamma)[..., None]
+        return np.concatenate([(snr_db >= coverage_snr_db) | best, bids, gam], -1)
+
+    MASK_RULES = {"server": "wideband UL SNR >= coverage_snr_db (the best server always allowed)",
+                  "uplink_bid": "all allowed", "verify_priority": "all allowed",
+                  "gamma": "gamma <= the device's max_gamma"}
+
+
+def manifest_contract(cfg) -> dict:
+    """What a consumer must agree on to use a policy: sizes, the feature table with its scales
+    and clips, the action layout and mask rules. Computed from the config alone."""
+    spec, act = ObsSpec.from_config(cfg), ActionLayout.from_config(cfg)
+    return {"obs_spec": asdict(spec), "obs_dim": spec.obs_dim, "obs_layout": [list(x) for x in spec.layout()],
+            "features": spec.feature_table(), "nvec": act.nvec, "sub_actions": list(act.names),
+            "bid_weights": list(cfg.env.bid_weights), "priority_weights": list(cfg.env.priority_weights),
+            "coverage_snr_db": cfg.scenario.channel.coverage_snr_db, "mask_rules": ActionLayout.MASK_RULES}
