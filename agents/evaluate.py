@@ -80,8 +80,8 @@ def run_policy(cfg: Config, policy: Policy, seed: int, episodes: int, schedule=N
         for k, v in sim.slot_metrics().items():
             acc[k] = acc.get(k, 0) + v.sum(0)
     s = summarize(acc)
-    reqs = torch.cat(sim.request_log) if sim.request_log else torch.zeros(0, 6)
-    lat, out, ttft, tpot = reqs[:, 2].numpy(), reqs[:, 3].numpy(), reqs[:, 4].numpy(), reqs[:, 5].numpy()
+    reqs = sim.finished_requests()
+    lat, out, ttft, tpot = reqs["latency_ms"], reqs["output_tokens"], reqs["ttft_ms"], reqs["tpot_ms"]
     per_tok = lat / np.maximum(out, 1)
     e = cfg.eval
     duration_s = sim.horizon * cfg.env.slot_ms / 1000.0

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from marl_sd.config import Config
@@ -47,6 +48,7 @@ from marl_sd.envs.observation import (
 )
 from marl_sd.envs.profiles import load_profile
 from marl_sd.envs.scenario import Scenario
+from marl_sd.envs.state import REQ, REQUEST_LOG_COLUMNS, STATE, allocate, check_state
 
 IDLE, DRAFT, UPLINK, QUEUED, VERIFY, DOWNLINK = range(6)
 PHASES = ("idle", "draft", "uplink", "queued", "verify", "downlink")
@@ -56,15 +58,6 @@ USER_METRICS = ("completed", "latency_ms", "tokens", "ttft_ms", "tpot_ms", "tpot
                 "accepted", "rejected", "drafted", "rounds", "spec_rounds", "emitted", "handovers", "dropped", "arrived",
                 "outstanding_ms", "airtime_ms")
 SERVER_METRICS = ("batches", "batch_users", "batch_tokens", "busy_ms")
-
-# tensors that make up the simulator state (for get_state / set_state)
-STATE = ("pos", "waypoint", "speed", "dev", "draft_ms", "power_w", "max_gamma", "phase", "timer",
-         "bytes_left", "gamma_cur", "gamma_next", "server", "target", "bid_w", "prio_w", "q_len",
-         "requests", "pattern", "q_head", "remaining", "out_len", "ctx", "alpha", "cur_pattern", "first_tok",
-         "prefill", "first_round", "handover_bytes", "keep_predraft", "extra_ahead", "open_gamma", "sent_at",
-         "queued_at", "acc_hits", "acc_trials", "tok_latency", "ul_activity", "ul_rate", "dl_rate", "srv_left",
-         "srv_active", "srv_free_at", "srv_busy_frac", "outstanding_last", "now", "t")
-
 
 class ActionError(ValueError):
     """An action is out of range or violates the action mask."""
@@ -110,7 +103,7 @@ class BatchedSimulator:
         self.record_requests = False
         self.round_trace: list[torch.Tensor] | None = None  # set to [] to record (env, user, position, gamma, accepted)
         self.replay = None
-        self.request_log: list[torch.Tensor] = []
+        self.request_log: list[torch.Tensor] = []  # rows of REQUEST_LOG_COLUMNS, while record_requests
         self.reset()
 
     # ------------------------------------------------------------------ setup / state
@@ -122,8 +115,9 @@ class BatchedSimulator:
 
     def reset(self) -> None:
         """Start a new episode in every environment (fresh drop, devices, channel, queues)."""
-        B, N, M, g, s = self.B, self.N, self.M, self.gen, self.scn
-        long = torch.long
+        B, N, g, s = self.B, self.N, self.gen, self.scn
+        for k, v in allocate(self.sizes, self.device).items():
+            setattr(self, k, v)
         self.pos = s.sample_points((B, N), g)
         self.waypoint = s.sample_points((B, N), g)
         self.speed = s.sample_speeds((B, N), g)
@@ -134,44 +128,10 @@ class BatchedSimulator:
         self._derive()
         self.channel.reset(self.pos, g)
         snr = self.channel.budget.wideband_ul_snr_db(self.channel.gain_ls)
-        self.phase = self._zeros(B, N, dtype=long)
-        self.timer = self._zeros(B, N)
-        self.bytes_left = self._zeros(B, N)
-        self.gamma_cur = self._zeros(B, N, dtype=long)
-        self.gamma_next = self._zeros(B, N, dtype=long)
         self.server = snr.argmax(-1)
         self.target = self.server.clone()
         self.bid_w = torch.ones(B, N, device=self.device)
         self.prio_w = torch.ones(B, N, device=self.device)
-        self.q_len = self._zeros(B, N, dtype=long)
-        self.requests = self._zeros(B, N, self.Q, 4)  # queued requests: prompt, output, alpha, arrival ms
-        self.pattern = self._zeros(B, N, self.Q, self.L, dtype=torch.bool)  # per request: draft matches at position i
-        self.cur_pattern = self._zeros(B, N, self.L, dtype=torch.bool)  # the request in service
-        self.q_head = self._zeros(B, N, dtype=long)
-        self.remaining = self._zeros(B, N, dtype=long)
-        self.out_len = self._zeros(B, N, dtype=long)
-        self.ctx = self._zeros(B, N, dtype=long)
-        self.alpha = self._zeros(B, N)
-        self.first_tok = self._zeros(B, N)
-        self.prefill = self._zeros(B, N)
-        self.first_round = self._zeros(B, N, dtype=torch.bool)
-        self.handover_bytes = self._zeros(B, N)
-        self.keep_predraft = self._zeros(B, N, dtype=torch.bool)  # round fully accepted and bonus == first pre-draft
-        self.extra_ahead = self._zeros(B, N, dtype=long)  # drafts past the uploaded gamma when the round was sent
-        self.open_gamma = self._zeros(B, N, dtype=long)  # gamma drafted while the session opens
-        self.sent_at = self._zeros(B, N)  # when the in-flight round (or the session open) left the device
-        self.queued_at = self._zeros(B, N)
-        self.acc_hits = self._zeros(B, N)
-        self.acc_trials = self._zeros(B, N)
-        self.tok_latency = self._zeros(B, N)
-        self.ul_activity = self._zeros(B, N)
-        self.srv_left = self._zeros(B, M)
-        self.srv_active = self._zeros(B, M, dtype=torch.bool)
-        self.srv_free_at = self._zeros(B, M)
-        self.srv_busy_frac = self._zeros(B, M)
-        self.outstanding_last = self._zeros(B, N)
-        self.now = torch.zeros((), device=self.device)
-        self.t = torch.zeros((), dtype=long, device=self.device)
         self._new_accumulators()
         self._update_rates()
         self._update_mask()
@@ -180,13 +140,20 @@ class BatchedSimulator:
         """Per-user constants derived from the device class (not part of the saved state)."""
         self.power_kw = self.power_w / 1000.0  # joules per ms of drafting
 
+    @property
+    def sizes(self) -> dict[str, int]:
+        """The symbols of the state shapes (see `marl_sd.envs.state`)."""
+        return {"B": self.B, "N": self.N, "M": self.M, "Q": self.Q, "L": self.L}
+
     def get_state(self) -> dict:
+        """A copy of every state variable (`marl_sd.envs.state.STATE_VARS`), the channel and the RNG."""
         st = {k: getattr(self, k).clone() for k in STATE}
         st["channel"] = self.channel.get_state()
         st["gen"] = self.gen.get_state()
         return st
 
     def set_state(self, st: dict) -> None:
+        check_state(st, self.sizes)
         for k in STATE:
             setattr(self, k, st[k].clone().to(self.device))
         self._derive()
@@ -378,7 +345,7 @@ class BatchedSimulator:
         at = now - self.dt  # arrivals happen at the start of the tick; their upload runs in it
         req = torch.cat([attrs, at.expand(self.B, self.N, 1)], -1)
         slot = (self.q_head + self.q_len) % self.Q
-        idx = slot.view(self.B, self.N, 1, 1).expand(-1, -1, 1, 4)
+        idx = slot.view(self.B, self.N, 1, 1).expand(-1, -1, 1, len(REQ))
         old = self.requests.gather(2, idx)
         self.requests.scatter_(2, idx, torch.where(ok.view(self.B, self.N, 1, 1), req.unsqueeze(2), old))
         bi, ui = arrive.nonzero(as_tuple=True)
@@ -403,15 +370,21 @@ class BatchedSimulator:
             self.m["airtime_ms"] += air
             self.m["energy_j"] += air * self.ue_tx_kw
 
+    def finished_requests(self) -> dict[str, np.ndarray]:
+        """The request log (recorded while `record_requests`) by column name (REQUEST_LOG_COLUMNS)."""
+        log = torch.cat(self.request_log) if self.request_log else torch.zeros(0, len(REQUEST_LOG_COLUMNS))
+        return {c: log[:, i].cpu().numpy() for i, c in enumerate(REQUEST_LOG_COLUMNS)}
+
     def _head_request(self) -> torch.Tensor:
         """[B, N, 4] the request at the head of each user's queue."""
-        return self.requests.gather(2, self.q_head.view(self.B, self.N, 1, 1).expand(-1, -1, 1, 4)).squeeze(2)
+        return self.requests.gather(2, self.q_head.view(self.B, self.N, 1, 1).expand(-1, -1, 1, len(REQ))).squeeze(2)
 
     def _start_request(self, start: torch.Tensor, spent: torch.Tensor, at: torch.Tensor | None = None) -> None:
         """Open a session for the head request (`spent` ms into its upload, started at `at`): upload
         the prompt while drafting the first round."""
         head = self._head_request()
-        prompt, out, alpha = head[..., 0].long(), head[..., 1].long(), head[..., 2]
+        prompt, out = head[..., REQ["prompt_tokens"]].long(), head[..., REQ["output_tokens"]].long()
+        alpha = head[..., REQ["alpha"]]
         w = lambda new, old: torch.where(start, new, old)  # noqa: E731
         self.server = w(self.target, self.server)
         self._gather_rates()
@@ -545,7 +518,7 @@ class BatchedSimulator:
         need = (gamma - ahead).clamp(min=0) * t_d
         if wait is not None:
             need = need + wait
-        self.extra_ahead = torch.where(cont, (ahead - gamma).clamp(min=0), self.extra_ahead)
+        self.extra_ahead = torch.where(cont, (ahead - gamma).clamp(min=0).long(), self.extra_ahead)
         self.keep_predraft = self.keep_predraft & ~cont
         self.gamma_cur = torch.where(cont, gamma, self.gamma_cur)
         drafting = cont & (gamma > 0)
@@ -562,7 +535,7 @@ class BatchedSimulator:
 
     def _complete_requests(self, fin: torch.Tensor, spent: torch.Tensor) -> None:
         now = self.now - spent
-        arr = self._head_request()[..., 3]
+        arr = self._head_request()[..., REQ["arrival_ms"]]
         lat = now - arr
         out = self.out_len.float()
         f = fin.float()
@@ -577,9 +550,9 @@ class BatchedSimulator:
         self.tok_latency = torch.where(fin, smooth_token_latency(self.tok_latency, lat / out), self.tok_latency)
         if self.record_requests:
             bi, ui = fin.nonzero(as_tuple=True)
-            rec = torch.stack([bi.float(), ui.float(), lat[fin], out[fin], (self.first_tok - arr)[fin],
-                               ((now - self.first_tok) / (out - 1).clamp(min=1))[fin]], -1)
-            self.request_log.append(rec)
+            cols = {"env": bi.float(), "user": ui.float(), "latency_ms": lat[fin], "output_tokens": out[fin],
+                    "ttft_ms": (self.first_tok - arr)[fin], "tpot_ms": ((now - self.first_tok) / (out - 1).clamp(min=1))[fin]}
+            self.request_log.append(torch.stack([cols[c] for c in REQUEST_LOG_COLUMNS], -1))
         self.q_head = torch.where(fin, (self.q_head + 1) % self.Q, self.q_head)
         self.q_len = self.q_len - fin.long()
         self.phase = torch.where(fin, IDLE, self.phase)

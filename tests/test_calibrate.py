@@ -82,9 +82,9 @@ def test_simulator_replays_a_live_workload():
         sim.step(pol.act(sim.observations(), sim.mask))
         arrived += float(sim.slot_metrics()["arrived"].sum())
     assert arrived == 3 * n
-    log = torch.cat(sim.request_log)
-    assert len(log) == 3 * n  # all served within the 6 s episode
-    got = sorted(log[:, 3].long().tolist())
+    log = sim.finished_requests()
+    assert len(log["env"]) == 3 * n  # all served within the 6 s episode
+    got = sorted(log["output_tokens"].astype(int).tolist())
     want = sorted(out for reqs in sched for _, _, out in reqs) * 3
     assert got == sorted(want)
     with pytest.raises(ValueError, match="users"):

@@ -51,8 +51,8 @@ def serve_one(cfg, gamma, script=None, seed=0):
     while sum(len(r) for r in sim.request_log) < sim.B:
         assert int(sim.t) < sim.horizon, "request did not finish"
         sim.step(a)
-    log = torch.cat(sim.request_log)
-    return sim, log[log[:, 0].argsort(), 2]
+    log = sim.finished_requests()
+    return sim, torch.as_tensor(log["latency_ms"][log["env"].argsort(kind="stable")])
 
 
 def reference_ms(sim, script, out, gamma, predraft=True):
