@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from marl_sd.serving import protocol as P
-from marl_sd.serving.drafter import DraftClient, Drafter
+from marl_sd.serving.drafter import DraftClient, Drafter, RoundPlan
 from marl_sd.serving.launcher import local_servers
 from marl_sd.serving.links import Link
 from marl_sd.serving.models import load_model
@@ -55,6 +55,29 @@ def test_concurrent_clients_lossless(servers, target):
     assert res[4].summary()["rounds"] == 4  # gamma = 0: 30 tokens streamed 8 per message
     assert st["open_sessions"] == 0 and st["sessions_closed"] == 5
     assert st["mean_batch"] > 1.0  # concurrent sessions shared forward passes
+
+
+def test_controller_plan_hands_over_mid_request_without_losing_tokens(servers, target):
+    """A plan that moves the device re-opens the session at the new server with the committed
+    text; gamma and priority from the plan apply to the next round."""
+    (_, a0), (_, a1) = servers(2)
+    prompt = list(range(5, 17))
+    plans = iter([None, None, RoundPlan(gamma=2), RoundPlan(gamma=2)])  # before the request, then per round
+
+    async def hook(client):
+        return next(plans, RoundPlan(gamma=5, priority=1, server=1))
+
+    async def main():
+        c = DraftClient(Drafter(load_model("tiny-draft:0:0.15")), [a0, a1], gamma=3)
+        c.on_round = hook
+        r = await asyncio.wait_for(c.generate(prompt, 40), 60)
+        return r, c, await status(a0), await status(a1)
+    r, c, s0, s1 = asyncio.run(main())
+    assert r.tokens == reference(target, prompt, 40)
+    assert c.meas["handovers"] == 1 and c.server == 1 and c.priority == 1
+    assert [x["gamma"] for x in r.rounds[:3]] == [3, 2, 2] and {x["gamma"] for x in r.rounds[3:]} == {5}
+    assert [x["server"] for x in r.rounds[:3]] == [a0] * 3 and {x["server"] for x in r.rounds[3:]} == {a1}
+    assert s0["sessions_closed"] == 1 and s1["sessions_closed"] == 1
 
 
 def test_disconnect_mid_request_frees_session(servers):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from marl_sd.envs.observation import smooth_token_latency
-from marl_sd.serving.drafter import DraftClient, Drafter
+from marl_sd.serving.drafter import DraftClient, Drafter, RoundPlan
 from marl_sd.serving.links import Link
 from marl_sd.serving.models import load_model, load_tokenizer
 from marl_sd.serving.protocol import CONTROLLER_SERVICE
@@ -77,7 +77,7 @@ class ControlAgent:
         self.tok_latency = 0.0
         self.t0 = time.monotonic()
         self.missed = 0
-        client.on_round = self.apply
+        client.on_round = self.plan
 
     def _slot(self) -> int:
         return int((time.monotonic() - self.t0) / self.slot_s)
@@ -92,7 +92,7 @@ class ControlAgent:
         full = self._row("ul_full_mbps", t) if self.trace else [50.0] * self.M
         c = self.client
         return {"kind": "user", "user": self.user, "snr_db": snr, "ul_mbps": full, "ul_full_mbps": full,
-                "server": c.server_idx % len(c.servers), "draft_ms": c.drafter.ms_per_token or 1.0,
+                "server": c.server, "draft_ms": c.drafter.ms_per_token or 1.0,
                 "power_w": self.power_w, "max_gamma": self.max_gamma, "queue": self.backlog,
                 "remaining": int(c.meas["remaining"]) if self.backlog else 0, "acceptance": c.acceptance,
                 "outstanding": float(self.backlog), "token_latency_ms": self.tok_latency}
@@ -105,24 +105,21 @@ class ControlAgent:
                     reply = json.loads(await rpc(json.dumps(self.report()).encode(), timeout=self.slot_s))
                     if reply:
                         self.decision = reply
-                        if not self.client.active:  # an idle device re-associates at once, for free
-                            self.client.server_idx = int(reply["server"])
+                        self.client.associate_if_idle(int(reply["server"]))
                 except grpc.aio.AioRpcError:
                     self.missed += 1  # controller late or unreachable: keep the last decision
                 await asyncio.sleep(self.slot_s)
 
-    async def apply(self, client: DraftClient) -> None:
+    async def plan(self, client: DraftClient) -> RoundPlan | None:
+        """The latest decision as the plan for the next round (None before the first one)."""
         d = self.decision
         if not d:
-            return
-        client.gamma = max(0, min(int(d["gamma"]), self.max_gamma))
-        client.priority = int(d.get("priority", 0))
-        client.switch_to = int(d["server"])
-        for link, key in ((client.uplink, "ul_full_mbps"), (client.downlink, "dl_full_mbps")):
-            if link is not None:
-                link.share = float(d.get("share", 1.0))
-                if self.trace is not None:
-                    link.trace = np.asarray(self.trace[key][:, self.user, int(d["server"])], dtype=float)
+            return None
+        srv = int(d["server"])
+        traces = {k: self.trace[k][:, self.user, srv] for k in ("ul_full_mbps", "dl_full_mbps")} if self.trace else {}
+        return RoundPlan(gamma=max(0, min(int(d["gamma"]), self.max_gamma)), priority=int(d.get("priority", 0)),
+                         server=srv, share=float(d.get("share", 1.0)), ul_trace=traces.get("ul_full_mbps"),
+                         dl_trace=traces.get("dl_full_mbps"))
 
 
 async def run_workload(args) -> list[dict]:

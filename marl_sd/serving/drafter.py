@@ -128,8 +128,32 @@ class RequestResult:
                 "alpha": acc / max(acc + rej, 1), "failovers": self.failovers}
 
 
+@dataclass
+class RoundPlan:
+    """What the controller decided for this device, applied before a round: speculation length,
+    verify priority, serving server, and per-direction link share and rate trace (None: keep)."""
+
+    gamma: int
+    priority: int = 0
+    server: int | None = None
+    share: float | None = None
+    ul_trace: np.ndarray | None = None
+    dl_trace: np.ndarray | None = None
+
+
+class Handover(Exception):
+    """The plan moves the session to another server: re-open there with the committed context."""
+
+    def __init__(self, server: int):
+        super().__init__(f"handover to server {server}")
+        self.server = server
+
+
 class DraftClient:
-    """Runs requests against a list of servers (fail-over in order)."""
+    """Runs requests against a list of servers (fail-over in order).
+
+    Live control: `on_round(client)` (async) runs before every round and returns a `RoundPlan`
+    or None; `apply_plan` is the one place a plan changes the client."""
 
     def __init__(self, drafter: Drafter, servers: list[str], gamma: int = 4, uplink: Link | None = None,
                  downlink: Link | None = None, predraft: bool = True, timeout_s: float = 30.0):
@@ -140,16 +164,40 @@ class DraftClient:
         self.predraft, self.timeout = predraft, timeout_s
         self.server_idx = 0
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft")
-        # live control: `on_round(client)` runs before every round and may change gamma, the
-        # link shares, or ask for another server (`switch_to`); running measurements for reports
         self.on_round = None
-        self.switch_to: int | None = None
         self.priority = 0
         self.ar_chunk = 8  # gamma = 0: tokens decoded per message by the server
         self.meas = {"acc_hits": 0.0, "acc_trials": 0.0, "remaining": 0, "handovers": 0}
         self._inflight: tuple[threading.Event, asyncio.Future] | None = None  # drafting in the background
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.active = False  # a request is being served
+
+    @property
+    def server(self) -> int:
+        return self.server_idx % len(self.servers)
+
+    def associate_if_idle(self, server: int) -> None:
+        """An idle device (no session to hand over) moves to `server` at once, for free."""
+        if not self.active:
+            self.server_idx = int(server) % len(self.servers)
+
+    def apply_plan(self, plan: RoundPlan | None) -> int | None:
+        """Apply a controller plan; returns the server it moves the device to (None: stay)."""
+        if plan is None:
+            return None
+        self.gamma, self.priority = max(0, int(plan.gamma)), int(plan.priority)
+        for link, trace in ((self.uplink, plan.ul_trace), (self.downlink, plan.dl_trace)):
+            if link is not None:
+                if plan.share is not None:
+                    link.share = float(plan.share)
+                if trace is not None:
+                    link.trace = np.asarray(trace, dtype=float)
+        if plan.server is None or int(plan.server) % len(self.servers) == self.server:
+            return None
+        return int(plan.server) % len(self.servers)
+
+    async def _plan(self) -> int | None:
+        return self.apply_plan(await self.on_round(self)) if self.on_round is not None else None
 
     def _draft_in_background(self, n: int) -> None:
         """Draft up to `n` tokens ahead on the draft thread while the network is busy (0: none)."""
@@ -198,97 +246,104 @@ class DraftClient:
             self.active = False
 
     async def _generate(self, prompt, max_new_tokens, greedy, seed, eos_id) -> RequestResult:
+        """Sessions until the request is done: a handover re-opens at the new server, a failed
+        server is failed over; the committed text carries across both."""
         d = self.drafter
         t0 = time.monotonic()
         await self._in_pool(d.start, list(prompt))
-        ttft, failovers, rounds = None, 0, []
-        attempts = 0
-        if self.on_round is not None:  # an idle device joins the server chosen for it: no handover
-            await self.on_round(self)
-            if self.switch_to is not None:
-                self.server_idx, self.switch_to = self.switch_to, None
-        while len(d.seq) - len(prompt) < max_new_tokens:
-            addr = self.servers[self.server_idx % len(self.servers)]
+        req = _Request(prompt, max_new_tokens, greedy, seed, eos_id, t0)
+        moved = await self._plan()
+        if moved is not None:  # an idle device joins the server chosen for it: no handover
+            self.server_idx = moved
+        while not req.done(d):
+            addr = self.servers[self.server]
             try:
-                ch = await self._channel(addr)  # one connection per server, kept across requests
-                call = ch.stream_stream(f"/{P.VERIFIER_SERVICE}/Session")()  # lives as long as the request
-                open_msg = P.encode_open(P.OpenMsg(0, np.asarray(d.seq, np.int32), greedy, seed, d.temperature,
-                                                   int(d.model.config.vocab_size)))
-                # the first round's drafts are made while the session opens (prompt upload + prefill)
-                self._draft_in_background(self.gamma)
-                await self._link(self.uplink, len(open_msg))
-                await call.write(open_msg)
-                ack = P.decode(await asyncio.wait_for(call.read(), self.timeout))
-                await self._link(self.downlink, 16)
-                await self._settle_drafting(interrupt=False)
-                switched = False
-                while len(d.seq) - len(prompt) < max_new_tokens:
-                    self.meas["remaining"] = max_new_tokens - (len(d.seq) - len(prompt))
-                    if self.on_round is not None:
-                        await self.on_round(self)
-                    if self.switch_to is not None and self.switch_to != self.server_idx % len(self.servers):
-                        self.server_idx, self.switch_to = self.switch_to, None
-                        self.meas["handovers"] += 1
-                        switched = True  # handover: re-open at the new server with the committed context
-                        break
-                    gamma = self.gamma
-                    td, ahead = time.monotonic(), len(d.drafts)
-                    drafts, ids, pr = await self._in_pool(d.round, gamma)
-                    draft_ms = (time.monotonic() - td) * 1000
-                    drafted = max(0, len(d.drafts) - ahead)
-                    if gamma == 0:  # autoregressive on the server: several tokens per message (streamed)
-                        steps = max(1, min(self.ar_chunk, max_new_tokens - (len(d.seq) - len(prompt))))
-                        ids, pr = np.zeros((0, steps), np.int32), np.zeros((0, steps), np.float32)
-                    elif greedy:
-                        ids, pr = ids[:, :0], pr[:, :0]
-                    msg = P.encode_verify(P.VerifyMsg(ack.session, len(rounds) + 1, np.asarray(drafts, np.int32),
-                                                      ids, pr, self.priority))
-                    tr = time.monotonic()
-                    # pre-drafting runs from the upload until the result
-                    self._draft_in_background(2 * gamma + 1 if self.predraft and gamma else 0)
-                    up_ms = await self._link(self.uplink, len(msg)) * 1000
-                    await call.write(msg)
-                    raw = await asyncio.wait_for(call.read(), self.timeout)  # per-round deadline
-                    if raw == grpc.aio.EOF:
-                        raise ConnectionError("server closed the stream")
-                    res = P.decode(raw)
-                    dn_ms = await self._link(self.downlink, len(raw)) * 1000
-                    await self._settle_drafting(interrupt=True)
-                    kept = d.commit(gamma, res.accepted, res.tokens.tolist())
-                    self._measure(gamma, res.accepted)
-                    if ttft is None:
-                        ttft = (time.monotonic() - t0) * 1000
-                    rounds.append({"gamma": gamma, "accepted": res.accepted, "draft_ms": draft_ms, "drafted": drafted,
-                                   "uplink_ms": up_ms,
-                                   "downlink_ms": dn_ms, "round_ms": (time.monotonic() - tr) * 1000,
-                                   "verify_ms": res.verify_ms, "queue_ms": res.queue_ms, "batch": res.batch,
-                                   "kept_predraft": kept, "server": addr})
-                    if eos_id is not None and eos_id in res.tokens.tolist():
-                        break
-                await call.done_writing()
-                if not switched:
-                    break
+                await self._session(addr, req)
+            except Handover as h:
+                self.meas["handovers"] += 1
+                self.server_idx = h.server
             except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError, asyncio.InvalidStateError) as e:
-                code = e.code() if isinstance(e, grpc.aio.AioRpcError) else None
-                if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise
-                attempts += 1
-                if attempts > 2 * len(self.servers):
-                    raise ConnectionError(f"no server reachable after {attempts} attempts: {e}") from e
-                failovers += 1
-                await self._drop_channel(addr)
-                self.server_idx += 1
-                await self._settle_drafting(interrupt=True)  # before the drafts are reset
-                d.drafts = []  # drafts of the interrupted round are re-drafted against the new server
-                log.warning("server %s failed (%s); failing over to %s", addr, code or type(e).__name__,
-                            self.servers[self.server_idx % len(self.servers)])
-            if eos_id is not None and eos_id in d.seq[len(prompt):]:
-                break
+                await self._fail_over(addr, e, req)
         out = d.seq[len(prompt): len(prompt) + max_new_tokens]
         if eos_id is not None and eos_id in out:
             out = out[: out.index(eos_id) + 1]
         e2e = (time.monotonic() - t0) * 1000
-        return RequestResult(len(prompt), out, ttft if ttft is not None else e2e, e2e, rounds, failovers)
+        return RequestResult(len(prompt), out, req.ttft if req.ttft is not None else e2e, e2e, req.rounds, req.failovers)
+
+    async def _session(self, addr: str, req: "_Request") -> None:
+        """Open a session at `addr` and run rounds until the request is done (or a handover)."""
+        d = self.drafter
+        ch = await self._channel(addr)  # one connection per server, kept across requests
+        call = ch.stream_stream(f"/{P.VERIFIER_SERVICE}/Session")()  # lives as long as the request
+        open_msg = P.encode_open(P.OpenMsg(0, np.asarray(d.seq, np.int32), req.greedy, req.seed, d.temperature,
+                                           int(d.model.config.vocab_size)))
+        # the first round's drafts are made while the session opens (prompt upload + prefill)
+        self._draft_in_background(self.gamma)
+        await self._link(self.uplink, len(open_msg))
+        await call.write(open_msg)
+        ack = P.decode(await asyncio.wait_for(call.read(), self.timeout))
+        await self._link(self.downlink, 16)
+        await self._settle_drafting(interrupt=False)
+        while not req.done(d):
+            self.meas["remaining"] = req.left(d)
+            moved = await self._plan()
+            if moved is not None:
+                await call.done_writing()
+                raise Handover(moved)
+            res = await self._round(call, ack.session, addr, req)
+            if req.eos_id is not None and req.eos_id in res.tokens.tolist():
+                break
+        await call.done_writing()
+
+    async def _round(self, call, session: int, addr: str, req: "_Request"):
+        """One round: draft gamma, upload, pre-draft while it is verified, commit the result."""
+        d, gamma = self.drafter, self.gamma
+        td, ahead = time.monotonic(), len(d.drafts)
+        drafts, ids, pr = await self._in_pool(d.round, gamma)
+        draft_ms = (time.monotonic() - td) * 1000
+        drafted = max(0, len(d.drafts) - ahead)
+        if gamma == 0:  # autoregressive on the server: several tokens per message (streamed)
+            steps = max(1, min(self.ar_chunk, req.left(d)))
+            ids, pr = np.zeros((0, steps), np.int32), np.zeros((0, steps), np.float32)
+        elif req.greedy:
+            ids, pr = ids[:, :0], pr[:, :0]
+        msg = P.encode_verify(P.VerifyMsg(session, len(req.rounds) + 1, np.asarray(drafts, np.int32), ids, pr,
+                                          self.priority))
+        tr = time.monotonic()
+        self._draft_in_background(2 * gamma + 1 if self.predraft and gamma else 0)  # pre-draft until the result
+        up_ms = await self._link(self.uplink, len(msg)) * 1000
+        await call.write(msg)
+        raw = await asyncio.wait_for(call.read(), self.timeout)  # per-round deadline
+        if raw == grpc.aio.EOF:
+            raise ConnectionError("server closed the stream")
+        res = P.decode(raw)
+        dn_ms = await self._link(self.downlink, len(raw)) * 1000
+        await self._settle_drafting(interrupt=True)
+        kept = d.commit(gamma, res.accepted, res.tokens.tolist())
+        self._measure(gamma, res.accepted)
+        if req.ttft is None:
+            req.ttft = (time.monotonic() - req.t0) * 1000
+        req.rounds.append({"gamma": gamma, "accepted": res.accepted, "draft_ms": draft_ms, "drafted": drafted,
+                           "uplink_ms": up_ms, "downlink_ms": dn_ms, "round_ms": (time.monotonic() - tr) * 1000,
+                           "verify_ms": res.verify_ms, "queue_ms": res.queue_ms, "batch": res.batch,
+                           "kept_predraft": kept, "server": addr})
+        return res
+
+    async def _fail_over(self, addr: str, e: Exception, req: "_Request") -> None:
+        """Move to the next server; the interrupted round's drafts are re-drafted there."""
+        code = e.code() if isinstance(e, grpc.aio.AioRpcError) else None
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            raise e
+        req.attempts += 1
+        if req.attempts > 2 * len(self.servers):
+            raise ConnectionError(f"no server reachable after {req.attempts} attempts: {e}") from e
+        req.failovers += 1
+        await self._drop_channel(addr)
+        self.server_idx += 1
+        await self._settle_drafting(interrupt=True)  # before the drafts are reset
+        self.drafter.drafts = []
+        log.warning("server %s failed (%s); failing over to %s", addr, code or type(e).__name__,
+                    self.servers[self.server])
 
     def _measure(self, gamma: int, accepted: int) -> None:
         """Running acceptance, measured as the simulator measures it."""
@@ -299,3 +354,25 @@ class DraftClient:
     @property
     def acceptance(self) -> float:
         return acceptance_estimate(self.meas["acc_hits"], self.meas["acc_trials"])
+
+
+@dataclass
+class _Request:
+    """Book-keeping of one request across its sessions."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    greedy: bool
+    seed: int
+    eos_id: int | None
+    t0: float
+    ttft: float | None = None
+    failovers: int = 0
+    attempts: int = 0
+    rounds: list[dict] = field(default_factory=list)
+
+    def left(self, d: Drafter) -> int:
+        return self.max_new_tokens - (len(d.seq) - len(self.prompt))
+
+    def done(self, d: Drafter) -> bool:
+        return self.left(d) <= 0 or (self.eos_id is not None and self.eos_id in d.seq[len(self.prompt):])
