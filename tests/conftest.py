@@ -12,3 +12,16 @@ def small_cfg():
     from marl_sd.config import load_config
 
     return load_config(overrides=["env.horizon=20"])
+
+
+def stepped_sim(steps: int, seed: int, num_envs: int = 3, record_requests: bool = False):
+    """A default-scenario simulator advanced `steps` slots with random valid actions."""
+    from marl_sd.config import load_config
+    from marl_sd.envs.core import BatchedSimulator
+
+    s = BatchedSimulator(load_config(), num_envs=num_envs, seed=seed)
+    s.record_requests = record_requests
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        s.step(s.actions.random_valid(s.mask, gen))
+    return s

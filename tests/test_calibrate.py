@@ -60,7 +60,6 @@ def test_transport_cost_enters_the_simulator(tmp_path):
 def test_simulator_replays_a_live_workload():
     """Every replayed request arrives at its time with its lengths, in every episode; then the
     queues drain (`arrivals_for_s`-style protocol of a live run)."""
-    import torch
 
     from marl_sd.agents.heuristics import make_heuristic
     from marl_sd.agents.policy import PolicyContext

@@ -5,21 +5,17 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import stepped_sim
 
 from marl_sd.config import load_config
 from marl_sd.contract import LOCAL_FEATURES, ActionLayout, ObsSpec, features_from_manifest, manifest_contract
-from marl_sd.envs.core import BatchedSimulator
 from marl_sd.envs.observation import ObservationBuilder, decode_local
 from marl_sd.serving.controller import ControllerCore, reports_from_features
 
 
 @pytest.fixture(scope="module")
 def sim():
-    s = BatchedSimulator(load_config(), num_envs=3, seed=4)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(15):
-        s.step(s.actions.random_valid(s.mask, gen))
-    return s
+    return stepped_sim(15, seed=4)
 
 
 def test_sizes_follow_the_table(sim):

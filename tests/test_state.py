@@ -2,9 +2,8 @@
 declared tensors plus a known set of derived ones, and save/restore goes through the table."""
 import pytest
 import torch
+from conftest import stepped_sim
 
-from marl_sd.config import load_config
-from marl_sd.envs.core import BatchedSimulator
 from marl_sd.envs.state import REQUEST_LOG_COLUMNS, STATE, STATE_VARS, check_state
 
 # recomputed from the state (rates, masks, lookup tables) or drawn afresh each slot
@@ -14,12 +13,7 @@ DERIVED = {"_acc_user", "_g_range", "_u_arr", "_u_req", "bid_table", "prio_table
 
 @pytest.fixture()
 def sim():
-    s = BatchedSimulator(load_config(), num_envs=3, seed=2)
-    s.record_requests = True
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(30):
-        s.step(s.actions.random_valid(s.mask, gen))
-    return s
+    return stepped_sim(30, seed=2, record_requests=True)
 
 
 def test_every_tensor_is_declared_or_derived(sim):
