@@ -10,11 +10,13 @@ import torch
 from marl_sd.agents.mappo import new_mappo
 from marl_sd.bundle import bundle_policy, load_bundle
 from marl_sd.config import Config
+from marl_sd.contract import manifest_contract
 from marl_sd.envs.core import BatchedSimulator
 from marl_sd.envs.pettingzoo_env import MECSpecDecEnv
 from marl_sd.envs.vec_env import MultiAgentVecEnv
 from marl_sd.export import export_bundle
 from marl_sd.serving.controller import ControllerCore, reports_from_features
+from marl_sd.serving.controller_policy import heuristic_policy
 
 
 def bench_sim(cfg: Config, num_envs: int, steps: int, warmup: int = 3) -> dict:
@@ -49,17 +51,21 @@ def bench_pettingzoo(cfg: Config, steps: int) -> dict:
             "env_steps_per_s": steps / dt, "ms_per_step": 1000 * dt / steps}
 
 
-def bench_controller(cfg: Config, slots: int = 500) -> dict:
-    """Controller decision latency per slot (features -> observations -> ONNX actor -> decisions)
-    for a freshly initialised MAPPO actor exported to a temporary bundle."""
-    venv = MultiAgentVecEnv(cfg, num_envs=1)
-    model = new_mappo(cfg, venv, seed=0)
+def bench_controller(cfg: Config, slots: int = 500, policy: str | None = None) -> dict:
+    """Controller decision latency per slot (reports -> observations -> policy -> decisions), on
+    the simulator's states: `policy` None runs a freshly initialised MAPPO actor exported to a
+    temporary bundle (onnxruntime), else the named heuristic (torch, as the controller runs it)."""
     sim = BatchedSimulator(cfg, num_envs=1, seed=1)
     gen = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        export_bundle(model.policy, cfg, tmp, n_parity=100)
-        manifest, actor = load_bundle(tmp, cfg)
-        core = ControllerCore(manifest, bundle_policy(actor, manifest), horizon=cfg.env.horizon)
+        if policy is None:
+            model = new_mappo(cfg, MultiAgentVecEnv(cfg, num_envs=1), seed=0)
+            export_bundle(model.policy, cfg, tmp, n_parity=100)
+            manifest, actor = load_bundle(tmp, cfg)
+            decide = bundle_policy(actor, manifest)
+        else:
+            manifest, decide = manifest_contract(cfg), heuristic_policy(policy, cfg)
+        core = ControllerCore(manifest, decide, slot_ms=cfg.env.slot_ms, horizon=cfg.env.horizon)
         for _ in range(slots):
             users, servers = reports_from_features(sim.features())
             for r in users:
@@ -69,4 +75,4 @@ def bench_controller(cfg: Config, slots: int = 500) -> dict:
             core.step()
             if core.slot % 10 == 0:
                 sim.step(sim.actions.random_valid(sim.mask, gen))
-    return {"what": f"controller N={sim.N}, M={sim.M}", **core.latency_stats()}
+    return {"what": f"{policy or 'mappo (onnx)'} N={sim.N}, M={sim.M}", **core.latency_stats()}

@@ -44,12 +44,14 @@ def _cmd_bench(args) -> int:
         from marl_sd.bench import bench_controller
 
         configs = [args.config] if args.config else ["configs/default.yaml", "configs/large.yaml"]
-        rows = [bench_controller(load_config(c, args.set)) for c in configs]
-        t = Table(title="controller decision latency per slot (reports -> obs -> onnxruntime -> decisions)")
-        for c in ("what", "slots", "p50 ms", "p99 ms"):
+        policies = [None if p == "mappo" else p for p in args.policies]
+        rows = [bench_controller(load_config(c, args.set), args.slots, p) for c in configs for p in policies]
+        t = Table(title="controller decision latency per slot (reports -> obs -> policy -> decisions)")
+        for c in ("what", "slots", "p50 ms", "p99 ms", "max ms", "missed slots"):
             t.add_column(c, justify="right")
         for r in rows:
-            t.add_row(r["what"], str(r["slots"]), f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}")
+            t.add_row(r["what"], str(r["slots"]), f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['max_ms']:.3f}",
+                      str(r["missed_slots"]))
         console.print(t)
     return 0
 
@@ -349,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--num-envs", type=int, nargs="+", default=[1, 64, 256])
     b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--slots", type=int, default=300, help="controller: decisions timed per policy")
+    b.add_argument("--policies", nargs="+", default=["mappo", "two_phase_matching", "closed_form_dp",
+                                                     "greedy_latency", "nearest_adaptive"],
+                   help="controller: 'mappo' (a fresh actor in onnxruntime) and heuristic names")
     b.add_argument("--no-compare-fidelity", dest="compare_fidelity", action="store_false",
                    help="skip the fast-vs-sionna channel comparison at the largest B")
     b.set_defaults(func=_cmd_bench)

@@ -62,6 +62,38 @@ def test_controller_observation_equals_env_observation(manifest_and_actor):
         assert tot == pytest.approx(1.0) or tot == 0
 
 
+def test_controller_records_decisions_that_miss_their_slot(manifest_and_actor):
+    cfg, m, actor, _, _ = manifest_and_actor
+    fast = bundle_policy(actor, m)
+    slow = {"on": False}
+
+    def policy(obs, mask):
+        if slow["on"]:
+            time.sleep(0.03)  # longer than the 20 ms slot
+        return fast(obs, mask)
+    core = ControllerCore(m, policy, slot_ms=20.0)
+    core.report_user(UserReport(user=0, snr_db=[10.0, 0.0, -3.0], ul_mbps=[20.0, 5.0, 1.0], server=0, draft_ms=17.0,
+                                power_w=4.5, max_gamma=6))
+    for _ in range(3):
+        core.step()
+    assert core.latency_stats()["missed_slots"] == 0
+    slow["on"] = True
+    for _ in range(2):
+        core.step()
+    st = core.latency_stats()
+    assert st["missed_slots"] == 2 and st["slots"] == 5 and st["max_ms"] >= 30.0
+
+
+@pytest.mark.parametrize("name", ["two_phase_matching", "closed_form_dp"])
+def test_heuristic_decides_well_within_the_slot_at_32_users(name):
+    """Decision time of the heavy centralized heuristics at N = 32 (large scenario); the figure
+    itself is `marl-sd bench controller`; this guards against an order-of-magnitude slowdown."""
+    from marl_sd.bench import bench_controller
+
+    st = bench_controller(load_config("configs/large.yaml"), slots=40, policy=name)
+    assert st["missed_slots"] == 0 and st["p99_ms"] < 50.0
+
+
 def test_controller_survives_silent_node(manifest_and_actor):
     cfg, m, actor, _, _ = manifest_and_actor
     core = ControllerCore(m, bundle_policy(actor, m), slot_ms=20.0, stale_slots=2)

@@ -86,6 +86,7 @@ class ControllerCore:
         self.decisions: dict[int, Decision] = {}
         self.slot = 0
         self.decision_ms: list[float] = []
+        self.missed_slots = 0  # decisions that took longer than a slot, or slots the loop skipped
         self.unreachable: set[int] = set()
         self.stats_path: str | None = None  # written every 20 slots, so a killed controller leaves its stats
 
@@ -162,7 +163,11 @@ class ControllerCore:
             self.decisions[u] = Decision(int(act[0, u, 0]), int(act[0, u, 1]), int(act[0, u, 2]), int(act[0, u, 3]),
                                          share, self.slot)
         self.slot += 1
-        self.decision_ms.append((time.perf_counter() - t0) * 1000)
+        ms = (time.perf_counter() - t0) * 1000
+        self.decision_ms.append(ms)
+        if ms > 1000 * self.slot_s:
+            self.missed_slots += 1
+            log.warning("slot %d: the decision took %.1f ms, longer than the %.0f ms slot", self.slot, ms, 1000 * self.slot_s)
         if self.stats_path and self.slot % 20 == 0:
             self.write_stats()
         return dict(self.decisions)
@@ -173,8 +178,9 @@ class ControllerCore:
 
     def latency_stats(self) -> dict:
         x = np.asarray(self.decision_ms)
-        return {"slots": int(len(x)), "p50_ms": float(np.percentile(x, 50)) if len(x) else float("nan"),
-                "p99_ms": float(np.percentile(x, 99)) if len(x) else float("nan")}
+        pct = (lambda q: float(np.percentile(x, q)) if len(x) else float("nan"))  # noqa: E731
+        return {"slots": int(len(x)), "p50_ms": pct(50), "p99_ms": pct(99), "max_ms": float(x.max()) if len(x) else float("nan"),
+                "missed_slots": self.missed_slots}
 
 
 async def serve_controller(core: ControllerCore, host: str = "127.0.0.1", port: int = 0, ready=None,
@@ -210,7 +216,9 @@ async def serve_controller(core: ControllerCore, host: str = "127.0.0.1", port: 
             nxt += core.slot_s
             late = time.monotonic() - nxt
             if late > core.slot_s:
-                log.warning("control slot overran by %.0f ms; skipping ahead", 1000 * late)
+                skipped = int(late / core.slot_s)
+                core.missed_slots += skipped
+                log.warning("control loop %.0f ms late: %d slot(s) without a decision", 1000 * late, skipped)
                 nxt = time.monotonic()
             await asyncio.sleep(max(0.0, nxt - time.monotonic()))
     finally:
