@@ -313,7 +313,10 @@ class BatchedSimulator:
             self.queued_at = torch.where(up_done, now + self.timer, self.queued_at)
             down_done = arrived & ~is_up
             down_ov = -self.timer
-        # servers: finish batches, then batch whoever is queued at a free server
+        # servers: finish batches; round boundaries (results at the devices, streamed AR tokens);
+        # then batch whoever is queued at a free server (results that reached a device in this
+        # tick queue from the next one)
+        boundary, b_spent = down_done, (down_ov if down_done is not None else None)
         if bool(self.srv_active.any()):
             act = self.srv_active
             self.ms["busy_ms"] += act * self.srv_left.clamp(0.0, dt)
@@ -323,14 +326,20 @@ class BatchedSimulator:
                 self.srv_active = act & ~fin
                 self.srv_free_at = torch.where(fin, now + self.srv_left, self.srv_free_at)
                 users = (self.phase == VERIFY) & fin.gather(1, self.server)
-                self._complete_verify(users, -self.srv_left.gather(1, self.server))
+                stream, s_spent = self._complete_verify(users, -self.srv_left.gather(1, self.server))
+                if boundary is None:
+                    boundary, b_spent = stream, s_spent
+                else:
+                    boundary, b_spent = boundary | stream, torch.where(stream, s_spent, b_spent)
+        if boundary is not None and bool(boundary.any()):
+            self._round_boundary(boundary, b_spent)
         queued = self.phase == QUEUED
+        if down_done is not None:
+            queued = queued & ~down_done
         if bool(queued.any()):
             elig = queued & (~self.srv_active).gather(1, self.server)
             if bool(elig.any()):
                 self._form_batches(elig)
-        if down_done is not None and bool(down_done.any()):
-            self._round_boundary(down_done, down_ov)
         m["outstanding_ms"] += self.q_len * dt
 
     def _arrivals(self, arrive: torch.Tensor, k: int) -> None:
@@ -341,18 +350,16 @@ class BatchedSimulator:
         m["dropped"] += (arrive & ~room).float()
         ok = arrive & room
         m["arrived"] += ok
-        attrs = self.scn.requests_from_uniform(self._u_req[k], self.dev)
         at = now - self.dt  # arrivals happen at the start of the tick; their upload runs in it
-        req = torch.cat([attrs, at.expand(self.B, self.N, 1)], -1)
-        slot = (self.q_head + self.q_len) % self.Q
-        idx = slot.view(self.B, self.N, 1, 1).expand(-1, -1, 1, len(REQ))
-        old = self.requests.gather(2, idx)
-        self.requests.scatter_(2, idx, torch.where(ok.view(self.B, self.N, 1, 1), req.unsqueeze(2), old))
         bi, ui = arrive.nonzero(as_tuple=True)
+        attrs = self.scn.requests_from_uniform(self._u_req[k][bi, ui], self.dev[bi, ui])  # [n, 3]
         u = torch.rand(len(bi), self.L, generator=self.gen, device=self.device)
-        pat = u < attrs[bi, ui, 2].unsqueeze(-1)
+        pat = u < attrs[:, REQ["alpha"]].unsqueeze(-1)
         keep = ok[bi, ui]
-        self.pattern[bi[keep], ui[keep], slot[bi, ui][keep]] = pat[keep]
+        bk, uk = bi[keep], ui[keep]
+        slot = ((self.q_head + self.q_len) % self.Q)[bk, uk]
+        self.requests[bk, uk, slot] = torch.cat([attrs[keep], at.expand(len(bk), 1)], -1)
+        self.pattern[bk, uk, slot] = pat[keep]
         self.q_len = self.q_len + ok.long()
         start = (self.phase == IDLE) & ok
         if bool(start.any()):
@@ -412,15 +419,14 @@ class BatchedSimulator:
         k_tok = (self.gamma_cur + 1).float()
         zeros = self._zeros(self.B, self.M)
         budget = float(self.cfg.scenario.verify_token_budget)
-        demand = zeros.scatter_add(1, self.server, elig.float() * k_tok)
-        if bool((demand > budget).any()):
+        admit, af = elig, elig.float()
+        kk = zeros.scatter_add(1, self.server, af * k_tok)  # tokens asked for, per server
+        if bool((kk > budget).any()):
             admit = self._admit_by_priority(elig, k_tok, budget)
-        else:
-            admit = elig
+            af = admit.float()
+            kk = zeros.scatter_add(1, self.server, af * k_tok)
         self.phase = torch.where(admit, VERIFY, self.phase)
-        af = admit.float()
         b = zeros.scatter_add(1, self.server, af)
-        kk = zeros.scatter_add(1, self.server, af * k_tok)
         pf = zeros.scatter_add(1, self.server, af * self.prefill)
         ready = zeros.scatter_reduce(1, self.server, torch.where(admit, self.queued_at, -math.inf), "amax")
         begin = torch.maximum(ready, self.srv_free_at)
@@ -446,15 +452,17 @@ class BatchedSimulator:
         before = (ahead.float() * k_tok.unsqueeze(1)).sum(-1)
         return elig & ((before + k_tok <= budget) | (before == 0))
 
-    def _complete_verify(self, users: torch.Tensor, spent: torch.Tensor) -> None:
+    def _complete_verify(self, users: torch.Tensor, spent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch is done (`spent` ms ago): accept each round's leading matches of the request's
-        pattern, then send the result down (or, for gamma = 0, stream the token and re-queue)."""
+        pattern, then send the result down. Returns the users whose token streams (gamma = 0): their
+        round ends now, with `spent`."""
         first = self.first_round  # a session open: gamma_cur is 0 and no token comes back
         g = self.gamma_cur
         done_pos = self.out_len - self.remaining  # output position of the round's first draft
         win = self.cur_pattern.gather(2, done_pos.unsqueeze(-1) + self._g_range)  # [B, N, G]: p .. p + gamma_max
-        n = win.long().cumprod(-1).sum(-1).minimum(g)  # leading matches, at most gamma
-        bonus_match = win.gather(2, g.unsqueeze(-1)).squeeze(-1)
+        run = win.cumprod(-1)  # 1 while every position so far matched
+        n = run.sum(-1).minimum(g)  # leading matches, at most gamma
+        all_and_bonus = run.gather(2, g.unsqueeze(-1)).squeeze(-1).bool()  # gamma matches and the bonus
         if self.round_trace is not None:
             bi, ui = (users & (g > 0)).nonzero(as_tuple=True)
             self.round_trace.append(torch.stack([bi, ui, done_pos[bi, ui], g[bi, ui], n[bi, ui]], -1))
@@ -469,14 +477,13 @@ class BatchedSimulator:
         self.acc_hits, self.acc_trials = update_acceptance(self.acc_hits, self.acc_trials, nf, rej, sf)
         self.remaining = torch.where(users, self.remaining - produced, self.remaining)
         self.ctx = torch.where(users, self.ctx + produced, self.ctx)
-        self.keep_predraft = torch.where(users, spec & (n == g) & bonus_match, self.keep_predraft)
+        self.keep_predraft = torch.where(users, spec & all_and_bonus, self.keep_predraft)
         self.prefill = torch.where(users, 0.0, self.prefill)
         stream = users & ~first & (g == 0) & (self.remaining > 0)
         down = users & ~stream
         self.phase = torch.where(down, DOWNLINK, self.phase)
         self._begin_transfer(down, self.costs.ids_bytes(emitted.float()), spent, self.dl_rate)
-        if bool(stream.any()):
-            self._round_boundary(stream, spent)
+        return stream, spent
 
     def _round_boundary(self, users: torch.Tensor, spent: torch.Tensor) -> None:
         """A round's result is at the device (`spent` ms ago): finish the request or start the next

@@ -58,7 +58,7 @@ def drafts_after_round(extra: torch.Tensor, gamma: torch.Tensor, flight_ms: torc
         drafted_ms = torch.minimum(flight_ms, room * draft_ms)
     else:
         made, drafted_ms = extra, torch.zeros_like(flight_ms)
-    return torch.where(keep & (made >= 1), made - 1, 0), drafted_ms
+    return (made - 1).clamp(min=0) * keep, drafted_ms  # made >= 0 is whole
 
 
 def expected_predraft_kept(alpha, gamma, flight_ms, draft_ms):
