@@ -221,21 +221,45 @@ def _cmd_serve(args) -> int:
     return 0
 
 
-def _serve_up(args, run_live) -> int:
-    policies = args.policy or ["nearest_g4"]
-    rows = []
-    for pol in policies:
-        console.print(f"[dim]live run: policy {pol}, {args.duration:.0f} s of arrivals ...[/dim]")
-        rows.append(run_live(args.config, pol, args.duration, args.target, args.draft, args.gamma,
-                             detail=args.compare_sim))
-    sim, detail = {}, {}
-    if args.compare_sim:
-        from marl_sd.serving.calibrate import compare_with_sim
+def _print_spread(args, stats: dict) -> int:
+    t = Table(title=f"live vs simulator over {args.repeats} live runs per policy ({args.config}, target {args.target}, "
+                    f"draft {args.draft}): ms/token mean ± sd [min, max]")
+    for c in ("policy", "live ms/token", "live spread", "sim ms/token", "gap of means", "within 10 %", "gap / live sd"):
+        t.add_column(c, justify="right")
+    for p, s in stats.items():
+        t.add_row(Path(p).name, f"{s['live_mean']:.1f} ± {s['live_sd']:.1f} [{s['live_min']:.1f}, {s['live_max']:.1f}]",
+                  f"{s['live_cv']:.1%}", f"{s['sim_mean']:.1f} ± {s['sim_sd']:.1f}" if s["sim_mean"] == s["sim_mean"] else "-",
+                  f"{s['gap']:+.1%}" if s["gap"] == s["gap"] else "-", "yes" if abs(s["gap"]) <= 0.10 else "no",
+                  f"{s['gap_over_sd']:.1f}" if s["gap_over_sd"] == s["gap_over_sd"] else "-")
+    console.print(t)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(stats, indent=2, default=float))
+    return 0
 
-        out_dir = Path(args.out).parent if args.out else Path("runs") / "live"
-        console.print("[dim]simulating each policy with a served profile fitted to the other live runs ...[/dim]")
-        detail = compare_with_sim(args.config, rows, out_dir / "profiles", duration_s=args.duration)
-        sim = {p: d["sim_ms_per_token"] for p, d in detail.items()}
+
+def _serve_up(args, run_live) -> int:
+    from marl_sd.serving.calibrate import compare_with_sim, spread_over_repeats
+
+    policies = args.policy or ["nearest_g4"]
+    out_dir = Path(args.out).parent if args.out else Path("runs") / "live"
+    repeats = []
+    for rep in range(max(1, args.repeats)):
+        rows = []
+        for pol in policies:
+            console.print(f"[dim]live run {rep + 1}/{args.repeats}: policy {pol}, {args.duration:.0f} s of arrivals ...[/dim]")
+            rows.append(run_live(args.config, pol, args.duration, args.target, args.draft, args.gamma,
+                                 detail=args.compare_sim))
+        detail = {}
+        if args.compare_sim:
+            console.print("[dim]simulating each policy with a served profile fitted to the other live runs ...[/dim]")
+            prof_dir = out_dir / "profiles" / (f"run{rep + 1}" if args.repeats > 1 else "")
+            detail = compare_with_sim(args.config, rows, prof_dir, duration_s=args.duration)
+        repeats.append((rows, detail))
+    if args.repeats > 1:
+        return _print_spread(args, spread_over_repeats(repeats))
+    rows, detail = repeats[0]
+    sim = {p: d["sim_ms_per_token"] for p, d in detail.items()}
     t = Table(title=f"live serving with the controller ({args.config}, target {args.target}, draft {args.draft})")
     for c in ("policy", "requests", "ms/token", "sim ms/token", "gap", "sim, bare profile", "TTFT ms", "TPOT ms",
               "tokens/s", "handovers",
@@ -339,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--policy", nargs="+", help="up: bundle directories and/or heuristic names (one run each)")
     sv.add_argument("--duration", type=float, default=30.0, help="up: seconds of request arrivals")
     sv.add_argument("--compare-sim", action="store_true", help="up: also simulate the same scenario and policy")
+    sv.add_argument("--repeats", type=int, default=1,
+                    help="up: live runs per policy; with more than one the table reports the run-to-run spread")
     sv.set_defaults(func=_cmd_serve)
 
     pf = sub.add_parser("profile", help="measure verify/prefill/draft latency into a profile YAML (see --help)",

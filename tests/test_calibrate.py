@@ -131,3 +131,16 @@ def test_delayed_policy_applies_stale_decisions_within_the_mask():
     forbid[..., 0] = False  # the stale decision (t = 3) chose server 0, out of coverage now
     a = pol.act(obs, forbid)
     assert a[0, 0, 0] == 1 and a[0, 0, 3] == 3  # fresh server (t = 4), stale gamma (t = 3)
+
+
+def test_spread_over_repeats_reports_mean_sd_and_gap():
+    from marl_sd.serving.calibrate import spread_over_repeats
+
+    live = [[{"policy": "a", "latency_per_token_ms": v}, {"policy": "b", "latency_per_token_ms": w}]
+            for v, w in ((10.0, 20.0), (12.0, 20.0), (11.0, 26.0))]
+    detail = [{"a": {"sim_ms_per_token": 10.0}, "b": {"sim_ms_per_token": 20.0}}] * 3
+    s = spread_over_repeats(list(zip(live, detail)))
+    assert s["a"]["runs"] == 3 and s["a"]["live_mean"] == pytest.approx(11.0)
+    assert s["a"]["live_sd"] == pytest.approx(1.0) and s["a"]["gap"] == pytest.approx(0.1)
+    assert s["a"]["gap_over_sd"] == pytest.approx(1.0)
+    assert (s["b"]["live_min"], s["b"]["live_max"]) == (20.0, 26.0) and s["b"]["gap"] == pytest.approx(0.1)

@@ -145,3 +145,28 @@ def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: f
                             "sim_handovers": served["handovers"] / episodes, "sim_requests": served["requests_completed"] / episodes}
     fit(live, "served", "policies " + ", ".join(names))
     return out
+
+
+def spread_over_repeats(repeats: list[tuple[list[dict], dict]]) -> dict[str, dict]:
+    """Per policy over repeated live runs (each: live rows, `compare_with_sim` detail): live and
+    simulated ms/token mean, sample sd, min, max; the relative gap of the means and the gap in
+    units of the live run-to-run sd (a gap within ~2 sd is not told apart from noise)."""
+    live: dict[str, list[float]] = {}
+    sim: dict[str, list[float]] = {}
+    for rows, detail in repeats:
+        for r in rows:
+            live.setdefault(r["policy"], []).append(float(r["latency_per_token_ms"]))
+            if r["policy"] in detail:
+                sim.setdefault(r["policy"], []).append(float(detail[r["policy"]]["sim_ms_per_token"]))
+    out = {}
+    for p, xs in live.items():
+        x = np.asarray(xs)
+        y = np.asarray(sim.get(p, []))
+        sd = float(x.std(ddof=1)) if len(x) > 1 else float("nan")
+        sim_mean = float(y.mean()) if len(y) else float("nan")
+        gap = (x.mean() - sim_mean) / sim_mean if len(y) else float("nan")
+        out[p] = {"runs": len(x), "live": xs, "sim": sim.get(p, []), "live_mean": float(x.mean()), "live_sd": sd,
+                  "live_min": float(x.min()), "live_max": float(x.max()), "live_cv": sd / float(x.mean()),
+                  "sim_mean": sim_mean, "sim_sd": float(y.std(ddof=1)) if len(y) > 1 else float("nan"),
+                  "gap": float(gap), "gap_over_sd": float(abs(x.mean() - sim_mean) / sd) if sd > 0 else float("nan")}
+    return out
