@@ -150,6 +150,17 @@ class ObservationBuilder:
         return o.f32(o.cat(servers + [o.cat(per_user, -1).reshape(B, -1), episode], -1))
 
 
+def reencode(obs, spec: ObsSpec, builder: "ObservationBuilder"):
+    """Observations encoded with the package table at `spec`, re-encoded with `builder`'s table
+    (e.g. a policy bundle's own normalization constants). Torch."""
+    d = decode_local(obs, spec)
+    per_server = {k: d[k][:, 0] for k in ("srv_users", "srv_queued_tokens", "srv_busy")}
+    f = Features(**{k: d[k] for k in ("snr_db", "ul_mbps", "server", "draft_ms", "power_w", "max_gamma", "queue",
+                                      "remaining", "acceptance", "outstanding", "token_latency_ms")},
+                 **per_server, time_frac=d["time_frac"][:, 0])
+    return builder.local(f)
+
+
 def decode_local(obs, spec: ObsSpec) -> dict:
     """Invert `ObservationBuilder.local` (torch): raw-scale features from [..., obs_dim]
     observations, by `Features` field name. Lets policies that reason in physical units

@@ -9,6 +9,7 @@ torch; `marl_sd.export` writes bundles.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,15 @@ import numpy as np
 from marl_sd.contract import ActionLayout, manifest_contract
 
 MANIFEST_VERSION = 2
-CHECKED_KEYS = ("obs_dim", "nvec", "obs_layout", "features", "bid_weights", "priority_weights")
+CHECKED_KEYS = ("obs_dim", "nvec", "obs_layout", "bid_weights", "priority_weights")
+STRUCTURE = ("name", "source", "width", "kind", "scope", "integer")  # of each feature; scales and clips may differ
+log = logging.getLogger("marl_sd.bundle")
+
+
+def normalization_differences(manifest: dict, want: dict) -> list[str]:
+    """Features whose scale or clip differ between a bundle and a config (the bundle's own apply)."""
+    return [f"{a['name']}: scale {a['scale']:g} vs {b['scale']:g}" if a["scale"] != b["scale"] else f"{a['name']}: clip"
+            for a, b in zip(manifest["features"], want["features"]) if (a["scale"], a["clip"]) != (b["scale"], b["clip"])]
 
 
 class BundleError(ValueError):
@@ -60,9 +69,15 @@ def load_bundle(bundle_dir: Path, cfg=None) -> tuple[dict, OnnxActor]:
     if cfg is not None:
         want = manifest_contract(cfg)
         bad = [k for k in CHECKED_KEYS if json.loads(json.dumps(want[k])) != manifest.get(k)]
+        if [[f[k] for k in STRUCTURE] for f in manifest.get("features", [])] != [[f[k] for k in STRUCTURE] for f in want["features"]]:
+            bad.append("features")
         if bad:
             raise BundleError(f"bundle {bundle_dir} does not match this scenario: {', '.join(bad)} differ "
                               f"(bundle: {manifest['scenario']}, here: {scenario_summary(cfg)})")
+        diff = normalization_differences(manifest, want)
+        if diff:
+            log.warning("bundle %s normalizes differently from this config (%s): its own constants apply",
+                        bundle_dir, "; ".join(diff))
     onnx_path = bundle_dir / manifest.get("onnx_file", "actor.onnx")
     if not onnx_path.exists():
         raise BundleError(f"bundle {bundle_dir} lacks {onnx_path.name}")

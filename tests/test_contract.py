@@ -114,3 +114,16 @@ def test_action_layout_from_config_matches_nvec():
     assert layout.nvec == [cfg.scenario.n_servers, len(cfg.env.bid_weights), len(cfg.env.priority_weights),
                            cfg.env.gamma_max + 1]
     assert layout.offsets == [0, *np.cumsum(layout.nvec)[:-1].tolist()]
+
+
+def test_reencode_with_other_constants_equals_encoding_with_them(sim):
+    """A bundle made with other normalization constants sees, in the simulator, what the live
+    controller gives it: observations encoded with the bundle's own table."""
+    from dataclasses import replace
+
+    from marl_sd.envs.observation import reencode
+
+    other = replace(sim.spec, max_output_tokens=3 * sim.spec.max_output_tokens)
+    want = ObservationBuilder(other).local(sim.features())
+    got = reencode(sim.observations(), sim.spec, ObservationBuilder(other))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

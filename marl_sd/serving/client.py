@@ -21,10 +21,14 @@ import numpy as np
 import torch
 
 from marl_sd.envs.observation import smooth_token_latency
+from marl_sd.serving import protocol as P
 from marl_sd.serving.drafter import DraftClient, Drafter, RoundPlan
 from marl_sd.serving.links import Link
 from marl_sd.serving.models import load_model, load_tokenizer
 from marl_sd.serving.protocol import CONTROLLER_SERVICE
+from marl_sd.serving.security import Security, add_security_args, security_from_args
+
+log = logging.getLogger("marl_sd.client")
 
 DEMO_PROMPTS = [
     "Write a Python function that checks whether a number is prime.",
@@ -68,8 +72,10 @@ class ControlAgent:
     """
 
     def __init__(self, addr: str, user: int, client: DraftClient, trace: dict | None, slot_ms: float,
-                 power_w: float, max_gamma: int, n_servers: int):
+                 power_w: float, max_gamma: int, n_servers: int, security: Security | None = None):
         self.addr, self.user, self.client, self.trace = addr, user, client, trace
+        self.security = security or Security.insecure()
+        self.ignored = 0  # decisions that failed validation
         self.slot_s, self.power_w, self.max_gamma, self.M = slot_ms / 1000, power_w, max_gamma, n_servers
         self.decision: dict | None = None
         self.backlog = 0
@@ -97,17 +103,39 @@ class ControlAgent:
                 "remaining": int(c.meas["remaining"]) if self.backlog else 0, "acceptance": c.acceptance,
                 "outstanding": float(self.backlog), "token_latency_ms": self.tok_latency}
 
+    def checked(self, reply) -> dict | None:
+        """A decision with every field in range (gamma and priority clamped), or None to ignore it."""
+        try:
+            srv, gamma = reply["server"], reply["gamma"]
+            prio, share = reply.get("priority", 0), reply.get("share", 1.0)
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (srv, gamma, prio)):
+                raise TypeError("server, gamma and priority must be integers")
+            if not 0 <= srv < len(self.client.servers):
+                raise ValueError(f"server {srv} out of range [0, {len(self.client.servers)})")
+            share = float(share)
+            if not (0.0 < share <= 1.0):
+                raise ValueError(f"share {share} out of (0, 1]")
+        except (KeyError, TypeError, ValueError) as e:
+            self.ignored += 1
+            log.warning("user %d: ignoring an invalid decision (%s)", self.user, e)
+            return None
+        return {"server": srv, "gamma": max(0, min(gamma, self.max_gamma)), "priority": max(0, min(prio, P.MAX_PRIORITY)),
+                "share": share}
+
     async def run(self) -> None:
-        async with grpc.aio.insecure_channel(self.addr) as ch:
+        async with self.security.channel(self.addr, "controller", options=P.grpc_options()) as ch:
             rpc = ch.unary_unary(f"/{CONTROLLER_SERVICE}/Report")
             while True:
                 try:
                     reply = json.loads(await rpc(json.dumps(self.report()).encode(), timeout=self.slot_s))
-                    if reply:
-                        self.decision = reply
-                        self.client.associate_if_idle(int(reply["server"]))
+                    d = self.checked(reply) if reply else None
+                    if d is not None:
+                        self.decision = d
+                        self.client.associate_if_idle(d["server"])
                 except grpc.aio.AioRpcError:
                     self.missed += 1  # controller late or unreachable: keep the last decision
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    self.ignored += 1
                 await asyncio.sleep(self.slot_s)
 
     async def plan(self, client: DraftClient) -> RoundPlan | None:
@@ -117,8 +145,7 @@ class ControlAgent:
             return None
         srv = int(d["server"])
         traces = {k: self.trace[k][:, self.user, srv] for k in ("ul_full_mbps", "dl_full_mbps")} if self.trace else {}
-        return RoundPlan(gamma=max(0, min(int(d["gamma"]), self.max_gamma)), priority=int(d.get("priority", 0)),
-                         server=srv, share=float(d.get("share", 1.0)), ul_trace=traces.get("ul_full_mbps"),
+        return RoundPlan(gamma=d["gamma"], priority=d["priority"], server=srv, share=d["share"], ul_trace=traces.get("ul_full_mbps"),
                          dl_trace=traces.get("dl_full_mbps"))
 
 
@@ -135,11 +162,12 @@ async def run_workload(args) -> list[dict]:
     client = DraftClient(Drafter(model, greedy=not args.sample, temperature=args.temperature, topk=args.topk,
                                  seed=args.seed, pace_ms=args.pace_draft_ms), servers, gamma=args.gamma,
                          uplink=link(args.uplink_mbps, "ul_full_mbps"), downlink=link(args.downlink_mbps, "dl_full_mbps"),
-                         predraft=not args.no_predraft)
+                         predraft=not args.no_predraft, security=args.security, timeout_s=args.round_timeout,
+                         min_deadline_s=args.min_round_deadline)
     agent = None
     if args.controller:
         agent = ControlAgent(args.controller, args.user, client, trace, args.slot_ms, args.power_w, args.max_gamma,
-                             len(servers))
+                             len(servers), security=args.security)
         reporter = asyncio.ensure_future(agent.run())
     rng = np.random.default_rng(args.seed)
     new_tokens = prompt_lens = None
@@ -214,9 +242,17 @@ def main(argv=None) -> int:
     p.add_argument("--max-gamma", type=int, default=8)
     p.add_argument("--pace-draft-ms", type=float, default=0.0,
                    help="emulate a slower device: each draft token takes at least this long")
+    p.add_argument("--round-timeout", type=float, default=30.0, help="seconds a round may take at most before fail-over")
+    p.add_argument("--min-round-deadline", type=float, default=2.0,
+                   help="floor of the adaptive round deadline (5x the running mean round time)")
     p.add_argument("--out", required=True)
+    add_security_args(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    try:
+        a.security = security_from_args(a, f"client-{a.user}")
+    except ValueError as e:
+        p.error(str(e))
     rows = asyncio.run(run_workload(a))
     with open(a.out, "a") as fh:
         for r in rows:

@@ -17,15 +17,19 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import grpc
 import numpy as np
+import prometheus_client as prom
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictInt, ValidationError
 
 from marl_sd.bundle import bundle_policy, load_bundle
 from marl_sd.config import load_config
 from marl_sd.contract import ActionLayout, ObsSpec, features_from_manifest, manifest_contract
 from marl_sd.envs.observation import Features, ObservationBuilder
-from marl_sd.serving.protocol import CONTROLLER_SERVICE, VERIFIER_SERVICE
+from marl_sd.serving.protocol import CONTROLLER_SERVICE, VERIFIER_SERVICE, grpc_options
+from marl_sd.serving.security import Security, add_security_args, caller_role, client_user, security_from_args
 
 log = logging.getLogger("marl_sd.controller")
 
@@ -48,6 +52,66 @@ class UserReport:
     token_latency_ms: float = 0.0
     ul_full_mbps: list[float] | None = None  # whole-band rate per server: the controller applies shares
     at: float = field(default_factory=time.monotonic)
+
+
+class _UserReportIn(BaseModel):
+    """Schema of a user report on the wire: finite numbers in physical ranges, no unknown keys."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["user"] = "user"
+    user: StrictInt = Field(ge=0)
+    snr_db: list[FiniteFloat]
+    ul_mbps: list[Annotated[FiniteFloat, Field(ge=0, le=1e5)]]
+    server: StrictInt = Field(ge=0)
+    draft_ms: FiniteFloat = Field(gt=0, le=1e4)
+    power_w: FiniteFloat = Field(ge=0, le=1e3)
+    max_gamma: StrictInt = Field(ge=0, le=64)
+    queue: StrictInt = Field(0, ge=0, le=1 << 20)
+    remaining: StrictInt = Field(0, ge=0, le=1 << 24)
+    acceptance: FiniteFloat = Field(0.5, ge=0, le=1)
+    outstanding: FiniteFloat = Field(0.0, ge=0, le=1 << 20)
+    token_latency_ms: FiniteFloat = Field(0.0, ge=0, le=1e7)
+    ul_full_mbps: list[Annotated[FiniteFloat, Field(ge=0, le=1e5)]] | None = None
+
+
+class _ServerReportIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["server"]
+    server: StrictInt = Field(ge=0)
+    users: StrictInt = Field(0, ge=0)
+    queued_tokens: FiniteFloat = Field(0.0, ge=0)
+    busy: FiniteFloat = Field(0.0, ge=0, le=1)
+
+
+class ReportError(ValueError):
+    """A report that does not fit the schema or the scenario's sizes."""
+
+
+def parse_report(raw: bytes, n_users: int, n_servers: int) -> "UserReport | ServerReport":
+    """Validate one report (JSON): schema, finite numbers, ids and list lengths within the sizes."""
+    try:
+        msg = json.loads(raw)
+        if not isinstance(msg, dict):
+            raise ReportError("a report is a JSON object")
+        if msg.get("kind") == "server":
+            r = _ServerReportIn(**msg)
+            if r.server >= n_servers:
+                raise ReportError(f"server {r.server} out of range [0, {n_servers})")
+            return ServerReport(r.server, r.users, r.queued_tokens, r.busy)
+        r = _UserReportIn(**msg)
+    except ValidationError as e:
+        raise ReportError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()[:3])) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+        raise ReportError(f"not a JSON report: {e}") from None
+    if r.user >= n_users:
+        raise ReportError(f"user {r.user} out of range [0, {n_users})")
+    if r.server >= n_servers:
+        raise ReportError(f"server {r.server} out of range [0, {n_servers})")
+    for k in ("snr_db", "ul_mbps", "ul_full_mbps"):
+        v = getattr(r, k)
+        if v is not None and len(v) != n_servers:
+            raise ReportError(f"{k} has {len(v)} entries, expected one per server ({n_servers})")
+    return UserReport(**r.model_dump(exclude={"kind"}))
 
 
 @dataclass
@@ -73,7 +137,7 @@ class ControllerCore:
     """Policy-agnostic core: reports -> Features -> observations + masks -> decisions."""
 
     def __init__(self, manifest: dict, policy, slot_ms: float = 100.0, stale_slots: int = 3, horizon: int = 100,
-                 coverage_snr_db: float = -5.0):
+                 coverage_snr_db: float = -5.0, expire_s: float = 30.0):
         self.spec = ObsSpec(**manifest["obs_spec"])
         self.actions = ActionLayout(manifest["nvec"])
         self.bid_weights = np.asarray(manifest["bid_weights"], dtype=np.float64)
@@ -88,6 +152,9 @@ class ControllerCore:
         self.decision_ms: list[float] = []
         self.missed_slots = 0  # decisions that took longer than a slot, or slots the loop skipped
         self.unreachable: set[int] = set()
+        self.expire_s = expire_s  # users silent this long leave the table
+        self.rejected: dict[str, int] = {}  # refused reports by reason
+        self.step_errors = 0
         self.stats_path: str | None = None  # written every 20 slots, so a killed controller leaves its stats
 
     def report_user(self, r: UserReport) -> Decision | None:
@@ -150,6 +217,11 @@ class ControllerCore:
         act = np.asarray(self.policy(obs, mask)).reshape(1, self.spec.n_users, 4)
         weights = self.bid_weights[act[0, :, 1]]
         chosen = act[0, :, 0]
+        for u in [u for u, r in self.users.items() if now - r.at > self.expire_s]:
+            log.info("user %d silent for %.0f s: removed", u, now - self.users[u].at)
+            del self.users[u]
+            self.decisions.pop(u, None)
+            self.unreachable.discard(u)
         fresh = {u for u, r in self.users.items() if now - r.at <= self.stale_s}
         for u in set(self.users) - fresh:
             if u not in self.unreachable:
@@ -180,31 +252,52 @@ class ControllerCore:
         x = np.asarray(self.decision_ms)
         pct = (lambda q: float(np.percentile(x, q)) if len(x) else float("nan"))  # noqa: E731
         return {"slots": int(len(x)), "p50_ms": pct(50), "p99_ms": pct(99), "max_ms": float(x.max()) if len(x) else float("nan"),
-                "missed_slots": self.missed_slots}
+                "missed_slots": self.missed_slots, "rejected_reports": dict(self.rejected), "step_errors": self.step_errors}
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
 async def serve_controller(core: ControllerCore, host: str = "127.0.0.1", port: int = 0, ready=None,
-                           duration_s: float | None = None) -> None:
-    """gRPC front-end: unary `Report` (JSON in, JSON decision out) + the slot loop."""
+                           duration_s: float | None = None, security: Security | None = None) -> None:
+    """gRPC front-end: unary `Report` (JSON in, JSON decision out) + the slot loop. With TLS a
+    client may report only for its own user id and gets only its own decision back; server loads
+    come from the controller's own polling (or an operator)."""
+    security = security or Security.insecure()
+    N, M = core.spec.n_users, core.spec.n_servers
+
     async def report(request: bytes, context) -> bytes:
+        role = caller_role(context)
         try:
-            msg = json.loads(request)
-            if msg.get("kind") == "server":
-                core.report_server(ServerReport(**{k: v for k, v in msg.items() if k != "kind"}))
-                return b"{}"
-            d = core.report_user(UserReport(**{k: v for k, v in msg.items() if k != "kind"}))
-        except (ValueError, TypeError) as e:
+            r = parse_report(request, N, M)
+        except ReportError as e:
+            core.reject("invalid")
+            log.warning("report refused (%s): %s", role or context.peer(), e)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad report: {e}")
+        if isinstance(r, ServerReport):
+            if role not in (None, "operator"):
+                core.reject("role")
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"role {role!r} may not report server load")
+            core.report_server(r)
+            return b"{}"
+        if role is not None and client_user(role) != r.user:
+            core.reject("spoofed")
+            log.warning("role %r reported as user %d: refused", role, r.user)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"role {role!r} may only report for its own user id")
+        d = core.report_user(r)
         return json.dumps(d.__dict__ if d else {}).encode()
 
     async def stats(request: bytes, context) -> bytes:
+        role = caller_role(context)
+        if role not in (None, "operator"):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"role {role!r} may not read controller stats")
         return json.dumps(core.latency_stats() | {"unreachable": sorted(core.unreachable), "slot": core.slot}).encode()
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=grpc_options(server=True))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(CONTROLLER_SERVICE, {
         "Report": grpc.unary_unary_rpc_method_handler(report),
         "Stats": grpc.unary_unary_rpc_method_handler(stats)}),))
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = security.add_port(server, host, port)
     await server.start()
     if ready is not None:
         ready(bound)
@@ -212,7 +305,11 @@ async def serve_controller(core: ControllerCore, host: str = "127.0.0.1", port: 
     try:
         nxt = time.monotonic()
         while t_end is None or time.monotonic() < t_end:
-            core.step()
+            try:
+                core.step()
+            except Exception:  # noqa: BLE001 - the loop outlives any one slot; last decisions stay in force
+                core.step_errors += 1
+                log.exception("slot %d: decision failed; keeping the last decisions", core.slot)
             nxt += core.slot_s
             late = time.monotonic() - nxt
             if late > core.slot_s:
@@ -225,10 +322,11 @@ async def serve_controller(core: ControllerCore, host: str = "127.0.0.1", port: 
         await server.stop(0.5)
 
 
-async def poll_servers(core: ControllerCore, addrs: list[str]) -> None:
+async def poll_servers(core: ControllerCore, addrs: list[str], security: Security | None = None) -> None:
     """Each slot, read every verifier's load (open sessions, busy fraction) with a short deadline;
     an unreachable server keeps its last report and is logged once."""
-    chans = [grpc.aio.insecure_channel(a) for a in addrs]
+    sec = (security or Security.insecure()).as_role("controller")
+    chans = [sec.channel(a, "verifier", options=grpc_options()) for a in addrs]
     rpcs = [c.unary_unary(f"/{VERIFIER_SERVICE}/Status") for c in chans]
     last_busy = [None] * len(addrs)
     down: set[int] = set()
@@ -253,6 +351,28 @@ async def poll_servers(core: ControllerCore, addrs: list[str]) -> None:
             await c.close()
 
 
+def controller_metrics(core: ControllerCore) -> prom.CollectorRegistry:
+    """Prometheus view of the controller, read from its counters at scrape time."""
+    reg = prom.CollectorRegistry()
+
+    class Collector:
+        def collect(self):
+            g = prom.core.GaugeMetricFamily
+            st = core.latency_stats()
+            yield g("marlsd_controller_users", "users in the table", value=len(core.users))
+            yield g("marlsd_controller_unreachable_users", "users past their report deadline", value=len(core.unreachable))
+            yield g("marlsd_controller_decision_p99_ms", "p99 decision time", value=st["p99_ms"])
+            c = prom.core.CounterMetricFamily
+            yield c("marlsd_controller_slots", "control slots decided", value=core.slot)
+            yield c("marlsd_controller_missed_slots", "slots without a timely decision", value=core.missed_slots)
+            rej = c("marlsd_controller_rejected_reports", "reports refused", labels=["reason"])
+            for reason, n in core.rejected.items():
+                rej.add_metric([reason], n)
+            yield rej
+    reg.register(Collector())
+    return reg
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="live controller: measured state -> policy -> decisions")
     p.add_argument("--config", required=True, help="scenario config (sizes, slot length, coverage rule)")
@@ -264,8 +384,15 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--duration", type=float, default=None)
     p.add_argument("--out", help="write decision-latency stats as JSON at the end")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on 127.0.0.1:PORT")
+    add_security_args(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    try:
+        security = security_from_args(a, "controller")
+        security.check_address(a.host)
+    except ValueError as e:
+        p.error(str(e))
     cfg = load_config(a.config)
     if a.bundle:
         manifest, actor = load_bundle(a.bundle, cfg)
@@ -278,12 +405,14 @@ def main(argv=None) -> int:
     core = ControllerCore(manifest, policy, slot_ms=cfg.env.slot_ms, horizon=cfg.env.horizon,
                           coverage_snr_db=cfg.scenario.channel.coverage_snr_db)
     core.stats_path = a.out
+    if a.metrics_port is not None:
+        prom.start_http_server(a.metrics_port, addr="127.0.0.1", registry=controller_metrics(core))
 
     async def run():
-        poller = asyncio.ensure_future(poll_servers(core, a.servers.split(","))) if a.servers else None
+        poller = asyncio.ensure_future(poll_servers(core, a.servers.split(","), security)) if a.servers else None
         try:
             await serve_controller(core, a.host, a.port, ready=lambda port: print(f"READY {port}", flush=True),
-                                   duration_s=a.duration)
+                                   duration_s=a.duration, security=security)
         finally:
             if poller:
                 poller.cancel()

@@ -9,7 +9,9 @@ import torch
 
 from marl_sd.agents.heuristics import make_heuristic
 from marl_sd.agents.policy import Policy, PolicyContext
-from marl_sd.bundle import bundle_policy, load_bundle
+from marl_sd.bundle import bundle_policy, load_bundle, normalization_differences
+from marl_sd.contract import ObsSpec, features_from_manifest, manifest_contract
+from marl_sd.envs.observation import ObservationBuilder, reencode
 
 
 def heuristic_policy(name: str, cfg):
@@ -28,10 +30,14 @@ def sim_policy(policy: str, cfg) -> Policy:
         return make_heuristic(policy, ctx)
     manifest, actor = load_bundle(policy, cfg)
     decide = bundle_policy(actor, manifest)  # exactly what the live controller runs
+    own = ObservationBuilder(ObsSpec(**manifest["obs_spec"]), features_from_manifest(manifest))
+    differs = bool(normalization_differences(manifest, manifest_contract(cfg)))
 
     class OnnxPolicy(Policy):
         name = os.path.basename(os.path.normpath(policy))
 
         def act(self, obs, mask):
+            if differs:  # encode as the live controller does: with the bundle's own constants
+                obs = reencode(obs, ctx.spec, own)
             return torch.as_tensor(decide(obs.numpy(), mask.numpy()))
     return OnnxPolicy(ctx)

@@ -27,6 +27,7 @@ from marl_sd.envs.observation import acceptance_estimate, update_acceptance
 from marl_sd.serving import protocol as P
 from marl_sd.serving.links import Link
 from marl_sd.serving.models import prefill, rollback
+from marl_sd.serving.security import Security
 from marl_sd.serving.speculative import sample_weights, top_k_renormalized
 
 log = logging.getLogger("marl_sd.drafter")
@@ -149,6 +150,11 @@ class Handover(Exception):
         self.server = server
 
 
+# deterministic refusals: the same request fails the same way on every server
+NOT_RETRYABLE = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE,
+                 grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED}
+
+
 class DraftClient:
     """Runs requests against a list of servers (fail-over in order).
 
@@ -156,12 +162,18 @@ class DraftClient:
     or None; `apply_plan` is the one place a plan changes the client."""
 
     def __init__(self, drafter: Drafter, servers: list[str], gamma: int = 4, uplink: Link | None = None,
-                 downlink: Link | None = None, predraft: bool = True, timeout_s: float = 30.0):
+                 downlink: Link | None = None, predraft: bool = True, timeout_s: float = 30.0,
+                 security: Security | None = None, retries_per_server: int = 2, min_deadline_s: float = 2.0):
         if not servers:
             raise ValueError("need at least one server address")
         self.drafter, self.servers, self.gamma = drafter, list(servers), gamma
         self.uplink, self.downlink = uplink, downlink
         self.predraft, self.timeout = predraft, timeout_s
+        self.security = security or Security.insecure()
+        self.retries_per_server = retries_per_server
+        # a round's deadline adapts to how long rounds take (5x their running mean, at least
+        # `min_deadline_s`, at most `timeout_s`): a hung server is given up within seconds
+        self.min_deadline_s, self.round_mean_s = min_deadline_s, None
         self.server_idx = 0
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft")
         self.on_round = None
@@ -218,7 +230,7 @@ class DraftClient:
     async def _channel(self, addr: str) -> grpc.aio.Channel:
         ch = self.channels.get(addr)
         if ch is None:
-            ch = self.channels[addr] = grpc.aio.insecure_channel(addr, options=P.grpc_options())
+            ch = self.channels[addr] = self.security.channel(addr, "verifier", options=P.grpc_options())
         await asyncio.wait_for(ch.channel_ready(), 5.0)
         return ch
 
@@ -313,10 +325,12 @@ class DraftClient:
         self._draft_in_background(2 * gamma + 1 if self.predraft and gamma else 0)  # pre-draft until the result
         up_ms = await self._link(self.uplink, len(msg)) * 1000
         await call.write(msg)
-        raw = await asyncio.wait_for(call.read(), self.timeout)  # per-round deadline
+        raw = await asyncio.wait_for(call.read(), self.round_deadline())
         if raw == grpc.aio.EOF:
             raise ConnectionError("server closed the stream")
         res = P.decode(raw)
+        took = time.monotonic() - tr
+        self.round_mean_s = took if self.round_mean_s is None else 0.8 * self.round_mean_s + 0.2 * took
         dn_ms = await self._link(self.downlink, len(raw)) * 1000
         await self._settle_drafting(interrupt=True)
         kept = d.commit(gamma, res.accepted, res.tokens.tolist())
@@ -329,13 +343,18 @@ class DraftClient:
                            "kept_predraft": kept, "server": addr})
         return res
 
+    def round_deadline(self) -> float:
+        if self.round_mean_s is None:
+            return self.timeout
+        return min(self.timeout, max(self.min_deadline_s, 5.0 * self.round_mean_s))
+
     async def _fail_over(self, addr: str, e: Exception, req: "_Request") -> None:
         """Move to the next server; the interrupted round's drafts are re-drafted there."""
         code = e.code() if isinstance(e, grpc.aio.AioRpcError) else None
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
+        if code in NOT_RETRYABLE:  # the request itself is at fault: another server would refuse it too
             raise e
         req.attempts += 1
-        if req.attempts > 2 * len(self.servers):
+        if req.attempts > self.retries_per_server * len(self.servers):
             raise ConnectionError(f"no server reachable after {req.attempts} attempts: {e}") from e
         req.failovers += 1
         await self._drop_channel(addr)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from marl_sd.serving.models import prefill, rollback
 from marl_sd.serving.speculative import accept_greedy, dense_q, speculative_verify
@@ -37,23 +38,73 @@ class VerifyItem:
     q_probs: np.ndarray | None = None  # [g, k] float32
 
 
+class ServerFull(RuntimeError):
+    """No room for another session now (sessions or KV tokens): the client should try another server."""
+
+
+class UnsupportedModel(ValueError):
+    """A model whose KV cache this engine cannot roll back."""
+
+
+def check_rollback_support(config) -> None:
+    """Refuse models with sliding-window attention: cropping their rolling cache loses the window."""
+    sliding = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", sliding is not None) and sliding:
+        raise UnsupportedModel(f"{type(config).__name__} uses sliding-window attention (window {sliding}): "
+                               "its cache cannot be rolled back after rejected drafts")
+    if any("sliding" in str(t) for t in (getattr(config, "layer_types", None) or [])):
+        raise UnsupportedModel(f"{type(config).__name__} has sliding-attention layers: its cache cannot be rolled back")
+
+
 class VerifierEngine:
-    def __init__(self, model, max_sessions: int = 256):
+    """Sessions and batched verification, within limits: `max_sessions`, `max_context` tokens per
+    session (at most the model's positions), `kv_budget_tokens` of context over all sessions."""
+
+    def __init__(self, model, max_sessions: int = 256, max_context: int | None = None,
+                 kv_budget_tokens: int | None = None):
+        check_rollback_support(model.config)
         self.model = model
         self.vocab = model.config.vocab_size
         self.sessions: dict[int, Session] = {}
         self.max_sessions = max_sessions
+        limit = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+        self.max_context = min(max_context or limit, limit)
+        self.kv_budget = kv_budget_tokens
+
+    @property
+    def kv_tokens(self) -> int:
+        return sum(len(s.seq) for s in self.sessions.values())
 
     # ---- sessions
-    def open(self, sid: int, tokens: list[int], greedy: bool = True, temperature: float = 1.0, seed: int = 0) -> None:
+    def admit(self, sid: int, tokens: list[int], greedy: bool = True, temperature: float = 1.0, seed: int = 0) -> Session:
+        """Check limits and reserve the session (its cache is filled by `prefill_chunk`)."""
         if sid in self.sessions:
             raise ValueError(f"session {sid} already open")
-        if len(self.sessions) >= self.max_sessions:
-            raise RuntimeError(f"server full ({self.max_sessions} sessions)")
         if not tokens or min(tokens) < 0 or max(tokens) >= self.vocab:
             raise ValueError(f"prompt must be a non-empty list of token ids in [0, {self.vocab})")
-        self.sessions[sid] = Session(sid, list(tokens), prefill(self.model, list(tokens)), greedy, temperature,
-                                     np.random.default_rng(seed))
+        if len(tokens) >= self.max_context:
+            raise ValueError(f"prompt of {len(tokens)} tokens exceeds the context limit ({self.max_context})")
+        if len(self.sessions) >= self.max_sessions:
+            raise ServerFull(f"server full ({self.max_sessions} sessions)")
+        if self.kv_budget is not None and self.kv_tokens + len(tokens) > self.kv_budget:
+            raise ServerFull(f"server full (KV budget {self.kv_budget} tokens, {self.kv_tokens} in use)")
+        s = Session(sid, list(tokens), DynamicCache(config=self.model.config), greedy, temperature,
+                    np.random.default_rng(seed))
+        self.sessions[sid] = s
+        return s
+
+    def prefill_chunk(self, sid: int, upto: int) -> None:
+        """Extend the session's cache to its first `upto` tokens (at most all but the pending one)."""
+        s = self.sessions[sid]
+        have = s.cache.get_seq_length()
+        upto = min(upto, len(s.seq) - 1)
+        if upto > have:
+            prefill(self.model, s.seq[have:upto + 1], s.cache)
+
+    def open(self, sid: int, tokens: list[int], greedy: bool = True, temperature: float = 1.0, seed: int = 0) -> None:
+        """Admit and prefill in one go."""
+        self.admit(sid, tokens, greedy, temperature, seed)
+        self.prefill_chunk(sid, len(tokens))
 
     def close(self, sid: int) -> bool:
         return self.sessions.pop(sid, None) is not None
@@ -70,23 +121,44 @@ class VerifierEngine:
         return speculative_verify(p, q, it.drafts, s.rng)
 
     def validate(self, it: VerifyItem) -> Session:
+        """Everything about one upload that can be checked before it joins a batch."""
         s = self.sessions.get(it.sid)
         if s is None:
             raise KeyError(f"unknown session {it.sid}")
         if any(t < 0 or t >= self.vocab for t in it.drafts):
             raise ValueError(f"draft token ids must be in [0, {self.vocab})")
+        if len(s.seq) + len(it.drafts) + 1 > self.max_context:
+            raise ValueError(f"the session would exceed the context limit ({self.max_context} tokens)")
         if not s.greedy and it.drafts:
-            if it.q_ids is None or it.q_ids.shape[0] != len(it.drafts):
+            if it.q_ids is None or it.q_probs is None or it.q_ids.shape[0] != len(it.drafts):
                 raise ValueError("sampling sessions need top-k draft probabilities for every draft")
             if (it.q_ids < 0).any() or (it.q_ids >= self.vocab).any():
                 raise ValueError("top-k ids out of the vocabulary")
+            if not np.isfinite(it.q_probs).all() or (it.q_probs < 0).any() or (it.q_probs > 1 + 1e-6).any():
+                raise ValueError("draft probabilities must be finite and in [0, 1]")
+            q_draft = np.where(it.q_ids == np.asarray(it.drafts)[:, None], it.q_probs, 0.0).sum(-1)
+            if (q_draft <= 0).any():
+                raise ValueError(f"draft token at position {int(np.argmax(q_draft <= 0))} has q = 0 in its uploaded distribution")
         return s
 
-    @torch.no_grad()
-    def verify(self, items: list[VerifyItem]) -> list[tuple[int, list[int]]]:
-        """Verify the drafts of several sessions in one forward pass; returns (n, new tokens)."""
-        from transformers import DynamicCache
+    def verify_isolated(self, items: list[VerifyItem]) -> list:
+        """`verify`, but a failure fails only its own row: a batched forward that raises is retried
+        row by row; each entry is (n, new tokens) or the exception of that row alone."""
+        try:
+            return self.verify(items)
+        except Exception:  # noqa: BLE001 - which row broke the batch is found by retrying alone
+            out = []
+            for it in items:
+                try:
+                    out.append(self.verify([it])[0])
+                except Exception as e:  # noqa: BLE001
+                    out.append(e)
+            return out
 
+    @torch.no_grad()
+    def verify(self, items: list[VerifyItem]) -> list:
+        """Verify the drafts of several sessions in one forward pass; returns (n, new tokens) per
+        row, or the row's exception when its acceptance step fails (that row is left unchanged)."""
         sess = [self.validate(it) for it in items]
         B = len(items)
         L = [s.cache.get_seq_length() for s in sess]
@@ -118,11 +190,21 @@ class VerifierEngine:
                 layers.append((K, V))
             cache = DynamicCache(ddp_cache_data=layers)
             logits = self.model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
+        decided = []
+        for i, (s, it) in enumerate(zip(sess, items)):
+            try:
+                decided.append(self._decide(s, it, logits[i, : T[i]]))
+            except (ValueError, FloatingPointError) as e:
+                decided.append(e)
+        if B == 1 and isinstance(decided[0], Exception):
+            rollback(sess[0].cache, L[0])  # undo the forward's extension of the shared cache
         out = []
         for i, (s, it) in enumerate(zip(sess, items)):
-            n, new = self._decide(s, it, logits[i, : T[i]])
+            if isinstance(decided[i], Exception):
+                out.append(decided[i])
+                continue
+            n, new = decided[i]
             if B == 1:
-
                 rollback(s.cache, L[i] + n + 1)
             else:
                 lo, hi = Lmax - L[i], Lmax + n + 1

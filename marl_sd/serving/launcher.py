@@ -16,7 +16,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import grpc
 import numpy as np
 
 from marl_sd.agents.heuristics import HEURISTICS
@@ -27,15 +26,19 @@ from marl_sd.envs.traces import export_traces
 from marl_sd.serving.engine import VerifierEngine, VerifyItem
 from marl_sd.serving.models import load_model
 from marl_sd.serving.protocol import VERIFIER_SERVICE
+from marl_sd.serving.security import Security, create_pki
 
 
 @contextmanager
-def local_servers(model: str, n: int = 1, threads: int = 1, timeout_s: float = 120.0, extra: list[str] | None = None):
+def local_servers(model: str, n: int = 1, threads: int = 1, timeout_s: float = 120.0, extra: list[str] | None = None,
+                  security: Security | None = None):
+    """`n` verifier processes on 127.0.0.1 (plain text unless `security` carries the run's PKI)."""
+    sec = (security or Security.insecure()).as_role("verifier")
     procs, addrs = [], []
     try:
         for _ in range(n):
             p = subprocess.Popen([sys.executable, "-m", "marl_sd.serving.verifier", "--model", model, "--port", "0",
-                                  "--threads", str(threads), *(extra or [])],
+                                  "--threads", str(threads), *sec.cli_args(), *(extra or [])],
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             procs.append(p)
             t0 = time.time()
@@ -50,23 +53,26 @@ def local_servers(model: str, n: int = 1, threads: int = 1, timeout_s: float = 1
             p.wait(timeout=10)
 
 
-def server_status(addr: str, samples: bool = False) -> dict:
+def server_status(addr: str, samples: bool = False, security: Security | None = None) -> dict:
     async def go():
-        async with grpc.aio.insecure_channel(addr) as ch:
+        async with (security or Security.insecure()).as_role("operator").channel(addr, "verifier") as ch:
             return json.loads(await ch.unary_unary(f"/{VERIFIER_SERVICE}/Status")(b"samples" if samples else b"", timeout=5))
     return asyncio.run(go())
 
 
 def run_clients(servers: list[str], draft: str, n_clients: int, requests: int, max_new: int, gamma: int,
-                timeout_s: float = 900.0, extra: list[str] | None = None, per_client=None) -> list[dict]:
-    """Start `n_clients` client processes at once; returns all request rows."""
+                timeout_s: float = 900.0, extra: list[str] | None = None, per_client=None,
+                security: Security | None = None) -> list[dict]:
+    """Start `n_clients` client processes at once (client c as role `client-c`); returns all request rows."""
+    sec = security or Security.insecure()
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
         for c in range(n_clients):
             out = Path(tmp) / f"client{c}.jsonl"
             cmd = [sys.executable, "-m", "marl_sd.serving.client", "--servers", ",".join(servers), "--draft", draft,
                    "--requests", str(requests), "--max-new", str(max_new), "--gamma", str(gamma), "--seed", str(c),
-                   "--client-id", str(c), "--out", str(out), *(extra or []), *(per_client(c) if per_client else [])]
+                   "--client-id", str(c), "--out", str(out), *sec.as_role(f"client-{c}").cli_args(), *(extra or []),
+                   *(per_client(c) if per_client else [])]
             procs.append((subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True), out))
         rows = []
         deadline = time.time() + timeout_s
@@ -145,7 +151,7 @@ def handovers(rows: list[dict]) -> int:
 
 
 def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: str, gamma: int = 4,
-             timeout_s: float = 900.0, detail: bool = False) -> dict:
+             timeout_s: float = 900.0, detail: bool = False, insecure: bool = False) -> dict:
     """The whole live chain on this machine: M verifiers, a controller running `policy` (a bundle
     directory or a heuristic name) and N drafting clients whose links replay Sionna/fast-channel
     rate traces of the scenario, serving one fixed workload drawn from the scenario's (arrival
@@ -159,6 +165,9 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
     N, M = cfg.scenario.n_users, cfg.scenario.n_servers
     w = cfg.scenario.workload
     with tempfile.TemporaryDirectory() as tmp:
+        # mutual TLS with a CA made for this run: one certificate per role
+        sec = Security.insecure() if insecure else Security(
+            create_pki(Path(tmp) / "pki", ["verifier", "controller", "operator", *(f"client-{c}" for c in range(N))]))
         tr = Path(tmp) / "traces.npz"
         export_traces(cfg, tr, slots=int((duration_s + 60) * 1000 / cfg.env.slot_ms), seed=cfg.seed)
         schedule = poisson_schedule(w, N, duration_s, cfg.seed)
@@ -168,12 +177,13 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
         if cfg.serving.pace:
             server_extra += ["--pace-profile", cfg.scenario.profile]
         devices = user_devices(cfg)
-        with local_servers(target, M, extra=server_extra) as (_, addrs):
+        with local_servers(target, M, extra=server_extra, security=sec) as (_, addrs):
             pol = ["--bundle", policy] if os.path.isdir(policy) else ["--heuristic", policy]
             ctrl_out = Path(tmp) / "controller.json"
             ctrl_log = open(Path(tmp) / "controller.log", "w+")
             ctrl = subprocess.Popen([sys.executable, "-m", "marl_sd.serving.controller", "--config", cfg_path, *pol,
-                                     "--servers", ",".join(addrs), "--out", str(ctrl_out)],
+                                     "--servers", ",".join(addrs), "--out", str(ctrl_out),
+                                     *sec.as_role("controller").cli_args()],
                                     stdout=subprocess.PIPE, stderr=ctrl_log, text=True)
             try:
                 line = ctrl.stdout.readline()
@@ -186,9 +196,9 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
                     "--controller", caddr, "--user", str(c), "--trace", str(tr),
                     "--schedule", str(Path(tmp) / f"schedule{c}.json"),
                     "--slot-ms", str(cfg.env.slot_ms), "--ignore-eos",
-                    *devices[c], *(["--detail"] if detail else [])])
+                    *devices[c], *(["--detail"] if detail else [])], security=sec)
                 wall = time.time() - t0
-                status = [server_status(a, samples=detail) for a in addrs]
+                status = [server_status(a, samples=detail, security=sec) for a in addrs]
             finally:
 
                 ctrl.send_signal(signal.SIGINT)

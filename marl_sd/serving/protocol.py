@@ -23,10 +23,19 @@ MAX_TOKENS = 1 << 16
 VERIFIER_SERVICE = "marlsd.Verifier"
 CONTROLLER_SERVICE = "marlsd.Controller"
 MAX_MESSAGE = 1 << 20
+MAX_PRIORITY = 15  # verify-priority levels a VERIFY may carry
+KEEPALIVE_MS = 1000  # HTTP/2 pings: a hung peer is detected within ~2 keepalive periods
 
 
-def grpc_options(max_message: int = MAX_MESSAGE) -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message)]
+def grpc_options(max_message: int = MAX_MESSAGE, server: bool = False) -> list[tuple[str, int]]:
+    """Message limits and keepalive (pings every second, 1 s to answer, also between calls)."""
+    opts = [("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message),
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.http2.min_time_between_pings_ms", KEEPALIVE_MS)]
+    if server:  # accept the clients' frequent pings
+        opts += [("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2), ("grpc.http2.max_ping_strikes", 0)]
+    return opts
 
 
 class ProtocolError(ValueError):

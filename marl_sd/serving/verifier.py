@@ -18,23 +18,56 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
+import prometheus_client as prom
 import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from marl_sd.envs.profiles import load_profile
 from marl_sd.serving import protocol as P
-from marl_sd.serving.engine import VerifierEngine, VerifyItem
+from marl_sd.serving.engine import ServerFull, VerifierEngine, VerifyItem
 from marl_sd.serving.models import load_model
+from marl_sd.serving.security import Security, add_security_args, caller_role, security_from_args
 
 log = logging.getLogger("marl_sd.verifier")
 
 
+@dataclass
+class Limits:
+    """Admission control and quotas of one verifier."""
+
+    sessions_per_client: int = 16  # open sessions per client identity (certificate role, else connection)
+    idle_timeout_s: float = 60.0  # a session with no message for this long is closed
+    max_ar_steps: int = 64  # tokens one gamma = 0 message may ask the server to decode
+    prefill_chunk: int = 256  # prompt tokens per prefill forward; verify batches run in between
+
+
+class Metrics:
+    """Prometheus metrics of a verifier (its own registry, so several can live in one process)."""
+
+    def __init__(self):
+        self.registry = prom.CollectorRegistry()
+        r = self.registry
+        self.sessions = prom.Gauge("marlsd_verifier_open_sessions", "open sessions", registry=r)
+        self.kv_tokens = prom.Gauge("marlsd_verifier_kv_tokens", "context tokens held over all sessions", registry=r)
+        self.queued = prom.Gauge("marlsd_verifier_queued_tokens", "draft tokens waiting for a batch", registry=r)
+        self.batch = prom.Histogram("marlsd_verifier_batch_rows", "sessions per verify batch", registry=r,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.tokens = prom.Counter("marlsd_verifier_tokens_emitted", "tokens sent back to clients", registry=r)
+        self.drafts = prom.Counter("marlsd_verifier_drafts", "drafts verified", ["outcome"], registry=r)
+        self.rejected = prom.Counter("marlsd_verifier_rejected", "requests refused", ["reason"], registry=r)
+
+
 class Verifier:
     def __init__(self, engine: VerifierEngine, window_ms: float = 2.0, max_batch: int = 32, token_budget: int = 512,
-                 pace=None):
+                 pace=None, limits: Limits | None = None):
         self.engine = engine
+        self.limits = limits or Limits()
+        self.metrics = Metrics()
+        self.per_client: dict[str, int] = {}
         # emulated hardware: a TargetProfile whose T(b, K) and prefill cost each forward is padded to
         self.pace = pace
         self.window = window_ms / 1000.0
@@ -92,110 +125,179 @@ class Verifier:
             if not live:
                 continue
             t0 = time.monotonic()
-            try:
-                items = [it for it, _, _ in live]
-                k = sum(len(it.drafts) + 1 for it in items)
-                results = await self.run_model(self.engine.verify, items, pace_ms=self.verify_pace_ms(len(items), k))
-            except Exception as e:  # noqa: BLE001 - report to every waiting session
-                for _, fut, _ in live:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
+            items = [it for it, _, _ in live]
+            k = sum(len(it.drafts) + 1 for it in items)
+            results = await self.run_model(self.engine.verify_isolated, items, pace_ms=self.verify_pace_ms(len(items), k))
             dt = time.monotonic() - t0
             self.stats["batches"] += 1
             self.stats["batched_items"] += len(live)
             self.stats["busy_s"] += dt
             self.samples.append((len(live), k, dt * 1000, (time.monotonic() - t_first) * 1000))
+            self.metrics.batch.observe(len(live))
             for (it, fut, tq), res in zip(live, results):
-                if not fut.done():
-                    fut.set_result((res, dt * 1000, (t0 - tq) * 1000, len(live)))
+                if fut.done():
+                    continue
+                if isinstance(res, Exception):  # this row alone: its own error, nobody else's
+                    fut.set_exception(res)
+                    continue
+                n, new = res
+                self.metrics.drafts.labels("accepted").inc(n)
+                self.metrics.drafts.labels("rejected").inc(int(n < len(it.drafts)))
+                self.metrics.tokens.inc(len(new))
+                fut.set_result((res, dt * 1000, (t0 - tq) * 1000, len(live)))
+
+    async def _refuse(self, context, code: grpc.StatusCode, reason: str, text: str):
+        self.metrics.rejected.labels(reason).inc()
+        await context.abort(code, text)
+
+    async def _next(self, it, context):
+        """The session's next message, or None at the end of the stream; idle sessions are closed."""
+        try:
+            return await asyncio.wait_for(it.__anext__(), self.limits.idle_timeout_s)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            await self._refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED, "idle",
+                               f"session idle for {self.limits.idle_timeout_s:.0f} s: closed")
+
+    async def _open(self, msg: P.OpenMsg, context) -> int:
+        if msg.vocab and msg.vocab != self.engine.vocab:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "vocab",
+                               f"draft vocabulary ({msg.vocab}) differs from the target's ({self.engine.vocab}): "
+                               "the pair must share a tokenizer")
+        sid = next(self.ids)
+        try:
+            self.engine.admit(sid, msg.tokens.tolist(), msg.greedy, msg.temperature, msg.seed)
+        except ServerFull as e:
+            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "full", str(e))
+        except ValueError as e:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_open", str(e))
+        n, chunk = len(msg.tokens), self.limits.prefill_chunk
+        for upto in range(min(chunk, n), n + chunk, chunk):  # chunked: other sessions' batches run in between
+            await self.run_model(self.engine.prefill_chunk, sid, upto,
+                                 pace_ms=self.prefill_pace_ms(min(upto, n) - max(0, upto - chunk)))
+        self.stats["sessions_opened"] += 1
+        return sid
+
+    async def _verify(self, sid: int, msg: P.VerifyMsg, context):
+        item = VerifyItem(sid, msg.drafts.tolist(), msg.q_ids, msg.q_probs)
+        if msg.priority > P.MAX_PRIORITY:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_verify",
+                               f"priority {msg.priority} out of range [0, {P.MAX_PRIORITY}]")
+        try:
+            self.engine.validate(item)
+        except (ValueError, KeyError) as e:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_verify", str(e))
+        # no drafts and k > 1: decode k tokens autoregressively on the server (gamma = 0, streamed),
+        # each step batched with everyone else's work, one reply at the end
+        steps = msg.q_ids.shape[1] if len(item.drafts) == 0 and msg.q_ids.shape[1] > 1 else 1
+        if steps > self.limits.max_ar_steps:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_verify",
+                               f"{steps} tokens in one autoregressive message (at most {self.limits.max_ar_steps})")
+        new, vms, qms, b, n = [], 0.0, 0.0, 0, 0
+        for _ in range(steps):
+            fut = asyncio.get_running_loop().create_future()
+            now = time.monotonic()
+            self.queued_tokens += len(item.drafts) + 1
+            await self.queue.put((-msg.priority, now, next(self.seq), item, fut, now))
+            try:
+                (n, tok), v_ms, q_ms, b = await fut
+            except ValueError as e:
+                await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_verify", str(e))
+            except Exception as e:  # noqa: BLE001 - a model error on this row alone
+                log.exception("session %d: verification failed", sid)
+                await self._refuse(context, grpc.StatusCode.INTERNAL, "model_error", f"verification failed: {type(e).__name__}")
+            new += tok
+            vms, qms = vms + v_ms, qms + q_ms
+        return P.encode_result(P.ResultMsg(sid, msg.round, n, np.asarray(new, np.int32), vms, qms, b))
 
     async def session(self, requests, context: grpc.aio.ServicerContext):
+        role = caller_role(context)
+        if role is not None and not role.startswith("client-"):
+            await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "role", f"role {role!r} may not open sessions")
+        who = role or context.peer()
+        if self.per_client.get(who, 0) >= self.limits.sessions_per_client:
+            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "quota",
+                               f"at most {self.limits.sessions_per_client} open sessions per client")
+        self.per_client[who] = self.per_client.get(who, 0) + 1
         sid = None
+        it = requests.__aiter__()
         try:
-            async for raw in requests:
+            while (raw := await self._next(it, context)) is not None:
                 try:
                     msg = P.decode(raw)
                 except P.ProtocolError as e:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                    await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed", str(e))
                 if isinstance(msg, P.OpenMsg):
                     if sid is not None:
-                        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "session already open on this stream")
-                    if msg.vocab and msg.vocab != self.engine.vocab:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                            f"draft vocabulary ({msg.vocab}) differs from the target's ({self.engine.vocab}): "
-                                            "the pair must share a tokenizer")
-                    sid = next(self.ids)
-                    try:
-                        await self.run_model(self.engine.open, sid, msg.tokens.tolist(), msg.greedy, msg.temperature,
-                                             msg.seed, pace_ms=self.prefill_pace_ms(len(msg.tokens)))
-                    except (ValueError, RuntimeError) as e:
-                        sid = None
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-                    self.stats["sessions_opened"] += 1
+                        await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "protocol",
+                                           "session already open on this stream")
+                    sid = await self._open(msg, context)
                     yield P.encode_result(P.ResultMsg(sid, 0, 0, np.zeros(0, np.int32)))
                 elif isinstance(msg, P.VerifyMsg):
                     if sid is None:
-                        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "VERIFY before OPEN")
-                    item = VerifyItem(sid, msg.drafts.tolist(), msg.q_ids, msg.q_probs)
-                    try:
-                        self.engine.validate(item)
-                    except (ValueError, KeyError) as e:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-                    # no drafts and k > 1: decode k tokens autoregressively on the server (gamma = 0,
-                    # streamed), each step batched with everyone else's work, one reply at the end
-                    steps = msg.q_ids.shape[1] if len(item.drafts) == 0 and msg.q_ids.shape[1] > 1 else 1
-                    new, vms, qms, b = [], 0.0, 0.0, 0
-                    for _ in range(steps):
-                        fut = asyncio.get_running_loop().create_future()
-                        now = time.monotonic()
-                        self.queued_tokens += len(item.drafts) + 1
-                        await self.queue.put((-msg.priority, now, next(self.seq), item, fut, now))
-                        try:
-                            (n, tok), v_ms, q_ms, b = await fut
-                        except ValueError as e:
-                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-                        new += tok
-                        vms, qms = vms + v_ms, qms + q_ms
-                    yield P.encode_result(P.ResultMsg(sid, msg.round, n, np.asarray(new, np.int32), vms, qms, b))
+                        await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "protocol", "VERIFY before OPEN")
+                    yield await self._verify(sid, msg, context)
                 else:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "clients send OPEN or VERIFY")
+                    await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "protocol", "clients send OPEN or VERIFY")
         finally:
+            self.per_client[who] -= 1
+            if not self.per_client[who]:
+                del self.per_client[who]
             if sid is not None and self.engine.close(sid):
                 self.stats["sessions_closed"] += 1
                 log.info("session %d closed (%d open)", sid, len(self.engine.sessions))
 
     async def status(self, request: bytes, context) -> bytes:
         """Counters; a request body of b"samples" adds the recent per-batch timings."""
-
+        role = caller_role(context)
+        if role is not None and role not in ("controller", "operator"):
+            await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "role", f"role {role!r} may not read status")
         up = time.monotonic() - self.t_start
         s = dict(self.stats, open_sessions=len(self.engine.sessions), uptime_s=up,
                  utilisation=self.stats["busy_s"] / max(up, 1e-9),
                  mean_batch=self.stats["batched_items"] / max(self.stats["batches"], 1), queued_tokens=self.queued_tokens,
-                 window_ms=self.window * 1000)
+                 window_ms=self.window * 1000, kv_tokens=self.engine.kv_tokens)
         if request == b"samples":
             s["samples"] = list(self.samples)
         return json.dumps(s).encode()
 
 
-async def serve(model_spec: str, host: str = "127.0.0.1", port: int = 0, threads: int = 1, ready=None, **kw) -> None:
+    def update_gauges(self) -> None:
+        self.metrics.sessions.set(len(self.engine.sessions))
+        self.metrics.kv_tokens.set(self.engine.kv_tokens)
+        self.metrics.queued.set(self.queued_tokens)
+
+
+async def serve(model_spec: str, host: str = "127.0.0.1", port: int = 0, threads: int = 1, ready=None,
+                security: Security | None = None, engine_kw: dict | None = None, metrics_port: int | None = None,
+                **kw) -> None:
     torch.set_num_threads(threads)
-    engine = VerifierEngine(load_model(model_spec))
+    security = security or Security.insecure()
+    engine = VerifierEngine(load_model(model_spec), **(engine_kw or {}))
     v = Verifier(engine, **kw)
-    server = grpc.aio.server(options=P.grpc_options())
+    server = grpc.aio.server(options=P.grpc_options(server=True))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(P.VERIFIER_SERVICE, {
         "Session": grpc.stream_stream_rpc_method_handler(v.session),
         "Status": grpc.unary_unary_rpc_method_handler(v.status),
     }),))
-    bound = server.add_insecure_port(f"{host}:{port}")
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = security.add_port(server, host, port)
     await server.start()
+    await health_servicer.set(P.VERIFIER_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    if metrics_port is not None:
+        prom.start_http_server(metrics_port, addr="127.0.0.1", registry=v.metrics.registry)
     task = asyncio.create_task(v.batcher())
     if ready is not None:
         ready(bound)
     try:
-        await server.wait_for_termination()
+        while True:
+            v.update_gauges()
+            await asyncio.sleep(1.0)
     finally:
         task.cancel()
+        await server.stop(1.0)
 
 
 def main(argv=None) -> int:
@@ -209,14 +311,28 @@ def main(argv=None) -> int:
     p.add_argument("--token-budget", type=int, default=512)
     p.add_argument("--pace-profile", help="emulate the target hardware of this latency profile (name or path): "
                                           "each forward takes at least the profile's T(b, K) or prefill time")
+    p.add_argument("--max-sessions", type=int, default=256)
+    p.add_argument("--max-context", type=int, default=None, help="tokens per session (default: the model's limit)")
+    p.add_argument("--kv-budget", type=int, default=None, help="context tokens over all sessions (default: no limit)")
+    p.add_argument("--sessions-per-client", type=int, default=Limits.sessions_per_client)
+    p.add_argument("--idle-timeout", type=float, default=Limits.idle_timeout_s, help="seconds")
+    p.add_argument("--max-ar-steps", type=int, default=Limits.max_ar_steps)
+    p.add_argument("--prefill-chunk", type=int, default=Limits.prefill_chunk)
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on 127.0.0.1:PORT")
+    add_security_args(p)
     a = p.parse_args(argv)
-    pace = None
-    if a.pace_profile:
-
-        pace = load_profile(a.pace_profile).target
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    try:
+        security = security_from_args(a, "verifier")
+        security.check_address(a.host)
+    except ValueError as e:
+        p.error(str(e))
+    pace = load_profile(a.pace_profile).target if a.pace_profile else None
+    limits = Limits(a.sessions_per_client, a.idle_timeout, a.max_ar_steps, a.prefill_chunk)
     asyncio.run(serve(a.model, a.host, a.port, a.threads, ready=lambda port: print(f"READY {port}", flush=True),
-                      window_ms=a.window_ms, max_batch=a.max_batch, token_budget=a.token_budget, pace=pace))
+                      security=security, metrics_port=a.metrics_port,
+                      engine_kw={"max_sessions": a.max_sessions, "max_context": a.max_context, "kv_budget_tokens": a.kv_budget},
+                      window_ms=a.window_ms, max_batch=a.max_batch, token_budget=a.token_budget, pace=pace, limits=limits))
     return 0
 
 
