@@ -70,6 +70,8 @@ def run_policy(cfg: Config, policy: Policy, seed: int, episodes: int, schedule=N
     if schedule is not None:
         sim.replay_workload(schedule)
     sim.record_requests = True
+    if getattr(policy, "needs_simulator", False):
+        policy.attach(sim)  # a search oracle plans with copies of the real state
     policy.reset(seed)
     acc: dict[str, torch.Tensor] = {}
     rew = 0.0

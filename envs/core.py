@@ -39,6 +39,7 @@ from marl_sd.config import Config
 from marl_sd.contract import SUB_ACTIONS, ActionLayout, ObsSpec
 from marl_sd.envs.channel import link_rates, make_channel
 from marl_sd.envs.costs import MessageCosts, drafts_after_round
+from marl_sd.envs.draws import Draws
 from marl_sd.envs.observation import (
     Features,
     ObservationBuilder,
@@ -100,6 +101,7 @@ class BatchedSimulator:
         self.ue_tx_kw = 10 ** (cfg.scenario.channel.ue_tx_dbm / 10) / 1e6  # joules per ms of transmission
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(cfg.seed if seed is None else int(seed))
+        self.draws = Draws(self.gen)  # every random draw; `draws.set_groups` shares them within groups
         self.record_requests = False
         self.round_trace: list[torch.Tensor] | None = None  # set to [] to record (env, user, position, gamma, accepted)
         self.replay = None
@@ -115,7 +117,7 @@ class BatchedSimulator:
 
     def reset(self) -> None:
         """Start a new episode in every environment (fresh drop, devices, channel, queues)."""
-        B, N, g, s = self.B, self.N, self.gen, self.scn
+        B, N, g, s = self.B, self.N, self.draws, self.scn
         for k, v in allocate(self.sizes, self.device).items():
             setattr(self, k, v)
         self.pos = s.sample_points((B, N), g)
@@ -152,16 +154,27 @@ class BatchedSimulator:
         st["gen"] = self.gen.get_state()
         return st
 
-    def set_state(self, st: dict) -> None:
+    def set_state(self, st: dict, rng: bool = True) -> None:
+        """Restore a `get_state` (with `rng` False, this simulator keeps its own random stream)."""
         check_state(st, self.sizes)
         for k in STATE:
             setattr(self, k, st[k].clone().to(self.device))
         self._derive()
         self.channel.set_state(st["channel"])
-        self.gen.set_state(st["gen"])
+        if rng:
+            self.gen.set_state(st["gen"])
         self._new_accumulators()
         self._update_rates()  # rates and SNR are derived from the restored state
         self._update_mask()
+
+    def load_copies(self, st: dict, envs: torch.Tensor) -> None:
+        """Make environment j a copy of environment `envs[j]` of the state `st` (from a simulator
+        of the same scenario); the random stream stays this simulator's own. For search: many
+        copies of a state, each trying other actions."""
+        envs = envs.to(st["pos"].device)
+        pick = lambda x: x if x.dim() == 0 else x.index_select(0, envs)  # noqa: E731
+        self.set_state({k: pick(st[k]) for k in STATE} | {"channel": {k: pick(v) for k, v in st["channel"].items()}},
+                       rng=False)
 
     def _new_accumulators(self) -> None:
         self._acc_user = self._zeros(len(USER_METRICS), self.B, self.N)
@@ -262,8 +275,8 @@ class BatchedSimulator:
         self._new_accumulators()
         self._update_rates()
         T, B, N = self.ticks, self.B, self.N
-        self._u_arr = torch.rand(T, B, N, generator=self.gen, device=self.device)
-        self._u_req = torch.rand(T, B, N, 3, generator=self.gen, device=self.device)
+        self._u_arr = self.draws.rand((T, B, N), self.device, dim=1)
+        self._u_req = self.draws.rand((T, B, N, 3), self.device, dim=1)
         if self.replay is not None:
             self._replay_slot(int(self.t))
         for k in range(T):
@@ -353,7 +366,7 @@ class BatchedSimulator:
         at = now - self.dt  # arrivals happen at the start of the tick; their upload runs in it
         bi, ui = arrive.nonzero(as_tuple=True)
         attrs = self.scn.requests_from_uniform(self._u_req[k][bi, ui], self.dev[bi, ui])  # [n, 3]
-        u = torch.rand(len(bi), self.L, generator=self.gen, device=self.device)
+        u = self.draws.rows(arrive, self.L)
         pat = u < attrs[:, REQ["alpha"]].unsqueeze(-1)
         keep = ok[bi, ui]
         bk, uk = bi[keep], ui[keep]
@@ -575,8 +588,8 @@ class BatchedSimulator:
         self.ul_activity = self.m["airtime_ms"] / slot
         self.srv_busy_frac = self.ms["busy_ms"] / slot
         self.outstanding_last = self.m["outstanding_ms"] / slot
-        self.pos, self.waypoint, moved = self.scn.move(self.pos, self.waypoint, self.speed, slot / 1000.0, self.gen)
-        self.channel.step(self.pos, moved, self.gen)
+        self.pos, self.waypoint, moved = self.scn.move(self.pos, self.waypoint, self.speed, slot / 1000.0, self.draws)
+        self.channel.step(self.pos, moved, self.draws)
         self._update_rates()
         self._update_mask()
 

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from marl_sd.config import ConfigError, ScenarioConfig
+from marl_sd.envs.draws import as_draws
 from marl_sd.envs.profiles import LatencyProfile
 
 
@@ -61,12 +62,13 @@ class Scenario:
         self.task_alpha = torch.tensor([t.alpha for t in cfg.tasks], **f)
 
     # ---- drops -------------------------------------------------------------------------------
-    def sample_points(self, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    def sample_points(self, shape: tuple[int, ...], gen) -> torch.Tensor:
         """Uniform points in the union of the hexagonal cells (exact: cell, then rhombus)."""
-        site = torch.randint(0, self.M, shape, generator=gen, device=self.device)
-        rh = torch.randint(0, 3, shape, generator=gen, device=self.device).float()
-        u = torch.rand(shape, generator=gen, device=self.device)
-        v = torch.rand(shape, generator=gen, device=self.device)
+        d = as_draws(gen)
+        site = d.randint(0, self.M, shape, self.device)
+        rh = d.randint(0, 3, shape, self.device).float()
+        u = d.rand(shape, self.device)
+        v = d.rand(shape, self.device)
         # the hexagon (vertices at 0, 60, ... deg) is three rhombi {0, v_2k, v_2k+1, v_2k+2}
         a = rh * (2 * math.pi / 3)
         b = a + 2 * math.pi / 3
@@ -75,9 +77,9 @@ class Scenario:
         y = r * (u * torch.sin(a) + v * torch.sin(b))
         return self.bs_xy[site] + torch.stack([x, y], -1)
 
-    def sample_devices(self, B: int, gen: torch.Generator) -> torch.Tensor:
+    def sample_devices(self, B: int, gen) -> torch.Tensor:
         """Device class index per user, [B, N]."""
-        return torch.multinomial(self.dev_share.expand(B, -1), self.N, replacement=True, generator=gen)
+        return as_draws(gen).multinomial(self.dev_share.expand(B, -1), self.N)
 
     def requests_from_uniform(self, u: torch.Tensor, dev_idx: torch.Tensor) -> torch.Tensor:
         """Map uniforms [..., 3] to request attributes [..., 3] = (prompt tokens, output tokens, alpha).
@@ -95,11 +97,11 @@ class Scenario:
         alpha = (self.task_alpha[task] * self.dev_alpha_scale[dev_idx]).clamp(0.0, 0.99)
         return torch.stack([prompt, out, alpha], -1)
 
-    def sample_speeds(self, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    def sample_speeds(self, shape: tuple[int, ...], gen) -> torch.Tensor:
         lo, hi = self.cfg.mobility.speed_mps
-        return lo + (hi - lo) * torch.rand(shape, generator=gen, device=self.device)
+        return lo + (hi - lo) * as_draws(gen).rand(shape, self.device)
 
-    def move(self, pos, waypoint, speed, dt_s: float, gen: torch.Generator):
+    def move(self, pos, waypoint, speed, dt_s: float, gen):
         """Random-waypoint step; returns new positions, waypoints and the distance moved [B, N]."""
         if self.cfg.mobility.model == "static":
             return pos, waypoint, torch.zeros(pos.shape[:-1], device=pos.device)

@@ -103,6 +103,10 @@ def _policies(cfg, run_dir, names):
             if ckpt is None:
                 continue
             out.append(LearnedPolicy(ctx, load_policy(ckpt), name=cfg.train.algorithm))
+        elif n == "oracle":
+            from marl_sd.agents.oracle import SearchOracle
+
+            out.append(SearchOracle(ctx, **cfg.eval.oracle.model_dump()))
         else:
             out.append(make_heuristic(n, ctx))
     return out

@@ -209,12 +209,23 @@ class TrainConfig(Strict):
     pretrain: PretrainConfig = PretrainConfig()
 
 
+class OracleConfig(Strict):
+    """The search oracle (`oracle` in `marl-sd eval --policies`)."""
+
+    horizon: int = Field(3, ge=1, description="slots each candidate is rolled out")
+    samples: int = Field(8, ge=1, description="sampled futures per candidate, shared by all candidates")
+    moves: int = Field(24, ge=0, description="coordinate moves per round (all of them when fewer exist)")
+    rounds: int = Field(1, ge=0, description="rounds of coordinate moves after the heuristic proposals")
+    base: str = Field("two_phase_matching", description="policy the rollouts follow after the first slot")
+
+
 class EvalConfig(Strict):
     episodes: int = Field(8, ge=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     policies: list[str] = Field(default_factory=list, description="empty: all heuristics")
     slo_tpot_ms: float = Field(50.0, gt=0)
     slo_ttft_ms: float = Field(1000.0, gt=0)
+    oracle: OracleConfig = Field(default_factory=OracleConfig)
 
 
 class ServingConfig(Strict):

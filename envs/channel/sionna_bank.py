@@ -27,6 +27,7 @@ from marl_sd.envs.channel.base import LinkBudget
 from marl_sd.envs.channel.fast import FastChannel
 from marl_sd.envs.channel.pathloss import los_probability, pathloss_db
 from marl_sd.envs.channel.phy import PhyTable
+from marl_sd.envs.draws import as_draws
 
 log = logging.getLogger(__name__)
 BANK_VERSION = 1
@@ -170,8 +171,8 @@ class SionnaBankChannel(FastChannel):
         self.ul_table = PhyTable(assets["ul_grid"], assets["ul_se"], assets["ul_src"]).to(dev)
         self.dl_table = PhyTable(assets["dl_grid"], assets["dl_se"], assets["dl_src"]).to(dev)
 
-    def _draw_fading(self, los: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(0, self.bank_los.shape[0], los.shape, generator=gen, device=los.device)
+    def _draw_fading(self, los: torch.Tensor, gen) -> torch.Tensor:
+        idx = as_draws(gen).randint(0, self.bank_los.shape[0], los.shape, los.device)
         return torch.where(los.unsqueeze(-1), self.bank_los[idx], self.bank_nlos[idx])
 
 

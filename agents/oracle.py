@@ -1,0 +1,149 @@
+"""A search oracle: how good could a controller be that knows the whole state and every
+distribution (but not the future draws)?
+
+Each slot, for each environment, candidate joint actions are scored with the simulator itself:
+the state is copied into a batch (`BatchedSimulator.load_copies`), every candidate is applied
+for one slot and the copies then follow a base policy for `horizon - 1` more slots, over
+`samples` sampled futures shared by all candidates (common random numbers: `Draws.set_groups`).
+The score is the mean reward over the horizon plus a terminal value for the work still queued
+(the outstanding-request integral it will cost at the base policy's per-token latency), so the
+search cannot win by deferring work. Candidates: every heuristic's proposal, then rounds of
+coordinate moves (one user's server or gamma changed) around the best so far. This is the
+rollout algorithm (one step of policy improvement over the base policy, with a search over
+the first action): it scores at least as well as its best proposal on the same samples.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from marl_sd.agents.heuristics import make_heuristic
+from marl_sd.agents.policy import Policy, PolicyContext
+from marl_sd.envs.core import BatchedSimulator
+from marl_sd.envs.state import REQ
+
+PROPOSERS = ("nearest_g4", "nearest_adaptive", "least_loaded", "greedy_latency", "two_phase_matching",
+             "closed_form_dp", "centralized_ar")
+
+
+class SearchOracle(Policy):
+    name = "oracle"
+    centralized = True
+    needs_simulator = True
+    description = "model-perfect rollout search: heuristic proposals + coordinate moves, CRN-scored futures"
+
+    def __init__(self, ctx: PolicyContext, horizon: int = 3, samples: int = 8, moves: int = 12, rounds: int = 1,
+                 base: str = "two_phase_matching", proposers: tuple[str, ...] = PROPOSERS, gammas=(0, 2, 4, 6, 8),
+                 seed: int = 0):
+        super().__init__(ctx)
+        self.H, self.K, self.moves, self.rounds = horizon, samples, moves, rounds
+        self.base = make_heuristic(base, ctx)
+        self.proposers = [make_heuristic(p, ctx) for p in proposers]
+        self.gammas = [g for g in gammas if g <= ctx.cfg.env.gamma_max]
+        self.gen = torch.Generator().manual_seed(seed)
+        self.sim: BatchedSimulator | None = None
+        self._scratch: dict[int, BatchedSimulator] = {}
+        self.last_stderr = math.nan  # relative standard error of the chosen candidate's score
+
+    def attach(self, sim: BatchedSimulator) -> None:
+        """The simulator whose state the oracle searches from (set by the evaluation loop)."""
+        self.sim = sim
+
+    def reset(self, seed=None):
+        if seed is not None:
+            self.gen.manual_seed(seed + 7919)
+        for p in (self.base, *self.proposers):
+            p.reset(seed)
+
+    # ---------------------------------------------------------------- scoring
+    def _scratch_sim(self, n: int) -> BatchedSimulator:
+        if n not in self._scratch:
+            self._scratch[n] = BatchedSimulator(self.ctx.cfg, num_envs=n, device=str(self.sim.device))
+        return self._scratch[n]
+
+    def score(self, cands: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cands [B, C, N, 4] joint actions for each environment of the attached simulator ->
+        (mean score [B, C], its standard error [B, C]) over `samples` futures shared by the C
+        candidates of an environment (futures fixed by `seed`)."""
+        B, C, N, _ = cands.shape
+        K = self.K
+        envs = torch.arange(B).repeat_interleave(C * K)
+        s = self._scratch_sim(B * C * K)
+        s.load_copies(self.sim.get_state(), envs)
+        k = torch.arange(K).repeat(B * C)
+        s.draws.set_groups(envs * K + k)  # copy (b, c, k): future k of environment b, the same for every c
+        s.gen.manual_seed(seed)
+        total = torch.zeros(B * C * K)
+        a = cands.repeat_interleave(K, dim=1).reshape(B * C * K, N, 4)
+        a = torch.where(s.actions.allowed(a, s.mask), a, self.base.act(s.observations(), s.mask))
+        for h in range(self.H):
+            r, _ = s.step(a)
+            total += r.mean(1)
+            if h + 1 < self.H:
+                a = self.base.act(s.observations(), s.mask)
+        total += terminal_value(s)
+        x = total.view(B, C, K)
+        se = x.std(-1) / math.sqrt(K) if K > 1 else torch.full((B, C), math.nan)
+        return x.mean(-1), se
+
+    # ---------------------------------------------------------------- search
+    def _moves(self, best: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+        """[B, n', N, 4]: `best` with one user's (server, gamma) changed: every such move when
+        there are at most `n`, else `n` random ones; moves the mask forbids fall back to `best`."""
+        B, N, _ = best.shape
+        M, gams = self.ctx.spec.n_servers, torch.tensor(self.gammas)
+        every = torch.cartesian_prod(torch.arange(N), torch.arange(M), torch.arange(len(gams)))  # [N*M*G, 3]
+        if len(every) <= n:
+            pick = every.unsqueeze(0).expand(B, -1, -1)
+        else:
+            pick = every[torch.randint(0, len(every), (B, n), generator=self.gen)]
+        n = pick.shape[1]
+        out = best.unsqueeze(1).repeat(1, n, 1, 1)
+        bi = torch.arange(B).unsqueeze(1).expand(B, n)
+        ci = torch.arange(n).unsqueeze(0).expand(B, n)
+        out[bi, ci, pick[..., 0], 0] = pick[..., 1]
+        out[bi, ci, pick[..., 0], 3] = gams[pick[..., 2]]
+        ok = self.ctx.actions.allowed(out, mask.unsqueeze(1).expand(B, n, N, -1)).all(-1).all(-1)
+        return torch.where(ok[..., None, None], out, best.unsqueeze(1))
+
+    def search(self, obs: torch.Tensor, mask: torch.Tensor, seed: int):
+        """Best candidate per environment [B, N, 4] and its (score, stderr) [B], every candidate
+        scored on the same futures (`seed`)."""
+        props = torch.stack([p.act(obs, mask) for p in self.proposers], 1)  # [B, P, N, 4]
+        val, se = self.score(props, seed)
+        i = val.argmax(1)
+        bi = torch.arange(len(i))
+        best, best_val, best_se = props[bi, i], val[bi, i], se[bi, i]
+        for _ in range(self.rounds):
+            if self.moves <= 0:
+                break
+            cand = torch.cat([best.unsqueeze(1), self._moves(best, mask, self.moves)], 1)
+            v, e = self.score(cand, seed)
+            j = v.argmax(1)
+            best, best_val, best_se = cand[bi, j], v[bi, j], e[bi, j]
+        return best, best_val, best_se
+
+    @torch.no_grad()
+    def act(self, obs, mask):
+        if self.sim is None:
+            raise RuntimeError("the oracle searches with the simulator: call attach(sim) first "
+                               "(marl-sd eval does this for policies with needs_simulator)")
+        best, val, se = self.search(obs, mask.bool(), int(torch.randint(0, 2**62, (1,), generator=self.gen)))
+        self.last_stderr = float((se / val.abs().clamp(min=1e-9)).mean())
+        return best
+
+
+def terminal_value(sim: BatchedSimulator) -> torch.Tensor:
+    """[B] reward-scale value of the work still queued at the end of a rollout: each queued or
+    active request keeps counting as outstanding until its tokens are served, one after the
+    other, at the user's running per-token latency (default 40 ms before any request finished)."""
+    B, N, Q = sim.B, sim.N, sim.Q
+    order = (sim.q_head.unsqueeze(-1) + torch.arange(Q)) % Q  # queue slots from the head
+    out_len = sim.requests[..., REQ["output_tokens"]].gather(2, order)  # [B, N, Q]
+    work = torch.where(torch.arange(Q) == 0, sim.remaining.unsqueeze(-1).float(), out_len)
+    queued = torch.arange(Q) < sim.q_len.unsqueeze(-1)
+    finish_tokens = (work * queued).cumsum(-1) * queued  # tokens until each queued request is done
+    tok_ms = torch.where(sim.tok_latency > 0, sim.tok_latency, torch.full_like(sim.tok_latency, 40.0))
+    slots = (finish_tokens * tok_ms.unsqueeze(-1)).sum(-1) / sim.cfg.env.slot_ms  # outstanding-request slots
+    return -sim.cfg.reward.latency_weight * slots.mean(1)
