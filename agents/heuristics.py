@@ -12,7 +12,7 @@ import math
 import torch
 
 from marl_sd.agents.policy import Policy, PolicyContext
-from marl_sd.envs.costs import MessageCosts, expected_predraft_kept, expected_tokens_per_round
+from marl_sd.envs.costs import MessageCosts, SiteCosts, expected_predraft_kept, expected_tokens_per_round
 from marl_sd.envs.observation import decode_local
 
 INF = float("inf")
@@ -30,7 +30,7 @@ class LatencyModel:
     def __init__(self, ctx: PolicyContext):
         self.ctx = ctx
         p = ctx.profile
-        self.verify = p.target.verify
+        self.sites = SiteCosts.of(ctx.cfg)
         self.costs = MessageCosts.of(ctx.cfg, p)
         self.base = self.costs.message_ms
         self.G = ctx.cfg.env.gamma_max + 1
@@ -51,7 +51,7 @@ class LatencyModel:
         at = torch.nn.functional.one_hot(f["server"], b.shape[-1]).float()
         b_i = (b + (1 - at)).clamp(min=1)  # including me
         k = f["srv_queued_tokens"].unsqueeze(-1) + g + 1
-        t_ver = self.verify.time_ms(b_i.unsqueeze(-1), k)  # [B, N, M, G]
+        t_ver = self.sites.verify_ms(b_i.unsqueeze(-1), k, server_dim=-2)  # [B, N, M, G]
         wait = f["srv_busy"].unsqueeze(-1) * t_ver / 2
         up = self.costs.upload_bytes(g) / rate.unsqueeze(-1) + self.base
         down = self.base + self.costs.ids_bytes(e_n) / rate.unsqueeze(-1)

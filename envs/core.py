@@ -38,7 +38,7 @@ import torch
 from marl_sd.config import Config
 from marl_sd.contract import SUB_ACTIONS, ActionLayout, ObsSpec
 from marl_sd.envs.channel import link_rates, make_channel
-from marl_sd.envs.costs import MessageCosts, drafts_after_round
+from marl_sd.envs.costs import MessageCosts, SiteCosts, drafts_after_round
 from marl_sd.envs.draws import Draws
 from marl_sd.envs.observation import (
     Features,
@@ -94,9 +94,10 @@ class BatchedSimulator:
         self.bid_table = torch.tensor(e.bid_weights, **f)
         self.prio_table = torch.tensor(e.priority_weights, **f)
         self.costs = MessageCosts.of(cfg, self.profile)
-        self.verify = self.profile.target.verify
-        self.prefill_ms = self.profile.target.prefill.ms_per_token
+        self.sites = SiteCosts.of(cfg, self.device)
+        self.kv_limited = bool(torch.isfinite(self.sites.kv_capacity).any())
         self.lam_per_ms = w.arrival_rate_per_s / 1000.0
+        self._lam_tick = self.lam_per_ms * self.dt  # arrival probability per tick ([N] under a varying load)
         self.arrival_stop_ms = math.inf if w.arrivals_for_s is None else w.arrivals_for_s * 1000.0
         self.ue_tx_kw = 10 ** (cfg.scenario.channel.ue_tx_dbm / 10) / 1e6  # joules per ms of transmission
         self.gen = torch.Generator(device=self.device)
@@ -233,6 +234,22 @@ class BatchedSimulator:
         idle = self.phase == IDLE
         self.server = torch.where(idle, self.target, self.server)
 
+    def load_multiplier(self, t_s: float) -> torch.Tensor:
+        """[N] factor on each user's arrival rate at episode time `t_s`: the rate profile
+        (piecewise constant) times the moving hotspot (the hot users' factor)."""
+        w = self.cfg.scenario.workload
+        m = torch.ones(self.N, device=self.device)
+        if w.rate_profile is not None:
+            past = [f for t, f in w.rate_profile if t <= t_s]
+            m = m * (past[-1] if past else 1.0)
+        if w.hotspot is not None:
+            h = w.hotspot
+            n_hot = max(1, round(h.fraction * self.N))
+            start = int(t_s // h.period_s) * n_hot
+            hot = (torch.arange(n_hot, device=self.device) + start) % self.N
+            m[hot] = m[hot] * h.multiplier
+        return m
+
     # ------------------------------------------------------------------ workload replay
     def replay_workload(self, schedule: list[list[tuple[float, int, int]]] | None) -> None:
         """Replay a fixed workload in every episode: per user, (arrival s, prompt tokens, output
@@ -279,6 +296,9 @@ class BatchedSimulator:
         self._u_req = self.draws.rand((T, B, N, 3), self.device, dim=1)
         if self.replay is not None:
             self._replay_slot(int(self.t))
+        w = self.cfg.scenario.workload
+        if w.rate_profile is not None or w.hotspot is not None:
+            self._lam_tick = self.lam_per_ms * self.dt * self.load_multiplier(float(self.now) / 1000.0)
         for k in range(T):
             self._tick(k)
         self._end_slot()
@@ -290,7 +310,7 @@ class BatchedSimulator:
         now = self.now
         m = self.m
         # arrivals (Poisson, one Bernoulli per tick); each request draws its match pattern now
-        arrive = (self._u_arr[k] < self.lam_per_ms * dt) & (now <= self.arrival_stop_ms)
+        arrive = (self._u_arr[k] < self._lam_tick) & (now <= self.arrival_stop_ms)
         if bool(arrive.any()):
             self._arrivals(arrive, k)
         phase = self.phase
@@ -432,6 +452,11 @@ class BatchedSimulator:
         k_tok = (self.gamma_cur + 1).float()
         zeros = self._zeros(self.B, self.M)
         budget = float(self.cfg.scenario.verify_token_budget)
+        kv_new = None
+        if self.kv_limited:
+            elig, kv_new = self._admit_kv(elig)
+            if not bool(elig.any()):
+                return
         admit, af = elig, elig.float()
         kk = zeros.scatter_add(1, self.server, af * k_tok)  # tokens asked for, per server
         if bool((kk > budget).any()):
@@ -439,12 +464,14 @@ class BatchedSimulator:
             af = admit.float()
             kk = zeros.scatter_add(1, self.server, af * k_tok)
         self.phase = torch.where(admit, VERIFY, self.phase)
+        if kv_new is not None:
+            self.kv_held = torch.where(admit & kv_new, (self.ctx + self.remaining).float(), self.kv_held)
         b = zeros.scatter_add(1, self.server, af)
         pf = zeros.scatter_add(1, self.server, af * self.prefill)
         ready = zeros.scatter_reduce(1, self.server, torch.where(admit, self.queued_at, -math.inf), "amax")
         begin = torch.maximum(ready, self.srv_free_at)
         start = b > 0
-        t = self.verify.time_ms(b, kk) + self.prefill_ms * pf
+        t = self.sites.verify_ms(b, kk) + self.sites.prefill_ms_per_token * pf
         already = (self.now - begin).clamp(min=0.0)
         self.srv_left = torch.where(start, t - already, self.srv_left)
         self.srv_active = self.srv_active | start
@@ -452,6 +479,27 @@ class BatchedSimulator:
         self.ms["batches"] += start.float()
         self.ms["batch_users"] += b
         self.ms["batch_tokens"] += kk
+
+    def kv_used(self) -> torch.Tensor:
+        """[B, M] KV-cache tokens reserved at each server."""
+        return self._zeros(self.B, self.M).scatter_add(1, self.server, self.kv_held)
+
+    def _admit_kv(self, elig: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """KV-cache admission: a session that holds no reservation at its server (a request's
+        first round, or the first after a handover) reserves its context + the tokens it has
+        left; first come first served while they fit, the others wait in the queue (no
+        preemption). Returns (users that may join a batch, users reserving now)."""
+        need = elig & (self.kv_held <= 0)
+        if not bool(need.any()):
+            return elig, need
+        r = (self.ctx + self.remaining).float() * need
+        free = (self.sites.kv_capacity - self.kv_used()).gather(1, self.server)  # [B, N] at each user's server
+        qj, qi = self.queued_at.unsqueeze(1), self.queued_at.unsqueeze(2)
+        idx = torch.arange(self.N, device=self.device)
+        ahead = ((qj < qi) | ((qj == qi) & (idx < idx.unsqueeze(1)))) & (self.server.unsqueeze(2) == self.server.unsqueeze(1))
+        before = (ahead.float() * r.unsqueeze(1)).sum(-1)
+        fits = before + r <= free
+        return elig & (~need | fits), need & fits
 
     def _admit_by_priority(self, elig: torch.Tensor, k_tok: torch.Tensor, budget: float) -> torch.Tensor:
         """Admit queued users in order (higher priority bid, then first come) within the budget."""
@@ -519,6 +567,7 @@ class BatchedSimulator:
             self._gather_rates()
             self.handover_bytes = torch.where(ho, self.ctx.float() * self.costs.token_id_bytes, self.handover_bytes)
             self.prefill = torch.where(ho, self.ctx.float(), self.prefill)
+            self.kv_held = torch.where(ho, 0.0, self.kv_held)  # freed at the old site, reserved anew at the next
             self.m["handovers"] += ho.float()
         t_d = self.draft_ms
         flight = at - self.sent_at
@@ -576,6 +625,7 @@ class BatchedSimulator:
         self.q_head = torch.where(fin, (self.q_head + 1) % self.Q, self.q_head)
         self.q_len = self.q_len - fin.long()
         self.phase = torch.where(fin, IDLE, self.phase)
+        self.kv_held = torch.where(fin, 0.0, self.kv_held)  # the session ends: its KV cache is freed
         self.remaining = torch.where(fin, 0, self.remaining)
         # the next queued request starts right away
         nxt = fin & (self.q_len > 0)
@@ -617,6 +667,7 @@ class BatchedSimulator:
             srv_users=onehot.sum(1),
             srv_queued_tokens=(onehot * queued.unsqueeze(-1)).sum(1),
             srv_busy=self.srv_busy_frac,
+            srv_kv=(self.kv_used() / self.sites.kv_capacity).nan_to_num(0.0) if self.kv_limited else self._zeros(self.B, self.M),
             time_frac=(self.t.float() / self.horizon).expand(self.B),
         )
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from marl_sd.config import Config
-from marl_sd.envs.profiles import LatencyProfile
+from marl_sd.envs.profiles import LatencyProfile, load_profile
 
 
 @dataclass(frozen=True)
@@ -70,3 +70,36 @@ def expected_predraft_kept(alpha, gamma, flight_ms, draft_ms):
         return alpha ** (gamma + 1) * (made - 1).clamp(min=0) * (torch.as_tensor(gamma) > 0)
     made = min(math.floor(flight_ms / draft_ms), gamma + 1)
     return alpha ** (gamma + 1) * max(made - 1, 0) if gamma > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class SiteCosts:
+    """Per-server verification cost T(b, K) = t0 + c_b b + c_N max(0, K - knee), prefill cost
+    per token and KV capacity ([M] tensors): heterogeneous sites, or M alike."""
+
+    t0_ms: torch.Tensor
+    c_b_ms: torch.Tensor
+    c_n_ms: torch.Tensor
+    n_knee: torch.Tensor
+    prefill_ms_per_token: torch.Tensor
+    kv_capacity: torch.Tensor  # inf: unlimited
+
+    @classmethod
+    def of(cls, cfg: Config, device=None) -> "SiteCosts":
+        tg = [load_profile(p).target for p in cfg.scenario.site_profiles()]
+        t = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)  # noqa: E731
+        caps = [math.inf if c is None else float(c) for c in cfg.scenario.site_kv_capacity()]
+        return cls(t([x.verify.t0_ms for x in tg]), t([x.verify.c_b_ms for x in tg]), t([x.verify.c_n_ms for x in tg]),
+                   t([x.verify.n_knee for x in tg]), t([x.prefill.ms_per_token for x in tg]), t(caps))
+
+    def verify_ms(self, b, k, server_dim: int = -1):
+        """T(b, K) with the server axis of `b` and `k` at `server_dim` (broadcast)."""
+        shape = [1] * (-server_dim)
+        shape[0] = -1
+        p = [x.view(shape) for x in (self.t0_ms, self.c_b_ms, self.c_n_ms, self.n_knee)]
+        return p[0] + p[1] * b + p[2] * (k - p[3]).clamp(min=0.0)
+
+    @property
+    def homogeneous(self) -> bool:
+        return all(bool((x == x[0]).all()) for x in (self.t0_ms, self.c_b_ms, self.c_n_ms, self.n_knee,
+                                                     self.prefill_ms_per_token))

@@ -32,6 +32,7 @@ class Features:
     srv_users: Any  # [B, M] users associated
     srv_queued_tokens: Any  # [B, M] draft tokens waiting for verification
     srv_busy: Any  # [B, M] busy fraction over the last slot
+    srv_kv: Any  # [B, M] KV-cache occupancy (reserved / capacity; 0 when unlimited)
     time_frac: Any  # [B] episode progress
 
     def to(self, device) -> "Features":  # torch only
@@ -154,7 +155,7 @@ def reencode(obs, spec: ObsSpec, builder: "ObservationBuilder"):
     """Observations encoded with the package table at `spec`, re-encoded with `builder`'s table
     (e.g. a policy bundle's own normalization constants). Torch."""
     d = decode_local(obs, spec)
-    per_server = {k: d[k][:, 0] for k in ("srv_users", "srv_queued_tokens", "srv_busy")}
+    per_server = {k: d[k][:, 0] for k in ("srv_users", "srv_queued_tokens", "srv_busy", "srv_kv")}
     f = Features(**{k: d[k] for k in ("snr_db", "ul_mbps", "server", "draft_ms", "power_w", "max_gamma", "queue",
                                       "remaining", "acceptance", "outstanding", "token_latency_ms")},
                  **per_server, time_frac=d["time_frac"][:, 0])

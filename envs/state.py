@@ -73,6 +73,7 @@ STATE_VARS: dict[str, Var] = {
     "tok_latency": Var(BN, "float", "running per-token latency of finished requests [ms]"),
     "ul_activity": Var(BN, "float", "uplink activity factor (interference)"),
     "outstanding_last": Var(BN, "float", "mean outstanding requests over the last slot"),
+    "kv_held": Var(BN, "float", "KV-cache tokens the user's session has reserved at its server (0: none)"),
     # servers
     "srv_left": Var(BM, "float", "ms left of the batch in verification"),
     "srv_active": Var(BM, "bool", "a batch is in verification"),

@@ -56,13 +56,33 @@ class TaskSpec(Strict):
     share: float = Field(gt=0)
 
 
+class Hotspot(Strict):
+    """A moving hotspot: `fraction` of the users request `multiplier` times more often; the hot
+    set moves to the next users every `period_s`."""
+
+    fraction: float = Field(0.25, gt=0, le=1)
+    multiplier: float = Field(4.0, ge=0)
+    period_s: float = Field(10.0, gt=0)
+
+
 class WorkloadConfig(Strict):
     arrival_rate_per_s: float = Field(0.15, gt=0, description="Poisson request rate per user")
+    rate_profile: list[tuple[float, float]] | None = Field(
+        None, description="time-varying load: [[from_s, multiplier], ...], piecewise constant over the episode "
+                          "(e.g. bursts); None: constant rate")
+    hotspot: Hotspot | None = None
     prompt_tokens: Range = Range(low=64, high=256)
     output_tokens: Range = Range(low=32, high=128)
     queue_capacity: int = Field(16, ge=1, description="requests a user can hold; more are dropped")
     arrivals_for_s: float | None = Field(None, gt=0, description="requests arrive only during the first s seconds "
                                                                  "of an episode, then queues drain (as in a live run)")
+
+    @model_validator(mode="after")
+    def _profile(self) -> "WorkloadConfig":
+        p = self.rate_profile
+        if p is not None and (not p or any(m < 0 for _, m in p) or [t for t, _ in p] != sorted(t for t, _ in p)):
+            raise ValueError("rate_profile must be a non-empty list of [from_s, multiplier >= 0] sorted by time")
+        return self
 
 
 class MobilityConfig(Strict):
@@ -109,6 +129,14 @@ class ChannelConfig(Strict):
         return data
 
 
+class SiteConfig(Strict):
+    """One edge server: its latency profile and KV-cache capacity."""
+
+    profile: str | None = Field(None, description="latency profile (None: the scenario's)")
+    kv_capacity_tokens: int | None = Field(None, ge=1, description="context tokens its GPU memory holds over all "
+                                                                    "sessions (None: the scenario's)")
+
+
 class ScenarioConfig(Strict):
     n_users: int = Field(8, ge=1)
     n_servers: int = Field(3, ge=1)
@@ -136,6 +164,28 @@ class ScenarioConfig(Strict):
     channel: ChannelConfig = ChannelConfig()
     verify_token_budget: int = Field(256, ge=1, description="max draft tokens verified per batch")
     topk: int = Field(8, ge=1, description="draft (id, prob) pairs uploaded per drafted token")
+    kv_capacity_tokens: int | None = Field(None, ge=1, description="KV-cache context tokens per server over all "
+                                                                    "sessions (None: unlimited); a session reserves "
+                                                                    "its prompt + output tokens when it is admitted")
+    sites: list[SiteConfig] | None = Field(None, description="per-server profile and KV capacity (heterogeneous "
+                                                             "sites); None: every server is alike")
+
+    @model_validator(mode="after")
+    def _sites(self) -> "ScenarioConfig":
+        if self.sites is not None and len(self.sites) != self.n_servers:
+            raise ValueError(f"sites lists {len(self.sites)} servers, n_servers is {self.n_servers}")
+        w = self.workload
+        need = w.prompt_tokens.high + w.output_tokens.high
+        caps = [self.kv_capacity_tokens] + [s.kv_capacity_tokens for s in self.sites or []]
+        if any(c is not None and c < need for c in caps):
+            raise ValueError(f"a KV capacity below one request's reservation ({need} tokens) would never admit it")
+        return self
+
+    def site_profiles(self) -> list[str]:
+        return [(s.profile if s.profile else self.profile) for s in (self.sites or [SiteConfig()] * self.n_servers)]
+
+    def site_kv_capacity(self) -> list[int | None]:
+        return [(s.kv_capacity_tokens or self.kv_capacity_tokens) for s in (self.sites or [SiteConfig()] * self.n_servers)]
 
 
 class EnvConfig(Strict):

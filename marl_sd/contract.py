@@ -52,12 +52,13 @@ LOCAL_FEATURES: tuple[Feature, ...] = (
     Feature("remaining", "remaining", scale="max_output_tokens", integer=True),
     Feature("active", "queue", kind="indicator"),
     Feature("acceptance", "acceptance"),
-    Feature("outstanding", "outstanding", scale=5.0, clip=(None, 10.0)),
-    Feature("token_latency_ms", "token_latency_ms", scale=100.0, clip=(None, 500.0)),
+    Feature("outstanding", "outstanding", scale="queue_capacity", clip=(0.0, None)),  # at most the queue
+    Feature("token_latency_ms", "token_latency_ms", kind="log1p", scale=7.0, clip=(0.0, None)),  # 1 ~ 1.1 s/token
     Feature("time_frac", "time_frac", scope="episode"),
     Feature("srv_users", "srv_users", "M", scale="n_users", scope="server", integer=True),
     Feature("srv_queued_tokens", "srv_queued_tokens", "M", scale="verify_token_budget", scope="server", integer=True),
     Feature("srv_busy", "srv_busy", "M", scope="server"),
+    Feature("srv_kv", "srv_kv", "M", scope="server"),
     Feature("agent_id", None, "N", kind="agent_id"),
 )
 FEATURES_BY_NAME = {f.name: f for f in LOCAL_FEATURES}

@@ -81,6 +81,7 @@ class _ServerReportIn(BaseModel):
     users: StrictInt = Field(0, ge=0)
     queued_tokens: FiniteFloat = Field(0.0, ge=0)
     busy: FiniteFloat = Field(0.0, ge=0, le=1)
+    kv: FiniteFloat = Field(0.0, ge=0, le=1)
 
 
 class ReportError(ValueError):
@@ -97,7 +98,7 @@ def parse_report(raw: bytes, n_users: int, n_servers: int) -> "UserReport | Serv
             r = _ServerReportIn(**msg)
             if r.server >= n_servers:
                 raise ReportError(f"server {r.server} out of range [0, {n_servers})")
-            return ServerReport(r.server, r.users, r.queued_tokens, r.busy)
+            return ServerReport(r.server, r.users, r.queued_tokens, r.busy, r.kv)
         r = _UserReportIn(**msg)
     except ValidationError as e:
         raise ReportError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()[:3])) from None
@@ -120,6 +121,7 @@ class ServerReport:
     users: int = 0
     queued_tokens: float = 0.0
     busy: float = 0.0
+    kv: float = 0.0  # KV-cache occupancy (0 when the server has no KV budget)
     at: float = field(default_factory=time.monotonic)
 
 
@@ -194,13 +196,14 @@ class ControllerCore:
                 ul[0, u] = np.asarray(r.ul_full_mbps, np.float32) * join
         queued = np.zeros((1, M), np.float32)
         busy = np.zeros((1, M), np.float32)
+        kv = np.zeros((1, M), np.float32)
         for s, r in self.servers.items():
             if s < M:
-                queued[0, s], busy[0, s] = r.queued_tokens, r.busy
+                queued[0, s], busy[0, s], kv[0, s] = r.queued_tokens, r.busy, r.kv
         return Features(snr_db=snr, ul_mbps=ul, server=srv, draft_ms=cols["draft_ms"], power_w=cols["power_w"],
                         max_gamma=gmax, queue=cols["queue"], remaining=cols["remaining"], acceptance=cols["acceptance"],
                         outstanding=cols["outstanding"], token_latency_ms=cols["token_latency_ms"], srv_users=users,
-                        srv_queued_tokens=queued, srv_busy=busy,
+                        srv_queued_tokens=queued, srv_busy=busy, srv_kv=kv,
                         time_frac=np.array([min(self.slot, self.horizon) / self.horizon], np.float32))
 
     def masks(self, f: Features) -> np.ndarray:
@@ -343,8 +346,9 @@ async def poll_servers(core: ControllerCore, addrs: list[str], security: Securit
                 down.discard(i)
                 busy = 0.0 if last_busy[i] is None else (st["busy_s"] - last_busy[i]) / core.slot_s
                 last_busy[i] = st["busy_s"]
+                kv = st.get("kv_tokens", 0) / st["kv_budget"] if st.get("kv_budget") else 0.0
                 core.report_server(ServerReport(i, int(st["open_sessions"]), float(st.get("queued_tokens", 0.0)),
-                                                float(min(max(busy, 0.0), 1.0))))
+                                                float(min(max(busy, 0.0), 1.0)), float(min(kv, 1.0))))
             await asyncio.sleep(core.slot_s)
     finally:
         for c in chans:
@@ -438,5 +442,5 @@ def reports_from_features(f: Features, env: int = 0) -> tuple[list[UserReport], 
                         acceptance=float(f.acceptance[env, i]), outstanding=float(f.outstanding[env, i]),
                         token_latency_ms=float(f.token_latency_ms[env, i])) for i in range(N)]
     servers = [ServerReport(server=s, users=int(f.srv_users[env, s]), queued_tokens=float(f.srv_queued_tokens[env, s]),
-                            busy=float(f.srv_busy[env, s])) for s in range(M)]
+                            busy=float(f.srv_busy[env, s]), kv=float(f.srv_kv[env, s])) for s in range(M)]
     return users, servers

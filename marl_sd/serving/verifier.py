@@ -257,7 +257,7 @@ class Verifier:
         s = dict(self.stats, open_sessions=len(self.engine.sessions), uptime_s=up,
                  utilisation=self.stats["busy_s"] / max(up, 1e-9),
                  mean_batch=self.stats["batched_items"] / max(self.stats["batches"], 1), queued_tokens=self.queued_tokens,
-                 window_ms=self.window * 1000, kv_tokens=self.engine.kv_tokens)
+                 window_ms=self.window * 1000, kv_tokens=self.engine.kv_tokens, kv_budget=self.engine.kv_budget)
         if request == b"samples":
             s["samples"] = list(self.samples)
         return json.dumps(s).encode()
