@@ -94,6 +94,9 @@ def run_policy(cfg: Config, policy: Policy, seed: int, episodes: int, schedule=N
         "request_latency_p95_ms": pct(lat, 95),
         "throughput_tok_s": s["tokens_emitted"] / (duration_s * episodes),
         "slo_attainment": float(np.mean((ttft <= e.slo_ttft_ms) & (tpot <= e.slo_tpot_ms))) if len(lat) else math.nan,
+        # of every request that arrived (dropped and unfinished ones count as misses)
+        "slo_attainment_all": float(np.sum((ttft <= e.slo_ttft_ms) & (tpot <= e.slo_tpot_ms)))
+        / max(1.0, s["arrived"] + s["dropped"]),
         "handovers_per_user_min": s["handovers"] / (episodes * sim.N * duration_s / 60.0),
         "reward": rew / sim.horizon,
         "outstanding_at_end": float(sim.q_len.float().sum()) / episodes,

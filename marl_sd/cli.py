@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,8 @@ def _cmd_bench(args) -> int:
             t.add_row(r["what"], f"{r['agent_steps_per_s']:,.0f}", f"{r['env_steps_per_s']:,.1f}",
                       f"{r['ms_per_step']:.2f}")
         console.print(t)
+    elif args.what == "suite":
+        return _bench_suite(args)
     elif args.what == "controller":
         from marl_sd.bench import bench_controller
 
@@ -53,6 +56,40 @@ def _cmd_bench(args) -> int:
             t.add_row(r["what"], str(r["slots"]), f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['max_ms']:.3f}",
                       str(r["missed_slots"]))
         console.print(t)
+    return 0
+
+
+def _bench_suite(args) -> int:
+    from marl_sd.suite import run_suite, suite_configs, summarize_suite, write_suite
+
+    scen = suite_configs(args.scenarios)
+    policies = args.policies_suite
+    seeds = args.seeds or [0, 1, 2, 3, 4, 5]
+    t0 = time.time()
+    with Progress(console=console, transient=True) as prog:
+        task = prog.add_task("suite", total=len(scen) * len(policies))
+        res = run_suite(scen, policies, seeds, args.episodes, args.set, progress=lambda s, p: prog.advance(task))
+    summary = summarize_suite(res)
+    t = Table(title=f"scenario suite: ms/token (mean ± 95 % CI over {len(seeds)} seeds x {args.episodes} episodes), "
+                    "[gap to the oracle]")
+    t.add_column("scenario", style="bold")
+    for p in policies:
+        t.add_column(p, justify="right")
+    t.add_column("oracle headroom vs best heuristic", justify="right")
+    t.add_column("learned vs best heuristic", justify="right")
+    for s, v in summary.items():
+        cells = []
+        for p in policies:
+            x = v["policies"].get(p)
+            cells.append("-" if x is None else f"{x['mean']:.1f} ±{x['ci']:.1f}"
+                         + ("" if p == "oracle" or x["gap_to_oracle"] != x["gap_to_oracle"] else f" [{100 * x['gap_to_oracle']:+.1f}%]"))
+        lv = v.get("learned_vs_best")
+        t.add_row(s, *cells, f"{100 * v['oracle_headroom_vs_best_heuristic']:.1f}% ({v['best_heuristic']})",
+                  "-" if lv is None else f"{lv['diff_ms']:+.2f} ms, p={lv['p_value']:.3f}")
+    console.print(t)
+    paths = write_suite(res, summary, Path(args.out or "runs/suite"),
+                        {"seeds": seeds, "episodes": args.episodes, "overrides": args.set, "wall_s": time.time() - t0})
+    console.print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 
@@ -112,6 +149,34 @@ def _policies(cfg, run_dir, names):
     return out
 
 
+def _capacity(cfg, names, seeds, episodes, target, out_dir) -> int:
+    from marl_sd.agents.capacity import capacity
+    from marl_sd.agents.heuristics import make_heuristic
+
+    if "learned" in names:
+        raise ConfigError("capacity varies n_users: a learned policy is sized for the N it was trained on")
+    rows = {}
+    for n in names:
+        r = capacity(cfg, lambda ctx, n=n: make_heuristic(n, ctx), seeds, episodes, target,
+                     progress=lambda u, m, ci, n=n: console.print(f"[dim]{n}: {u} users -> {m:.3f} ±{ci:.3f}[/dim]"))
+        rows[n] = r
+    t = Table(title=f"capacity: users with >= {target:.0%} of requests within TTFT <= {cfg.eval.slo_ttft_ms:.0f} ms and "
+                    f"TPOT <= {cfg.eval.slo_tpot_ms:.0f} ms ({len(seeds)} seeds x {episodes} episodes)")
+    for c in ("policy", "users", "attainment there", "one user more"):
+        t.add_column(c, justify="right")
+    for n, r in rows.items():
+        at, nxt = r.get("attainment", (math.nan, math.nan)), r.get("attainment_next", (math.nan, math.nan))
+        t.add_row(n, f"{r['capacity']}{'+' if r.get('at_limit') else ''}", f"{at[0]:.3f} ±{at[1]:.3f}",
+                  f"{nxt[0]:.3f} ±{nxt[1]:.3f}")
+    console.print(t)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "capacity.json").write_text(json.dumps({n: {k: v for k, v in r.items() if k != "tried"}
+                                                       | {"tried": {str(u): x for u, x in r["tried"].items()}}
+                                                       for n, r in rows.items()}, indent=1))
+    console.print(f"wrote {out_dir / 'capacity.json'}")
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from marl_sd.agents.evaluate import evaluate
     from marl_sd.report import plot_results, plot_sweep, results_table, write_results, write_sweep
@@ -120,6 +185,9 @@ def _cmd_eval(args) -> int:
     episodes = args.episodes or cfg.eval.episodes
     seeds = args.seeds or cfg.eval.seeds
     out_dir = run_dir / "eval"
+    if args.capacity:
+        return _capacity(cfg, args.policies or ["centralized_ar", "nearest_g4", "two_phase_matching"], seeds, episodes,
+                         args.slo_target, out_dir)
     policies = _policies(cfg, run_dir, args.policies)
     t0 = time.time()
     with Progress(console=console, transient=True) as prog:
@@ -330,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds", type=int, nargs="+")
     e.add_argument("--policies", nargs="+", help="subset: learned and/or heuristic names")
     e.add_argument("--sweep", help="load sweep, e.g. users=4,8,16,32")
+    e.add_argument("--capacity", action="store_true",
+                   help="users served with >= --slo-target of requests within both SLOs (bisection over n_users; heuristics)")
+    e.add_argument("--slo-target", type=float, default=0.9)
     e.set_defaults(func=_cmd_eval)
 
     tr = sub.add_parser("traces", help="Sionna channel banks and rate traces")
@@ -376,8 +447,16 @@ def build_parser() -> argparse.ArgumentParser:
     pf.set_defaults(func=_cmd_profile)
 
     b = sub.add_parser("bench", help="benchmarks that print figures")
-    b.add_argument("what", choices=["env", "controller"])
+    b.add_argument("what", choices=["env", "controller", "suite"])
     b.add_argument("config", nargs="?", default=None)
+    b.add_argument("--scenarios", nargs="+", help="suite: scenario names or config paths (default: configs/suite/*)")
+    b.add_argument("--policies-suite", "--suite-policies", dest="policies_suite", nargs="+",
+                   default=["nearest_g4", "nearest_adaptive", "greedy_latency", "two_phase_matching", "closed_form_dp",
+                            "centralized_ar", "learned", "oracle"],
+                   help="suite: heuristics, learned (runs/<scenario name>), oracle")
+    b.add_argument("--seeds", type=int, nargs="+", help="suite: seeds (default 0-5)")
+    b.add_argument("--episodes", type=int, default=2, help="suite: parallel episodes per seed")
+    b.add_argument("--out", help="suite: output directory (default runs/suite)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--num-envs", type=int, nargs="+", default=[1, 64, 256])
     b.add_argument("--steps", type=int, default=20)

@@ -1,0 +1,128 @@
+"""The scenario suite as a benchmark: every policy on every scenario of `configs/suite/` on the
+same seeds (common random numbers), one table of ms/token with 95 % CIs and the gap to the
+search oracle, a paired comparison of the learned policy with the best heuristic, CSV/JSON and a
+heatmap."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from marl_sd.agents.evaluate import mean_ci, run_policy
+from marl_sd.agents.heuristics import HEURISTICS, make_heuristic
+from marl_sd.agents.oracle import SearchOracle
+from marl_sd.agents.policy import LearnedPolicy, PolicyContext
+from marl_sd.agents.train import load_policy, policy_checkpoint
+from marl_sd.config import CONFIG_DIR, load_config
+
+METRIC = "latency_per_token_ms"
+
+
+def suite_configs(names: list[str] | None = None) -> dict[str, Path]:
+    """Scenario name -> config path of the shipped suite (or the given paths / names)."""
+    shipped = {p.stem: p for p in sorted((CONFIG_DIR / "suite").glob("*.yaml"))}
+    if not names:
+        return shipped
+    out = {}
+    for n in names:
+        p = Path(n)
+        out[p.stem] = p if p.suffix == ".yaml" and p.exists() else shipped.get(n)
+        if out[p.stem] is None:
+            raise KeyError(f"unknown suite scenario '{n}' (shipped: {', '.join(shipped)})")
+    return out
+
+
+def make_policy(name: str, cfg, runs_dir: Path):
+    """A heuristic, `oracle`, or `learned` (the latest run of this scenario under runs_dir, if any)."""
+    ctx = PolicyContext.from_config(cfg)
+    if name == "oracle":
+        return SearchOracle(ctx, **cfg.eval.oracle.model_dump())
+    if name == "learned":
+        ckpt = policy_checkpoint(runs_dir / cfg.name)
+        return None if ckpt is None else LearnedPolicy(ctx, load_policy(ckpt), name="learned")
+    if name not in HEURISTICS:
+        raise KeyError(f"unknown policy '{name}' (heuristics: {', '.join(HEURISTICS)}; or oracle, learned)")
+    return make_heuristic(name, ctx)
+
+
+def run_suite(scenarios: dict[str, Path], policies: list[str], seeds: list[int], episodes: int, overrides: list[str],
+              runs_dir: Path = Path("runs"), progress=None) -> dict:
+    """{scenario: {policy: [metric per seed]}} plus per-seed SLO attainment, on identical seeds."""
+    out: dict = {}
+    for scen, path in scenarios.items():
+        cfg = load_config(path, overrides)
+        out[scen] = {}
+        for name in policies:
+            pol = make_policy(name, cfg, runs_dir)
+            if pol is None:
+                continue
+            per_seed = [run_policy(cfg, pol, s, episodes)[0] for s in seeds]
+            out[scen][name] = {"per_seed": [p[METRIC] for p in per_seed],
+                               "slo": [p["slo_attainment"] for p in per_seed]}
+            if progress is not None:
+                progress(scen, name)
+    return out
+
+
+def summarize_suite(res: dict) -> dict:
+    """Per scenario: mean and CI per policy, the gap to the oracle, the best heuristic, and the
+    learned policy against it (paired t-test over seeds)."""
+    summary = {}
+    for scen, pols in res.items():
+        row = {p: mean_ci(np.asarray([x for x in v["per_seed"] if x == x], float)) for p, v in pols.items()}
+        oracle = row.get("oracle", (math.nan, math.nan))[0]
+        heur = {p: m for p, (m, _) in row.items() if p in HEURISTICS}
+        best_h = min(heur, key=heur.get) if heur else None
+        s = {"policies": {p: {"mean": m, "ci": ci, "gap_to_oracle": (m - oracle) / oracle if oracle == oracle else math.nan}
+                          for p, (m, ci) in row.items()},
+             "best_heuristic": best_h,
+             "oracle_headroom_vs_best_heuristic": (heur[best_h] - oracle) / heur[best_h] if best_h and oracle == oracle else math.nan}
+        if "learned" in pols and best_h:
+            a, b = np.asarray(pols["learned"]["per_seed"]), np.asarray(pols[best_h]["per_seed"])
+            t = stats.ttest_rel(a, b) if len(a) > 1 else None
+            s["learned_vs_best"] = {"diff_ms": float((a - b).mean()), "p_value": float(t.pvalue) if t else math.nan}
+        summary[scen] = s
+    return summary
+
+
+def write_suite(res: dict, summary: dict, out_dir: Path, meta: dict) -> list[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "suite.json").write_text(json.dumps({"meta": meta, "per_seed": res, "summary": summary}, indent=1,
+                                                   default=float))
+    with open(out_dir / "suite.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["scenario", "policy", "ms_per_token", "ci95", "gap_to_oracle"])
+        for scen, s in summary.items():
+            for p, v in s["policies"].items():
+                w.writerow([scen, p, f"{v['mean']:.3f}", f"{v['ci']:.3f}", f"{v['gap_to_oracle']:.4f}"])
+    return [out_dir / "suite.json", out_dir / "suite.csv", heatmap(summary, out_dir / "suite_heatmap.png")]
+
+
+def heatmap(summary: dict, path: Path) -> Path:
+    """Gap to the oracle (%) per scenario and policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scens = list(summary)
+    pols = sorted({p for s in summary.values() for p in s["policies"]}, key=lambda p: (p == "oracle", p))
+    z = np.array([[100 * summary[s]["policies"].get(p, {}).get("gap_to_oracle", math.nan) for p in pols] for s in scens])
+    fig, ax = plt.subplots(figsize=(1.2 * len(pols) + 3, 0.5 * len(scens) + 2))
+    im = ax.imshow(z, cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(pols)), pols, rotation=40, ha="right")
+    ax.set_yticks(range(len(scens)), scens)
+    for i in range(len(scens)):
+        for j in range(len(pols)):
+            if not math.isnan(z[i, j]):
+                ax.text(j, i, f"{z[i, j]:+.1f}", ha="center", va="center", fontsize=8, color="w")
+    fig.colorbar(im, label="ms/token above the oracle [%]")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

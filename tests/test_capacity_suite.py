@@ -1,0 +1,52 @@
+"""Capacity bisection and the suite benchmark."""
+import math
+
+import pytest
+
+import marl_sd.agents.capacity as cap
+from marl_sd.agents.heuristics import make_heuristic
+from marl_sd.config import load_config
+from marl_sd.suite import run_suite, suite_configs, summarize_suite
+
+
+def test_bisection_finds_the_last_user_count_meeting_the_target(monkeypatch):
+    calls = []
+
+    def fake(cfg, make, n, seeds, episodes):
+        calls.append(n)
+        return 1.0 - n / 100.0, 0.01, []
+    monkeypatch.setattr(cap, "slo_attainment", fake)
+    r = cap.capacity(load_config(), None, [0], 1, target=0.9, start=4)
+    assert r["capacity"] == 10 and r["attainment"][0] == pytest.approx(0.9)
+    assert r["attainment_next"][0] < 0.9
+    assert len(calls) == len(set(calls))  # no point evaluated twice
+    monkeypatch.setattr(cap, "slo_attainment", lambda *a: (1.0, 0.0, []))
+    assert cap.capacity(load_config(), None, [0], 1, limit=64)["at_limit"]
+
+
+def test_attainment_is_deterministic_for_fixed_seeds():
+    cfg = load_config("configs/smoke.yaml", ["env.horizon=40"])
+    make = lambda ctx: make_heuristic("nearest_g4", ctx)  # noqa: E731
+    a = cap.slo_attainment(cfg, make, 3, [0, 1], 1)
+    b = cap.slo_attainment(cfg, make, 3, [0, 1], 1)
+    assert a == b and 0.0 <= a[0] <= 1.0
+
+
+def test_suite_ships_named_scenarios_with_a_purpose_line():
+    scen = suite_configs()
+    assert len(scen) >= 6
+    for name, path in scen.items():
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and len(first) > 20, name
+        load_config(path)
+
+
+def test_suite_run_and_summary():
+    res = run_suite({k: v for k, v in suite_configs(["light"]).items()}, ["nearest_g4", "two_phase_matching"], [0, 1],
+                    1, ["env.horizon=60"])
+    s = summarize_suite(res)["light"]
+    assert set(s["policies"]) == {"nearest_g4", "two_phase_matching"}
+    assert s["best_heuristic"] in s["policies"] and math.isnan(s["oracle_headroom_vs_best_heuristic"])
+    assert all(v["mean"] > 0 for v in s["policies"].values())
+    with pytest.raises(KeyError, match="unknown suite scenario"):
+        suite_configs(["nope"])
