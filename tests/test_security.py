@@ -346,3 +346,25 @@ def test_health_service_reports_serving(servers):
             stub = health_pb2_grpc.HealthStub(ch)
             return (await stub.Check(health_pb2.HealthCheckRequest(service=P.VERIFIER_SERVICE), timeout=5)).status
     assert asyncio.run(main()) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_priority_of_an_authenticated_client_comes_from_the_controller(servers, pki):
+    """A client cannot raise its own verify priority: with TLS the verifier uses what the
+    controller set, and only the controller may set it."""
+    from marl_sd.serving.verifier import Verifier
+
+    v = Verifier.__new__(Verifier)
+    v.priorities = {0: 3}
+    assert v.priority(0, 15) == 3 and v.priority(1, 15) == 0 and v.priority(None, 7) == 7
+    sec = Security(pki)
+    (_, addr), = servers(1, security=sec)
+
+    async def call(role, body):
+        async with sec.as_role(role).channel(addr, "verifier") as ch:
+            try:
+                return await ch.unary_unary(f"/{P.VERIFIER_SERVICE}/Priorities")(body, timeout=5)
+            except grpc.aio.AioRpcError as e:
+                return e.code()
+    assert asyncio.run(call("client-0", b'{"0": 15}')) == grpc.StatusCode.PERMISSION_DENIED
+    assert asyncio.run(call("controller", b'{"0": 99}')) == grpc.StatusCode.INVALID_ARGUMENT
+    assert asyncio.run(call("controller", b'{"0": 2, "1": 0}')) == b"{}"

@@ -331,12 +331,15 @@ async def poll_servers(core: ControllerCore, addrs: list[str], security: Securit
     sec = (security or Security.insecure()).as_role("controller")
     chans = [sec.channel(a, "verifier", options=grpc_options()) for a in addrs]
     rpcs = [c.unary_unary(f"/{VERIFIER_SERVICE}/Status") for c in chans]
+    prio_rpcs = [c.unary_unary(f"/{VERIFIER_SERVICE}/Priorities") for c in chans]
     last_busy = [None] * len(addrs)
     down: set[int] = set()
     try:
         while True:
             for i, rpc in enumerate(rpcs):
                 try:
+                    prio = json.dumps({u: d.priority for u, d in core.decisions.items()}).encode()
+                    await prio_rpcs[i](prio, timeout=core.slot_s / 2)  # the verifier takes priorities from here only
                     st = json.loads(await rpc(b"", timeout=core.slot_s / 2))
                 except grpc.aio.AioRpcError:
                     if i not in down:

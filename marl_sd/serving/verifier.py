@@ -30,7 +30,7 @@ from marl_sd.envs.profiles import load_profile
 from marl_sd.serving import protocol as P
 from marl_sd.serving.engine import ServerFull, VerifierEngine, VerifyItem
 from marl_sd.serving.models import load_model
-from marl_sd.serving.security import Security, add_security_args, caller_role, security_from_args
+from marl_sd.serving.security import Security, add_security_args, caller_role, client_user, security_from_args
 
 log = logging.getLogger("marl_sd.verifier")
 
@@ -68,6 +68,7 @@ class Verifier:
         self.limits = limits or Limits()
         self.metrics = Metrics()
         self.per_client: dict[str, int] = {}
+        self.priorities: dict[int, int] = {}  # user -> verify priority, as the controller last set it
         # emulated hardware: a TargetProfile whose T(b, K) and prefill cost each forward is padded to
         self.pace = pace
         self.window = window_ms / 1000.0
@@ -179,7 +180,26 @@ class Verifier:
         self.stats["sessions_opened"] += 1
         return sid
 
-    async def _verify(self, sid: int, msg: P.VerifyMsg, context):
+    def priority(self, user: int | None, requested: int) -> int:
+        """The priority a VERIFY gets: an authenticated client's comes from the controller (what
+        the message asks for is ignored); without TLS, the message's own."""
+        return self.priorities.get(user, 0) if user is not None else requested
+
+    async def set_priorities(self, request: bytes, context) -> bytes:
+        """The controller's per-user verify priorities (JSON {user: level}); controller only."""
+        role = caller_role(context)
+        if role not in (None, "controller"):
+            await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "role", f"role {role!r} may not set priorities")
+        try:
+            p = {int(u): int(v) for u, v in json.loads(request).items()}
+        except (ValueError, TypeError, AttributeError) as e:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_priorities", f"bad priorities: {e}")
+        if any(not 0 <= v <= P.MAX_PRIORITY for v in p.values()):
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_priorities", "priority out of range")
+        self.priorities = p
+        return b"{}"
+
+    async def _verify(self, sid: int, msg: P.VerifyMsg, context, user: int | None = None):
         item = VerifyItem(sid, msg.drafts.tolist(), msg.q_ids, msg.q_probs)
         if msg.priority > P.MAX_PRIORITY:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_verify",
@@ -199,7 +219,7 @@ class Verifier:
             fut = asyncio.get_running_loop().create_future()
             now = time.monotonic()
             self.queued_tokens += len(item.drafts) + 1
-            await self.queue.put((-msg.priority, now, next(self.seq), item, fut, now))
+            await self.queue.put((-self.priority(user, msg.priority), now, next(self.seq), item, fut, now))
             try:
                 (n, tok), v_ms, q_ms, b = await fut
             except ValueError as e:
@@ -237,7 +257,7 @@ class Verifier:
                 elif isinstance(msg, P.VerifyMsg):
                     if sid is None:
                         await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "protocol", "VERIFY before OPEN")
-                    yield await self._verify(sid, msg, context)
+                    yield await self._verify(sid, msg, context, client_user(role))
                 else:
                     await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "protocol", "clients send OPEN or VERIFY")
         finally:
@@ -280,6 +300,7 @@ async def serve(model_spec: str, host: str = "127.0.0.1", port: int = 0, threads
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(P.VERIFIER_SERVICE, {
         "Session": grpc.stream_stream_rpc_method_handler(v.session),
         "Status": grpc.unary_unary_rpc_method_handler(v.status),
+        "Priorities": grpc.unary_unary_rpc_method_handler(v.set_priorities),
     }),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
