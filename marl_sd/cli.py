@@ -258,6 +258,12 @@ def _cmd_serve(args) -> int:
 
     if args.action == "up":
         return _serve_up(args, run_live)
+    if args.action == "chaos":
+        from marl_sd.serving.chaos import run_chaos
+
+        res = run_chaos(args.clients[0], args.duration, insecure=args.insecure, faults=not args.no_faults, out=args.out)
+        console.print_json(json.dumps(res))
+        return 0
     extra = ["--ignore-eos"] if args.ignore_eos else []
     if args.uplink_mbps:
         extra += ["--uplink-mbps", str(args.uplink_mbps), "--downlink-mbps", str(args.uplink_mbps)]
@@ -422,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_cmd_export)
 
     sv = sub.add_parser("serve", help="live speculative serving: server, client, up (local run), bench")
-    sv.add_argument("action", choices=["server", "client", "up", "bench"],
+    sv.add_argument("action", choices=["server", "client", "up", "bench", "chaos"],
                     help="server / client: one process (see `marl-sd serve server --help`); up / bench: local runs")
     sv.add_argument("--target", default="tiny:0", help="target model (local HF path, smollm2, tiny:SEED)")
     sv.add_argument("--draft", default="tiny-draft:0:0.15", help="draft model (local HF path, smollm2-int8, ...)")
@@ -438,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--policy", nargs="+", help="up: bundle directories and/or heuristic names (one run each)")
     sv.add_argument("--duration", type=float, default=30.0, help="up: seconds of request arrivals")
     sv.add_argument("--compare-sim", action="store_true", help="up: also simulate the same scenario and policy")
+    sv.add_argument("--insecure", action="store_true", help="chaos: plain text instead of mutual TLS")
+    sv.add_argument("--no-faults", action="store_true", help="chaos: load only (no kills, freezes or restarts)")
     sv.add_argument("--repeats", type=int, default=1,
                     help="up: live runs per policy; with more than one the table reports the run-to-run spread")
     sv.set_defaults(func=_cmd_serve)

@@ -16,7 +16,7 @@ LAYERS = [
     ("export", ("marl_sd.bundle", "marl_sd.export")),
     ("serving", ("marl_sd.serving",)),
     ("application", ("marl_sd.cli", "marl_sd.bench", "marl_sd.report", "marl_sd.profiler", "marl_sd.suite",
-                     "marl_sd.serving.calibrate", "marl_sd.serving.launcher")),
+                     "marl_sd.serving.calibrate", "marl_sd.serving.launcher", "marl_sd.serving.chaos")),
 ]
 # imported inside functions on purpose: optional extras, or heavy imports a caller may not need
 LAZY_OK = {"sionna", "matplotlib", "transformers", "onnxruntime", "scipy", "torch", "tensorflow", "ray"}

@@ -1,0 +1,238 @@
+"""Load and chaos on loopback (`marl-sd serve chaos`): honest drafting clients under a controller,
+while verifiers are killed and restarted, one is frozen, the controller restarts, and hostile
+clients poison batches, squat sessions and send spoofed or malformed reports. Every honest
+request is checked against the target's greedy output afterwards (tokens lost or duplicated).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+import yaml
+
+from marl_sd.config import CONFIG_DIR
+from marl_sd.serving import protocol as P
+from marl_sd.serving.client import ControlAgent
+from marl_sd.serving.drafter import DraftClient, Drafter
+from marl_sd.serving.models import load_model
+from marl_sd.serving.security import Security, create_pki
+
+TARGET, DRAFT = "tiny:0", "tiny-draft:0:0.15"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A server process on a fixed port that can be killed, frozen and restarted."""
+
+    def __init__(self, cmd: list[str], port: int):
+        self.cmd, self.port, self.p = cmd, port, None
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        self.p = subprocess.Popen([*self.cmd, "--port", str(self.port)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+        t0 = time.time()
+        line = self.p.stdout.readline()
+        if not line.startswith("READY") or time.time() - t0 > timeout_s:
+            raise RuntimeError(f"{self.cmd[2]} did not start: {line!r}")
+
+    def kill(self) -> None:
+        if self.p is not None:
+            self.p.kill()
+            self.p.wait(10)
+
+    def signal(self, sig) -> None:
+        os.kill(self.p.pid, sig)
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+async def honest_client(user: int, servers: list[str], ctrl: str, sec: Security, n_servers: int, t_end: float,
+                        log: list, failovers: list, seed: int) -> None:
+    rng = random.Random(seed)
+    client = DraftClient(Drafter(load_model(DRAFT)), servers, gamma=4, security=sec)
+    agent = ControlAgent(ctrl, user, client, None, 100.0, 4.5, 8, n_servers, security=sec)
+    reporter = asyncio.ensure_future(agent.run())
+    real_fail_over = client._fail_over
+
+    async def fail_over(addr, e, req):  # when each client noticed which server failing
+        failovers.append((time.monotonic(), addr))
+        await real_fail_over(addr, e, req)
+    client._fail_over = fail_over
+    try:
+        while time.monotonic() < t_end:
+            prompt = [rng.randrange(512) for _ in range(rng.randint(4, 40))]
+            agent.backlog = 1
+            try:
+                r = await client.generate(prompt, 32)
+                log.append({"user": user, "prompt": prompt, "tokens": r.tokens, "tpot_ms": r.summary()["tpot_ms"],
+                            "failovers": r.failovers})
+            except (ConnectionError, grpc.aio.AioRpcError) as e:
+                log.append({"user": user, "prompt": prompt, "error": type(e).__name__})
+            agent.backlog = 0
+            await asyncio.sleep(rng.uniform(0.0, 0.5))
+    finally:
+        reporter.cancel()
+        await client.close()
+
+
+async def poisoner(servers: list[str], sec: Security, t_end: float, stats: dict) -> None:
+    """Sampling sessions whose drafts have q = 0, over and over."""
+    while time.monotonic() < t_end:
+        addr = random.choice(servers)
+        try:
+            async with sec.channel(addr, "verifier", options=P.grpc_options()) as ch:
+                call = ch.stream_stream(f"/{P.VERIFIER_SERVICE}/Session")(timeout=5)
+                await call.write(P.encode_open(P.OpenMsg(0, np.array([1, 2, 3], np.int32), greedy=False)))
+                await call.read()
+                await call.write(P.encode_verify(P.VerifyMsg(0, 1, np.array([5], np.int32), np.array([[6]], np.int32),
+                                                             np.array([[1.0]], np.float32))))
+                await call.read()
+                stats["poison_accepted"] += 1
+        except grpc.aio.AioRpcError as e:
+            stats["poison_refused"] += e.code() == grpc.StatusCode.INVALID_ARGUMENT
+        await asyncio.sleep(0.2)
+
+
+async def squatter(servers: list[str], sec: Security, t_end: float, stats: dict) -> None:
+    """Opens as many idle sessions as it is allowed and keeps them."""
+    async def hold(addr):
+        try:
+            async with sec.channel(addr, "verifier", options=P.grpc_options()) as ch:
+                call = ch.stream_stream(f"/{P.VERIFIER_SERVICE}/Session")()
+                await call.write(P.encode_open(P.OpenMsg(0, np.array([1, 2], np.int32))))
+                await call.read()
+                stats["squat_opened"] += 1
+                await call.read()  # until the server closes it
+        except grpc.aio.AioRpcError as e:
+            stats[f"squat_{e.code().name.lower()}"] = stats.get(f"squat_{e.code().name.lower()}", 0) + 1
+    while time.monotonic() < t_end:
+        await asyncio.gather(*(hold(a) for a in servers for _ in range(24)))
+
+
+async def bad_reporter(ctrl: str, sec: Security, t_end: float, stats: dict, victim: int) -> None:
+    """Reports as another user (spoofing) and sends malformed reports."""
+    bad = [{"kind": "user", "user": victim, "snr_db": [30.0] * 3, "ul_mbps": [50.0] * 3, "server": 0, "draft_ms": 5.0,
+            "power_w": 1.0, "max_gamma": 8},
+           {"kind": "user", "user": "0"}, {"kind": "user", "user": 10**6, "snr_db": [1.0]}, [1, 2], "garbage"]
+    while time.monotonic() < t_end:
+        try:
+            async with sec.channel(ctrl, "controller") as ch:
+                rpc = ch.unary_unary(f"/{P.CONTROLLER_SERVICE}/Report")
+                for b in bad:
+                    try:
+                        await rpc(json.dumps(b).encode(), timeout=1)
+                        stats["reports_accepted"] += 1
+                    except grpc.aio.AioRpcError as e:
+                        stats[f"reports_{e.code().name.lower()}"] = stats.get(f"reports_{e.code().name.lower()}", 0) + 1
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.005)
+
+
+def run_chaos(clients: int = 32, duration_s: float = 300.0, insecure: bool = False, faults: bool = True,
+              out: Path | None = None) -> dict:
+    torch.set_num_threads(1)
+    M, bad_roles = 3, 4
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        roles = ["verifier", "controller", "operator", *(f"client-{u}" for u in range(clients + bad_roles))]
+        sec = Security.insecure() if insecure else Security(create_pki(tmp / "pki", roles))
+        cfg = tmp / "scenario.yaml"
+        cfg.write_text(yaml.safe_dump({"extends": str(CONFIG_DIR / "live_cpu.yaml"),
+                                       "scenario": {"n_users": clients + bad_roles}}))
+        py = sys.executable
+        verifiers = [Proc([py, "-m", "marl_sd.serving.verifier", "--model", TARGET, "--idle-timeout", "10",
+                           "--sessions-per-client", "4", *sec.as_role("verifier").cli_args()], free_port()) for _ in range(M)]
+        for v in verifiers:
+            v.start()
+        addrs = [v.addr for v in verifiers]
+        ctrl = Proc([py, "-m", "marl_sd.serving.controller", "--config", str(cfg), "--heuristic", "nearest_g4",
+                     "--servers", ",".join(addrs), *sec.as_role("controller").cli_args()], free_port())
+        ctrl.start()
+        faults_log: list[dict] = []
+        logs: list[dict] = []
+        failovers: list[tuple[float, str]] = []
+        stats = {k: 0 for k in ("poison_accepted", "poison_refused", "squat_opened", "reports_accepted")}
+
+        async def chaos(t0: float):
+            if not faults:
+                return
+            events = [(30, "kill", 0), (70, "kill", 1), (110, "freeze", 2), (150, "controller", None), (190, "kill", 2),
+                      (230, "kill", 0)]
+            for at, what, i in events:
+                if t0 + at >= t0 + duration_s - 10:
+                    break
+                await asyncio.sleep(max(0.0, t0 + at - time.monotonic()))
+                t = time.monotonic()
+                if what == "kill":
+                    verifiers[i].kill()
+                    faults_log.append({"t": t - t0, "fault": f"verifier {i} killed", "addr": addrs[i], "at": t})
+                    await asyncio.sleep(5.0)
+                    await asyncio.get_running_loop().run_in_executor(None, verifiers[i].start)
+                elif what == "freeze":
+                    verifiers[i].signal(signal.SIGSTOP)
+                    faults_log.append({"t": t - t0, "fault": f"verifier {i} frozen 10 s", "addr": addrs[i], "at": t})
+                    await asyncio.sleep(10.0)
+                    verifiers[i].signal(signal.SIGCONT)
+                else:
+                    ctrl.kill()
+                    faults_log.append({"t": t - t0, "fault": "controller killed, restarted after 3 s", "addr": None, "at": t})
+                    await asyncio.sleep(3.0)
+                    await asyncio.get_running_loop().run_in_executor(None, ctrl.start)
+
+        async def main():
+            t0 = time.monotonic()
+            t_end = t0 + duration_s
+            hs = [honest_client(u, addrs, ctrl.addr, sec.as_role(f"client-{u}"), M, t_end, logs, failovers, u)
+                  for u in range(clients)]
+            bad = [poisoner(addrs, sec.as_role(f"client-{clients}"), t_end, stats),
+                   squatter(addrs, sec.as_role(f"client-{clients + 1}"), t_end, stats),
+                   bad_reporter(ctrl.addr, sec.as_role(f"client-{clients + 2}"), t_end, stats, victim=0)]
+            bad_tasks = [asyncio.ensure_future(b) for b in bad]
+            await asyncio.gather(*hs, chaos(t0))
+            for b in bad_tasks:
+                b.cancel()
+            await asyncio.gather(*bad_tasks, return_exceptions=True)
+        try:
+            asyncio.run(main())
+        finally:
+            for v in verifiers:
+                v.kill()
+            ctrl.kill()
+    # lossless check against the target's greedy output
+    target = load_model(TARGET)
+    done = [r for r in logs if "tokens" in r]
+    wrong = sum(target.generate(torch.tensor([r["prompt"]]), max_new_tokens=32, do_sample=False)[0, len(r["prompt"]):]
+                .tolist() != r["tokens"] for r in done)
+    for f in faults_log:
+        after = [t - f["at"] for t, a in failovers if t >= f["at"] and (f["addr"] is None or a == f["addr"])]
+        f["detect_s"] = min(after) if after else None
+        del f["at"]
+    tpot = np.array([r["tpot_ms"] for r in done if r["tpot_ms"] == r["tpot_ms"]])
+    res = {"clients": clients, "duration_s": duration_s, "tls": not insecure, "requests_completed": len(done),
+           "requests_failed": len(logs) - len(done), "requests_wrong_tokens": int(wrong),
+           "tpot_p50_ms": float(np.percentile(tpot, 50)), "tpot_p99_ms": float(np.percentile(tpot, 99)),
+           "failovers": len(failovers), "faults": faults_log, "attackers": stats}
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(res, indent=1))
+    return res
