@@ -12,6 +12,7 @@ import logging
 import pickle
 import random
 import signal
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -156,9 +157,9 @@ class EnvMetricsCallback(BaseCallback):
 class EvalCallback(BaseCallback):
     """Deterministic evaluation on fixed seeds every `every` rollouts; keeps the best as best.zip."""
 
-    def __init__(self, cfg: Config, every: int, run_dir: Path):
+    def __init__(self, cfg: Config, every: int, run_dir: Path, on_eval=None):
         super().__init__()
-        self.cfg, self.every, self.dir = cfg, every, Path(run_dir)
+        self.cfg, self.every, self.dir, self.on_eval = cfg, every, Path(run_dir), on_eval
         self.rollouts, self.best = 0, -np.inf
         self.history: list[dict] = []
 
@@ -187,6 +188,8 @@ class EvalCallback(BaseCallback):
             self.model.save(str(self.dir / "best.zip"))
         with open(self.dir / "eval_history.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
+        if self.on_eval is not None:
+            self.on_eval(row)
         return row
 
 
@@ -245,8 +248,9 @@ def _pretrain(cfg: Config, model: MAPPO, venv: MultiAgentVecEnv, run_dir: Path, 
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
-          total_timesteps: int | None = None) -> MAPPO:
-    """Train (or resume) a run; returns the model. Writes everything under `run_dir`."""
+          total_timesteps: int | None = None, on_eval=None) -> MAPPO:
+    """Train (or resume) a run; returns the model. Writes everything under `run_dir`;
+    `on_eval(row)` gets every evaluation (e.g. a sweep reporting to Ray Tune)."""
     run_dir = Path(run_dir)
     torch.set_num_threads(cfg.sim.threads)
     t = cfg.train
@@ -274,9 +278,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     remaining = max(0, total - start_steps)
     metrics = EnvMetricsCallback()
     ckpt = ExactCheckpoint(t.checkpoint_every, run_dir, venv, cfg)
-    evalcb = EvalCallback(cfg, t.eval_every, run_dir)
+    evalcb = EvalCallback(cfg, t.eval_every, run_dir, on_eval)
     bar = RichProgress(total, metrics, enabled=progress)
-    old = signal.getsignal(signal.SIGINT)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals only there (not in a Ray worker thread)
+    old = signal.getsignal(signal.SIGINT) if main_thread else None
 
     def _stop(signum, frame):
         if ckpt.stop_requested:
@@ -287,12 +292,14 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     start = time.time()
     if not resume and t.pretrain.teacher is not None:
         _pretrain(cfg, model, venv, run_dir, evalcb, progress)
-    signal.signal(signal.SIGINT, _stop)
+    if main_thread:
+        signal.signal(signal.SIGINT, _stop)
     try:
         if remaining > 0:
             model.learn(remaining, callback=CallbackList([metrics, evalcb, ckpt, bar]), reset_num_timesteps=False)
     finally:
-        signal.signal(signal.SIGINT, old)
+        if main_thread:
+            signal.signal(signal.SIGINT, old)
     wall = time.time() - start
     if not ckpt.stopped:
         ckpt.save()  # the end of learn() is a rollout boundary: an exact resume point

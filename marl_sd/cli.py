@@ -68,7 +68,8 @@ def _bench_suite(args) -> int:
     t0 = time.time()
     with Progress(console=console, transient=True) as prog:
         task = prog.add_task("suite", total=len(scen) * len(policies))
-        res = run_suite(scen, policies, seeds, args.episodes, args.set, progress=lambda s, p: prog.advance(task))
+        res = run_suite(scen, policies, seeds, args.episodes, args.set, progress=lambda s, p: prog.advance(task),
+                        use_ray=args.ray, address=args.address)
     summary = summarize_suite(res)
     t = Table(title=f"scenario suite: ms/token (mean ± 95 % CI over {len(seeds)} seeds x {args.episodes} episodes), "
                     "[gap to the oracle]")
@@ -90,6 +91,28 @@ def _bench_suite(args) -> int:
     paths = write_suite(res, summary, Path(args.out or "runs/suite"),
                         {"seeds": seeds, "episodes": args.episodes, "overrides": args.set, "wall_s": time.time() - t0})
     console.print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from marl_sd.distributed import parse_grid, parse_seeds, summarize_sweep, sweep
+
+    seeds, grid = parse_seeds(args.seeds), parse_grid(args.grid)
+    name = args.name or f"sweep_{load_config(args.config, args.set).name}"
+    n = len(seeds) * math.prod(len(v) for v in grid.values())
+    console.print(f"sweep [bold]{name}[/bold]: {n} trial(s) on Ray ({args.address or 'local'}), "
+                  f"run directories under {Path(args.runs_dir) / name}")
+    t0 = time.time()
+    rows = sweep(args.config, seeds, grid, name, args.set, Path(args.runs_dir), args.address, args.cpus_per_trial)
+    summ = summarize_sweep(rows)
+    t = Table(title=f"{name}: last evaluation per grid point (mean ± 95 % CI over seeds), {time.time() - t0:.0f} s")
+    for c in ("grid point", "seeds", "ms/token"):
+        t.add_column(c, justify="right")
+    for p in summ["points"]:
+        t.add_row(", ".join(f"{k}={v}" for k, v in p["point"].items()) or "-", str(p["seeds"]), f"{p['mean']:.2f} ±{p['ci']:.2f}")
+    console.print(t)
+    console.print(f"best trial: {summ['best_trial']}")
+    (Path(args.runs_dir) / name / "sweep.json").write_text(json.dumps({"rows": rows, "summary": summ}, indent=1, default=str))
     return 0
 
 
@@ -177,6 +200,28 @@ def _capacity(cfg, names, seeds, episodes, target, out_dir) -> int:
     return 0
 
 
+def _evaluate_ray(cfg, run_dir, policies, seeds, episodes, address):
+    """`evaluate` with every (policy, seed) as a Ray task (the same results)."""
+    from marl_sd.agents.evaluate import PolicyResult
+    from marl_sd.agents.policy import LearnedPolicy
+    from marl_sd.distributed import eval_grid
+
+    names = {p.name: ("learned" if isinstance(p, LearnedPolicy) else "oracle" if p.name == "oracle" else p.name)
+             for p in policies}
+
+    def make(name, c):
+        return next(p for p in _policies(c, run_dir, [name]))
+    grid = eval_grid({cfg.name: cfg}, make, list(names.values()), seeds, episodes, use_ray=True, address=address)[cfg.name]
+    out = []
+    for p in policies:
+        r = PolicyResult(p.name, p.centralized, p.description)
+        for s, per_tok in grid[names[p.name]]:
+            r.per_seed.append(s)
+            r.token_latencies.append(per_tok)
+        out.append(r)
+    return out
+
+
 def _cmd_eval(args) -> int:
     from marl_sd.agents.evaluate import evaluate
     from marl_sd.report import plot_results, plot_sweep, results_table, write_results, write_sweep
@@ -190,9 +235,12 @@ def _cmd_eval(args) -> int:
                          args.slo_target, out_dir)
     policies = _policies(cfg, run_dir, args.policies)
     t0 = time.time()
-    with Progress(console=console, transient=True) as prog:
-        task = prog.add_task("evaluating", total=len(policies) * len(seeds))
-        results = evaluate(cfg, policies, seeds, episodes, progress=lambda: prog.advance(task))
+    if args.ray:
+        results = _evaluate_ray(cfg, run_dir, policies, seeds, episodes, args.address)
+    else:
+        with Progress(console=console, transient=True) as prog:
+            task = prog.add_task("evaluating", total=len(policies) * len(seeds))
+            results = evaluate(cfg, policies, seeds, episodes, progress=lambda: prog.advance(task))
     console.print(results_table(results, f"{cfg.name}: {len(seeds)} seeds x {episodes} episodes x "
                                          f"{cfg.env.horizon} slots (mean ±95 % CI over seeds)"))
     write_results(results, out_dir, {"config_hash": cfg.hash(), "seeds": seeds, "episodes": episodes,
@@ -407,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--capacity", action="store_true",
                    help="users served with >= --slo-target of requests within both SLOs (bisection over n_users; heuristics)")
     e.add_argument("--slo-target", type=float, default=0.9)
+    e.add_argument("--ray", action="store_true", help="every (policy, seed) as a Ray task (same results)")
+    e.add_argument("--address", help="with --ray: a Ray cluster to join (default $RAY_ADDRESS, else a local Ray)")
     e.set_defaults(func=_cmd_eval)
 
     tr = sub.add_parser("traces", help="Sionna channel banks and rate traces")
@@ -454,6 +504,17 @@ def build_parser() -> argparse.ArgumentParser:
                         add_help=False)
     pf.set_defaults(func=_cmd_profile)
 
+    sw = sub.add_parser("sweep", help="one training run per (seed, grid point) as Ray Tune trials (resumable)")
+    sw.add_argument("config")
+    sw.add_argument("--seeds", default="0-3", help="e.g. 0-9 or 0,3,5")
+    sw.add_argument("--grid", nargs="*", default=[], metavar="KEY=V1,V2", help="config keys to sweep")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sw.add_argument("--name", help="sweep name (runs/<name>/<trial>); an existing one is resumed")
+    sw.add_argument("--runs-dir", default="runs")
+    sw.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray with every CPU)")
+    sw.add_argument("--cpus-per-trial", type=float, default=1.0)
+    sw.set_defaults(func=_cmd_sweep)
+
     b = sub.add_parser("bench", help="benchmarks that print figures")
     b.add_argument("what", choices=["env", "controller", "suite"])
     b.add_argument("config", nargs="?", default=None)
@@ -465,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", type=int, nargs="+", help="suite: seeds (default 0-5)")
     b.add_argument("--episodes", type=int, default=2, help="suite: parallel episodes per seed")
     b.add_argument("--out", help="suite: output directory (default runs/suite)")
+    b.add_argument("--ray", action="store_true", help="suite: every (scenario, policy, seed) as a Ray task")
+    b.add_argument("--address", help="with --ray: a Ray cluster to join (default $RAY_ADDRESS, else a local Ray)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     b.add_argument("--num-envs", type=int, nargs="+", default=[1, 64, 256])
     b.add_argument("--steps", type=int, default=20)

@@ -18,6 +18,7 @@ from marl_sd.agents.oracle import SearchOracle
 from marl_sd.agents.policy import LearnedPolicy, PolicyContext
 from marl_sd.agents.train import load_policy, policy_checkpoint
 from marl_sd.config import CONFIG_DIR, load_config
+from marl_sd.distributed import eval_grid
 
 METRIC = "latency_per_token_ms"
 
@@ -50,22 +51,23 @@ def make_policy(name: str, cfg, runs_dir: Path):
 
 
 def run_suite(scenarios: dict[str, Path], policies: list[str], seeds: list[int], episodes: int, overrides: list[str],
-              runs_dir: Path = Path("runs"), progress=None) -> dict:
-    """{scenario: {policy: [metric per seed]}} plus per-seed SLO attainment, on identical seeds."""
-    out: dict = {}
-    for scen, path in scenarios.items():
-        cfg = load_config(path, overrides)
-        out[scen] = {}
-        for name in policies:
-            pol = make_policy(name, cfg, runs_dir)
-            if pol is None:
-                continue
-            per_seed = [run_policy(cfg, pol, s, episodes)[0] for s in seeds]
-            out[scen][name] = {"per_seed": [p[METRIC] for p in per_seed],
-                               "slo": [p["slo_attainment"] for p in per_seed]}
-            if progress is not None:
-                progress(scen, name)
-    return out
+              runs_dir: Path = Path("runs"), progress=None, use_ray: bool = False, address: str | None = None) -> dict:
+    """{scenario: {policy: [metric per seed]}} plus per-seed SLO attainment, on identical seeds
+    (with `use_ray`, every (scenario, policy, seed) is a Ray task; the results are the same)."""
+    cfgs = {scen: load_config(path, overrides) for scen, path in scenarios.items()}
+    if use_ray:
+        grid = eval_grid(cfgs, lambda name, cfg: make_policy(name, cfg, runs_dir), policies, seeds, episodes, True, address)
+    else:
+        grid = {}
+        for scen, cfg in cfgs.items():
+            for name in policies:
+                pol = make_policy(name, cfg, runs_dir)
+                if pol is not None:
+                    grid.setdefault(scen, {})[name] = [run_policy(cfg, pol, s, episodes) for s in seeds]
+                if progress is not None:
+                    progress(scen, name)
+    return {scen: {name: {"per_seed": [s[METRIC] for s, _ in runs], "slo": [s["slo_attainment"] for s, _ in runs]}
+                   for name, runs in pols.items()} for scen, pols in grid.items()}
 
 
 def summarize_suite(res: dict) -> dict:

@@ -15,7 +15,7 @@ LAYERS = [
     ("agents", ("marl_sd.agents",)),
     ("export", ("marl_sd.bundle", "marl_sd.export")),
     ("serving", ("marl_sd.serving",)),
-    ("application", ("marl_sd.cli", "marl_sd.bench", "marl_sd.report", "marl_sd.profiler", "marl_sd.suite",
+    ("application", ("marl_sd.cli", "marl_sd.bench", "marl_sd.report", "marl_sd.profiler", "marl_sd.suite", "marl_sd.distributed",
                      "marl_sd.serving.calibrate", "marl_sd.serving.launcher", "marl_sd.serving.chaos")),
 ]
 # imported inside functions on purpose: optional extras, or heavy imports a caller may not need
