@@ -162,7 +162,13 @@ def _policies(cfg, run_dir, names):
             ckpt = policy_checkpoint(run_dir)
             if ckpt is None:
                 continue
-            out.append(LearnedPolicy(ctx, load_policy(ckpt), name=cfg.train.algorithm))
+            policy = load_policy(ckpt)
+            if policy.obs_dim != ctx.spec.obs_dim or list(policy.action_space.nvec) != ctx.nvec:
+                raise ConfigError(f"{ckpt} was trained for a {policy.obs_dim}-wide observation and actions "
+                                  f"{list(policy.action_space.nvec)}; this config has {ctx.spec.obs_dim} and {ctx.nvec} "
+                                  f"({ctx.spec.n_users} users, {ctx.spec.n_servers} servers): a learned policy runs "
+                                  "only at the sizes it was trained for (evaluate heuristics with --policies ...)")
+            out.append(LearnedPolicy(ctx, policy, name=cfg.train.algorithm))
         elif n == "oracle":
             from marl_sd.agents.oracle import SearchOracle
 

@@ -60,6 +60,16 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
         load_policy(tmp_path / "missing.zip")
 
 
+def test_learned_policy_at_another_size_is_a_clear_error(tmp_path, capsys):
+    """`marl-sd eval RUN --set scenario.n_users=...` names the sizes instead of a torch traceback."""
+    from marl_sd.cli import main
+
+    cfg = load_config(overrides=TINY)
+    train(cfg, tmp_path / "run", progress=False, total_timesteps=8 * 4 * 3)
+    rc = main(["eval", str(tmp_path / "run"), "--set", "scenario.n_users=5", "--episodes", "1", "--seeds", "0"])
+    assert rc == 2 and "sizes it was trained for" in " ".join(capsys.readouterr().out.split())
+
+
 def test_smoke_training_beats_random(tmp_path):
     cfg = load_config("configs/smoke.yaml", ["train.total_timesteps=80000", "train.eval_every=1000"])
     model = train(cfg, tmp_path / "smoke", progress=False)
