@@ -15,7 +15,9 @@ from marl_sd.envs.observation import ObservationBuilder, reencode
 
 
 def heuristic_policy(name: str, cfg):
-    """A heuristic by name as a numpy callable (obs, mask) -> actions, for the live controller."""
+    """A heuristic by name as a numpy callable (obs, mask) -> actions, for the live controller
+    (one torch thread: the controller shares the machine with clients and servers)."""
+    torch.set_num_threads(1)
     pol = make_heuristic(name, PolicyContext.from_config(cfg))
 
     def act(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
