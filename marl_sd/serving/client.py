@@ -200,8 +200,10 @@ async def run_workload(args) -> list[dict]:
         latency_ms = (time.monotonic() - (t_start + arr)) * 1000  # includes waiting behind earlier requests
         if agent is not None:
             agent.tok_latency = smooth_token_latency(agent.tok_latency, latency_ms / max(len(r.tokens), 1))
+        queued_ms = latency_ms - r.e2e_ms  # waiting behind the user's earlier requests
         row = r.summary() | {"client": args.client_id, "request": i, "gamma": client.gamma, "start": wall0 + arr,
                              "latency_ms": latency_ms, "latency_per_token_ms": latency_ms / max(len(r.tokens), 1),
+                             "queued_ms": queued_ms, "ttft_ms": queued_ms + r.ttft_ms,  # from arrival, as simulated
                              "handovers": client.meas["handovers"], "output": r.tokens,
                              "round_detail": r.rounds if args.detail else None}
         rows.append(row)

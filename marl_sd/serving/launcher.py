@@ -92,7 +92,7 @@ def summarize_rows(rows: list[dict], wall_s: float) -> dict:
     """Throughput over the span from the first request's start to the last one's end
     (process start-up and model loading excluded)."""
     if rows:
-        wall_s = max(r["start"] + r["e2e_ms"] / 1000 for r in rows) - min(r["start"] for r in rows)
+        wall_s = max(r["start"] + r.get("latency_ms", r["e2e_ms"]) / 1000 for r in rows) - min(r["start"] for r in rows)
     tok = sum(r["tokens"] for r in rows)
     f = lambda k, q: float(np.nanpercentile([r[k] for r in rows], q))  # noqa: E731
     return {"requests": len(rows), "tokens": tok, "tokens_per_s": tok / wall_s, "wall_s": wall_s,
