@@ -45,7 +45,7 @@ def capacity(cfg: Config, make_policy: Callable[[PolicyContext], Policy], seeds:
     while ok(hi):
         lo, hi = hi, hi * 2
         if hi > limit:
-            return {"capacity": lo, "at_limit": True, "tried": tried, "target": target}
+            return {"capacity": lo, "at_limit": True, "attainment": tried[lo], "tried": tried, "target": target}
     if lo == 0:
         lo, hi = 0, hi
         if not ok(1):
