@@ -315,7 +315,8 @@ def _cmd_serve(args) -> int:
     if args.action == "chaos":
         from marl_sd.serving.chaos import run_chaos
 
-        res = run_chaos(args.clients[0], args.duration, insecure=args.insecure, faults=not args.no_faults, out=args.out)
+        res = run_chaos(args.clients[0], args.duration, insecure=args.insecure, faults=not args.no_faults,
+                        attackers=not args.no_attackers, out=args.out)
         console.print_json(json.dumps(res))
         return 0
     extra = ["--ignore-eos"] if args.ignore_eos else []
@@ -502,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--compare-sim", action="store_true", help="up: also simulate the same scenario and policy")
     sv.add_argument("--insecure", action="store_true", help="chaos: plain text instead of mutual TLS")
     sv.add_argument("--no-faults", action="store_true", help="chaos: load only (no kills, freezes or restarts)")
+    sv.add_argument("--no-attackers", action="store_true", help="chaos: honest clients only")
     sv.add_argument("--repeats", type=int, default=1,
                     help="up: live runs per policy; with more than one the table reports the run-to-run spread")
     sv.set_defaults(func=_cmd_serve)

@@ -66,7 +66,7 @@ class Proc:
 
 
 async def honest_client(user: int, servers: list[str], ctrl: str, sec: Security, n_servers: int, t_end: float,
-                        log: list, failovers: list, seed: int) -> None:
+                        log: list, failovers: list, seed: int, missed: list) -> None:
     rng = random.Random(seed)
     client = DraftClient(Drafter(load_model(DRAFT)), servers, gamma=4, security=sec)
     agent = ControlAgent(ctrl, user, client, None, 100.0, 4.5, 8, n_servers, security=sec)
@@ -91,6 +91,7 @@ async def honest_client(user: int, servers: list[str], ctrl: str, sec: Security,
             await asyncio.sleep(rng.uniform(0.0, 0.5))
     finally:
         reporter.cancel()
+        missed.extend(agent.missed_at)
         await client.close()
 
 
@@ -149,7 +150,7 @@ async def bad_reporter(ctrl: str, sec: Security, t_end: float, stats: dict, vict
 
 
 def run_chaos(clients: int = 32, duration_s: float = 300.0, insecure: bool = False, faults: bool = True,
-              out: Path | None = None) -> dict:
+              attackers: bool = True, out: Path | None = None) -> dict:
     torch.set_num_threads(1)
     M, bad_roles = 3, 4
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,12 +166,13 @@ def run_chaos(clients: int = 32, duration_s: float = 300.0, insecure: bool = Fal
         for v in verifiers:
             v.start()
         addrs = [v.addr for v in verifiers]
-        ctrl = Proc([py, "-m", "marl_sd.serving.controller", "--config", str(cfg), "--heuristic", "nearest_g4",
+        ctrl = Proc([py, "-m", "marl_sd.serving.controller", "--config", str(cfg), "--heuristic", "least_loaded",
                      "--servers", ",".join(addrs), *sec.as_role("controller").cli_args()], free_port())
         ctrl.start()
         faults_log: list[dict] = []
         logs: list[dict] = []
         failovers: list[tuple[float, str]] = []
+        missed: list[float] = []
         stats = {k: 0 for k in ("poison_accepted", "poison_refused", "squat_opened", "reports_accepted")}
 
         async def chaos(t0: float):
@@ -202,11 +204,11 @@ def run_chaos(clients: int = 32, duration_s: float = 300.0, insecure: bool = Fal
         async def main():
             t0 = time.monotonic()
             t_end = t0 + duration_s
-            hs = [honest_client(u, addrs, ctrl.addr, sec.as_role(f"client-{u}"), M, t_end, logs, failovers, u)
+            hs = [honest_client(u, addrs, ctrl.addr, sec.as_role(f"client-{u}"), M, t_end, logs, failovers, u, missed)
                   for u in range(clients)]
             bad = [poisoner(addrs, sec.as_role(f"client-{clients}"), t_end, stats),
                    squatter(addrs, sec.as_role(f"client-{clients + 1}"), t_end, stats),
-                   bad_reporter(ctrl.addr, sec.as_role(f"client-{clients + 2}"), t_end, stats, victim=0)]
+                   bad_reporter(ctrl.addr, sec.as_role(f"client-{clients + 2}"), t_end, stats, victim=0)] if attackers else []
             bad_tasks = [asyncio.ensure_future(b) for b in bad]
             await asyncio.gather(*hs, chaos(t0))
             for b in bad_tasks:
@@ -223,8 +225,9 @@ def run_chaos(clients: int = 32, duration_s: float = 300.0, insecure: bool = Fal
     done = [r for r in logs if "tokens" in r]
     wrong = sum(target.generate(torch.tensor([r["prompt"]]), max_new_tokens=32, do_sample=False)[0, len(r["prompt"]):]
                 .tolist() != r["tokens"] for r in done)
-    for f in faults_log:
-        after = [t - f["at"] for t, a in failovers if t >= f["at"] and (f["addr"] is None or a == f["addr"])]
+    for f in faults_log:  # first client to notice: a fail-over away from that server, or a missed report
+        seen = [t for t, a in failovers if a == f["addr"]] if f["addr"] else missed
+        after = [t - f["at"] for t in seen if t >= f["at"]]
         f["detect_s"] = min(after) if after else None
         del f["at"]
     tpot = np.array([r["tpot_ms"] for r in done if r["tpot_ms"] == r["tpot_ms"]])

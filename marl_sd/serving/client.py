@@ -83,6 +83,7 @@ class ControlAgent:
         self.tok_latency = 0.0
         self.t0 = time.monotonic()
         self.missed = 0
+        self.missed_at: list[float] = []  # when reports went unanswered (controller late or down)
         client.on_round = self.plan
 
     def _slot(self) -> int:
@@ -134,6 +135,7 @@ class ControlAgent:
                         self.client.associate_if_idle(d["server"])
                 except grpc.aio.AioRpcError:
                     self.missed += 1  # controller late or unreachable: keep the last decision
+                    self.missed_at.append(time.monotonic())
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     self.ignored += 1
                 await asyncio.sleep(self.slot_s)
