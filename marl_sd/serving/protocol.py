@@ -32,7 +32,8 @@ def grpc_options(max_message: int = MAX_MESSAGE, server: bool = False) -> list[t
     opts = [("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message),
             ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
             ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.http2.min_time_between_pings_ms", KEEPALIVE_MS)]
+            ("grpc.http2.min_time_between_pings_ms", KEEPALIVE_MS),
+            ("grpc.use_local_subchannel_pool", 1)]  # a connection per channel: one identity per client
     if server:  # accept the clients' frequent pings
         opts += [("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2), ("grpc.http2.max_ping_strikes", 0)]
     return opts

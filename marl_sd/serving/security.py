@@ -98,7 +98,7 @@ class Security:
 
     def channel(self, addr: str, server_role: str, options: list | None = None) -> grpc.aio.Channel:
         """A channel to a `server_role` process; with TLS, its certificate must name that role."""
-        opts = list(options or [])
+        opts = list(options or [("grpc.use_local_subchannel_pool", 1)])
         self.check_address(addr.rsplit(":", 1)[0])
         if not self.enabled:
             return grpc.aio.insecure_channel(addr, options=opts)
