@@ -138,7 +138,7 @@ def terminal_value(sim: BatchedSimulator) -> torch.Tensor:
     """[B] reward-scale value of the work still queued at the end of a rollout: each queued or
     active request keeps counting as outstanding until its tokens are served, one after the
     other, at the user's running per-token latency (default 40 ms before any request finished)."""
-    B, N, Q = sim.B, sim.N, sim.Q
+    Q = sim.Q
     order = (sim.q_head.unsqueeze(-1) + torch.arange(Q)) % Q  # queue slots from the head
     out_len = sim.requests[..., REQ["output_tokens"]].gather(2, order)  # [B, N, Q]
     work = torch.where(torch.arange(Q) == 0, sim.remaining.unsqueeze(-1).float(), out_len)
