@@ -494,21 +494,23 @@ class BatchedSimulator:
             return elig, need
         r = (self.ctx + self.remaining).float() * need
         free = (self.sites.kv_capacity - self.kv_used()).gather(1, self.server)  # [B, N] at each user's server
-        qj, qi = self.queued_at.unsqueeze(1), self.queued_at.unsqueeze(2)
-        idx = torch.arange(self.N, device=self.device)
-        ahead = ((qj < qi) | ((qj == qi) & (idx < idx.unsqueeze(1)))) & (self.server.unsqueeze(2) == self.server.unsqueeze(1))
-        before = (ahead.float() * r.unsqueeze(1)).sum(-1)
+        earlier, same = self._queue_order()
+        before = ((earlier & same).float() * r.unsqueeze(1)).sum(-1)
         fits = before + r <= free
         return elig & (~need | fits), need & fits
+
+    def _queue_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, i, j] pairs: j joined the queue before i (ties by user index), and j is at i's server."""
+        qj, qi = self.queued_at.unsqueeze(1), self.queued_at.unsqueeze(2)
+        idx = torch.arange(self.N, device=self.device)
+        earlier = (qj < qi) | ((qj == qi) & (idx < idx.unsqueeze(1)))
+        return earlier, self.server.unsqueeze(2) == self.server.unsqueeze(1)
 
     def _admit_by_priority(self, elig: torch.Tensor, k_tok: torch.Tensor, budget: float) -> torch.Tensor:
         """Admit queued users in order (higher priority bid, then first come) within the budget."""
         pj, pi = self.prio_w.unsqueeze(1), self.prio_w.unsqueeze(2)  # [B, i, j]
-        qj, qi = self.queued_at.unsqueeze(1), self.queued_at.unsqueeze(2)
-        idx = torch.arange(self.N, device=self.device)
-        earlier = (qj < qi) | ((qj == qi) & (idx < idx.unsqueeze(1)))
+        earlier, same = self._queue_order()
         ahead = (pj > pi) | ((pj == pi) & earlier)
-        same = self.server.unsqueeze(2) == self.server.unsqueeze(1)
         ahead = ahead & same & elig.unsqueeze(1)  # j is ahead of i at i's server
         before = (ahead.float() * k_tok.unsqueeze(1)).sum(-1)
         return elig & ((before + k_tok <= budget) | (before == 0))
