@@ -47,7 +47,6 @@ def capacity(cfg: Config, make_policy: Callable[[PolicyContext], Policy], seeds:
         if hi > limit:
             return {"capacity": lo, "at_limit": True, "attainment": tried[lo], "tried": tried, "target": target}
     if lo == 0:
-        lo, hi = 0, hi
         if not ok(1):
             return {"capacity": 0, "tried": tried, "target": target}
         lo = 1

@@ -154,12 +154,10 @@ class ObservationBuilder:
 def reencode(obs, spec: ObsSpec, builder: "ObservationBuilder"):
     """Observations encoded with the package table at `spec`, re-encoded with `builder`'s table
     (e.g. a policy bundle's own normalization constants). Torch."""
-    d = decode_local(obs, spec)
-    per_server = {k: d[k][:, 0] for k in ("srv_users", "srv_queued_tokens", "srv_busy", "srv_kv")}
-    f = Features(**{k: d[k] for k in ("snr_db", "ul_mbps", "server", "draft_ms", "power_w", "max_gamma", "queue",
-                                      "remaining", "acceptance", "outstanding", "token_latency_ms")},
-                 **per_server, time_frac=d["time_frac"][:, 0])
-    return builder.local(f)
+    scope = {f.source: f.scope for f in LOCAL_FEATURES if f.source is not None}
+    # per-server and episode quantities are repeated in every user's row: take user 0's
+    d = {k: (v if scope[k] == "user" else v[:, 0]) for k, v in decode_local(obs, spec).items()}
+    return builder.local(Features(**d))
 
 
 def decode_local(obs, spec: ObsSpec) -> dict:

@@ -73,8 +73,9 @@ def trial_points(seeds: list[int], grid: dict[str, list[str]]) -> list[dict]:
 
 
 def trial_name(point: dict) -> str:
-    return "_".join(f"{k.split('.')[-1]}={v}" for k, v in point.items() if k != "seed") + f"_seed{point['seed']}" \
-        if len(point) > 1 else f"seed{point['seed']}"
+    """'learning_rate=1e-4_seed0': the grid values by the last part of their key, then the seed."""
+    parts = [f"{k.split('.')[-1]}={v}" for k, v in point.items() if k != "seed"]
+    return "_".join([*parts, f"seed{point['seed']}"])
 
 
 def train_trial(config: str, overrides: list[str], point: dict, sweep_dir: Path, threads: int = 1,
