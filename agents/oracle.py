@@ -62,21 +62,21 @@ class SearchOracle(Policy):
             self._scratch[n] = BatchedSimulator(self.ctx.cfg, num_envs=n, device=str(self.sim.device))
         return self._scratch[n]
 
-    def score(self, cands: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cands [B, C, N, 4] joint actions for each environment of the attached simulator ->
-        (mean score [B, C], its standard error [B, C]) over `samples` futures shared by the C
-        candidates of an environment (futures fixed by `seed`)."""
+    def score(self, cands: torch.Tensor, seed: int, state: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cands [B, C, N, 4] valid joint actions for each environment of the attached simulator
+        (whose `get_state()` may be passed as `state`) -> (mean score [B, C], its standard error
+        [B, C]) over `samples` futures shared by the C candidates of an environment (futures
+        fixed by `seed`)."""
         B, C, N, _ = cands.shape
         K = self.K
         envs = torch.arange(B).repeat_interleave(C * K)
         s = self._scratch_sim(B * C * K)
-        s.load_copies(self.sim.get_state(), envs)
+        s.load_copies(self.sim.get_state() if state is None else state, envs)
         k = torch.arange(K).repeat(B * C)
         s.draws.set_groups(envs * K + k)  # copy (b, c, k): future k of environment b, the same for every c
         s.gen.manual_seed(seed)
         total = torch.zeros(B * C * K)
-        a = cands.repeat_interleave(K, dim=1).reshape(B * C * K, N, 4)
-        a = torch.where(s.actions.allowed(a, s.mask), a, self.base.act(s.observations(), s.mask))
+        a = cands.repeat_interleave(K, dim=1).reshape(B * C * K, N, 4)  # copies share the real mask
         for h in range(self.H):
             r, _ = s.step(a)
             total += r.mean(1)
@@ -111,7 +111,8 @@ class SearchOracle(Policy):
         """Best candidate per environment [B, N, 4] and its (score, stderr) [B], every candidate
         scored on the same futures (`seed`)."""
         props = torch.stack([p.act(obs, mask) for p in self.proposers], 1)  # [B, P, N, 4]
-        val, se = self.score(props, seed)
+        state = self.sim.get_state()  # one snapshot for every scoring round of this decision
+        val, se = self.score(props, seed, state)
         i = val.argmax(1)
         bi = torch.arange(len(i))
         best, best_val, best_se = props[bi, i], val[bi, i], se[bi, i]
@@ -119,7 +120,7 @@ class SearchOracle(Policy):
             if self.moves <= 0:
                 break
             cand = torch.cat([best.unsqueeze(1), self._moves(best, mask, self.moves)], 1)
-            v, e = self.score(cand, seed)
+            v, e = self.score(cand, seed, state)
             j = v.argmax(1)
             best, best_val, best_se = cand[bi, j], v[bi, j], e[bi, j]
         return best, best_val, best_se
