@@ -67,8 +67,8 @@ def _bench_suite(args) -> int:
     seeds = args.seeds or [0, 1, 2, 3, 4, 5]
     t0 = time.time()
     with Progress(console=console, transient=True) as prog:
-        task = prog.add_task("suite", total=len(scen) * len(policies))
-        res = run_suite(scen, policies, seeds, args.episodes, args.set, progress=lambda s, p: prog.advance(task),
+        task = prog.add_task("suite", total=len(scen) * len(policies) * len(seeds))
+        res = run_suite(scen, policies, seeds, args.episodes, args.set, progress=lambda *cell: prog.advance(task),
                         use_ray=args.ray, address=args.address)
     summary = summarize_suite(res)
     t = Table(title=f"scenario suite: ms/token (mean ± 95 % CI over {len(seeds)} seeds x {args.episodes} episodes), "
@@ -150,32 +150,11 @@ def _load_run_or_config(target: str, overrides: list[str]):
 
 
 def _policies(cfg, run_dir, names):
-    from marl_sd.agents.heuristics import HEURISTICS, make_heuristic
-    from marl_sd.agents.policy import LearnedPolicy, PolicyContext
-    from marl_sd.agents.train import load_policy, policy_checkpoint
+    from marl_sd.agents.catalog import make_policy
+    from marl_sd.agents.heuristics import HEURISTICS
 
-    ctx = PolicyContext.from_config(cfg)
     names = names or (cfg.eval.policies or ["learned", *HEURISTICS])
-    out = []
-    for n in names:
-        if n == "learned":
-            ckpt = policy_checkpoint(run_dir)
-            if ckpt is None:
-                continue
-            policy = load_policy(ckpt)
-            if policy.obs_dim != ctx.spec.obs_dim or list(policy.action_space.nvec) != ctx.nvec:
-                raise ConfigError(f"{ckpt} was trained for a {policy.obs_dim}-wide observation and actions "
-                                  f"{list(policy.action_space.nvec)}; this config has {ctx.spec.obs_dim} and {ctx.nvec} "
-                                  f"({ctx.spec.n_users} users, {ctx.spec.n_servers} servers): a learned policy runs "
-                                  "only at the sizes it was trained for (evaluate heuristics with --policies ...)")
-            out.append(LearnedPolicy(ctx, policy, name=cfg.train.algorithm))
-        elif n == "oracle":
-            from marl_sd.agents.oracle import SearchOracle
-
-            out.append(SearchOracle(ctx, **cfg.eval.oracle.model_dump()))
-        else:
-            out.append(make_heuristic(n, ctx))
-    return out
+    return [p for p in (make_policy(n, cfg, run_dir) for n in names) if p is not None]
 
 
 def _capacity(cfg, names, seeds, episodes, target, out_dir) -> int:

@@ -149,9 +149,10 @@ def summarize_sweep(rows: list[dict], metric: str = "latency_per_token_ms") -> d
 
 
 def eval_grid(cfg_by_scenario: dict, make_policy, policies: list[str], seeds: list[int], episodes: int,
-              use_ray: bool = False, address: str | None = None) -> dict:
+              use_ray: bool = False, address: str | None = None, progress=None) -> dict:
     """{scenario: {policy: [(summary, per-token latencies) per seed]}} for every (scenario, policy, seed); with
-    `use_ray`, each cell is a Ray task (same results: common random numbers are per seed)."""
+    `use_ray`, each cell is a Ray task (same results: common random numbers are per seed). Sequentially,
+    `progress(scenario, policy, seed)` follows each cell."""
     cells = [(s, p, seed) for s in cfg_by_scenario for p in policies for seed in seeds]
 
     def one(scen, pol, seed):
@@ -167,7 +168,11 @@ def eval_grid(cfg_by_scenario: dict, make_policy, policies: list[str], seeds: li
         task = ray.remote(num_cpus=1)(one)
         results = ray.get([task.remote(*c) for c in cells])
     else:
-        results = [one(*c) for c in cells]
+        results = []
+        for c in cells:
+            results.append(one(*c))
+            if progress is not None:
+                progress(*c)
     out: dict = {}
     for (scen, pol, _), r in zip(cells, results):
         if r is not None:

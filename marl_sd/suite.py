@@ -12,11 +12,9 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from marl_sd.agents.evaluate import mean_ci, run_policy
-from marl_sd.agents.heuristics import HEURISTICS, make_heuristic
-from marl_sd.agents.oracle import SearchOracle
-from marl_sd.agents.policy import LearnedPolicy, PolicyContext
-from marl_sd.agents.train import load_policy, policy_checkpoint
+from marl_sd.agents import catalog
+from marl_sd.agents.evaluate import mean_ci
+from marl_sd.agents.heuristics import HEURISTICS
 from marl_sd.config import CONFIG_DIR, load_config
 from marl_sd.distributed import eval_grid
 
@@ -38,16 +36,8 @@ def suite_configs(names: list[str] | None = None) -> dict[str, Path]:
 
 
 def make_policy(name: str, cfg, runs_dir: Path):
-    """A heuristic, `oracle`, or `learned` (the latest run of this scenario under runs_dir, if any)."""
-    ctx = PolicyContext.from_config(cfg)
-    if name == "oracle":
-        return SearchOracle(ctx, **cfg.eval.oracle.model_dump())
-    if name == "learned":
-        ckpt = policy_checkpoint(runs_dir / cfg.name)
-        return None if ckpt is None else LearnedPolicy(ctx, load_policy(ckpt), name="learned")
-    if name not in HEURISTICS:
-        raise KeyError(f"unknown policy '{name}' (heuristics: {', '.join(HEURISTICS)}; or oracle, learned)")
-    return make_heuristic(name, ctx)
+    """`agents.catalog.make_policy`, with `learned` from the run named after the scenario under runs_dir."""
+    return catalog.make_policy(name, cfg, runs_dir / cfg.name, learned_name="learned")
 
 
 def run_suite(scenarios: dict[str, Path], policies: list[str], seeds: list[int], episodes: int, overrides: list[str],
@@ -55,17 +45,8 @@ def run_suite(scenarios: dict[str, Path], policies: list[str], seeds: list[int],
     """{scenario: {policy: [metric per seed]}} plus per-seed SLO attainment, on identical seeds
     (with `use_ray`, every (scenario, policy, seed) is a Ray task; the results are the same)."""
     cfgs = {scen: load_config(path, overrides) for scen, path in scenarios.items()}
-    if use_ray:
-        grid = eval_grid(cfgs, lambda name, cfg: make_policy(name, cfg, runs_dir), policies, seeds, episodes, True, address)
-    else:
-        grid = {}
-        for scen, cfg in cfgs.items():
-            for name in policies:
-                pol = make_policy(name, cfg, runs_dir)
-                if pol is not None:
-                    grid.setdefault(scen, {})[name] = [run_policy(cfg, pol, s, episodes) for s in seeds]
-                if progress is not None:
-                    progress(scen, name)
+    grid = eval_grid(cfgs, lambda name, cfg: make_policy(name, cfg, runs_dir), policies, seeds, episodes, use_ray,
+                     address, progress)
     return {scen: {name: {"per_seed": [s[METRIC] for s, _ in runs], "slo": [s["slo_attainment"] for s, _ in runs]}
                    for name, runs in pols.items()} for scen, pols in grid.items()}
 
