@@ -71,12 +71,6 @@ async def honest_client(user: int, servers: list[str], ctrl: str, sec: Security,
     client = DraftClient(Drafter(load_model(DRAFT)), servers, gamma=4, security=sec)
     agent = ControlAgent(ctrl, user, client, None, 100.0, 4.5, 8, n_servers, security=sec)
     reporter = asyncio.ensure_future(agent.run())
-    real_fail_over = client._fail_over
-
-    async def fail_over(addr, e, req):  # when each client noticed which server failing
-        failovers.append((time.monotonic(), addr))
-        await real_fail_over(addr, e, req)
-    client._fail_over = fail_over
     try:
         while time.monotonic() < t_end:
             prompt = [rng.randrange(512) for _ in range(rng.randint(4, 40))]
@@ -92,6 +86,7 @@ async def honest_client(user: int, servers: list[str], ctrl: str, sec: Security,
     finally:
         reporter.cancel()
         missed.extend(agent.missed_at)
+        failovers.extend(client.failed_at)
         await client.close()
 
 

@@ -174,6 +174,7 @@ class DraftClient:
         # a round's deadline adapts to how long rounds take (5x their running mean, at least
         # `min_deadline_s`, at most `timeout_s`): a hung server is given up within seconds
         self.min_deadline_s, self.round_mean_s = min_deadline_s, None
+        self.failed_at: list[tuple[float, str]] = []  # (when, server) of every fail-over
         self.server_idx = 0
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft")
         self.on_round = None
@@ -357,6 +358,7 @@ class DraftClient:
         if req.attempts > self.retries_per_server * len(self.servers):
             raise ConnectionError(f"no server reachable after {req.attempts} attempts: {e}") from e
         req.failovers += 1
+        self.failed_at.append((time.monotonic(), addr))
         await self._drop_channel(addr)
         self.server_idx += 1
         await self._settle_drafting(interrupt=True)  # before the drafts are reset
