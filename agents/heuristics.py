@@ -131,7 +131,7 @@ class NearestPolicy(Policy):
 
     def act(self, obs, mask):
         f = decode_local(obs, self.ctx.spec)
-        masks = self.ctx.actions.split(mask.bool())
+        masks = self.ctx.split(mask)
         s = self._server(f, masks)
         z = torch.zeros_like(s)
         return _assemble(s, z, z, torch.minimum(torch.full_like(s, self.gamma), f["max_gamma"]))
@@ -169,7 +169,7 @@ class AdaptiveGammaPolicy(NearestPolicy):
 
     def act(self, obs, mask):
         f = decode_local(obs, self.ctx.spec)
-        masks = self.ctx.actions.split(mask.bool())
+        masks = self.ctx.split(mask)
         s = self._server(f, masks)
         lat = _mask_lat(self.model.predict(f), masks)
         g = lat.gather(-2, s[..., None, None].expand(*s.shape, 1, lat.shape[-1])).squeeze(-2).argmin(-1)
@@ -191,7 +191,7 @@ class GreedyLatencyPolicy(Policy):
 
     def act(self, obs, mask):
         f = decode_local(obs, self.ctx.spec)
-        masks = self.ctx.actions.split(mask.bool())
+        masks = self.ctx.split(mask)
         lat = _mask_lat(self.model.predict(f, hysteresis=self.hyst), masks)  # [B, N, M, G]
         flat = lat.flatten(-2).argmin(-1)
         s, g = flat // lat.shape[-1], flat % lat.shape[-1]
@@ -226,7 +226,7 @@ class TwoPhaseMatchingPolicy(Policy):
 
     def act(self, obs, mask):
         f = decode_local(obs, self.ctx.spec)
-        masks = self.ctx.actions.split(mask.bool())
+        masks = self.ctx.split(mask)
         B, N = f["server"].shape
         M = self.ctx.spec.n_servers
         cap = math.ceil(1.25 * N / M)
@@ -295,7 +295,7 @@ class ClosedFormDPPolicy(Policy):
     def act(self, obs, mask):
         ctx = self.ctx
         f = decode_local(obs, ctx.spec)
-        masks = ctx.actions.split(mask.bool())
+        masks = ctx.split(mask)
         B, N = f["server"].shape
         M, G = ctx.spec.n_servers, self.model.G
         s = torch.where(masks[0], f["snr_db"], -INF).argmax(-1)

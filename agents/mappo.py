@@ -4,6 +4,11 @@
   slice only (decentralized execution), the critic reads local + state (centralized training)
   or only the local slice (`critic_input="local"`: independent PPO, the ablation). LayerNorm on
   inputs and hidden layers, SB3's orthogonal init (gains sqrt(2) / 0.01 / 1).
+* `SetActor` (`train.actor: set`, the default): one network scores every candidate server from
+  [the user's scalars, that server's features] and a mean over the valid servers' embeddings;
+  the bid, priority and gamma heads read the user's embedding and that mean. Swapping two
+  servers swaps their logits and nothing else, padded servers are ignored, and no input
+  depends on the number of users, so one actor runs at any size up to `max_servers`.
 * `ValueNorm`: the critic head predicts normalized values; this output layer de-normalizes them
   with a debiased running mean/variance of the returns, and `MAPPO.train` scales `vf_coef` by
   1/variance, which is exactly MAPPO's normalized value loss.
@@ -23,6 +28,7 @@ from stable_baselines3.common.utils import obs_as_tensor
 from torch import nn
 
 from marl_sd.config import TrainConfig
+from marl_sd.contract import LOCAL_FEATURES, ObsSpec
 
 
 def _mlp(in_dim: int, arch: list[int], activation, layer_norm: bool) -> tuple[nn.Sequential, int]:
@@ -35,13 +41,63 @@ def _mlp(in_dim: int, arch: list[int], activation, layer_norm: bool) -> tuple[nn
     return nn.Sequential(*layers), in_dim
 
 
-class SplitMlpExtractor(nn.Module):
-    """Drop-in for SB3's MlpExtractor: actor on the local slice, critic on local+state or local."""
+class SetActor(nn.Module):
+    """Logits [batch, sum(nvec)] from flat local observations, permutation-equivariant over
+    servers (see the module docstring). `user_idx`/`cand_idx` locate the per-user scalars and
+    the [max_servers, features] candidate block in the flat observation (`ObsSpec.blocks`);
+    `valid_col` is the server_valid feature's position among the candidate features.
 
-    def __init__(self, obs_dim, state_dim, pi_arch, vf_arch, activation, layer_norm, critic_input):
+    Per candidate: one embedding layer, then the score layer; linear layers on concatenations
+    are split into their parts, so the user's part (and the pooled context's) is computed once
+    per user instead of once per candidate server. Candidate inputs are not layer-normalized
+    (the feature table already scales them). The per-candidate work is what the actor costs
+    beyond an MLP (benchmarks/train_throughput.py)."""
+
+    def __init__(self, user_idx: list[int], cand_idx: list[list[int]], valid_col: int, nvec: list[int],
+                 arch: list[int], activation, layer_norm: bool):
+        super().__init__()
+        M, C = len(cand_idx), len(cand_idx[0])
+        self.register_buffer("user_idx", torch.as_tensor(user_idx, dtype=torch.long), persistent=False)
+        # feature-major flat index: index_select then view [C, M] is cheaper than a 2-D gather
+        self.register_buffer("cand_flat", torch.as_tensor(cand_idx, dtype=torch.long).T.reshape(-1), persistent=False)
+        self.M, self.C, self.valid_col = M, C, valid_col
+        U, H = len(user_idx), arch[-1]
+        self.user_net, _ = _mlp(U, arch, activation, layer_norm)
+        self.cand_user = nn.Linear(U, arch[0])
+        self.cand_own = nn.Linear(C, arch[0], bias=False)
+        self.cand_rest = nn.Sequential(activation(), *([nn.LayerNorm(arch[0])] if layer_norm else []))
+        self.score_own, self.score_ctx = nn.Linear(arch[0], H), nn.Linear(arch[0], H, bias=False)
+        self.score_out = nn.Sequential(activation(), nn.Linear(H, 1))
+        self.heads = nn.Sequential(nn.Linear(H + arch[0], H), activation(), nn.Linear(H, sum(nvec[1:])))
+
+    def output_layers(self) -> list[nn.Linear]:
+        return [self.score_out[-1], self.heads[-1]]
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        u = obs.index_select(-1, self.user_idx)  # [B, U]
+        c = obs.index_select(-1, self.cand_flat).unflatten(-1, (self.C, self.M)).transpose(-1, -2)  # [B, M, C]
+        valid = c[..., self.valid_col] > 0.5  # [B, M]
+        e = self.cand_rest(self.cand_own(c) + self.cand_user(u).unsqueeze(-2))  # [B, M, H]
+        w = valid.to(e.dtype).unsqueeze(-1)
+        g = (e * w).sum(-2) / w.sum(-2).clamp(min=1.0)  # [B, H] mean over valid servers
+        s = self.score_out(self.score_own(e) + self.score_ctx(g).unsqueeze(-2)).squeeze(-1)
+        s = torch.where(valid, s, torch.full_like(s, -1e4))
+        return torch.cat([s, self.heads(torch.cat([self.user_net(u), g], -1))], -1)
+
+
+class SplitMlpExtractor(nn.Module):
+    """Drop-in for SB3's MlpExtractor: actor on the local slice, critic on local+state or local.
+    With a `set_actor` the actor's output is already the logits (the policy's action_net is
+    then the identity)."""
+
+    def __init__(self, obs_dim, state_dim, pi_arch, vf_arch, activation, layer_norm, critic_input,
+                 set_actor: SetActor | None = None, n_logits: int = 0):
         super().__init__()
         self.obs_dim, self.critic_input = obs_dim, critic_input
-        self.policy_net, self.latent_dim_pi = _mlp(obs_dim, pi_arch, activation, layer_norm)
+        if set_actor is not None:
+            self.policy_net, self.latent_dim_pi = set_actor, n_logits
+        else:
+            self.policy_net, self.latent_dim_pi = _mlp(obs_dim, pi_arch, activation, layer_norm)
         vf_in = {"local+state": obs_dim + state_dim, "state": state_dim, "local": obs_dim}[critic_input]
         self.value_net, self.latent_dim_vf = _mlp(vf_in, vf_arch, activation, layer_norm)
 
@@ -94,23 +150,46 @@ class ValueNorm(nn.Module):
 
 
 class MAPPOPolicy(MaskableActorCriticPolicy):
+    """`actor="set"` takes `set_layout = (user_idx, cand_idx, valid_col)` from `ObsSpec.blocks`."""
+
     def __init__(self, *args, obs_dim: int, state_dim: int, critic_input: str = "local+state",
-                 layer_norm: bool = True, value_norm: bool = True, value_norm_beta: float = 0.999, **kwargs):
+                 layer_norm: bool = True, value_norm: bool = True, value_norm_beta: float = 0.999,
+                 actor: str = "mlp", set_layout: tuple | None = None, **kwargs):
         self.obs_dim, self.state_dim, self.critic_input = obs_dim, state_dim, critic_input
         self.layer_norm, self.value_norm, self.value_norm_beta = layer_norm, value_norm, value_norm_beta
+        if actor == "set" and set_layout is None:
+            raise ValueError("actor='set' needs set_layout (ObsSpec.blocks and the server_valid column)")
+        self.actor, self.set_layout = actor, set_layout
         kwargs.setdefault("activation_fn", nn.ReLU)
         kwargs.setdefault("net_arch", dict(pi=[64, 64], vf=[64, 64]))
         super().__init__(*args, **kwargs)
 
     def _build_mlp_extractor(self) -> None:
         a = self.net_arch if isinstance(self.net_arch, dict) else dict(pi=self.net_arch, vf=self.net_arch)
-        self.mlp_extractor = SplitMlpExtractor(self.obs_dim, self.state_dim, a["pi"], a["vf"],
-                                               self.activation_fn, self.layer_norm, self.critic_input)
+        set_actor, n_logits = None, int(sum(self.action_space.nvec))
+        if self.actor == "set":
+            user_idx, cand_idx, valid_col = self.set_layout
+            set_actor = SetActor(user_idx, cand_idx, valid_col, list(self.action_space.nvec), a["pi"],
+                                 self.activation_fn, self.layer_norm)
+        self.mlp_extractor = SplitMlpExtractor(self.obs_dim, self.state_dim, a["pi"], a["vf"], self.activation_fn,
+                                               self.layer_norm, self.critic_input, set_actor, n_logits)
 
     def _build(self, lr_schedule) -> None:
         super()._build(lr_schedule)
+        if self.actor == "set":  # the set actor's own output layers are the action net
+            self.action_net = nn.Identity()
+            if self.ortho_init:
+                for layer in self.mlp_extractor.policy_net.output_layers():
+                    self.init_weights(layer, gain=0.01)
         if self.value_norm:
             self.value_net = nn.Sequential(self.value_net, ValueNorm(self.value_norm_beta))
+        self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        return list(self.mlp_extractor.policy_net.parameters()) + list(self.action_net.parameters())
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        return list(self.mlp_extractor.value_net.parameters()) + list(self.value_net.parameters())
 
     @property
     def value_normalizer(self) -> ValueNorm | None:
@@ -120,10 +199,15 @@ class MAPPOPolicy(MaskableActorCriticPolicy):
         """Raw concatenated logits [batch, sum(nvec)] from local observations (what export ships)."""
         return self.action_net(self.mlp_extractor.policy_net(local_obs))
 
+    @property
+    def max_servers(self) -> int:
+        return int(self.action_space.nvec[0])
+
     def _get_constructor_parameters(self):
         d = super()._get_constructor_parameters()
         d.update(obs_dim=self.obs_dim, state_dim=self.state_dim, critic_input=self.critic_input,
-                 layer_norm=self.layer_norm, value_norm=self.value_norm, value_norm_beta=self.value_norm_beta)
+                 layer_norm=self.layer_norm, value_norm=self.value_norm, value_norm_beta=self.value_norm_beta,
+                 actor=self.actor, set_layout=self.set_layout)
         return d
 
 
@@ -205,7 +289,14 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def mappo_kwargs(t: TrainConfig, obs_dim: int, state_dim: int, num_envs: int) -> dict:
+def set_layout(spec: ObsSpec) -> tuple[list[int], list[list[int]], int]:
+    """Where a set actor finds its inputs in the flat observation."""
+    user_idx, cand_idx = spec.blocks()
+    per_server = [f.name for f in LOCAL_FEATURES if f.width == "M"]
+    return user_idx, cand_idx, per_server.index("server_valid")
+
+
+def mappo_kwargs(t: TrainConfig, obs_dim: int, state_dim: int, num_envs: int, spec: ObsSpec | None = None) -> dict:
     """MAPPO-paper hyper-parameters mapped onto MaskablePPO arguments."""
     rollout = t.n_steps * num_envs
     if rollout % t.num_mini_batch:
@@ -219,7 +310,8 @@ def mappo_kwargs(t: TrainConfig, obs_dim: int, state_dim: int, num_envs: int) ->
         policy_kwargs=dict(obs_dim=obs_dim, state_dim=state_dim,
                            critic_input="local+state" if t.algorithm == "mappo" else "local",
                            layer_norm=t.layer_norm, value_norm=t.value_norm,
-                           net_arch=dict(pi=list(t.hidden), vf=list(t.hidden)),
+                           net_arch=dict(pi=list(t.hidden), vf=list(t.hidden)), actor=t.actor,
+                           set_layout=set_layout(spec) if t.actor == "set" else None,
                            optimizer_kwargs=dict(eps=t.adam_eps)),
         device=resolve_device(t.device),
     )
@@ -229,5 +321,5 @@ def new_mappo(cfg, env, seed: int | None = None) -> MAPPO:
     """A fresh MAPPO (or IPPO, per `train.algorithm`) model for a MultiAgentVecEnv, possibly
     wrapped (e.g. in VecMonitor), with the config's hyper-parameters and device."""
     raw = env.unwrapped
-    kw = mappo_kwargs(cfg.train, raw.obs_dim, raw.state_dim, raw.num_envs)
+    kw = mappo_kwargs(cfg.train, raw.obs_dim, raw.state_dim, raw.num_envs, ObsSpec.from_config(cfg))
     return MAPPO(MAPPOPolicy, env, seed=cfg.seed if seed is None else seed, **kw)

@@ -34,6 +34,13 @@ class PolicyContext:
     def nvec(self) -> list[int]:
         return self.actions.nvec
 
+    def split(self, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Per sub-action bool masks, the server mask cut to the scenario's servers (the action
+        has room for `max_servers`; heuristics reason about the servers that exist)."""
+        parts = self.actions.split(mask.bool())
+        parts[0] = parts[0][..., : self.spec.n_servers]
+        return parts
+
 
 class Policy(ABC):
     name: str = "policy"

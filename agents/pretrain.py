@@ -47,20 +47,24 @@ class Kickstart:
 
     def __init__(self, cfg: Config, model: MAPPO, venv: MultiAgentVecEnv):
         self.cfg, self.p, self.model, self.venv = cfg, cfg.train.pretrain, model, venv
+        self.parts = [(part.sim, make_heuristic(self.p.teacher, PolicyContext.from_config(part.cfg)))
+                      for part in venv.parts]  # one teacher per training size
         self.ctx = PolicyContext.from_config(cfg)
-        self.teacher = make_heuristic(self.p.teacher, self.ctx)
         self.policy = model.policy
         self.gen = torch.Generator().manual_seed(cfg.seed)
 
-    def _episode(self, student_drives: bool):
+    def _episodes(self, student_drives: bool) -> list[dict]:
+        return [self._episode(sim, teacher, student_drives) for sim, teacher in self.parts]
+
+    def _episode(self, sim, teacher, student_drives: bool):
         """One batch of full episodes: local obs, global state, masks, teacher labels, rewards."""
-        sim, pol = self.venv.sim, self.policy
+        pol = self.policy
         sim.reset()
         rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("obs", "state", "mask", "label", "reward", "agree")}
         for _ in range(sim.horizon):
             local, state = sim.obs_and_state()
             mask = sim.mask
-            label = self.teacher.act(local, mask)
+            label = teacher.act(local, mask)
             with torch.no_grad():
                 logits = pol.actor_logits(local.reshape(-1, local.shape[-1]).to(pol.device).float()).cpu()
             own = self.ctx.actions.masked_argmax(logits, mask.reshape(-1, mask.shape[-1])).view_as(label)
@@ -78,7 +82,7 @@ class Kickstart:
         obs = torch.cat([d["obs"][:-1].reshape(-1, d["obs"].shape[-1]) for d in data])
         mask = torch.cat([d["mask"].reshape(-1, d["mask"].shape[-1]) for d in data])
         label = torch.cat([d["label"].reshape(-1, len(nvec)) for d in data])
-        params = list(pol.mlp_extractor.policy_net.parameters()) + list(pol.action_net.parameters())
+        params = pol.actor_parameters()
         opt = torch.optim.Adam(params, lr=self.p.learning_rate, eps=self.cfg.train.adam_eps)
         pol.set_training_mode(True)
         loss = torch.zeros(())
@@ -99,25 +103,30 @@ class Kickstart:
         state = d["state"].unsqueeze(2).expand(T1, B, N, d["state"].shape[-1])
         return torch.cat([d["obs"], state], -1)
 
-    def _fit_critic(self, d: dict) -> float:
+    def _targets(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """TD(lambda) returns [T * B * N] of one episode batch from the critic itself."""
+        pol, t = self.policy, self.cfg.train
+        v = pol.predict_values(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1])
+        g = torch.empty_like(r)
+        nxt = v[-1]
+        for k in range(r.shape[0] - 1, -1, -1):
+            nxt = r[k] + t.gamma * ((1 - t.gae_lambda) * v[k + 1] + t.gae_lambda * nxt)
+            g[k] = nxt
+        return g.reshape(-1)
+
+    def _fit_critic(self, batches: list[dict]) -> float:
         """TD(lambda) targets from the critic itself (the horizon is bootstrapped, as in PPO)."""
         pol, t = self.policy, self.cfg.train
-        x = self._critic_inputs(d).to(pol.device)
-        r = d["reward"].to(pol.device)
-        flat_x = x[:-1].reshape(-1, x.shape[-1])
-        params = list(pol.mlp_extractor.value_net.parameters()) + list(pol.value_net.parameters())
+        xs = [self._critic_inputs(d).to(pol.device) for d in batches]
+        rs = [d["reward"].to(pol.device) for d in batches]
+        flat_x = torch.cat([x[:-1].reshape(-1, x.shape[-1]) for x in xs])
+        params = pol.critic_parameters()
         opt = torch.optim.Adam(params, lr=self.p.learning_rate, eps=t.adam_eps)
         vn = pol.value_normalizer
         loss = torch.zeros(())
         for _ in range(self.p.critic_rounds):
             with torch.no_grad():
-                v = pol.predict_values(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1])
-                g = torch.empty_like(r)
-                nxt = v[-1]
-                for k in range(r.shape[0] - 1, -1, -1):
-                    nxt = r[k] + t.gamma * ((1 - t.gae_lambda) * v[k + 1] + t.gae_lambda * nxt)
-                    g[k] = nxt
-            target = g.reshape(-1)
+                target = torch.cat([self._targets(x, r) for x, r in zip(xs, rs)])
             scale = 1.0
             if vn is not None:
                 vn.update(target)
@@ -137,11 +146,12 @@ class Kickstart:
     def run(self, progress=None) -> dict:
         data, stats = [], {"teacher": self.p.teacher, "iterations": []}
         for it in range(self.p.iterations):
-            d = self._episode(student_drives=it > 0)
-            data.append(d)
+            ds = self._episodes(student_drives=it > 0)
+            data.extend(ds)
             actor_loss = self._fit_actor(data)
             row = {"iteration": it, "driver": "student" if it else "teacher",
-                   "agreement": float(d["agree"].mean()), "reward": float(d["reward"].mean()),
+                   "agreement": float(torch.stack([d["agree"].mean() for d in ds]).mean()),
+                   "reward": float(torch.stack([d["reward"].mean() for d in ds]).mean()),
                    "actor_loss": actor_loss}
             stats["iterations"].append(row)
             log.info("pretrain %d (%s drives): agreement with %s %.3f, reward %.4f, CE %.4f", it, row["driver"],
@@ -149,6 +159,7 @@ class Kickstart:
             if progress is not None:
                 progress(it + 1, self.p.iterations, row)
         if self.p.critic_rounds:
-            stats["critic_loss"] = self._fit_critic(self._episode(student_drives=True))
-        self.venv.sim.reset()
+            stats["critic_loss"] = self._fit_critic(self._episodes(student_drives=True))
+        for sim, _ in self.parts:
+            sim.reset()
         return stats

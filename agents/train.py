@@ -30,7 +30,7 @@ from marl_sd.agents.mappo import MAPPO, MAPPOPolicy, new_mappo, resolve_device
 from marl_sd.agents.policy import LearnedPolicy, PolicyContext
 from marl_sd.agents.pretrain import Kickstart
 from marl_sd.config import Config
-from marl_sd.envs.vec_env import MultiAgentVecEnv
+from marl_sd.envs.vec_env import MultiAgentVecEnv, training_env
 from marl_sd.runs import write_metadata
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class EvalCallback(BaseCallback):
         s, _ = run_policy(self.cfg, pol, seed=10_000, episodes=self.cfg.train.eval_episodes)
         torch.set_rng_state(state[0]); np.random.set_state(state[1]); random.setstate(state[2])  # noqa: E702
         row = {"timesteps": self.num_timesteps, "reward": s["reward"], "latency_per_token_ms": s["latency_per_token_ms"],
-               "wall_s": time.time()}
+               "unix_time": time.time()}
         self.history.append(row)
         self.logger.record("eval/reward", s["reward"])
         self.logger.record("eval/latency_per_token_ms", s["latency_per_token_ms"])
@@ -254,7 +254,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     run_dir = Path(run_dir)
     torch.set_num_threads(cfg.sim.threads)
     t = cfg.train
-    venv = MultiAgentVecEnv(cfg, num_envs=t.num_envs)
+    venv = training_env(cfg, t.num_envs)
     env = VecMonitor(venv)
     device = resolve_device(t.device)
     total = total_timesteps or t.total_timesteps

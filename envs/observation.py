@@ -93,11 +93,26 @@ class _Ops:
     def expand(self, x, shape):
         return x.expand(*shape) if self.torch else self.t.broadcast_to(x, shape)
 
-    def eye(self, n, like):
-        return self.t.eye(n, device=like.device) if self.torch else self.t.eye(n, dtype="float32")
+    def amax(self, x, axis=-1):
+        return x.max(axis, keepdim=True).values if self.torch else x.max(axis, keepdims=True)
 
-    def amax(self, x):
-        return x.max(-1, keepdim=True).values if self.torch else x.max(-1, keepdims=True)
+    def mean(self, x, axis):
+        return x.mean(axis) if self.torch else x.mean(axis)
+
+    def pad(self, x, width):
+        """Zero-pad the last axis to `width`."""
+        n = width - x.shape[-1]
+        if n <= 0:
+            return x
+        if self.torch:
+            return self.t.nn.functional.pad(x, (0, n))
+        return self.t.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n)])
+
+    def ones_like_servers(self, like, width):
+        M = like.shape[-1]
+        if self.torch:
+            return (self.t.arange(width, device=like.device) < M).float().expand(*like.shape[:-1], width)
+        return self.t.broadcast_to((self.t.arange(width) < M).astype("float32"), like.shape[:-1] + (width,))
 
 
 class ObservationBuilder:
@@ -110,8 +125,11 @@ class ObservationBuilder:
         self.by_name = {f.name: f for f in self.features}
 
     def encode(self, feat: Feature, f: Features, o: _Ops):
-        """One block, [B, N, width] for user blocks, [B, width] for server and episode blocks."""
+        """One block, [B, N, width] for user blocks, [B, width] for server and episode blocks;
+        per-server blocks zero-padded to the spec's `max_servers`."""
         s = self.spec
+        if feat.kind == "valid":
+            return o.ones_like_servers(f.srv_users, s.width(feat))
         x = getattr(f, feat.source)
         if feat.kind == "onehot":
             return o.one_hot(x, s.width(feat))
@@ -122,33 +140,35 @@ class ObservationBuilder:
         if feat.kind == "log1p":
             x = o.t.log1p(x)
         x = o.f32(x / s.scale(feat))
-        return x[..., None] if feat.width == 1 else x
+        return x[..., None] if feat.width == 1 else o.pad(x, s.width(feat))
 
     def local(self, f: Features):
-        """[B, N, obs_dim] float32 local observations, agent id one-hot last."""
+        """[B, N, obs_dim] float32 local observations (per-server and episode blocks repeated in
+        every user's row)."""
         o = _Ops(f.server)
         B, N = f.server.shape
         parts = []
         for feat in self.features:
-            if feat.kind == "agent_id":
-                x = o.expand(o.eye(N, f.server)[None], (B, N, N))
-            elif feat.scope == "user":
-                x = self.encode(feat, f, o)
-            else:
-                x = self.encode(feat, f, o)
+            x = self.encode(feat, f, o)
+            if feat.scope != "user":
                 x = o.expand(x.reshape(B, 1, -1), (B, N, x.reshape(B, -1).shape[-1]))
             parts.append(x)
         return o.f32(o.cat(parts, -1))
 
     def state(self, f: Features):
-        """[B, state_dim] global state for the centralized critic."""
+        """[B, state_dim] global state for the centralized critic: the server blocks, user blocks
+        pooled over users (mean and max), log of the user count, episode progress."""
         o = _Ops(f.server)
-        B = f.server.shape[0]
+        B, N = f.server.shape
         servers = [self.encode(feat, f, o) for feat in self.features if feat.scope == "server"]
         per_user = [self.encode(self.by_name[b], f, o) for b in STATE_USER_BLOCKS]
-        per_user.append(o.amax(self.encode(self.by_name["snr_db"], f, o)))
+        snr = self.encode(self.by_name["snr_db"], f, o)[..., : f.snr_db.shape[-1]]
+        per_user.append(o.amax(snr))
+        users = o.cat(per_user, -1)  # [B, N, per_user]
+        pooled = [o.mean(users, 1), o.amax(users, 1).reshape(B, -1)]
+        count = o.f32(f.time_frac * 0 + float(np.log1p(N) / 3.0)).reshape(B, 1)
         episode = o.f32(f.time_frac).reshape(B, 1)
-        return o.f32(o.cat(servers + [o.cat(per_user, -1).reshape(B, -1), episode], -1))
+        return o.f32(o.cat(servers + pooled + [count, episode], -1))
 
 
 def reencode(obs, spec: ObsSpec, builder: "ObservationBuilder"):
@@ -163,12 +183,14 @@ def reencode(obs, spec: ObsSpec, builder: "ObservationBuilder"):
 def decode_local(obs, spec: ObsSpec) -> dict:
     """Invert `ObservationBuilder.local` (torch): raw-scale features from [..., obs_dim]
     observations, by `Features` field name. Lets policies that reason in physical units
-    (heuristics) consume the same observations as learned policies. Clipped values stay clipped."""
+    (heuristics) consume the same observations as learned policies. Clipped values stay clipped;
+    per-server quantities come back for the spec's `n_servers` (padding dropped)."""
     out, off = {}, 0
     for feat in LOCAL_FEATURES:
         w = spec.width(feat)
-        x = obs[..., off:off + w] if feat.width != 1 else obs[..., off]
+        x = obs[..., off:off + spec.n_servers] if feat.width != 1 else obs[..., off]
         off += w
+        w = spec.n_servers if feat.width != 1 else 1
         if feat.source is None or feat.kind == "indicator":
             continue
         if feat.kind == "onehot":

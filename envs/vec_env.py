@@ -16,7 +16,31 @@ from marl_sd.config import Config
 from marl_sd.envs.core import BatchedSimulator, summarize
 
 
-class MultiAgentVecEnv(VecEnv):
+class _InProcessVecEnv(VecEnv):
+    """The VecEnv plumbing of an environment that lives in this process: attributes and
+    methods are the object's own, for every slot."""
+
+    def close(self):
+        pass
+
+    def get_attr(self, name, indices=None):
+        return [getattr(self, name) for _ in self._get_indices(indices)]
+
+    def set_attr(self, name, value, indices=None):
+        setattr(self, name, value)
+
+    def has_attr(self, name):
+        return hasattr(self, name)
+
+    def env_method(self, name, *args, indices=None, **kwargs):
+        out = getattr(self, name)(*args, **kwargs)
+        return out if indices is None else [out[i] for i in self._get_indices(indices)]
+
+    def env_is_wrapped(self, wrapper_class, indices=None):
+        return [False for _ in self._get_indices(indices)]
+
+
+class MultiAgentVecEnv(_InProcessVecEnv):
     def __init__(self, cfg: Config, num_envs: int | None = None, device: str | None = None, seed: int | None = None):
         torch.set_num_threads(cfg.sim.threads)
         self.sim = BatchedSimulator(cfg, num_envs=num_envs, device=device, seed=seed)
@@ -27,6 +51,7 @@ class MultiAgentVecEnv(VecEnv):
         self._actions = None
         self._next_seed: int | None = None
         self._episode_metrics: dict[str, torch.Tensor] = {}
+        self.parts = [self]
         n = self.sim.B * self.sim.N
         obs_space = spaces.Box(-np.inf, np.inf, (self.obs_dim + self.state_dim,), np.float32)
         super().__init__(n, obs_space, spaces.MultiDiscrete(self.nvec))
@@ -75,25 +100,6 @@ class MultiAgentVecEnv(VecEnv):
         self._next_seed = int(seed)
         return [int(seed)] * self.num_envs
 
-    def close(self):
-        pass
-
-    def get_attr(self, name, indices=None):
-        return [getattr(self, name) for _ in self._get_indices(indices)]
-
-    def set_attr(self, name, value, indices=None):
-        setattr(self, name, value)
-
-    def has_attr(self, name):
-        return hasattr(self, name)
-
-    def env_method(self, name, *args, indices=None, **kwargs):
-        out = getattr(self, name)(*args, **kwargs)
-        return out if indices is None else [out[i] for i in self._get_indices(indices)]
-
-    def env_is_wrapped(self, wrapper_class, indices=None):
-        return [False for _ in self._get_indices(indices)]
-
     # ---- metrics and exact state
     def _accumulate(self, m: dict[str, torch.Tensor]) -> None:
         for k, v in m.items():
@@ -114,3 +120,71 @@ class MultiAgentVecEnv(VecEnv):
     def set_state(self, state: dict) -> None:
         self.sim.set_state(state)
         self._next_seed = None
+
+
+class MixedSizeVecEnv(_InProcessVecEnv):
+    """Several `MultiAgentVecEnv`s of different sizes (users, servers) behind one VecEnv, so one
+    policy trains on all of them in every rollout: slots of part k follow those of part k-1.
+    Every part has the same observation width (`env.max_servers`), and about the same number of
+    agent slots (`agents_per_size`), so no size dominates the gradient."""
+
+    def __init__(self, cfg: Config, sizes: list[tuple[int, int]], agents_per_size: int, seed: int | None = None):
+        base = cfg.seed if seed is None else seed
+        self.parts = [MultiAgentVecEnv(cfg.at_size(n, m), num_envs=max(1, round(agents_per_size / n)), seed=base + 7919 * k)
+                      for k, (n, m) in enumerate(sizes)]
+        first = self.parts[0]
+        self.cfg, self.sizes = cfg, [tuple(s) for s in sizes]
+        self.obs_dim, self.state_dim, self.nvec = first.obs_dim, first.state_dim, first.nvec
+        self.render_mode = None
+        self.bounds = np.cumsum([0] + [p.num_envs for p in self.parts])
+        super().__init__(int(self.bounds[-1]), first.observation_space, first.action_space)
+
+    def reset(self):
+        return np.concatenate([p.reset() for p in self.parts])
+
+    def step_async(self, actions):
+        a = np.asarray(actions)
+        for p, lo, hi in zip(self.parts, self.bounds[:-1], self.bounds[1:]):
+            p.step_async(a[lo:hi])
+
+    def step_wait(self):
+        out = [p.step_wait() for p in self.parts]
+        return (np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]),
+                np.concatenate([o[2] for o in out]), [i for o in out for i in o[3]])
+
+    def action_masks(self) -> np.ndarray:
+        return np.concatenate([p.action_masks() for p in self.parts])
+
+    def seed(self, seed=None):
+        if seed is None:
+            seed = int(np.random.randint(0, 2**31 - 1))
+        for k, p in enumerate(self.parts):
+            p.seed(int(seed) + 7919 * k)
+        return [int(seed)] * self.num_envs
+
+    def pop_metrics(self) -> dict[str, float]:
+        """Headline metrics since the last call, pooled over the sizes."""
+        total: dict[str, torch.Tensor] = {}
+        for p in self.parts:
+            for k, v in p._episode_metrics.items():
+                total[k] = total.get(k, 0) + v.sum()
+            p._episode_metrics = {}
+        return summarize(total) if total else {}
+
+    def get_state(self) -> dict:
+        return {"parts": [p.get_state() for p in self.parts], "sizes": self.sizes}
+
+    def set_state(self, state: dict) -> None:
+        if [tuple(s) for s in state.get("sizes", [])] != self.sizes:
+            raise ValueError(f"saved state is for sizes {state.get('sizes')}, this env trains on {self.sizes}")
+        for p, s in zip(self.parts, state["parts"]):
+            p.set_state(s)
+
+
+def training_env(cfg: Config, num_envs: int | None = None) -> "MultiAgentVecEnv | MixedSizeVecEnv":
+    """The VecEnv a run trains on: the scenario's size, or every size of `train.sizes` (about
+    `num_envs` x `n_users` agent slots each)."""
+    B = num_envs or cfg.train.num_envs
+    if not cfg.train.sizes:
+        return MultiAgentVecEnv(cfg, num_envs=B)
+    return MixedSizeVecEnv(cfg, cfg.train.sizes, B * cfg.scenario.n_users)

@@ -51,28 +51,39 @@ def bench_pettingzoo(cfg: Config, steps: int) -> dict:
             "env_steps_per_s": steps / dt, "ms_per_step": 1000 * dt / steps}
 
 
-def bench_controller(cfg: Config, slots: int = 500, policy: str | None = None) -> dict:
+def bench_controller(cfg: Config, slots: int = 500, policy: str | None = None,
+                     sizes: list[tuple[int, int]] | None = None) -> list[dict]:
     """Controller decision latency per slot (reports -> observations -> policy -> decisions), on
-    the simulator's states: `policy` None runs a freshly initialised MAPPO actor exported to a
-    temporary bundle (onnxruntime), else the named heuristic (torch, as the controller runs it)."""
-    sim = BatchedSimulator(cfg, num_envs=1, seed=1)
-    gen = torch.Generator().manual_seed(0)
+    the simulator's states, at each (users, servers) of `sizes` (default: the config's): `policy`
+    None runs a freshly initialised MAPPO actor (the config's `train.actor`) exported to one
+    temporary bundle with room for the largest server count (onnxruntime), else the named
+    heuristic (torch, as the controller runs it)."""
+    sizes = sizes or [(cfg.scenario.n_users, cfg.scenario.n_servers)]
+    room = max(cfg.max_servers, *(m for _, m in sizes))
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if policy is None:
-            model = new_mappo(cfg, MultiAgentVecEnv(cfg, num_envs=1), seed=0)
-            export_bundle(model.policy, cfg, tmp, n_parity=100)
-            manifest, actor = load_bundle(tmp, cfg)
-            decide = bundle_policy(actor, manifest)
-        else:
-            manifest, decide = manifest_contract(cfg), heuristic_policy(policy, cfg)
-        core = ControllerCore(manifest, decide, slot_ms=cfg.env.slot_ms, horizon=cfg.env.horizon)
-        for _ in range(slots):
-            users, servers = reports_from_features(sim.features())
-            for r in users:
-                core.report_user(r)
-            for r in servers:
-                core.report_server(r)
-            core.step()
-            if core.slot % 10 == 0:
-                sim.step(sim.actions.random_valid(sim.mask, gen))
-    return {"what": f"{policy or 'mappo (onnx)'} N={sim.N}, M={sim.M}", **core.latency_stats()}
+            c0 = cfg.with_max_servers(room)
+            model = new_mappo(c0, MultiAgentVecEnv(c0, num_envs=1), seed=0)
+            export_bundle(model.policy, c0, tmp, n_parity=100)
+        for n, m in sizes:
+            c = cfg.with_max_servers(room).at_size(n, m)
+            if policy is None:
+                manifest, actor = load_bundle(tmp, c)
+                decide = bundle_policy(actor, manifest)
+            else:
+                manifest, decide = manifest_contract(c), heuristic_policy(policy, c)
+            sim = BatchedSimulator(c, num_envs=1, seed=1)
+            gen = torch.Generator().manual_seed(0)
+            core = ControllerCore(manifest, decide, slot_ms=c.env.slot_ms, horizon=c.env.horizon, n_servers=m)
+            for _ in range(slots):
+                users, servers = reports_from_features(sim.features())
+                for r in users:
+                    core.report_user(r)
+                for r in servers:
+                    core.report_server(r)
+                core.step()
+                if core.slot % 10 == 0:
+                    sim.step(sim.actions.random_valid(sim.mask, gen))
+            rows.append({"what": f"{policy or f'mappo {cfg.train.actor} (onnx)'} N={n}, M={m}", **core.latency_stats()})
+    return rows

@@ -16,7 +16,7 @@ import numpy as np
 
 from marl_sd.contract import ActionLayout, manifest_contract
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 CHECKED_KEYS = ("obs_dim", "nvec", "obs_layout", "bid_weights", "priority_weights")
 STRUCTURE = ("name", "source", "width", "kind", "scope", "integer")  # of each feature; scales and clips may differ
 log = logging.getLogger("marl_sd.bundle")
@@ -34,7 +34,8 @@ class BundleError(ValueError):
 
 def scenario_summary(cfg) -> dict:
     s = cfg.scenario
-    return {"n_users": s.n_users, "n_servers": s.n_servers, "isd_m": s.isd_m, "profile": s.profile,
+    return {"n_users": s.n_users, "n_servers": s.n_servers, "max_servers": cfg.max_servers,
+            "trained_sizes": [list(x) for x in cfg.train.sizes] or [[s.n_users, s.n_servers]], "isd_m": s.isd_m, "profile": s.profile,
             "channel": {"model": s.channel.model, "fidelity": s.channel.fidelity},
             "devices": [d.name for d in s.devices], "slot_ms": cfg.env.slot_ms, "gamma_max": cfg.env.gamma_max}
 
@@ -65,8 +66,15 @@ def load_bundle(bundle_dir: Path, cfg=None) -> tuple[dict, OnnxActor]:
     except json.JSONDecodeError as e:
         raise BundleError(f"{mf} is not valid JSON: {e}") from None
     if manifest.get("manifest_version") != MANIFEST_VERSION:
-        raise BundleError(f"{mf}: unsupported manifest version {manifest.get('manifest_version')}")
+        raise BundleError(f"{mf}: unsupported manifest version {manifest.get('manifest_version')} (this package reads "
+                          f"version {MANIFEST_VERSION}: export the run again)")
     if cfg is not None:
+        room = int(manifest.get("obs_spec", {}).get("max_servers", 0))
+        if cfg.scenario.n_servers > room:
+            raise BundleError(f"bundle {bundle_dir} has room for {room} servers (env.max_servers when trained); "
+                              f"this scenario has {cfg.scenario.n_servers}")
+        if cfg.max_servers != room:  # the bundle pads to its own room: compare against that
+            cfg = cfg.with_max_servers(room)
         want = manifest_contract(cfg)
         bad = [k for k in CHECKED_KEYS if json.loads(json.dumps(want[k])) != manifest.get(k)]
         if [[f[k] for k in STRUCTURE] for f in manifest.get("features", [])] != [[f[k] for k in STRUCTURE] for f in want["features"]]:

@@ -48,7 +48,8 @@ def _cmd_bench(args) -> int:
 
         configs = [args.config] if args.config else ["configs/default.yaml", "configs/large.yaml"]
         policies = [None if p == "mappo" else p for p in args.policies]
-        rows = [bench_controller(load_config(c, args.set), args.slots, p) for c in configs for p in policies]
+        sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes] if args.sizes else None
+        rows = [r for c in configs for p in policies for r in bench_controller(load_config(c, args.set), args.slots, p, sizes)]
         t = Table(title="controller decision latency per slot (reports -> obs -> policy -> decisions)")
         for c in ("what", "slots", "p50 ms", "p99 ms", "max ms", "missed slots"):
             t.add_column(c, justify="right")
@@ -157,15 +158,15 @@ def _policies(cfg, run_dir, names):
     return [p for p in (make_policy(n, cfg, run_dir) for n in names) if p is not None]
 
 
-def _capacity(cfg, names, seeds, episodes, target, out_dir) -> int:
+def _capacity(cfg, run_dir, names, seeds, episodes, target, out_dir) -> int:
     from marl_sd.agents.capacity import capacity
-    from marl_sd.agents.heuristics import make_heuristic
+    from marl_sd.agents.catalog import make_policy
 
-    if "learned" in names:
-        raise ConfigError("capacity varies n_users: a learned policy is sized for the N it was trained on")
     rows = {}
     for n in names:
-        r = capacity(cfg, lambda ctx, n=n: make_heuristic(n, ctx), seeds, episodes, target,
+        if n == "learned" and make_policy(n, cfg, run_dir) is None:
+            raise ConfigError(f"--capacity learned: {run_dir} has no trained policy (best.zip or final.zip)")
+        r = capacity(cfg, lambda ctx, n=n: make_policy(n, ctx.cfg, run_dir), seeds, episodes, target,
                      progress=lambda u, m, ci, n=n: console.print(f"[dim]{n}: {u} users -> {m:.3f} ±{ci:.3f}[/dim]"))
         rows[n] = r
     t = Table(title=f"capacity: users with >= {target:.0%} of requests within TTFT <= {cfg.eval.slo_ttft_ms:.0f} ms and "
@@ -216,8 +217,8 @@ def _cmd_eval(args) -> int:
     seeds = args.seeds or cfg.eval.seeds
     out_dir = run_dir / "eval"
     if args.capacity:
-        return _capacity(cfg, args.policies or ["centralized_ar", "nearest_g4", "two_phase_matching"], seeds, episodes,
-                         args.slo_target, out_dir)
+        return _capacity(cfg, run_dir, args.policies or ["centralized_ar", "nearest_g4", "two_phase_matching"], seeds,
+                         episodes, args.slo_target, out_dir)
     policies = _policies(cfg, run_dir, args.policies)
     t0 = time.time()
     if args.ray:
@@ -237,15 +238,15 @@ def _cmd_eval(args) -> int:
             raise ConfigError("--sweep supports users=N1,N2,...")
         from marl_sd.agents.heuristics import HEURISTICS
 
-        heuristics = [n for n in (args.policies or cfg.eval.policies or HEURISTICS) if n != "learned"]
+        names = args.policies or cfg.eval.policies or ["learned", *HEURISTICS]
         sweep = {}
         for v in [int(x) for x in vals.split(",")]:
             if v == cfg.scenario.n_users:  # the table above: same scenario, seeds and episodes
                 sweep[v] = results
                 continue
             c = load_config(run_dir / "config.yaml" if (run_dir / "config.yaml").exists() else args.target,
-                            [*args.set, f"scenario.n_users={v}"])  # a learned policy is sized for its own N
-            sweep[v] = evaluate(c, _policies(c, run_dir, heuristics), seeds, episodes)
+                            [*args.set, f"scenario.n_users={v}"])  # a learned policy runs at any N
+            sweep[v] = evaluate(c, _policies(c, run_dir, names), seeds, episodes)
             console.print(f"  users={v}: " + ", ".join(f"{r.name} {r.summary()['latency_per_token_ms'][0]:.1f}"
                                                        for r in sweep[v]))
         paths += [plot_sweep(sweep, "users", out_dir), write_sweep(sweep, "users", out_dir)]
@@ -403,10 +404,20 @@ def _cmd_export(args) -> int:
     if ckpt is None:
         raise ConfigError(f"{run_dir} has no best.zip or final.zip; pass --checkpoint")
     out = Path(args.out or run_dir / "bundle")
-    m = export_bundle(load_policy(ckpt), cfg, out)
-    p = m["parity"]
-    console.print(f"wrote {out}/actor.onnx + manifest.json from {ckpt.name}: parity on {p['observations']} observations "
-                  f"max |dlogit| {p['max_abs_logit_diff']:.2e}, same masked argmax: {p['same_masked_argmax']}")
+    policy = load_policy(ckpt)
+    if policy.max_servers != cfg.max_servers:
+        raise ConfigError(f"{ckpt} has room for {policy.max_servers} servers, the run's config {cfg.max_servers}")
+    sizes = ([tuple(int(x) for x in s.split("x")) for s in args.parity_sizes] if args.parity_sizes is not None
+             else [tuple(x) for x in cfg.train.sizes])
+    too_big = [f"{n}x{m}" for n, m in sizes if m > cfg.max_servers]
+    if too_big:
+        raise ConfigError(f"--parity-sizes {' '.join(too_big)}: more servers than the policy's room ({cfg.max_servers})")
+    m = export_bundle(policy, cfg, out, precision=args.precision, parity_sizes=sizes)
+    for p in m["parity"]["sizes"]:
+        console.print(f"parity at {p['users']} users, {p['servers']} servers on {p['observations']} observations: "
+                      f"max |dlogit| {p['max_abs_logit_diff']:.2e}, same masked argmax: {p['same_masked_argmax']}")
+    console.print(f"wrote {out}/actor.onnx + manifest.json from {ckpt.name} ({args.precision}; room for "
+                  f"{cfg.max_servers} servers, any number of users)")
     return 0
 
 
@@ -461,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", help="run directory")
     ex.add_argument("--checkpoint", help="zip to export (default: best.zip, else final.zip)")
     ex.add_argument("--out", help="bundle directory (default: <run>/bundle)")
+    ex.add_argument("--precision", choices=["float32", "float64"], default="float32",
+                    help="arithmetic inside the ONNX graph (float64: closer to torch, about 3x slower)")
+    ex.add_argument("--parity-sizes", nargs="*", metavar="NxM",
+                    help="also measure parity at these users x servers (default: the sizes trained on)")
     ex.set_defaults(func=_cmd_export)
 
     sv = sub.add_parser("serve", help="live speculative serving: server, client, up (local run), bench")
@@ -519,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-envs", type=int, nargs="+", default=[1, 64, 256])
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--slots", type=int, default=300, help="controller: decisions timed per policy")
+    b.add_argument("--sizes", nargs="+", metavar="NxM", help="controller: users x servers to time one bundle at "
+                                                             "(e.g. 8x3 64x7 256x16; default: the config's size)")
     b.add_argument("--policies", nargs="+", default=["mappo", "two_phase_matching", "closed_form_dp",
                                                      "greedy_latency", "nearest_adaptive"],
                    help="controller: 'mappo' (a fresh actor in onnxruntime) and heuristic names")

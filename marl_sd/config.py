@@ -198,6 +198,9 @@ class EnvConfig(Strict):
     check_actions: bool = Field(True, description="raise on out-of-range or masked actions")
     predraft: bool = Field(True, description="devices keep drafting while a round is in flight (the client's "
                                              "default; false matches `serve client --no-predraft`)")
+    max_servers: int | None = Field(None, ge=1, description="servers the observation and the server action have "
+                                                            "room for (padded and masked past n_servers); a policy "
+                                                            "runs on any scenario with at most this many. None: n_servers")
 
     @model_validator(mode="after")
     def _ticks(self) -> "EnvConfig":
@@ -250,6 +253,12 @@ class TrainConfig(Strict):
     max_grad_norm: float = Field(10.0, gt=0)
     adam_eps: float = Field(1e-5, gt=0)
     hidden: list[int] = Field(default_factory=lambda: [64, 64])
+    actor: Literal["set", "mlp"] = Field("set", description="set: shared per-server scorer + pooled context "
+                                                            "(permutation-invariant over servers); mlp: one MLP "
+                                                            "over the flat observation")
+    sizes: list[tuple[int, int]] = Field(default_factory=list, description="[n_users, n_servers] pairs trained on "
+                                                                            "together (one simulator each, about equal "
+                                                                            "agent counts); empty: the scenario's size")
     layer_norm: bool = True
     value_norm: bool = True
     checkpoint_every: int = Field(20, ge=1, description="rollouts between checkpoints")
@@ -300,6 +309,38 @@ class Config(Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     serving: ServingConfig = ServingConfig()
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "Config":
+        if self.env.max_servers is None:  # resolved once, so a run's saved config states its room
+            self.env.max_servers = self.scenario.n_servers
+        room = self.max_servers
+        for n, m in [(self.scenario.n_users, self.scenario.n_servers), *self.train.sizes]:
+            if n < 1 or m < 1:
+                raise ValueError(f"train.sizes: [{n}, {m}] needs at least one user and one server")
+            if m > room:
+                raise ValueError(f"{m} servers exceed env.max_servers ({room}): raise env.max_servers")
+        return self
+
+    @property
+    def max_servers(self) -> int:
+        """Width of the per-server observation blocks and of the server action."""
+        return int(self.env.max_servers)
+
+    def with_max_servers(self, room: int) -> "Config":
+        """This config with room for `room` servers in the observation and the server action."""
+        d = self.to_dict()
+        d["env"]["max_servers"] = int(room)
+        return config_from_dict(d, f"{self.name} with env.max_servers={room}")
+
+    def at_size(self, n_users: int, n_servers: int) -> "Config":
+        """This config with another number of users and servers, keeping the observation width."""
+        d = self.to_dict()
+        d["scenario"]["n_users"], d["scenario"]["n_servers"] = int(n_users), int(n_servers)
+        d["env"]["max_servers"] = self.max_servers
+        if d["scenario"].get("sites"):  # heterogeneous sites repeat in order
+            d["scenario"]["sites"] = [d["scenario"]["sites"][i % len(d["scenario"]["sites"])] for i in range(int(n_servers))]
+        return config_from_dict(d, f"{self.name} at {n_users} users, {n_servers} servers")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -13,7 +13,7 @@ live controller can load it without torch.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -24,11 +24,11 @@ SUB_ACTIONS = ("server", "uplink_bid", "verify_priority", "gamma")
 class Feature:
     """One block of the local observation.
 
-    `source` names the `Features` field it encodes; `width` is 1, "M" (one per server) or "N"
-    (one per user); `scope` says whose quantity it is: the user's own, a per-server quantity
+    `source` names the `Features` field it encodes; `width` is 1 or "M" (one per server, padded
+    to `ObsSpec.max_servers`); `scope` says whose quantity it is: the user's own, a per-server quantity
     every user sees, or the episode's; `kind`: linear (clip, divide), log1p (clip, log1p,
-    divide), onehot (index -> one-hot), indicator (value > 0), agent_id (the user's own
-    one-hot); `scale` is a number or the name of an `ObsSpec` size; `integer` quantities are
+    divide), onehot (index -> one-hot), indicator (value > 0), valid (1 for each existing
+    server, 0 for padding); `scale` is a number or the name of an `ObsSpec` size; `integer` quantities are
     cast to float before normalizing and rounded when decoded."""
 
     name: str
@@ -55,38 +55,60 @@ LOCAL_FEATURES: tuple[Feature, ...] = (
     Feature("outstanding", "outstanding", scale="queue_capacity", clip=(0.0, None)),  # at most the queue
     Feature("token_latency_ms", "token_latency_ms", kind="log1p", scale=7.0, clip=(0.0, None)),  # 1 ~ 1.1 s/token
     Feature("time_frac", "time_frac", scope="episode"),
-    Feature("srv_users", "srv_users", "M", scale="n_users", scope="server", integer=True),
+    Feature("srv_users", "srv_users", "M", kind="log1p", scale=3.0, clip=(0.0, None), scope="server", integer=True),
     Feature("srv_queued_tokens", "srv_queued_tokens", "M", scale="verify_token_budget", scope="server", integer=True),
     Feature("srv_busy", "srv_busy", "M", scope="server"),
     Feature("srv_kv", "srv_kv", "M", scope="server"),
-    Feature("agent_id", None, "N", kind="agent_id"),
+    Feature("server_valid", None, "M", kind="valid", scope="server"),
 )
 FEATURES_BY_NAME = {f.name: f for f in LOCAL_FEATURES}
 
 # The centralized critic's state: the server blocks, then these blocks of every user (plus each
-# user's best normalized SNR), then the episode progress.
+# user's best normalized SNR) pooled over users (mean and max), the number of users, the episode
+# progress. Its size does not depend on the number of users.
 STATE_USER_BLOCKS = ("server_onehot", "queue", "remaining", "draft_ms", "acceptance")
 
 
 @dataclass(frozen=True)
 class ObsSpec:
-    """Sizes and normalization constants; exported in the policy manifest."""
+    """Sizes and normalization constants; exported in the policy manifest.
 
-    n_users: int
-    n_servers: int
+    No size of the observation depends on the number of users. Per-server blocks are
+    `max_servers` wide: a scenario with fewer servers pads them (zeros, `server_valid` 0, the
+    server action masked). `n_servers` is the scenario's own count (None: `max_servers`), used
+    to decode observations back to physical units; it is not part of a bundle's contract."""
+
+    max_servers: int
     gamma_max: int
     queue_capacity: int
     max_output_tokens: int
     verify_token_budget: int
+    n_servers: int | None = None
+
+    def __post_init__(self):
+        if self.n_servers is None:
+            object.__setattr__(self, "n_servers", self.max_servers)
+        if self.n_servers > self.max_servers:
+            raise ValueError(f"{self.n_servers} servers exceed the observation's room for {self.max_servers}")
 
     @classmethod
     def from_config(cls, cfg) -> "ObsSpec":
         s, w = cfg.scenario, cfg.scenario.workload
-        return cls(s.n_users, s.n_servers, cfg.env.gamma_max, w.queue_capacity, w.output_tokens.high,
-                   s.verify_token_budget)
+        return cls(cfg.max_servers, cfg.env.gamma_max, w.queue_capacity, w.output_tokens.high, s.verify_token_budget,
+                   s.n_servers)
+
+    def at(self, n_servers: int) -> "ObsSpec":
+        """The same contract for a scenario with `n_servers` servers."""
+        return replace(self, n_servers=int(n_servers))
+
+    def contract(self) -> dict:
+        """What a bundle declares (the scenario's own server count excluded)."""
+        d = asdict(self)
+        d.pop("n_servers")
+        return d
 
     def width(self, f: Feature) -> int:
-        return {"M": self.n_servers, "N": self.n_users}.get(f.width, f.width)
+        return self.max_servers if f.width == "M" else int(f.width)
 
     def scale(self, f: Feature) -> float:
         return float(getattr(self, f.scale)) if isinstance(f.scale, str) else float(f.scale)
@@ -102,13 +124,26 @@ class ObsSpec:
     def state_dim(self) -> int:
         per_user = sum(self.width(FEATURES_BY_NAME[b]) for b in STATE_USER_BLOCKS) + 1
         servers = sum(self.width(f) for f in LOCAL_FEATURES if f.scope == "server")
-        return servers + self.n_users * per_user + 1
+        return servers + 2 * per_user + 2
 
     def feature_table(self) -> list[dict]:
         """The table with sizes resolved: what a consumer needs to encode observations."""
         return [{"name": f.name, "source": f.source, "width": self.width(f), "kind": f.kind,
                  "scale": self.scale(f), "clip": list(f.clip), "scope": f.scope, "integer": f.integer}
                 for f in LOCAL_FEATURES]
+
+    def blocks(self) -> tuple[list[int], list[list[int]]]:
+        """Column indices of the flat observation: the per-user scalars, and the per-server
+        candidate features as [max_servers][features] (what a set actor reads per server)."""
+        user, cand, off = [], [], 0
+        for f in LOCAL_FEATURES:
+            w = self.width(f)
+            if f.width == "M":
+                cand.append(list(range(off, off + w)))
+            else:
+                user.append(off)
+            off += w
+        return user, [list(c) for c in zip(*cand)]
 
 
 def features_from_manifest(manifest: dict) -> tuple[Feature, ...]:
@@ -134,7 +169,7 @@ class ActionLayout:
     @classmethod
     def from_config(cls, cfg) -> "ActionLayout":
         e = cfg.env
-        return cls([cfg.scenario.n_servers, len(e.bid_weights), len(e.priority_weights), e.gamma_max + 1])
+        return cls([cfg.max_servers, len(e.bid_weights), len(e.priority_weights), e.gamma_max + 1])
 
     @property
     def mask_dim(self) -> int:
@@ -203,19 +238,25 @@ class ActionLayout:
 
     def mask(self, snr_db, max_gamma, coverage_snr_db: float):
         """The mask rules: servers whose wideband UL SNR reaches `coverage_snr_db` (the best one
-        always), every bid and priority level, gamma up to the device's limit."""
+        always), every bid and priority level, gamma up to the device's limit. `snr_db` has one
+        column per existing server; the server action's room past them is masked."""
         n_srv, n_bid, n_prio, n_gam = self.nvec
+        M = snr_db.shape[-1]
+        if M > n_srv:
+            raise ValueError(f"{M} servers exceed the server action's {n_srv} choices")
         if _is_torch(snr_db):
             import torch
 
-            best = torch.nn.functional.one_hot(snr_db.argmax(-1), n_srv) > 0
+            best = torch.nn.functional.one_hot(snr_db.argmax(-1), M) > 0
+            pad = torch.zeros(tuple(snr_db.shape[:-1]) + (n_srv - M,), dtype=torch.bool, device=snr_db.device)
             bids = torch.ones(tuple(snr_db.shape[:-1]) + (n_bid + n_prio,), dtype=torch.bool, device=snr_db.device)
             gam = torch.arange(n_gam, device=snr_db.device) <= max_gamma[..., None]
-            return torch.cat([(snr_db >= coverage_snr_db) | best, bids, gam], -1)
-        best = snr_db.argmax(-1)[..., None] == np.arange(n_srv)
+            return torch.cat([(snr_db >= coverage_snr_db) | best, pad, bids, gam], -1)
+        best = snr_db.argmax(-1)[..., None] == np.arange(M)
+        pad = np.zeros(tuple(snr_db.shape[:-1]) + (n_srv - M,), bool)
         bids = np.ones(tuple(snr_db.shape[:-1]) + (n_bid + n_prio,), bool)
         gam = np.arange(n_gam) <= np.asarray(max_gamma)[..., None]
-        return np.concatenate([(snr_db >= coverage_snr_db) | best, bids, gam], -1)
+        return np.concatenate([(snr_db >= coverage_snr_db) | best, pad, bids, gam], -1)
 
     MASK_RULES = {"server": "wideband UL SNR >= coverage_snr_db (the best server always allowed)",
                   "uplink_bid": "all allowed", "verify_priority": "all allowed",
@@ -226,7 +267,7 @@ def manifest_contract(cfg) -> dict:
     """What a consumer must agree on to use a policy: sizes, the feature table with its scales
     and clips, the action layout and mask rules. Computed from the config alone."""
     spec, act = ObsSpec.from_config(cfg), ActionLayout.from_config(cfg)
-    return {"obs_spec": asdict(spec), "obs_dim": spec.obs_dim, "obs_layout": [list(x) for x in spec.layout()],
+    return {"obs_spec": spec.contract(), "obs_dim": spec.obs_dim, "obs_layout": [list(x) for x in spec.layout()],
             "features": spec.feature_table(), "nvec": act.nvec, "sub_actions": list(act.names),
             "bid_weights": list(cfg.env.bid_weights), "priority_weights": list(cfg.env.priority_weights),
             "coverage_snr_db": cfg.scenario.channel.coverage_snr_db, "mask_rules": ActionLayout.MASK_RULES}

@@ -87,7 +87,7 @@ def test_manifest_carries_the_table_and_the_controller_uses_it(sim):
     users, servers = reports_from_features(sim.features())
     for r in users:
         core.report_user(r)
-    obs = core.builder.local(core.features())
+    obs = core.builder.local(core.features()[1])
     assert obs.shape == (1, sim.N, m["obs_dim"])
     m2 = copy.deepcopy(m)
     i = [f["name"] for f in m2["features"]].index("draft_ms")
@@ -95,7 +95,7 @@ def test_manifest_carries_the_table_and_the_controller_uses_it(sim):
     core2 = ControllerCore(m2, policy=None)
     for r in users:
         core2.report_user(r)
-    obs2 = core2.builder.local(core2.features())
+    obs2 = core2.builder.local(core2.features()[1])
     off = sum(w for n, w in sim.spec.layout()[:i])
     np.testing.assert_allclose(obs2[..., off], obs[..., off] / 2, rtol=1e-6)
     assert np.array_equal(np.delete(obs2, off, -1), np.delete(obs, off, -1))

@@ -47,7 +47,7 @@ def test_controller_observation_equals_env_observation(manifest_and_actor):
     for r in servers:
         core.report_server(r)
     core.slot = int(sim.t)
-    f = core.features()
+    _, f = core.features()
     obs = core.builder.local(f)
     np.testing.assert_allclose(obs, sim.observations().numpy(), atol=1e-6)
     np.testing.assert_array_equal(core.masks(f), sim.mask.numpy())
@@ -90,7 +90,7 @@ def test_heuristic_decides_well_within_the_slot_at_32_users(name):
     itself is `marl-sd bench controller`; this guards against an order-of-magnitude slowdown."""
     from marl_sd.bench import bench_controller
 
-    st = bench_controller(load_config("configs/large.yaml"), slots=40, policy=name)
+    (st,) = bench_controller(load_config("configs/large.yaml"), slots=40, policy=name)
     assert st["missed_slots"] == 0 and st["p99_ms"] < 50.0
 
 

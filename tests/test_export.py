@@ -40,8 +40,11 @@ def test_onnx_parity_with_torch(bundle):
 
 def test_wrong_or_broken_bundle_rejected(bundle, tmp_path):
     cfg, _, out, _ = bundle
-    with pytest.raises(BundleError, match="does not match this scenario: obs_dim, nvec"):
+    with pytest.raises(BundleError, match="has room for 3 servers .* this scenario has 4"):
         load_bundle(out, load_config(overrides=["scenario.n_users=5", "scenario.n_servers=4"]))
+    load_bundle(out, load_config(overrides=["scenario.n_users=5", "scenario.n_servers=2"]))  # any N, fewer servers
+    with pytest.raises(BundleError, match="does not match this scenario: nvec differ"):
+        load_bundle(out, load_config(overrides=["env.gamma_max=4"]))
     with pytest.raises(BundleError, match="not a policy bundle"):
         load_bundle(tmp_path)
     broken = tmp_path / "b"

@@ -226,10 +226,10 @@ def good_report(user=0, M=3):
 
 
 @pytest.mark.parametrize("change", [{"snr_db": [1.0, 2.0]}, {"user": "0"}, {"max_gamma": [6]}, {"draft_ms": float("nan")},
-                                    {"user": 50000}, {"server": 9}, {"evil": 1}, {"acceptance": 3.0}])
+                                    {"user": 1 << 21}, {"server": 9}, {"evil": 1}, {"acceptance": 3.0}])
 def test_malformed_reports_are_refused_by_the_schema(change):
     with pytest.raises(ReportError):
-        parse_report(json.dumps(good_report() | change).encode(), 8, 3)
+        parse_report(json.dumps(good_report() | change).encode(), 3)
 
 
 def test_controller_survives_abuse_and_binds_reports_to_identities(core, pki):
@@ -250,7 +250,7 @@ def test_controller_survives_abuse_and_binds_reports_to_identities(core, pki):
         codes = [await send("client-1", good_report(0)),  # spoofing user 0
                  await send("client-0", None, raw=b"\xff not json"),
                  await send("client-0", good_report(0) | {"snr_db": [1.0]}),
-                 *[await send("client-2", good_report(u)) for u in (100, 5000, 50000)],
+                 *[await send("client-2", good_report(u)) for u in (1 << 20, 1 << 21, 1 << 30)],
                  await send("client-0", {"kind": "server", "server": 0, "busy": 0.5})]
         own = await send("client-0", good_report(0))
         await asyncio.sleep(0.3)

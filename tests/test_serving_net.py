@@ -196,3 +196,73 @@ def test_paced_verifier_and_drafter_emulate_the_profile(target):
     t0 = time.monotonic()
     d.extend(10, stop)
     assert len(d.drafts) == 1 and time.monotonic() - t0 < 0.2
+
+
+def test_clients_join_and_leave_while_the_controller_decides(servers, target, tmp_path):
+    """A live controller running a size-free bundle (room for 3 servers, 2 running) while users
+    join and leave mid-run and one verifier is killed: every slot decides for whoever is there,
+    no user is sent to the dead verifier once it is marked down, every request is lossless."""
+    from marl_sd.agents.mappo import new_mappo
+    from marl_sd.bundle import bundle_policy, load_bundle
+    from marl_sd.config import load_config
+    from marl_sd.envs.vec_env import MultiAgentVecEnv
+    from marl_sd.export import export_bundle
+    from marl_sd.serving.client import ControlAgent
+    from marl_sd.serving.controller import ControllerCore, poll_servers, serve_controller
+
+    cfg = load_config(overrides=["env.max_servers=3", "scenario.n_users=2", "scenario.n_servers=2"])
+    export_bundle(new_mappo(cfg, MultiAgentVecEnv(cfg, num_envs=1), seed=0).policy, cfg, tmp_path, n_parity=20)
+    m, actor = load_bundle(tmp_path, cfg)
+    core = ControllerCore(m, bundle_policy(actor, m), slot_ms=50.0, n_servers=2)
+    (p0, a0), (p1, a1) = servers(2)
+    prompts = {u: list(range(3 + u, 15 + 2 * u)) for u in range(5)}
+    seen: list[frozenset] = []
+
+    async def user(u, caddr, start_s, requests):
+        await asyncio.sleep(start_s)
+        c = DraftClient(Drafter(load_model("tiny-draft:0:0.15")), [a0, a1], gamma=3)
+        agent = ControlAgent(caddr, u, c, None, 50.0, 4.5, 6, 2)
+        rep = asyncio.ensure_future(agent.run())
+        await asyncio.sleep(0.15)  # a first decision before the first round
+        out = [await c.generate(prompts[u], 24) for _ in range(requests)]
+        rep.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await rep
+        await agent.leave()
+        await c.close()
+        return u, out
+
+    async def main():
+        port = asyncio.get_running_loop().create_future()
+        ctl = asyncio.ensure_future(serve_controller(core, "127.0.0.1", 0, ready=port.set_result, duration_s=30.0))
+        poll = asyncio.ensure_future(poll_servers(core, [a0, a1]))
+        caddr = f"127.0.0.1:{await port}"
+
+        async def watch():
+            while True:
+                seen.append(frozenset(core.users))
+                await asyncio.sleep(0.02)
+        w = asyncio.ensure_future(watch())
+        early = [asyncio.ensure_future(user(u, caddr, 0.0, 3)) for u in (0, 1)]
+        late = [asyncio.ensure_future(user(u, caddr, 0.3, 3)) for u in (2, 3, 4)]
+        await asyncio.wait_for(asyncio.gather(*early), 60)
+        p1.kill()  # a verifier goes away while users 2-4 are still served
+        for _ in range(40):
+            if 1 in core.servers_down:
+                break
+            await asyncio.sleep(0.05)
+        down_at = core.slot
+        res = await asyncio.wait_for(asyncio.gather(*early, *late), 90)
+        await asyncio.sleep(0.1)
+        for t in (w, poll, ctl):
+            t.cancel()
+        return res, down_at
+    res, down_at = asyncio.run(main())
+    for u, outs in res:
+        for r in outs:
+            assert r.tokens == reference(target, prompts[u], 24)
+    st = core.latency_stats()
+    assert st["joined"] == 5 and st["left"] == 5 and st["users"] == 0 and st["peak_users"] >= 3
+    assert 1 in core.servers_down and core.step_errors == 0
+    assert any(s & {0, 1} and s & {2, 3, 4} for s in seen) and not seen[-1]  # early and late users overlapped
+    assert all(d.server == 0 for d in core.decisions.values() if d.slot > down_at + 1)

@@ -60,14 +60,22 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
         load_policy(tmp_path / "missing.zip")
 
 
-def test_learned_policy_at_another_size_is_a_clear_error(tmp_path, capsys):
-    """`marl-sd eval RUN --set scenario.n_users=...` names the sizes instead of a torch traceback."""
+def test_learned_policy_runs_at_other_sizes_within_its_room(tmp_path, capsys):
+    """A trained policy evaluates at another number of users and at fewer servers; more servers
+    than it has room for is a clear error naming both, not a torch traceback."""
     from marl_sd.cli import main
 
     cfg = load_config(overrides=TINY)
     train(cfg, tmp_path / "run", progress=False, total_timesteps=8 * 4 * 3)
-    rc = main(["eval", str(tmp_path / "run"), "--set", "scenario.n_users=5", "--episodes", "1", "--seeds", "0"])
-    assert rc == 2 and "sizes it was trained for" in " ".join(capsys.readouterr().out.split())
+    room = cfg.scenario.n_servers
+    for size in (["scenario.n_users=5"], ["scenario.n_users=11", "--set", f"scenario.n_servers={room - 1}"]):
+        rc = main(["eval", str(tmp_path / "run"), "--set", *size, "--episodes", "1", "--seeds", "0",
+                   "--policies", "learned", "nearest_g4"])
+        assert rc == 0
+        assert "mappo" in capsys.readouterr().out
+    rc = main(["eval", str(tmp_path / "run"), "--set", f"scenario.n_servers={room + 1}", "--episodes", "1", "--seeds", "0"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert rc == 2 and f"{room + 1} servers exceed env.max_servers ({room})" in out
 
 
 def test_smoke_training_beats_random(tmp_path):

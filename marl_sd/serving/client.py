@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -140,6 +141,15 @@ class ControlAgent:
                     self.ignored += 1
                 await asyncio.sleep(self.slot_s)
 
+    async def leave(self) -> None:
+        """Tell the controller this user leaves now (best effort: otherwise it expires)."""
+        try:
+            async with self.security.channel(self.addr, "controller", options=P.grpc_options()) as ch:
+                await ch.unary_unary(f"/{CONTROLLER_SERVICE}/Report")(
+                    json.dumps({"kind": "leave", "user": self.user}).encode(), timeout=max(self.slot_s, 1.0))
+        except grpc.aio.AioRpcError as e:
+            log.warning("user %d: leave not acknowledged (%s); the controller will expire it", self.user, e.code())
+
     async def plan(self, client: DraftClient) -> RoundPlan | None:
         """The latest decision as the plan for the next round (None before the first one)."""
         d = self.decision
@@ -211,6 +221,9 @@ async def run_workload(args) -> list[dict]:
         rows.append(row)
     if agent is not None:
         reporter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporter  # no report may overtake the leave
+        await agent.leave()
     await client.close()
     return rows
 

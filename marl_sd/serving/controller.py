@@ -84,12 +84,29 @@ class _ServerReportIn(BaseModel):
     kv: FiniteFloat = Field(0.0, ge=0, le=1)
 
 
+class _LeaveIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["leave"]
+    user: StrictInt = Field(ge=0)
+
+
+@dataclass
+class Leave:
+    """A user announces it leaves (its last request is done)."""
+
+    user: int
+
+
 class ReportError(ValueError):
     """A report that does not fit the schema or the scenario's sizes."""
 
 
-def parse_report(raw: bytes, n_users: int, n_servers: int) -> "UserReport | ServerReport":
-    """Validate one report (JSON): schema, finite numbers, ids and list lengths within the sizes."""
+MAX_USER_ID = 1 << 20
+
+
+def parse_report(raw: bytes, n_servers: int) -> "UserReport | ServerReport | Leave":
+    """Validate one report (JSON): schema, finite numbers, server ids and list lengths within the
+    scenario's servers. Any number of users may report (ids below `MAX_USER_ID`)."""
     try:
         msg = json.loads(raw)
         if not isinstance(msg, dict):
@@ -99,13 +116,15 @@ def parse_report(raw: bytes, n_users: int, n_servers: int) -> "UserReport | Serv
             if r.server >= n_servers:
                 raise ReportError(f"server {r.server} out of range [0, {n_servers})")
             return ServerReport(r.server, r.users, r.queued_tokens, r.busy, r.kv)
+        if msg.get("kind") == "leave":
+            return Leave(_LeaveIn(**msg).user)
         r = _UserReportIn(**msg)
     except ValidationError as e:
         raise ReportError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()[:3])) from None
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
         raise ReportError(f"not a JSON report: {e}") from None
-    if r.user >= n_users:
-        raise ReportError(f"user {r.user} out of range [0, {n_users})")
+    if r.user >= MAX_USER_ID:
+        raise ReportError(f"user id {r.user} out of range [0, {MAX_USER_ID})")
     if r.server >= n_servers:
         raise ReportError(f"server {r.server} out of range [0, {n_servers})")
     for k in ("snr_db", "ul_mbps", "ul_full_mbps"):
@@ -136,11 +155,25 @@ class Decision:
 
 
 class ControllerCore:
-    """Policy-agnostic core: reports -> Features -> observations + masks -> decisions."""
+    """Policy-agnostic core: reports -> Features -> observations + masks -> decisions.
+
+    Users join by reporting and leave when silent for `expire_s` (or at once with `leave`):
+    every slot decides for the users in the table, however many. `n_servers` verifiers (at most
+    the policy's `max_servers`); a server marked down (`servers_down`) is masked out, so no
+    user is sent there until it answers again."""
 
     def __init__(self, manifest: dict, policy, slot_ms: float = 100.0, stale_slots: int = 3, horizon: int = 100,
-                 coverage_snr_db: float = -5.0, expire_s: float = 30.0):
-        self.spec = ObsSpec(**manifest["obs_spec"])
+                 coverage_snr_db: float = -5.0, expire_s: float = 30.0, n_servers: int | None = None,
+                 max_users: int = 4096):
+        room = ObsSpec(**manifest["obs_spec"])
+        self.n_servers = room.max_servers if n_servers is None else int(n_servers)
+        if self.n_servers > room.max_servers:
+            raise ValueError(f"{self.n_servers} servers exceed the policy's room for {room.max_servers} (env.max_servers)")
+        self.spec = room.at(self.n_servers)
+        self.max_users = max_users
+        self.servers_down: set[int] = set()
+        self.joined = self.left = 0  # membership changes
+        self.peak_users = 0
         self.actions = ActionLayout(manifest["nvec"])
         self.bid_weights = np.asarray(manifest["bid_weights"], dtype=np.float64)
         self.builder = ObservationBuilder(self.spec, features_from_manifest(manifest))  # the bundle's own table
@@ -160,8 +193,15 @@ class ControllerCore:
         self.stats_path: str | None = None  # written every 20 slots, so a killed controller leaves its stats
 
     def report_user(self, r: UserReport) -> Decision | None:
+        """Record a user's report (a new id joins); its latest decision, if any."""
+        if r.user not in self.users and len(self.users) >= self.max_users:
+            raise ReportError(f"the controller already serves {self.max_users} users")
         r.at = time.monotonic()
+        if r.user not in self.users:
+            self.joined += 1
+            log.info("user %d joined (%d users)", r.user, len(self.users) + 1)
         self.users[r.user] = r
+        self.peak_users = max(self.peak_users, len(self.users))
         self.unreachable.discard(r.user)
         return self.decisions.get(r.user)
 
@@ -169,38 +209,46 @@ class ControllerCore:
         r.at = time.monotonic()
         self.servers[r.server] = r
 
-    def features(self) -> Features:
-        """[1, N, ...] features from the latest reports (absent users: idle placeholders)."""
-        N, M = self.spec.n_users, self.spec.n_servers
-        snr = np.full((1, N, M), -20.0, np.float32)
-        ul = np.zeros((1, N, M), np.float32)
-        srv = np.zeros((1, N), np.int64)
-        cols = {k: np.zeros((1, N), np.float32) for k in ("draft_ms", "power_w", "queue", "remaining", "acceptance",
-                                                          "outstanding", "token_latency_ms")}
-        gmax = np.zeros((1, N), np.int64)
-        cols["acceptance"][:] = 0.5
-        for u, r in self.users.items():
-            if u >= N:
-                continue
-            snr[0, u], ul[0, u], srv[0, u], gmax[0, u] = r.snr_db, r.ul_mbps, r.server, r.max_gamma
-            for k in cols:
-                cols[k][0, u] = getattr(r, k)
+    def leave(self, user: int) -> None:
+        """A user leaves now (its decision is dropped)."""
+        if self.users.pop(user, None) is not None:
+            self.left += 1
+            log.info("user %d left (%d users)", user, len(self.users))
+        self.decisions.pop(user, None)
+        self.unreachable.discard(user)
+
+    def features(self) -> tuple[list[int], Features]:
+        """The users in the table (ascending ids) and their [1, N, ...] features from the latest
+        reports; a server marked down looks out of coverage to everyone."""
+        ids = sorted(self.users)
+        N, M = len(ids), self.n_servers
+        rs = [self.users[u] for u in ids]
+        snr = np.asarray([r.snr_db for r in rs], np.float32).reshape(1, N, M)
+        ul = np.asarray([r.ul_mbps for r in rs], np.float32).reshape(1, N, M)
+        srv = np.asarray([r.server for r in rs], np.int64).reshape(1, N)
+        gmax = np.asarray([r.max_gamma for r in rs], np.int64).reshape(1, N)
+        cols = {k: np.asarray([getattr(r, k) for r in rs], np.float32).reshape(1, N)
+                for k in ("draft_ms", "power_w", "queue", "remaining", "acceptance", "outstanding", "token_latency_ms")}
         onehot = (srv[..., None] == np.arange(M)).astype(np.float32)
         users = onehot.sum(1)
-        for u, r in self.users.items():  # share-scaled rates from whole-band measurements
-            if u < N and r.ul_full_mbps is not None:
-                d = self.decisions.get(u)
-                join = 1.0 / (users[0] - onehot[0, u] + 1.0)
-                if d is not None and d.server == r.server:
-                    join[r.server] = d.share
-                ul[0, u] = np.asarray(r.ul_full_mbps, np.float32) * join
+        full = [i for i, r in enumerate(rs) if r.ul_full_mbps is not None]
+        if full:  # share-scaled rates from whole-band measurements: equal split, or the decided share
+            join = 1.0 / (users[0] - onehot[0, full] + 1.0)  # [F, M]
+            for k, i in enumerate(full):
+                d = self.decisions.get(ids[i])
+                if d is not None and d.server == rs[i].server:
+                    join[k, d.server] = d.share
+            ul[0, full] = np.asarray([rs[i].ul_full_mbps for i in full], np.float32) * join
+        down = [s for s in self.servers_down if s < M]
+        if down and len(down) < M:
+            snr[..., down] = -1e3  # below any coverage threshold, never the best
         queued = np.zeros((1, M), np.float32)
         busy = np.zeros((1, M), np.float32)
         kv = np.zeros((1, M), np.float32)
         for s, r in self.servers.items():
             if s < M:
                 queued[0, s], busy[0, s], kv[0, s] = r.queued_tokens, r.busy, r.kv
-        return Features(snr_db=snr, ul_mbps=ul, server=srv, draft_ms=cols["draft_ms"], power_w=cols["power_w"],
+        return ids, Features(snr_db=snr, ul_mbps=ul, server=srv, draft_ms=cols["draft_ms"], power_w=cols["power_w"],
                         max_gamma=gmax, queue=cols["queue"], remaining=cols["remaining"], acceptance=cols["acceptance"],
                         outstanding=cols["outstanding"], token_latency_ms=cols["token_latency_ms"], srv_users=users,
                         srv_queued_tokens=queued, srv_busy=busy, srv_kv=kv,
@@ -214,29 +262,28 @@ class ControllerCore:
         """One control slot: observations -> policy -> decisions (kept for stale users)."""
         t0 = time.perf_counter()
         now = time.monotonic()
-        f = self.features()
-        obs = self.builder.local(f)
-        mask = self.masks(f)
-        act = np.asarray(self.policy(obs, mask)).reshape(1, self.spec.n_users, 4)
-        weights = self.bid_weights[act[0, :, 1]]
-        chosen = act[0, :, 0]
         for u in [u for u, r in self.users.items() if now - r.at > self.expire_s]:
             log.info("user %d silent for %.0f s: removed", u, now - self.users[u].at)
-            del self.users[u]
-            self.decisions.pop(u, None)
-            self.unreachable.discard(u)
-        fresh = {u for u, r in self.users.items() if now - r.at <= self.stale_s}
-        for u in set(self.users) - fresh:
-            if u not in self.unreachable:
-                log.warning("user %d has not reported for %.0f ms: keeping its last decision", u, 1000 * (now - self.users[u].at))
-                self.unreachable.add(u)
-        for u in fresh:
-            if u >= self.spec.n_users:
-                continue
-            same = (chosen == chosen[u]) & np.isin(np.arange(self.spec.n_users), list(fresh))
-            share = float(weights[u] / weights[same].sum())
-            self.decisions[u] = Decision(int(act[0, u, 0]), int(act[0, u, 1]), int(act[0, u, 2]), int(act[0, u, 3]),
-                                         share, self.slot)
+            self.leave(u)
+        ids, f = self.features()
+        if ids:
+            obs = self.builder.local(f)
+            mask = self.masks(f)
+            act = np.asarray(self.policy(obs, mask)).reshape(len(ids), 4)
+            weights = self.bid_weights[act[:, 1]]
+            fresh = np.array([now - self.users[u].at <= self.stale_s for u in ids])
+            # bandwidth share: own bid over the bids of the fresh users choosing the same server
+            per_server = np.bincount(act[:, 0], weights=weights * fresh, minlength=self.n_servers)
+            share = weights / np.maximum(per_server[act[:, 0]], 1e-12)
+            for i in np.flatnonzero(~fresh):
+                u = ids[i]
+                if u not in self.unreachable:
+                    log.warning("user %d has not reported for %.0f ms: keeping its last decision", u,
+                                1000 * (now - self.users[u].at))
+                    self.unreachable.add(u)
+            a = act.tolist()
+            for i in np.flatnonzero(fresh).tolist():
+                self.decisions[ids[i]] = Decision(*a[i], float(share[i]), self.slot)
         self.slot += 1
         ms = (time.perf_counter() - t0) * 1000
         self.decision_ms.append(ms)
@@ -255,7 +302,9 @@ class ControllerCore:
         x = np.asarray(self.decision_ms)
         pct = (lambda q: float(np.percentile(x, q)) if len(x) else float("nan"))  # noqa: E731
         return {"slots": int(len(x)), "p50_ms": pct(50), "p99_ms": pct(99), "max_ms": float(x.max()) if len(x) else float("nan"),
-                "missed_slots": self.missed_slots, "rejected_reports": dict(self.rejected), "step_errors": self.step_errors}
+                "missed_slots": self.missed_slots, "rejected_reports": dict(self.rejected), "step_errors": self.step_errors,
+                "users": len(self.users), "peak_users": self.peak_users, "joined": self.joined, "left": self.left,
+                "servers_down": sorted(self.servers_down)}
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
@@ -267,12 +316,12 @@ async def serve_controller(core: ControllerCore, host: str = "127.0.0.1", port: 
     client may report only for its own user id and gets only its own decision back; server loads
     come from the controller's own polling (or an operator)."""
     security = security or Security.insecure()
-    N, M = core.spec.n_users, core.spec.n_servers
+    M = core.n_servers
 
     async def report(request: bytes, context) -> bytes:
         role = caller_role(context)
         try:
-            r = parse_report(request, N, M)
+            r = parse_report(request, M)
         except ReportError as e:
             core.reject("invalid")
             log.warning("report refused (%s): %s", role or context.peer(), e)
@@ -283,11 +332,21 @@ async def serve_controller(core: ControllerCore, host: str = "127.0.0.1", port: 
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"role {role!r} may not report server load")
             core.report_server(r)
             return b"{}"
+        if isinstance(r, Leave):
+            if role not in (None, "operator") and client_user(role) != r.user:
+                core.reject("spoofed")
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"role {role!r} may only remove its own user id")
+            core.leave(r.user)
+            return b"{}"
         if role is not None and client_user(role) != r.user:
             core.reject("spoofed")
             log.warning("role %r reported as user %d: refused", role, r.user)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"role {role!r} may only report for its own user id")
-        d = core.report_user(r)
+        try:
+            d = core.report_user(r)
+        except ReportError as e:
+            core.reject("full")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         return json.dumps(d.__dict__ if d else {}).encode()
 
     async def stats(request: bytes, context) -> bytes:
@@ -343,10 +402,14 @@ async def poll_servers(core: ControllerCore, addrs: list[str], security: Securit
                     st = json.loads(await rpc(b"", timeout=core.slot_s / 2))
                 except grpc.aio.AioRpcError:
                     if i not in down:
-                        log.warning("verifier %s not answering: keeping its last load report", addrs[i])
+                        log.warning("verifier %s not answering: no user is sent there until it answers", addrs[i])
                         down.add(i)
+                        core.servers_down.add(i)
                     continue
+                if i in down:
+                    log.info("verifier %s answers again", addrs[i])
                 down.discard(i)
+                core.servers_down.discard(i)
                 busy = 0.0 if last_busy[i] is None else (st["busy_s"] - last_busy[i]) / core.slot_s
                 last_busy[i] = st["busy_s"]
                 kv = st.get("kv_tokens", 0) / st["kv_budget"] if st.get("kv_budget") else 0.0
@@ -410,7 +473,7 @@ def main(argv=None) -> int:
         manifest = manifest_contract(cfg)
         policy = heuristic_policy(a.heuristic, cfg)
     core = ControllerCore(manifest, policy, slot_ms=cfg.env.slot_ms, horizon=cfg.env.horizon,
-                          coverage_snr_db=cfg.scenario.channel.coverage_snr_db)
+                          coverage_snr_db=cfg.scenario.channel.coverage_snr_db, n_servers=cfg.scenario.n_servers)
     core.stats_path = a.out
     if a.metrics_port is not None:
         prom.start_http_server(a.metrics_port, addr="127.0.0.1", registry=controller_metrics(core))

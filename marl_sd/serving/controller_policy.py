@@ -32,14 +32,20 @@ def sim_policy(policy: str, cfg) -> Policy:
         return make_heuristic(policy, ctx)
     manifest, actor = load_bundle(policy, cfg)
     decide = bundle_policy(actor, manifest)  # exactly what the live controller runs
-    own = ObservationBuilder(ObsSpec(**manifest["obs_spec"]), features_from_manifest(manifest))
-    differs = bool(normalization_differences(manifest, manifest_contract(cfg)))
+    spec = ObsSpec(**manifest["obs_spec"]).at(cfg.scenario.n_servers)
+    own = ObservationBuilder(spec, features_from_manifest(manifest))
+    room = spec.max_servers
+    differs = room != ctx.spec.max_servers or bool(normalization_differences(manifest, manifest_contract(
+        cfg.with_max_servers(room))))
 
     class OnnxPolicy(Policy):
         name = os.path.basename(os.path.normpath(policy))
 
         def act(self, obs, mask):
-            if differs:  # encode as the live controller does: with the bundle's own constants
+            if differs:  # encode as the live controller does: the bundle's own constants and room
                 obs = reencode(obs, ctx.spec, own)
+                parts = ctx.actions.split(mask)
+                pad = torch.zeros(*mask.shape[:-1], room - parts[0].shape[-1], dtype=mask.dtype)
+                mask = torch.cat([parts[0], pad, *parts[1:]], -1)
             return torch.as_tensor(decide(obs.numpy(), mask.numpy()))
     return OnnxPolicy(ctx)
