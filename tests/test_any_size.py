@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from marl_sd.agents.heuristics import make_heuristic
 from marl_sd.agents.mappo import new_mappo
 from marl_sd.agents.policy import LearnedPolicy, PolicyContext
 from marl_sd.agents.train import train
@@ -166,3 +167,24 @@ def test_controller_decides_for_whoever_reports(policy, tmp_path):
     assert all(x.server not in core.servers_down for x in d.values())
     with pytest.raises(ValueError, match="exceed the policy's room"):
         ControllerCore(m, bundle_policy(actor, m), n_servers=6)
+
+
+def test_a_bundle_runs_in_a_simulator_with_less_room(policy, tmp_path):
+    """`serve up --compare-sim` simulates a bundle with the live config, whose room may be
+    smaller than the bundle's: observations are re-encoded and masks widened to the bundle's
+    room, so the actions equal the torch policy's on the padded observation."""
+    from marl_sd.serving.controller_policy import sim_policy
+
+    cfg, pol = policy
+    export_bundle(pol, cfg, tmp_path, n_parity=50)
+    live = load_config(overrides=["env.horizon=10", "scenario.n_users=4", "scenario.n_servers=2"])
+    assert live.max_servers == 2 and cfg.max_servers == 5
+    a, b = (BatchedSimulator(c.at_size(4, 2), num_envs=2, seed=1) for c in (live, cfg))  # same physics, other room
+    for sim in (a, b):
+        drive = make_heuristic("greedy_latency", PolicyContext.from_config(sim.cfg))
+        for _ in range(4):
+            sim.step(drive.act(sim.observations(), sim.mask))
+    got = sim_policy(str(tmp_path), live).act(a.observations(), a.mask)
+    with torch.no_grad():
+        want = LearnedPolicy(PolicyContext.from_config(b.cfg), pol).act(b.observations(), b.mask)
+    assert torch.equal(got, want)
