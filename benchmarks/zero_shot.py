@@ -15,6 +15,19 @@ from marl_sd.agents.evaluate import evaluate
 from marl_sd.config import load_config
 
 
+def markdown(rows: list[dict]) -> str:
+    """The table as markdown, with the any-size policy's gap to the best other column."""
+    cols = list(rows[0]["ms_per_token"])
+    lines = ["| users x servers | " + " | ".join(cols) + " | any_size vs best other |",
+             "| --- |" + " --- |" * (len(cols) + 1)]
+    for r in rows:
+        m = r["ms_per_token"]
+        best = min(v[0] for k, v in m.items() if k != "any_size")
+        cells = " | ".join(f"{m[k][0]:.1f} ± {m[k][1]:.1f}" if k in m else "-" for k in cols)
+        lines.append(f"| {r['users']} x {r['servers']} | {cells} | {100 * (m['any_size'][0] / best - 1):+.1f} % |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("run", help="run directory of the policy trained over sizes")
@@ -45,6 +58,7 @@ def main() -> None:
             rows.append({"users": n, "servers": m, "ms_per_token": res, "wall_s": time.time() - t0})
             cells = "  ".join(f"{k} {v[0]:.1f}±{v[1]:.1f}" for k, v in res.items())
             print(f"N={n:3d} M={m}: {cells}  ({time.time() - t0:.0f} s)", flush=True)
+    print(markdown(rows))
     out = Path(a.out or run / "zero_shot.json")
     out.write_text(json.dumps({"run": str(run), "trained_sizes": base.train.sizes, "seeds": a.seeds,
                                "episodes": a.episodes, "rows": rows}, indent=1))

@@ -138,7 +138,7 @@ def summarize_sweep(rows: list[dict], metric: str = "latency_per_token_ms") -> d
     """Mean ± 95 % CI over seeds per grid point, and the best trial (lowest metric)."""
     groups: dict[tuple, list[float]] = {}
     for r in rows:
-        key = tuple((k, v) for k, v in r.items() if k not in ("seed", "trial", "timesteps", "reward", "wall_s",
+        key = tuple((k, v) for k, v in r.items() if k not in ("seed", "trial", "timesteps", "reward", "unix_time",
                                                                 "latency_per_token_ms", "run_dir", "agent_steps"))
         groups.setdefault(key, []).append(r.get(metric, math.nan))
     out = {"points": [{"point": dict(k), "mean": mean_ci(np.asarray(v, float))[0], "ci": mean_ci(np.asarray(v, float))[1],
