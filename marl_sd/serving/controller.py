@@ -385,14 +385,17 @@ async def serve_controller(core: ControllerCore, host: str = "127.0.0.1", port: 
 
 
 async def poll_servers(core: ControllerCore, addrs: list[str], security: Security | None = None) -> None:
-    """Each slot, read every verifier's load (open sessions, busy fraction) with a short deadline;
-    an unreachable server keeps its last report and is logged once."""
+    """Each slot, read every verifier's load (open sessions, busy fraction) with a short deadline.
+    A verifier is used once it answers and masked out while it does not (logged once per
+    change), so verifiers may start after the controller, go away and come back (or be replaced
+    at the same address) without a restart."""
     sec = (security or Security.insecure()).as_role("controller")
     chans = [sec.channel(a, "verifier", options=grpc_options()) for a in addrs]
     rpcs = [c.unary_unary(f"/{VERIFIER_SERVICE}/Status") for c in chans]
     prio_rpcs = [c.unary_unary(f"/{VERIFIER_SERVICE}/Priorities") for c in chans]
     last_busy = [None] * len(addrs)
-    down: set[int] = set()
+    down: set[int] = set(range(len(addrs)))  # a verifier counts once it answers: one may join later
+    core.servers_down |= down
     try:
         while True:
             for i, rpc in enumerate(rpcs):
@@ -407,7 +410,7 @@ async def poll_servers(core: ControllerCore, addrs: list[str], security: Securit
                         core.servers_down.add(i)
                     continue
                 if i in down:
-                    log.info("verifier %s answers again", addrs[i])
+                    log.info("verifier %s answers: users may be sent there", addrs[i])
                 down.discard(i)
                 core.servers_down.discard(i)
                 busy = 0.0 if last_busy[i] is None else (st["busy_s"] - last_busy[i]) / core.slot_s
