@@ -28,6 +28,20 @@ def test_fit_recovers_the_generating_costs(tmp_path):
     assert isinstance(loaded, LatencyProfile) and loaded.transport.per_message_ms == pytest.approx(0.6)
 
 
+def test_paced_clients_fit_their_own_class():
+    """Paced clients: each device class's draft cost from its own clients' rounds, the class of
+    no client untouched."""
+    base = load_profile("llama31_8b_a10g_roofline")
+    samples = [(b, 5 * b, 30.0, 33.0 + b) for b in (1, 2, 3) for _ in range(5)]
+    rows = [{"client": c, "round_detail": [_round(4, 4, 4 * ms, 4.0, 4.0, 1.0, 33.0, 3.0) for _ in range(6)]}
+            for c, ms in enumerate((3.3, 49.5, 3.5))]
+    classes = ["laptop_gpu_1b", "raspberry_pi5_0b5", "laptop_gpu_1b"]
+    prof = fit_served_profile(base, None, samples, rows, name="paced", client_classes=classes)
+    assert prof["devices"]["laptop_gpu_1b"]["draft_ms_per_token"] == pytest.approx(3.4)
+    assert prof["devices"]["raspberry_pi5_0b5"]["draft_ms_per_token"] == pytest.approx(49.5)
+    assert prof["devices"]["phone_npu_1b"] == base.devices["phone_npu_1b"].model_dump(mode="json")
+
+
 def test_fit_refuses_too_little_data():
     base = load_profile("tiny_cpu")
     with pytest.raises(ValueError, match="verifier batches"):

@@ -11,7 +11,9 @@ the live stack, so `serve up --compare-sim` predicts end-to-end latency from com
 * T(b, K) = t0 + c_b b + c_N max(0, K - knee), fitted to the verifier's per-batch *cycle* time
   (collection window + forward), averaged per (b, K);
 * the device's draft cost per token = all drafting time of speculative rounds / tokens drafted
-  (thread hand-offs included);
+  (thread hand-offs included); with clients paced to their device classes, per class, since a
+  class whose pace is below what the real draft forward costs on this machine drafts slower
+  than its profile says;
 * the per-message transport cost = half the mean of round time - uplink - downlink - server
   queue - verify, over speculative rounds (what neither the link emulator nor the server sees).
 
@@ -33,6 +35,7 @@ from marl_sd.config import load_config
 from marl_sd.envs.profiles import LatencyProfile, load_profile
 from marl_sd.profiler import fit_verify
 from marl_sd.serving.controller_policy import sim_policy
+from marl_sd.serving.launcher import device_classes
 
 
 def spec_rounds(rows: list[dict]) -> list[dict]:
@@ -52,11 +55,12 @@ def measured_acceptance(rows: list[dict]) -> float:
 
 
 def fit_served_profile(base: LatencyProfile, device_class: str | None, samples: list, rows: list[dict],
-                       name: str, note: str = "") -> dict:
+                       name: str, note: str = "", client_classes: list[str] | None = None) -> dict:
     """A profile dict (loadable by `load_profile`) from verifier batch samples
     [(rows, tokens, forward_ms, cycle_ms), ...] and client request rows with round detail.
-    `device_class`: the class whose draft cost is refitted (None: keep the profile's, e.g. when
-    clients are paced to it)."""
+    `device_class`: the class whose draft cost is refitted from every client's rounds (unpaced
+    clients all run the same draft model); `client_classes[c]`: client c's class, each class
+    refitted from its own clients' rounds (paced clients)."""
     if len(samples) < 10:
         raise ValueError(f"need at least 10 verifier batches to fit a served profile, got {len(samples)}")
     rounds = spec_rounds(rows)
@@ -82,6 +86,13 @@ def fit_served_profile(base: LatencyProfile, device_class: str | None, samples: 
         dev = prof["devices"][device_class]
         dev["draft_ms_per_token"] = round(draft_ms, 4)
         dev["source"] = f"served: drafting time of {len(rounds)} speculative rounds / {drafted} tokens drafted, {where}"
+    for cls in sorted(set(client_classes or [])):
+        mine = spec_rounds([r for r in rows if client_classes[r["client"]] == cls])
+        n = sum(x["drafted"] for x in mine)
+        if n:
+            dev = prof["devices"][cls]
+            dev["draft_ms_per_token"] = round(sum(x["draft_ms"] for x in mine) / n, 4)
+            dev["source"] = f"served: drafting time of {len(mine)} speculative rounds / {n} tokens of {cls} clients, {where}"
     prof["transport"] = {"per_message_ms": round(per_msg, 4),
                          "source": f"served: (round - uplink - downlink - queue - verify) / 2, mean of {len(rounds)} "
                                    f"speculative rounds, {where}"}
@@ -108,11 +119,12 @@ def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: f
     cfg = load_config(cfg_path)
     base = load_profile(cfg.scenario.profile)
     device = None if cfg.serving.pace else max(cfg.scenario.devices, key=lambda d: d.share).name
+    classes = device_classes(cfg) if cfg.serving.pace else None
     profile_dir = Path(profile_dir)
 
     def fit(runs: list[dict], name: str, note: str) -> Path:
         prof = fit_served_profile(base, device, [x for r in runs for x in r["server_samples"]],
-                                  [x for r in runs for x in r["rows"]], name=name, note=note)
+                                  [x for r in runs for x in r["rows"]], name=name, note=note, client_classes=classes)
         path = profile_dir / f"{name}.yaml"
         write_profile(prof, path)
         return path

@@ -115,17 +115,21 @@ def run_local(target: str, draft: str, n_servers: int, n_clients: int, requests:
     return s
 
 
-def user_devices(cfg) -> list[list[str]]:
-    """Client arguments per user: its device class drawn as the simulator draws it (seed
-    `cfg.seed`), reported power and gamma limit, and with `serving.pace` the class's draft time."""
+def device_classes(cfg) -> list[str]:
+    """Each user's device class, drawn as the simulator draws it (seed `cfg.seed`)."""
     import torch
 
+    scn = Scenario(cfg.scenario, load_profile(cfg.scenario.profile))
+    return [scn.device_names[i] for i in scn.sample_devices(1, torch.Generator().manual_seed(cfg.seed))[0].tolist()]
+
+
+def user_devices(cfg) -> list[list[str]]:
+    """Client arguments per user: its device class (`device_classes`), reported power and gamma
+    limit, and with `serving.pace` the class's draft time."""
     profile = load_profile(cfg.scenario.profile)
-    scn = Scenario(cfg.scenario, profile)
-    idx = scn.sample_devices(1, torch.Generator().manual_seed(cfg.seed))[0].tolist()
     out = []
-    for i in idx:
-        d = profile.devices[scn.device_names[i]]
+    for name in device_classes(cfg):
+        d = profile.devices[name]
         args = ["--power-w", str(d.power_w), "--max-gamma", str(min(d.max_gamma, cfg.env.gamma_max))]
         if cfg.serving.pace:
             args += ["--pace-draft-ms", str(d.draft_ms_per_token)]
