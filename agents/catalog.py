@@ -8,23 +8,25 @@ from marl_sd.agents.heuristics import HEURISTICS, make_heuristic
 from marl_sd.agents.oracle import SearchOracle
 from marl_sd.agents.policy import LearnedPolicy, Policy, PolicyContext
 from marl_sd.agents.train import load_policy, policy_checkpoint
-from marl_sd.config import Config, ConfigError
+from marl_sd.config import Config, ConfigError, load_config
+from marl_sd.contract import ObsSpec
 
 
-def check_policy_fits(policy, ctx: PolicyContext, source) -> None:
-    """A clear error unless a trained policy can act in this scenario: any number of users, at
-    most the servers it has room for, the same feature table and action layout."""
+def check_policy_fits(policy, own: ObsSpec, ctx: PolicyContext, source) -> None:
+    """A clear error unless a trained policy (trained with contract `own`) can act in this
+    scenario: any number of users, at most the servers it has room for, the same feature table
+    and the same bid, priority and gamma choices. Normalization constants and room may differ
+    (`LearnedPolicy` re-encodes)."""
     room, spec = policy.max_servers, ctx.spec
     if spec.n_servers > room:
         raise ConfigError(f"{source} has room for {room} servers (env.max_servers when trained); this scenario has "
                           f"{spec.n_servers}: train with env.max_servers >= {spec.n_servers}")
-    if room != spec.max_servers:
-        raise ConfigError(f"{source} was trained with env.max_servers={room}; set env.max_servers={room} "
-                          f"(this config has {spec.max_servers})")
-    if policy.obs_dim != spec.obs_dim or list(policy.action_space.nvec) != ctx.nvec:
-        raise ConfigError(f"{source} was trained for a {policy.obs_dim}-wide observation and actions "
-                          f"{list(policy.action_space.nvec)}; this config has {spec.obs_dim} and {ctx.nvec} "
-                          "(another feature table, gamma_max or bid levels)")
+    if policy.obs_dim != own.obs_dim or room != own.max_servers:
+        raise ConfigError(f"{source} expects a {policy.obs_dim}-wide observation; its run's config describes "
+                          f"{own.obs_dim} (a run of another package version: retrain)")
+    if list(policy.action_space.nvec)[1:] != ctx.nvec[1:]:
+        raise ConfigError(f"{source} chooses bids, priorities and gamma from {list(policy.action_space.nvec)[1:]}; "
+                          f"this config has {ctx.nvec[1:]} (other bid levels or gamma_max)")
 
 
 def make_policy(name: str, cfg: Config, run_dir: Path | None = None, learned_name: str | None = None) -> Policy | None:
@@ -38,8 +40,10 @@ def make_policy(name: str, cfg: Config, run_dir: Path | None = None, learned_nam
         if ckpt is None:
             return None
         policy = load_policy(ckpt)
-        check_policy_fits(policy, ctx, ckpt)
-        return LearnedPolicy(ctx, policy, name=learned_name or cfg.train.algorithm)
+        run_cfg = Path(run_dir) / "config.yaml"
+        own = ObsSpec.from_config(load_config(run_cfg)) if run_cfg.exists() else ctx.spec
+        check_policy_fits(policy, own, ctx, ckpt)
+        return LearnedPolicy(ctx, policy, name=learned_name or cfg.train.algorithm, own_spec=own)
     if name not in HEURISTICS:
         raise KeyError(f"unknown policy '{name}' (heuristics: {', '.join(HEURISTICS)}; or oracle, learned)")
     return make_heuristic(name, ctx)

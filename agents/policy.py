@@ -14,6 +14,7 @@ import torch
 
 from marl_sd.config import Config
 from marl_sd.contract import ActionLayout, ObsSpec
+from marl_sd.envs.observation import ObservationBuilder, reencode
 from marl_sd.envs.profiles import LatencyProfile, load_profile
 
 
@@ -58,17 +59,33 @@ class Policy(ABC):
 
 
 class LearnedPolicy(Policy):
-    """A trained MAPPO/IPPO actor (torch); deterministic = masked argmax of the logits."""
+    """A trained MAPPO/IPPO actor (torch); deterministic = masked argmax of the logits.
+
+    `own_spec`: the contract the actor was trained with (its room for servers and its
+    normalization constants), when it differs from the scenario's: observations are re-encoded
+    with it and masks widened to its room, as the live controller does with a bundle."""
 
     centralized = False
 
-    def __init__(self, ctx: PolicyContext, sb3_policy, name: str = "mappo", deterministic: bool = True):
+    def __init__(self, ctx: PolicyContext, sb3_policy, name: str = "mappo", deterministic: bool = True,
+                 own_spec: ObsSpec | None = None):
         super().__init__(ctx)
         self.policy = sb3_policy
         self.name = name
         self.deterministic = deterministic
         self.description = "learned actor on the local observation (decentralized execution)"
         self.gen = torch.Generator()
+        self.own = None
+        if own_spec is not None and own_spec.at(ctx.spec.n_servers) != ctx.spec:
+            self.own = ObservationBuilder(own_spec.at(ctx.spec.n_servers))
+            self.actions = ActionLayout([own_spec.max_servers, *ctx.actions.nvec[1:]])
+
+    def _adapt(self, obs, mask):
+        """Observations and masks in the actor's own contract."""
+        obs = reencode(obs, self.ctx.spec, self.own)
+        parts = self.ctx.actions.split(mask)
+        pad = torch.zeros(*mask.shape[:-1], self.actions.nvec[0] - parts[0].shape[-1], dtype=mask.dtype)
+        return obs, torch.cat([parts[0], pad, *parts[1:]], -1)
 
     def reset(self, seed=None):
         if seed is not None:
@@ -76,10 +93,13 @@ class LearnedPolicy(Policy):
 
     @torch.no_grad()
     def act(self, obs, mask):
+        act = self.ctx.actions
+        if self.own is not None:
+            obs, mask = self._adapt(obs, mask)
+            act = self.actions
         dev = self.policy.device
         logits = self.policy.actor_logits(obs.to(dev).reshape(-1, obs.shape[-1]).float()).cpu()
         m = mask.reshape(-1, mask.shape[-1])
-        act = self.ctx.actions
         a = act.masked_argmax(logits, m) if self.deterministic else act.masked_sample(logits, m, self.gen)
         return a.view(*obs.shape[:-1], len(act.nvec))
 

@@ -70,7 +70,7 @@ def _bench_suite(args) -> int:
     with Progress(console=console, transient=True) as prog:
         task = prog.add_task("suite", total=len(scen) * len(policies) * len(seeds))
         res = run_suite(scen, policies, seeds, args.episodes, args.set, progress=lambda *cell: prog.advance(task),
-                        use_ray=args.ray, address=args.address)
+                        use_ray=args.ray, address=args.address, learned_run=args.learned)
     summary = summarize_suite(res)
     t = Table(title=f"scenario suite: ms/token (mean ± 95 % CI over {len(seeds)} seeds x {args.episodes} episodes), "
                     "[gap to the oracle]")
@@ -526,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "centralized_ar", "learned", "oracle"],
                    help="suite: heuristics, learned (runs/<scenario name>), oracle")
     b.add_argument("--seeds", type=int, nargs="+", help="suite: seeds (default 0-5)")
+    b.add_argument("--learned", metavar="RUN", help="suite: one run's policy as `learned` on every scenario "
+                                                    "(default: runs/<scenario name>)")
     b.add_argument("--episodes", type=int, default=2, help="suite: parallel episodes per seed")
     b.add_argument("--out", help="suite: output directory (default runs/suite)")
     b.add_argument("--ray", action="store_true", help="suite: every (scenario, policy, seed) as a Ray task")

@@ -35,18 +35,21 @@ def suite_configs(names: list[str] | None = None) -> dict[str, Path]:
     return out
 
 
-def make_policy(name: str, cfg, runs_dir: Path):
-    """`agents.catalog.make_policy`, with `learned` from the run named after the scenario under runs_dir."""
-    return catalog.make_policy(name, cfg, runs_dir / cfg.name, learned_name="learned")
+def make_policy(name: str, cfg, runs_dir: Path, learned_run: Path | None = None):
+    """`agents.catalog.make_policy`, with `learned` from `learned_run` (one policy for every
+    scenario, e.g. an any-size one), else from the run named after the scenario under runs_dir."""
+    return catalog.make_policy(name, cfg, Path(learned_run) if learned_run else runs_dir / cfg.name,
+                               learned_name="learned")
 
 
 def run_suite(scenarios: dict[str, Path], policies: list[str], seeds: list[int], episodes: int, overrides: list[str],
-              runs_dir: Path = Path("runs"), progress=None, use_ray: bool = False, address: str | None = None) -> dict:
+              runs_dir: Path = Path("runs"), progress=None, use_ray: bool = False, address: str | None = None,
+              learned_run: Path | None = None) -> dict:
     """{scenario: {policy: [metric per seed]}} plus per-seed SLO attainment, on identical seeds
     (with `use_ray`, every (scenario, policy, seed) is a Ray task; the results are the same)."""
     cfgs = {scen: load_config(path, overrides) for scen, path in scenarios.items()}
-    grid = eval_grid(cfgs, lambda name, cfg: make_policy(name, cfg, runs_dir), policies, seeds, episodes, use_ray,
-                     address, progress)
+    grid = eval_grid(cfgs, lambda name, cfg: make_policy(name, cfg, runs_dir, learned_run), policies, seeds, episodes,
+                     use_ray, address, progress)
     return {scen: {name: {"per_seed": [s[METRIC] for s, _ in runs], "slo": [s["slo_attainment"] for s, _ in runs]}
                    for name, runs in pols.items()} for scen, pols in grid.items()}
 

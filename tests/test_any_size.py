@@ -188,3 +188,27 @@ def test_a_bundle_runs_in_a_simulator_with_less_room(policy, tmp_path):
     with torch.no_grad():
         want = LearnedPolicy(PolicyContext.from_config(b.cfg), pol).act(b.observations(), b.mask)
     assert torch.equal(got, want)
+
+
+def test_a_run_evaluates_on_a_scenario_with_less_room(tmp_path):
+    """`learned` from a run with room for 5 servers, evaluated on a scenario with 2 servers and
+    room for 2: re-encoded with the run's own contract (room and constants; the constants'
+    re-encoding is tested in test_contract), it acts exactly as on the padded observation."""
+    from marl_sd.agents.catalog import make_policy
+    from marl_sd.config import dump_config
+
+    run = load_config(overrides=[*ROOM, "scenario.n_users=6", "scenario.n_servers=3"])
+    model = new_mappo(run, MultiAgentVecEnv(run, num_envs=1), seed=4)
+    (tmp_path / "r").mkdir()
+    model.save(str(tmp_path / "r" / "best.zip"))
+    dump_config(run, tmp_path / "r" / "config.yaml")
+    other = load_config(overrides=["env.horizon=10", "scenario.n_users=4", "scenario.n_servers=2"])
+    pol = make_policy("learned", other, tmp_path / "r")
+    a = BatchedSimulator(other, num_envs=2, seed=1)
+    b = BatchedSimulator(run.at_size(4, 2), num_envs=2, seed=1)
+    assert a.obs_dim != b.obs_dim
+    with torch.no_grad():
+        want = LearnedPolicy(PolicyContext.from_config(b.cfg), model.policy).act(b.observations(), b.mask)
+    assert torch.equal(pol.act(a.observations(), a.mask), want)
+    with pytest.raises(ConfigError, match="room for 5 servers"):
+        make_policy("learned", load_config(overrides=["scenario.n_servers=6"]), tmp_path / "r")
