@@ -58,6 +58,22 @@ class Policy(ABC):
     def act(self, obs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
 
 
+class OwnContract:
+    """A scenario's observations and masks re-expressed in the contract an actor was made with:
+    re-encoded with `builder` (the actor's feature table and constants, at the scenario's
+    server count) and the server mask widened to the actor's room. Used by a trained policy and
+    by a bundle run in the simulator, as the live controller encodes for a bundle."""
+
+    def __init__(self, ctx: PolicyContext, builder: ObservationBuilder):
+        self.ctx, self.builder = ctx, builder
+        self.actions = ActionLayout([builder.spec.max_servers, *ctx.actions.nvec[1:]])
+
+    def __call__(self, obs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = self.ctx.actions.split(mask)
+        pad = torch.zeros(*mask.shape[:-1], self.actions.nvec[0] - parts[0].shape[-1], dtype=mask.dtype)
+        return reencode(obs, self.ctx.spec, self.builder), torch.cat([parts[0], pad, *parts[1:]], -1)
+
+
 class LearnedPolicy(Policy):
     """A trained MAPPO/IPPO actor (torch); deterministic = masked argmax of the logits.
 
@@ -75,17 +91,8 @@ class LearnedPolicy(Policy):
         self.deterministic = deterministic
         self.description = "learned actor on the local observation (decentralized execution)"
         self.gen = torch.Generator()
-        self.own = None
-        if own_spec is not None and own_spec.at(ctx.spec.n_servers) != ctx.spec:
-            self.own = ObservationBuilder(own_spec.at(ctx.spec.n_servers))
-            self.actions = ActionLayout([own_spec.max_servers, *ctx.actions.nvec[1:]])
-
-    def _adapt(self, obs, mask):
-        """Observations and masks in the actor's own contract."""
-        obs = reencode(obs, self.ctx.spec, self.own)
-        parts = self.ctx.actions.split(mask)
-        pad = torch.zeros(*mask.shape[:-1], self.actions.nvec[0] - parts[0].shape[-1], dtype=mask.dtype)
-        return obs, torch.cat([parts[0], pad, *parts[1:]], -1)
+        own = own_spec.at(ctx.spec.n_servers) if own_spec is not None else ctx.spec
+        self.own = OwnContract(ctx, ObservationBuilder(own)) if own != ctx.spec else None
 
     def reset(self, seed=None):
         if seed is not None:
@@ -95,8 +102,8 @@ class LearnedPolicy(Policy):
     def act(self, obs, mask):
         act = self.ctx.actions
         if self.own is not None:
-            obs, mask = self._adapt(obs, mask)
-            act = self.actions
+            obs, mask = self.own(obs, mask)
+            act = self.own.actions
         dev = self.policy.device
         logits = self.policy.actor_logits(obs.to(dev).reshape(-1, obs.shape[-1]).float()).cpu()
         m = mask.reshape(-1, mask.shape[-1])

@@ -96,9 +96,6 @@ class _Ops:
     def amax(self, x, axis=-1):
         return x.max(axis, keepdim=True).values if self.torch else x.max(axis, keepdims=True)
 
-    def mean(self, x, axis):
-        return x.mean(axis) if self.torch else x.mean(axis)
-
     def pad(self, x, width):
         """Zero-pad the last axis to `width`."""
         n = width - x.shape[-1]
@@ -165,8 +162,8 @@ class ObservationBuilder:
         snr = self.encode(self.by_name["snr_db"], f, o)[..., : f.snr_db.shape[-1]]
         per_user.append(o.amax(snr))
         users = o.cat(per_user, -1)  # [B, N, per_user]
-        pooled = [o.mean(users, 1), o.amax(users, 1).reshape(B, -1)]
-        count = o.f32(f.time_frac * 0 + float(np.log1p(N) / 3.0)).reshape(B, 1)
+        pooled = [users.mean(1), o.amax(users, 1).reshape(B, -1)]
+        count = o.f32(o.t.full_like(f.time_frac, np.log1p(N) / 3.0)).reshape(B, 1)
         episode = o.f32(f.time_frac).reshape(B, 1)
         return o.f32(o.cat(servers + pooled + [count, episode], -1))
 
@@ -187,10 +184,9 @@ def decode_local(obs, spec: ObsSpec) -> dict:
     per-server quantities come back for the spec's `n_servers` (padding dropped)."""
     out, off = {}, 0
     for feat in LOCAL_FEATURES:
-        w = spec.width(feat)
-        x = obs[..., off:off + spec.n_servers] if feat.width != 1 else obs[..., off]
-        off += w
-        w = spec.n_servers if feat.width != 1 else 1
+        w = spec.n_servers if feat.width != 1 else 1  # padding past the scenario's servers dropped
+        x = obs[..., off:off + w] if feat.width != 1 else obs[..., off]
+        off += spec.width(feat)
         if feat.source is None or feat.kind == "indicator":
             continue
         if feat.kind == "onehot":

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 
 from marl_sd.agents.heuristics import make_heuristic
-from marl_sd.agents.policy import Policy, PolicyContext
+from marl_sd.agents.policy import OwnContract, Policy, PolicyContext
 from marl_sd.bundle import bundle_policy, load_bundle, normalization_differences
 from marl_sd.contract import ObsSpec, features_from_manifest, manifest_contract
-from marl_sd.envs.observation import ObservationBuilder, reencode
+from marl_sd.envs.observation import ObservationBuilder
 
 
 def heuristic_policy(name: str, cfg):
@@ -33,19 +33,16 @@ def sim_policy(policy: str, cfg) -> Policy:
     manifest, actor = load_bundle(policy, cfg)
     decide = bundle_policy(actor, manifest)  # exactly what the live controller runs
     spec = ObsSpec(**manifest["obs_spec"]).at(cfg.scenario.n_servers)
-    own = ObservationBuilder(spec, features_from_manifest(manifest))
     room = spec.max_servers
     differs = room != ctx.spec.max_servers or bool(normalization_differences(manifest, manifest_contract(
         cfg.with_max_servers(room))))
+    own = OwnContract(ctx, ObservationBuilder(spec, features_from_manifest(manifest)))
 
     class OnnxPolicy(Policy):
         name = os.path.basename(os.path.normpath(policy))
 
         def act(self, obs, mask):
             if differs:  # encode as the live controller does: the bundle's own constants and room
-                obs = reencode(obs, ctx.spec, own)
-                parts = ctx.actions.split(mask)
-                pad = torch.zeros(*mask.shape[:-1], room - parts[0].shape[-1], dtype=mask.dtype)
-                mask = torch.cat([parts[0], pad, *parts[1:]], -1)
+                obs, mask = own(obs, mask)
             return torch.as_tensor(decide(obs.numpy(), mask.numpy()))
     return OnnxPolicy(ctx)
