@@ -296,7 +296,7 @@ def set_layout(spec: ObsSpec) -> tuple[list[int], list[list[int]], int]:
     return user_idx, cand_idx, per_server.index("server_valid")
 
 
-def mappo_kwargs(t: TrainConfig, obs_dim: int, state_dim: int, num_envs: int, spec: ObsSpec | None = None) -> dict:
+def mappo_kwargs(t: TrainConfig, obs_dim: int, state_dim: int, num_envs: int, spec: ObsSpec) -> dict:
     """MAPPO-paper hyper-parameters mapped onto MaskablePPO arguments."""
     rollout = t.n_steps * num_envs
     if rollout % t.num_mini_batch:

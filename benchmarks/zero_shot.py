@@ -12,6 +12,7 @@ from pathlib import Path
 
 from marl_sd.agents.catalog import make_policy
 from marl_sd.agents.evaluate import evaluate
+from marl_sd.cli import parse_sizes
 from marl_sd.config import load_config
 
 
@@ -41,7 +42,8 @@ def main() -> None:
     a = p.parse_args()
     run = Path(a.run)
     base = load_config(run / "config.yaml")
-    specific = {tuple(int(x) for x in k.split("x")): Path(v) for k, v in (s.split("=") for s in a.specific)}
+    pairs = [s.split("=", 1) for s in a.specific]
+    specific = dict(zip(parse_sizes([k for k, _ in pairs], "--specific"), (Path(v) for _, v in pairs)))
     rows = []
     for n in a.users:
         for m in a.servers:

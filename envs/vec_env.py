@@ -106,13 +106,15 @@ class MultiAgentVecEnv(_InProcessVecEnv):
             s = v.sum(0)
             self._episode_metrics[k] = self._episode_metrics.get(k, 0) + s
 
+    def pop_raw_metrics(self) -> dict[str, torch.Tensor]:
+        """The slot accumulators since the last call (summed over environments), reset."""
+        out, self._episode_metrics = self._episode_metrics, {}
+        return out
+
     def pop_metrics(self) -> dict[str, float]:
         """Headline metrics since the last call (aggregated in torch, pulled once)."""
-        if not self._episode_metrics:
-            return {}
-        out = summarize(self._episode_metrics)
-        self._episode_metrics = {}
-        return out
+        raw = self.pop_raw_metrics()
+        return summarize(raw) if raw else {}
 
     def get_state(self) -> dict:
         return self.sim.get_state()
@@ -120,6 +122,9 @@ class MultiAgentVecEnv(_InProcessVecEnv):
     def set_state(self, state: dict) -> None:
         self.sim.set_state(state)
         self._next_seed = None
+
+
+SEED_STRIDE = 7919  # part k of a MixedSizeVecEnv draws from seed + k * SEED_STRIDE
 
 
 class MixedSizeVecEnv(_InProcessVecEnv):
@@ -130,8 +135,8 @@ class MixedSizeVecEnv(_InProcessVecEnv):
 
     def __init__(self, cfg: Config, sizes: list[tuple[int, int]], agents_per_size: int, seed: int | None = None):
         base = cfg.seed if seed is None else seed
-        self.parts = [MultiAgentVecEnv(cfg.at_size(n, m), num_envs=max(1, round(agents_per_size / n)), seed=base + 7919 * k)
-                      for k, (n, m) in enumerate(sizes)]
+        self.parts = [MultiAgentVecEnv(cfg.at_size(n, m), num_envs=max(1, round(agents_per_size / n)),
+                                       seed=base + SEED_STRIDE * k) for k, (n, m) in enumerate(sizes)]
         first = self.parts[0]
         self.cfg, self.sizes = cfg, [tuple(s) for s in sizes]
         self.obs_dim, self.state_dim, self.nvec = first.obs_dim, first.state_dim, first.nvec
@@ -159,16 +164,15 @@ class MixedSizeVecEnv(_InProcessVecEnv):
         if seed is None:
             seed = int(np.random.randint(0, 2**31 - 1))
         for k, p in enumerate(self.parts):
-            p.seed(int(seed) + 7919 * k)
+            p.seed(int(seed) + SEED_STRIDE * k)
         return [int(seed)] * self.num_envs
 
     def pop_metrics(self) -> dict[str, float]:
         """Headline metrics since the last call, pooled over the sizes."""
         total: dict[str, torch.Tensor] = {}
         for p in self.parts:
-            for k, v in p._episode_metrics.items():
+            for k, v in p.pop_raw_metrics().items():
                 total[k] = total.get(k, 0) + v.sum()
-            p._episode_metrics = {}
         return summarize(total) if total else {}
 
     def get_state(self) -> dict:

@@ -59,15 +59,14 @@ def bench_controller(cfg: Config, slots: int = 500, policy: str | None = None,
     temporary bundle with room for the largest server count (onnxruntime), else the named
     heuristic (torch, as the controller runs it)."""
     sizes = sizes or [(cfg.scenario.n_users, cfg.scenario.n_servers)]
-    room = max(cfg.max_servers, *(m for _, m in sizes))
+    wide = cfg.with_max_servers(max(cfg.max_servers, *(m for _, m in sizes)))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if policy is None:
-            c0 = cfg.with_max_servers(room)
-            model = new_mappo(c0, MultiAgentVecEnv(c0, num_envs=1), seed=0)
-            export_bundle(model.policy, c0, tmp, n_parity=100)
+            model = new_mappo(wide, MultiAgentVecEnv(wide, num_envs=1), seed=0)
+            export_bundle(model.policy, wide, tmp, n_parity=100)
         for n, m in sizes:
-            c = cfg.with_max_servers(room).at_size(n, m)
+            c = wide.at_size(n, m)
             if policy is None:
                 manifest, actor = load_bundle(tmp, c)
                 decide = bundle_policy(actor, manifest)

@@ -18,6 +18,17 @@ from marl_sd.config import ConfigError, load_config
 console = Console(width=None if sys.stdout.isatty() else 200)
 
 
+def parse_sizes(texts: list[str], option: str) -> list[tuple[int, int]]:
+    """`["8x3", "64x7"]` -> [(8, 3), (64, 7)] (users x servers), with a clear error."""
+    out = []
+    for t in texts:
+        n, sep, m = t.partition("x")
+        if not (sep and n.isdigit() and m.isdigit() and int(n) > 0 and int(m) > 0):
+            raise ConfigError(f"{option} {t}: expected USERSxSERVERS with positive integers, e.g. 8x3")
+        out.append((int(n), int(m)))
+    return out
+
+
 def _cmd_bench(args) -> int:
     from marl_sd.bench import bench_pettingzoo, bench_sim
 
@@ -48,7 +59,7 @@ def _cmd_bench(args) -> int:
 
         configs = [args.config] if args.config else ["configs/default.yaml", "configs/large.yaml"]
         policies = [None if p == "mappo" else p for p in args.policies]
-        sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes] if args.sizes else None
+        sizes = parse_sizes(args.sizes, "--sizes") if args.sizes else None
         rows = [r for c in configs for p in policies for r in bench_controller(load_config(c, args.set), args.slots, p, sizes)]
         t = Table(title="controller decision latency per slot (reports -> obs -> policy -> decisions)")
         for c in ("what", "slots", "p50 ms", "p99 ms", "max ms", "missed slots"):
@@ -161,10 +172,11 @@ def _policies(cfg, run_dir, names):
 def _capacity(cfg, run_dir, names, seeds, episodes, target, out_dir) -> int:
     from marl_sd.agents.capacity import capacity
     from marl_sd.agents.catalog import make_policy
+    from marl_sd.agents.train import policy_checkpoint
 
     rows = {}
     for n in names:
-        if n == "learned" and make_policy(n, cfg, run_dir) is None:
+        if n == "learned" and policy_checkpoint(run_dir) is None:
             raise ConfigError(f"--capacity learned: {run_dir} has no trained policy (best.zip or final.zip)")
         r = capacity(cfg, lambda ctx, n=n: make_policy(n, ctx.cfg, run_dir), seeds, episodes, target,
                      progress=lambda u, m, ci, n=n: console.print(f"[dim]{n}: {u} users -> {m:.3f} ±{ci:.3f}[/dim]"))
@@ -407,7 +419,7 @@ def _cmd_export(args) -> int:
     policy = load_policy(ckpt)
     if policy.max_servers != cfg.max_servers:
         raise ConfigError(f"{ckpt} has room for {policy.max_servers} servers, the run's config {cfg.max_servers}")
-    sizes = ([tuple(int(x) for x in s.split("x")) for s in args.parity_sizes] if args.parity_sizes is not None
+    sizes = (parse_sizes(args.parity_sizes, "--parity-sizes") if args.parity_sizes is not None
              else [tuple(x) for x in cfg.train.sizes])
     too_big = [f"{n}x{m}" for n, m in sizes if m > cfg.max_servers]
     if too_big:

@@ -337,7 +337,6 @@ class Config(Strict):
         """This config with another number of users and servers, keeping the observation width."""
         d = self.to_dict()
         d["scenario"]["n_users"], d["scenario"]["n_servers"] = int(n_users), int(n_servers)
-        d["env"]["max_servers"] = self.max_servers
         if d["scenario"].get("sites"):  # heterogeneous sites repeat in order
             d["scenario"]["sites"] = [d["scenario"]["sites"][i % len(d["scenario"]["sites"])] for i in range(int(n_servers))]
         return config_from_dict(d, f"{self.name} at {n_users} users, {n_servers} servers")

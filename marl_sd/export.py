@@ -81,7 +81,8 @@ def export_bundle(policy, cfg, out_dir: Path, n_parity: int = 1000, seed: int = 
         quiet.setLevel(level)
     sizes = [(cfg.scenario.n_users, cfg.scenario.n_servers)]
     sizes += [tuple(x) for x in parity_sizes or [] if tuple(x) != sizes[0]]
-    parity = [measure_parity(policy, OnnxActor(path), cfg.at_size(n, m), n_parity, seed) for n, m in sizes]
+    onnx = OnnxActor(path)
+    parity = [measure_parity(policy, onnx, cfg.at_size(n, m), n_parity, seed) for n, m in sizes]
     manifest = {
         "manifest_version": MANIFEST_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "package_version": package_versions().get("marl-sd"), "onnx_file": "actor.onnx",

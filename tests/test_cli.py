@@ -7,6 +7,12 @@ def test_config_error_exit_code(capsys):
     assert "scenario.bogus" in capsys.readouterr().out
 
 
+def test_malformed_sizes_are_a_clear_error(capsys):
+    for bad in ("8by3", "0x3", "8x"):
+        assert main(["bench", "controller", "configs/smoke.yaml", "--sizes", "8x3", bad, "--slots", "1"]) == 2
+        assert f"--sizes {bad}: expected USERSxSERVERS" in " ".join(capsys.readouterr().out.split())
+
+
 def test_bench_env_runs(capsys):
     assert main(["bench", "env", "--num-envs", "2", "--steps", "2", "--no-compare-fidelity"]) == 0
     assert "agent-steps/s" in capsys.readouterr().out

@@ -194,10 +194,11 @@ class ControllerCore:
 
     def report_user(self, r: UserReport) -> Decision | None:
         """Record a user's report (a new id joins); its latest decision, if any."""
-        if r.user not in self.users and len(self.users) >= self.max_users:
+        joins = r.user not in self.users
+        if joins and len(self.users) >= self.max_users:
             raise ReportError(f"the controller already serves {self.max_users} users")
         r.at = time.monotonic()
-        if r.user not in self.users:
+        if joins:
             self.joined += 1
             log.info("user %d joined (%d users)", r.user, len(self.users) + 1)
         self.users[r.user] = r
@@ -394,8 +395,7 @@ async def poll_servers(core: ControllerCore, addrs: list[str], security: Securit
     rpcs = [c.unary_unary(f"/{VERIFIER_SERVICE}/Status") for c in chans]
     prio_rpcs = [c.unary_unary(f"/{VERIFIER_SERVICE}/Priorities") for c in chans]
     last_busy = [None] * len(addrs)
-    down: set[int] = set(range(len(addrs)))  # a verifier counts once it answers: one may join later
-    core.servers_down |= down
+    core.servers_down |= set(range(len(addrs)))  # a verifier counts once it answers: one may join later
     try:
         while True:
             for i, rpc in enumerate(rpcs):
@@ -404,15 +404,13 @@ async def poll_servers(core: ControllerCore, addrs: list[str], security: Securit
                     await prio_rpcs[i](prio, timeout=core.slot_s / 2)  # the verifier takes priorities from here only
                     st = json.loads(await rpc(b"", timeout=core.slot_s / 2))
                 except grpc.aio.AioRpcError:
-                    if i not in down:
+                    if i not in core.servers_down:
                         log.warning("verifier %s not answering: no user is sent there until it answers", addrs[i])
-                        down.add(i)
                         core.servers_down.add(i)
                     continue
-                if i in down:
+                if i in core.servers_down:
                     log.info("verifier %s answers: users may be sent there", addrs[i])
-                down.discard(i)
-                core.servers_down.discard(i)
+                    core.servers_down.discard(i)
                 busy = 0.0 if last_busy[i] is None else (st["busy_s"] - last_busy[i]) / core.slot_s
                 last_busy[i] = st["busy_s"]
                 kv = st.get("kv_tokens", 0) / st["kv_budget"] if st.get("kv_budget") else 0.0
