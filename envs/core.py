@@ -102,7 +102,7 @@ class BatchedSimulator:
         self.ue_tx_kw = 10 ** (cfg.scenario.channel.ue_tx_dbm / 10) / 1e6  # joules per ms of transmission
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(cfg.seed if seed is None else int(seed))
-        self.draws = Draws(self.gen)  # every random draw; `draws.set_groups` shares them within groups
+        self.draws = Draws(self.gen, counter=cfg.env.rng == "counter")  # every random draw (envs.draws)
         self.record_requests = False
         self.round_trace: list[torch.Tensor] | None = None  # set to [] to record (env, user, position, gamma, accepted)
         self.replay = None
@@ -121,8 +121,11 @@ class BatchedSimulator:
         B, N, g, s = self.B, self.N, self.draws, self.scn
         for k, v in allocate(self.sizes, self.device).items():
             setattr(self, k, v)
-        self.pos = s.sample_points((B, N), g)
-        self.waypoint = s.sample_points((B, N), g)
+        if g.counter:
+            g.set_keys(g.fresh_keys(B))
+        g.clock = -1
+        self.pos = s.sample_points((B, N), g, site="pos")
+        self.waypoint = s.sample_points((B, N), g, site="waypoint")
         self.speed = s.sample_speeds((B, N), g)
         self.dev = s.sample_devices(B, g)
         self.draft_ms = s.dev_draft_ms[self.dev]
@@ -153,6 +156,8 @@ class BatchedSimulator:
         st = {k: getattr(self, k).clone() for k in STATE}
         st["channel"] = self.channel.get_state()
         st["gen"] = self.gen.get_state()
+        if self.draws.counter:
+            st["draw_keys"] = self.draws.keys.clone()
         return st
 
     def set_state(self, st: dict, rng: bool = True) -> None:
@@ -164,6 +169,8 @@ class BatchedSimulator:
         self.channel.set_state(st["channel"])
         if rng:
             self.gen.set_state(st["gen"])
+            if self.draws.counter:
+                self.draws.set_keys(st["draw_keys"])
         self._new_accumulators()
         self._update_rates()  # rates and SNR are derived from the restored state
         self._update_mask()
@@ -292,8 +299,11 @@ class BatchedSimulator:
         self._new_accumulators()
         self._update_rates()
         T, B, N = self.ticks, self.B, self.N
-        self._u_arr = self.draws.rand((T, B, N), self.device, dim=1)
-        self._u_req = self.draws.rand((T, B, N, 3), self.device, dim=1)
+        self.draws.clock = int(self.t) * (T + 2)
+        self._u_arr = self.draws.rand((T, B, N), self.device, dim=1, site="arrive")
+        # counter mode hashes a request's uniforms only when it arrives (`_arrivals`)
+        lazy = self.draws.counter and self.replay is None
+        self._u_req = None if lazy else self.draws.rand((T, B, N, 3), self.device, dim=1, site="request")
         if self.replay is not None:
             self._replay_slot(int(self.t))
         w = self.cfg.scenario.workload
@@ -385,8 +395,10 @@ class BatchedSimulator:
         m["arrived"] += ok
         at = now - self.dt  # arrivals happen at the start of the tick; their upload runs in it
         bi, ui = arrive.nonzero(as_tuple=True)
-        attrs = self.scn.requests_from_uniform(self._u_req[k][bi, ui], self.dev[bi, ui])  # [n, 3]
-        u = self.draws.rows(arrive, self.L)
+        self.draws.clock = int(self.t) * (self.ticks + 2) + 1 + k
+        u_req = self.draws.rows(arrive, 3, site="request") if self._u_req is None else self._u_req[k][bi, ui]
+        attrs = self.scn.requests_from_uniform(u_req, self.dev[bi, ui])  # [n, 3]
+        u = self.draws.rows(arrive, self.L, site="pattern")
         pat = u < attrs[:, REQ["alpha"]].unsqueeze(-1)
         keep = ok[bi, ui]
         bk, uk = bi[keep], ui[keep]
@@ -640,6 +652,7 @@ class BatchedSimulator:
         self.ul_activity = self.m["airtime_ms"] / slot
         self.srv_busy_frac = self.ms["busy_ms"] / slot
         self.outstanding_last = self.m["outstanding_ms"] / slot
+        self.draws.clock = int(self.t) * (self.ticks + 2) - 1
         self.pos, self.waypoint, moved = self.scn.move(self.pos, self.waypoint, self.speed, slot / 1000.0, self.draws)
         self.channel.step(self.pos, moved, self.draws)
         self._update_rates()

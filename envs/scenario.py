@@ -62,24 +62,24 @@ class Scenario:
         self.task_alpha = torch.tensor([t.alpha for t in cfg.tasks], **f)
 
     # ---- drops -------------------------------------------------------------------------------
-    def sample_points(self, shape: tuple[int, ...], gen) -> torch.Tensor:
+    def sample_points(self, shape: tuple[int, ...], gen, site: str = "pts") -> torch.Tensor:
         """Uniform points in the union of the hexagonal cells (exact: cell, then rhombus)."""
         d = as_draws(gen)
-        site = d.randint(0, self.M, shape, self.device)
-        rh = d.randint(0, 3, shape, self.device).float()
-        u = d.rand(shape, self.device)
-        v = d.rand(shape, self.device)
+        cell = d.randint(0, self.M, shape, self.device, site=site + ".cell")
+        rh = d.randint(0, 3, shape, self.device, site=site + ".rh").float()
+        u = d.rand(shape, self.device, site=site + ".u")
+        v = d.rand(shape, self.device, site=site + ".v")
         # the hexagon (vertices at 0, 60, ... deg) is three rhombi {0, v_2k, v_2k+1, v_2k+2}
         a = rh * (2 * math.pi / 3)
         b = a + 2 * math.pi / 3
         r = self.cell_radius
         x = r * (u * torch.cos(a) + v * torch.cos(b))
         y = r * (u * torch.sin(a) + v * torch.sin(b))
-        return self.bs_xy[site] + torch.stack([x, y], -1)
+        return self.bs_xy[cell] + torch.stack([x, y], -1)
 
     def sample_devices(self, B: int, gen) -> torch.Tensor:
         """Device class index per user, [B, N]."""
-        return as_draws(gen).multinomial(self.dev_share.expand(B, -1), self.N)
+        return as_draws(gen).multinomial(self.dev_share.expand(B, -1), self.N, site="dev")
 
     def requests_from_uniform(self, u: torch.Tensor, dev_idx: torch.Tensor) -> torch.Tensor:
         """Map uniforms [..., 3] to request attributes [..., 3] = (prompt tokens, output tokens, alpha).
@@ -99,7 +99,7 @@ class Scenario:
 
     def sample_speeds(self, shape: tuple[int, ...], gen) -> torch.Tensor:
         lo, hi = self.cfg.mobility.speed_mps
-        return lo + (hi - lo) * as_draws(gen).rand(shape, self.device)
+        return lo + (hi - lo) * as_draws(gen).rand(shape, self.device, site="speed")
 
     def move(self, pos, waypoint, speed, dt_s: float, gen):
         """Random-waypoint step; returns new positions, waypoints and the distance moved [B, N]."""
@@ -111,7 +111,7 @@ class Scenario:
         new = pos + delta * (step / dist.clamp(min=1e-6)).unsqueeze(-1)
         arrived = dist <= speed * dt_s
         if bool(arrived.any()):
-            fresh = self.sample_points(tuple(pos.shape[:-1]), gen)
+            fresh = self.sample_points(tuple(pos.shape[:-1]), gen, site="waypoint")
             waypoint = torch.where(arrived.unsqueeze(-1), fresh, waypoint)
         return new, waypoint, step
 

@@ -201,6 +201,9 @@ class EnvConfig(Strict):
     max_servers: int | None = Field(None, ge=1, description="servers the observation and the server action have "
                                                             "room for (padded and masked past n_servers); a policy "
                                                             "runs on any scenario with at most this many. None: n_servers")
+    rng: Literal["stream", "counter"] = Field("stream", description="stream: one generator for the batch (fastest); "
+                                              "counter: each environment's draws hash its own key, so a copy of it "
+                                              "can be shown its real future (the clairvoyant oracle needs this)")
 
     @model_validator(mode="after")
     def _ticks(self) -> "EnvConfig":
@@ -271,9 +274,10 @@ class TrainConfig(Strict):
 class OracleConfig(Strict):
     """The search oracle (`oracle` in `marl-sd eval --policies`)."""
 
-    horizon: int = Field(3, ge=1, description="slots each candidate is rolled out")
-    samples: int = Field(8, ge=1, description="sampled futures per candidate, shared by all candidates")
-    moves: int = Field(24, ge=0, description="coordinate moves per round (all of them when fewer exist)")
+    horizon: int = Field(10, ge=1, description="slots each candidate is rolled out")
+    samples: int = Field(16, ge=1, description="sampled futures per candidate, shared by all candidates "
+                                               "(the clairvoyant oracle scores on the one real future)")
+    moves: int = Field(12, ge=0, description="coordinate moves per round (all of them when fewer exist)")
     rounds: int = Field(1, ge=0, description="rounds of coordinate moves after the heuristic proposals")
     base: str = Field("two_phase_matching", description="policy the rollouts follow after the first slot")
 

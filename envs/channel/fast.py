@@ -38,15 +38,15 @@ class FastChannel(ChannelModel):
     def _draw_fading(self, los: torch.Tensor, gen) -> torch.Tensor:
         shape = (*los.shape, self.S)
         d = as_draws(gen)
-        re = d.randn(shape, los.device)
-        im = d.randn(shape, los.device)
+        re = d.randn(shape, los.device, site="fading.re")
+        im = d.randn(shape, los.device, site="fading.im")
         k = torch.where(los, 10 ** (RICIAN_K_DB / 10), 0.0).unsqueeze(-1)
         mean = torch.sqrt(k / (k + 1))
         scat = torch.sqrt(1 / (2 * (k + 1)))
         return (mean + scat * re) ** 2 + (scat * im) ** 2  # unit mean power
 
     def _draw_los(self, d2d, gen):
-        return as_draws(gen).rand(d2d.shape, d2d.device) < los_probability(self.cfg.model, d2d, self.cfg.h_ut_m)
+        return as_draws(gen).rand(d2d.shape, d2d.device, site="los") < los_probability(self.cfg.model, d2d, self.cfg.h_ut_m)
 
     def _update_pl(self, pos):
         d2d, d3d = self.distances(pos)
@@ -57,19 +57,19 @@ class FastChannel(ChannelModel):
     def reset(self, pos, gen):
         d2d, _ = self.distances(pos)
         self.los = self._draw_los(d2d, gen)
-        self.sf_db = self._sigma_of(self.los) * as_draws(gen).randn(d2d.shape, d2d.device)
+        self.sf_db = self._sigma_of(self.los) * as_draws(gen).randn(d2d.shape, d2d.device, site="sf")
         self._update_pl(pos)
         self.fading = self._draw_fading(self.los, gen)
 
     def step(self, pos, moved, gen):
         d2d, _ = self.distances(pos)
         m = moved.unsqueeze(-1).expand_as(d2d)
-        flip = as_draws(gen).rand(d2d.shape, d2d.device) < 1 - torch.exp(-m / LOS_DECORRELATION_M)
+        flip = as_draws(gen).rand(d2d.shape, d2d.device, site="los.flip") < 1 - torch.exp(-m / LOS_DECORRELATION_M)
         new_los = torch.where(flip, self._draw_los(d2d, gen), self.los)
         self.sf_db = self.sf_db * self._sigma_of(new_los) / self._sigma_of(self.los)
         self.los = new_los
         rho = torch.exp(-m / self._dcorr_of(self.los))
-        z = as_draws(gen).randn(d2d.shape, d2d.device)
+        z = as_draws(gen).randn(d2d.shape, d2d.device, site="sf")
         self.sf_db = rho * self.sf_db + torch.sqrt(1 - rho**2) * self._sigma_of(self.los) * z
         self._update_pl(pos)
         self.fading = self._draw_fading(self.los, gen)

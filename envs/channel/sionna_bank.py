@@ -172,7 +172,7 @@ class SionnaBankChannel(FastChannel):
         self.dl_table = PhyTable(assets["dl_grid"], assets["dl_se"], assets["dl_src"]).to(dev)
 
     def _draw_fading(self, los: torch.Tensor, gen) -> torch.Tensor:
-        idx = as_draws(gen).randint(0, self.bank_los.shape[0], los.shape, los.device)
+        idx = as_draws(gen).randint(0, self.bank_los.shape[0], los.shape, los.device, site="fading")
         return torch.where(los.unsqueeze(-1), self.bank_los[idx], self.bank_nlos[idx])
 
 
