@@ -1,5 +1,6 @@
 """Policies by name, as `marl-sd eval` and `marl-sd bench suite` ask for them: a heuristic,
-`oracle` (the search oracle with `eval.oracle`), or `learned` (the best checkpoint of a run)."""
+`oracle` (the search oracle with `eval.oracle`), `oracle_clairvoyant` (the same search scored on
+the real future draws: needs `env.rng: counter`), or `learned` (the best checkpoint of a run)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,8 +34,8 @@ def make_policy(name: str, cfg: Config, run_dir: Path | None = None, learned_nam
     """The policy `name` for scenario `cfg`; `learned` is None when `run_dir` has no checkpoint,
     and a clear error when its checkpoint was trained for other sizes."""
     ctx = PolicyContext.from_config(cfg)
-    if name == "oracle":
-        return SearchOracle(ctx, **cfg.eval.oracle.model_dump())
+    if name in ("oracle", "oracle_clairvoyant"):
+        return SearchOracle(ctx, **cfg.eval.oracle.model_dump(), clairvoyant=name == "oracle_clairvoyant")
     if name == "learned":
         ckpt = policy_checkpoint(run_dir) if run_dir is not None else None
         if ckpt is None:
@@ -45,5 +46,6 @@ def make_policy(name: str, cfg: Config, run_dir: Path | None = None, learned_nam
         check_policy_fits(policy, own, ctx, ckpt)
         return LearnedPolicy(ctx, policy, name=learned_name or cfg.train.algorithm, own_spec=own)
     if name not in HEURISTICS:
-        raise KeyError(f"unknown policy '{name}' (heuristics: {', '.join(HEURISTICS)}; or oracle, learned)")
+        raise KeyError(f"unknown policy '{name}' (heuristics: {', '.join(HEURISTICS)}; "
+                       "or oracle, oracle_clairvoyant, learned)")
     return make_heuristic(name, ctx)

@@ -101,6 +101,8 @@ def run_policy(cfg: Config, policy: Policy, seed: int, episodes: int, schedule=N
         "reward": rew / sim.horizon,
         "outstanding_at_end": float(sim.q_len.float().sum()) / episodes,
     })
+    if hasattr(policy, "diagnostics"):
+        s.update(policy.diagnostics())  # e.g. the search oracle's standard errors
     return s, per_tok
 
 

@@ -1,5 +1,5 @@
 """A search oracle: how good could a controller be that knows the whole state and every
-distribution (but not the future draws)?
+distribution (but not the future draws)? And, looser, one that also knows the future draws?
 
 Each slot, for each environment, candidate joint actions are scored with the simulator itself:
 the state is copied into a batch (`BatchedSimulator.load_copies`), every candidate is applied
@@ -11,6 +11,11 @@ search cannot win by deferring work. Candidates: every heuristic's proposal, the
 coordinate moves (one user's server or gamma changed) around the best so far. This is the
 rollout algorithm (one step of policy improvement over the base policy, with a search over
 the first action): it scores at least as well as its best proposal on the same samples.
+
+The clairvoyant variant (`oracle_clairvoyant`) scores every candidate on the one real future:
+with counter-based draws (`env.rng: counter`) a copy given the real environment's key draws
+exactly what the real environment will (arrivals, request lengths, acceptance patterns, fading,
+mobility), so the search may exploit luck no controller can foresee: a loose bound.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from marl_sd.agents.policy import Policy, PolicyContext
 from marl_sd.envs.core import BatchedSimulator
 from marl_sd.envs.state import REQ
 
+SCRATCH_BUCKET = 8  # distinct candidates are padded to a multiple of this
 PROPOSERS = ("nearest_g4", "nearest_adaptive", "least_loaded", "greedy_latency", "two_phase_matching",
              "closed_form_dp", "centralized_ar")
 
@@ -35,24 +41,33 @@ class SearchOracle(Policy):
 
     def __init__(self, ctx: PolicyContext, horizon: int = 3, samples: int = 8, moves: int = 12, rounds: int = 1,
                  base: str = "two_phase_matching", proposers: tuple[str, ...] = PROPOSERS, gammas=(0, 2, 4, 6, 8),
-                 seed: int = 0):
+                 seed: int = 0, clairvoyant: bool = False):
         super().__init__(ctx)
-        self.H, self.K, self.moves, self.rounds = horizon, samples, moves, rounds
+        self.clairvoyant = clairvoyant
+        if clairvoyant:
+            self.name = "oracle_clairvoyant"
+            self.description = "clairvoyant rollout search: scored on the real future draws (a loose bound)"
+        self.H, self.K, self.moves, self.rounds = horizon, 1 if clairvoyant else samples, moves, rounds
         self.base = make_heuristic(base, ctx)
         self.proposers = [make_heuristic(p, ctx) for p in proposers]
         self.gammas = [g for g in gammas if g <= ctx.cfg.env.gamma_max]
         self.gen = torch.Generator().manual_seed(seed)
         self.sim: BatchedSimulator | None = None
         self._scratch: dict[int, BatchedSimulator] = {}
-        self.last_stderr = math.nan  # relative standard error of the chosen candidate's score
+        self._samples: torch.Tensor | None = None  # [B, C, K] per-future scores of the last `score`
+        self._diag = {"decisions": 0, "rel_stderr": 0.0, "rel_paired_stderr": 0.0, "changed": 0.0}
 
     def attach(self, sim: BatchedSimulator) -> None:
         """The simulator whose state the oracle searches from (set by the evaluation loop)."""
+        if self.clairvoyant and not sim.draws.counter:
+            raise ValueError("the clairvoyant oracle needs counter-based draws to see the real future: set "
+                             "env.rng=counter (for every policy it is compared with, so they face the same draws)")
         self.sim = sim
 
     def reset(self, seed=None):
         if seed is not None:
             self.gen.manual_seed(seed + 7919)
+        self._diag = dict.fromkeys(self._diag, 0.0)
         for p in (self.base, *self.proposers):
             p.reset(seed)
 
@@ -66,26 +81,40 @@ class SearchOracle(Policy):
         """cands [B, C, N, 4] valid joint actions for each environment of the attached simulator
         (whose `get_state()` may be passed as `state`) -> (mean score [B, C], its standard error
         [B, C]) over `samples` futures shared by the C candidates of an environment (futures
-        fixed by `seed`)."""
+        fixed by `seed`). Candidates equal to an earlier one of their environment are scored once."""
         B, C, N, _ = cands.shape
         K = self.K
-        envs = torch.arange(B).repeat_interleave(C * K)
-        s = self._scratch_sim(B * C * K)
-        s.load_copies(self.sim.get_state() if state is None else state, envs)
-        k = torch.arange(K).repeat(B * C)
-        s.draws.set_groups(envs * K + k)  # copy (b, c, k): future k of environment b, the same for every c
+        same = (cands.unsqueeze(2) == cands.unsqueeze(1)).flatten(3).all(-1)  # [B, C, C]
+        first = same.float().argmax(-1)  # the first candidate equal to each
+        bi, ci = (first == torch.arange(C)).nonzero(as_tuple=True)  # the distinct ones
+        pad = -len(bi) % SCRATCH_BUCKET  # a few sizes of scratch simulator, each built once
+        bi, ci = torch.cat([bi, bi[:1].expand(pad)]), torch.cat([ci, ci[:1].expand(pad)])
+        U = len(bi)
+        envs = bi.repeat_interleave(K)
+        s = self._scratch_sim(U * K)
+        state = self.sim.get_state() if state is None else state
+        s.load_copies(state, envs)
         s.gen.manual_seed(seed)
-        total = torch.zeros(B * C * K)
-        a = cands.repeat_interleave(K, dim=1).reshape(B * C * K, N, 4)  # copies share the real mask
+        if self.clairvoyant:
+            s.draws.set_keys(state["draw_keys"][envs])  # every copy of environment b draws b's real future
+        else:
+            k = torch.arange(K).repeat(U)
+            s.draws.set_groups(envs * K + k)  # copy (b, c, k): future k of environment b, the same for every c
+        total = torch.zeros(U * K)
+        a = cands[bi, ci].repeat_interleave(K, dim=0)  # copies share the real mask
         for h in range(self.H):
             r, _ = s.step(a)
             total += r.mean(1)
             if h + 1 < self.H:
                 a = self.base.act(s.observations(), s.mask)
         total += terminal_value(s)
-        x = total.view(B, C, K)
-        se = x.std(-1) / math.sqrt(K) if K > 1 else torch.full((B, C), math.nan)
-        return x.mean(-1), se
+        x = total.view(U, K)
+        per = torch.empty(B, C, K)
+        per[bi, ci] = x
+        self._samples = per.gather(1, first.unsqueeze(-1).expand(B, C, K))
+        mean = self._samples.mean(-1)
+        se = self._samples.std(-1) / math.sqrt(K) if K > 1 else torch.full((B, C), math.nan)
+        return mean, se
 
     # ---------------------------------------------------------------- search
     def _moves(self, best: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
@@ -116,6 +145,8 @@ class SearchOracle(Policy):
         i = val.argmax(1)
         bi = torch.arange(len(i))
         best, best_val, best_se = props[bi, i], val[bi, i], se[bi, i]
+        base_x = self._samples[:, self._base_index]  # [B, K] the base policy's own proposal
+        best_x = self._samples[bi, i]
         for _ in range(self.rounds):
             if self.moves <= 0:
                 break
@@ -123,15 +154,42 @@ class SearchOracle(Policy):
             v, e = self.score(cand, seed, state)
             j = v.argmax(1)
             best, best_val, best_se = cand[bi, j], v[bi, j], e[bi, j]
+            best_x = self._samples[bi, j]
+        self._record(best_x, base_x, best, props[:, self._base_index])
         return best, best_val, best_se
+
+    @property
+    def _base_index(self) -> int:
+        names = [p.name for p in self.proposers]
+        return names.index(self.base.name) if self.base.name in names else 0
+
+    def _record(self, best_x, base_x, best, base_a) -> None:
+        """Running diagnostics: the standard error of the chosen score over the futures, and of
+        its difference to the base policy's proposal on the same futures (what the choice rests
+        on), both relative to the score; how often the search departs from the base policy."""
+        K = best_x.shape[-1]
+        scale = best_x.mean(-1).abs().clamp(min=1e-9)
+        d = self._diag
+        d["decisions"] += 1
+        if K > 1:
+            d["rel_stderr"] += float((best_x.std(-1) / math.sqrt(K) / scale).mean())
+            d["rel_paired_stderr"] += float(((best_x - base_x).std(-1) / math.sqrt(K) / scale).mean())
+        d["changed"] += float((best != base_a).any(-1).any(-1).float().mean())
+
+    def diagnostics(self) -> dict[str, float]:
+        """Means over the decisions since `reset`."""
+        n = max(self._diag["decisions"], 1)
+        out = {f"oracle_{k}": v / n for k, v in self._diag.items() if k != "decisions"}
+        if self.K == 1:
+            out.pop("oracle_rel_stderr"), out.pop("oracle_rel_paired_stderr")
+        return out
 
     @torch.no_grad()
     def act(self, obs, mask):
         if self.sim is None:
             raise RuntimeError("the oracle searches with the simulator: call attach(sim) first "
                                "(marl-sd eval does this for policies with needs_simulator)")
-        best, val, se = self.search(obs, mask.bool(), int(torch.randint(0, 2**62, (1,), generator=self.gen)))
-        self.last_stderr = float((se / val.abs().clamp(min=1e-9)).mean())
+        best, _, _ = self.search(obs, mask.bool(), int(torch.randint(0, 2**62, (1,), generator=self.gen)))
         return best
 
 

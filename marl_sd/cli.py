@@ -535,8 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scenarios", nargs="+", help="suite: scenario names or config paths (default: configs/suite/*)")
     b.add_argument("--policies-suite", "--suite-policies", dest="policies_suite", nargs="+",
                    default=["nearest_g4", "nearest_adaptive", "greedy_latency", "two_phase_matching", "closed_form_dp",
-                            "centralized_ar", "learned", "oracle"],
-                   help="suite: heuristics, learned (runs/<scenario name>), oracle")
+                            "centralized_ar", "learned", "oracle", "oracle_clairvoyant"],
+                   help="suite: heuristics, learned (runs/<scenario name>), oracle, oracle_clairvoyant")
     b.add_argument("--seeds", type=int, nargs="+", help="suite: seeds (default 0-5)")
     b.add_argument("--learned", metavar="RUN", help="suite: one run's policy as `learned` on every scenario "
                                                     "(default: runs/<scenario name>)")

@@ -45,12 +45,15 @@ def make_policy(name: str, cfg, runs_dir: Path, learned_run: Path | None = None)
 def run_suite(scenarios: dict[str, Path], policies: list[str], seeds: list[int], episodes: int, overrides: list[str],
               runs_dir: Path = Path("runs"), progress=None, use_ray: bool = False, address: str | None = None,
               learned_run: Path | None = None) -> dict:
-    """{scenario: {policy: [metric per seed]}} plus per-seed SLO attainment, on identical seeds
-    (with `use_ray`, every (scenario, policy, seed) is a Ray task; the results are the same)."""
-    cfgs = {scen: load_config(path, overrides) for scen, path in scenarios.items()}
+    """{scenario: {policy: [metric per seed]}} plus per-seed SLO attainment and the oracles'
+    diagnostics, on identical seeds (with `use_ray`, every (scenario, policy, seed) is a Ray task;
+    the results are the same). Counter-based draws (`env.rng=counter`, unless overridden): the
+    clairvoyant oracle needs them, and every policy then faces the same draws."""
+    cfgs = {scen: load_config(path, ["env.rng=counter", *overrides]) for scen, path in scenarios.items()}
     grid = eval_grid(cfgs, lambda name, cfg: make_policy(name, cfg, runs_dir, learned_run), policies, seeds, episodes,
                      use_ray, address, progress)
     return {scen: {name: {"per_seed": [s[METRIC] for s, _ in runs], "slo": [s["slo_attainment"] for s, _ in runs]}
+                   | {k: [s[k] for s, _ in runs] for k in runs[0][0] if k.startswith("oracle_")}
                    for name, runs in pols.items()} for scen, pols in grid.items()}
 
 
@@ -67,6 +70,13 @@ def summarize_suite(res: dict) -> dict:
                           for p, (m, ci) in row.items()},
              "best_heuristic": best_h,
              "oracle_headroom_vs_best_heuristic": (heur[best_h] - oracle) / heur[best_h] if best_h and oracle == oracle else math.nan}
+        clair = row.get("oracle_clairvoyant", (math.nan, math.nan))[0]
+        if best_h and clair == clair:
+            s["clairvoyant_headroom_vs_best_heuristic"] = (heur[best_h] - clair) / heur[best_h]
+        for name in ("oracle", "oracle_clairvoyant"):
+            for k, v in pols.get(name, {}).items():
+                if k.startswith("oracle_"):
+                    s[f"{name}.{k[len('oracle_'):]}"] = float(np.mean(v))
         if "learned" in pols and best_h:
             a, b = np.asarray(pols["learned"]["per_seed"]), np.asarray(pols[best_h]["per_seed"])
             t = stats.ttest_rel(a, b) if len(a) > 1 else None

@@ -50,11 +50,12 @@ def test_terminal_value_counts_queued_work_in_order():
     assert float(terminal_value(sim)) == pytest.approx(-2.0 / 3)
 
 
-def test_search_reaches_the_enumerated_optimum_on_a_small_instance():
-    cfg = load_config(overrides=SMALL)
+@pytest.mark.parametrize("rng,clairvoyant", [("stream", False), ("counter", False), ("counter", True)])
+def test_search_reaches_the_enumerated_optimum_on_a_small_instance(rng, clairvoyant):
+    cfg = load_config(overrides=SMALL + [f"env.rng={rng}"])
     ctx = PolicyContext.from_config(cfg)
     sim = loaded_sim(cfg)
-    oracle = SearchOracle(ctx, horizon=2, samples=4, moves=64, rounds=2)
+    oracle = SearchOracle(ctx, horizon=2, samples=4, moves=64, rounds=2, clairvoyant=clairvoyant)
     oracle.attach(sim)
     obs, mask = sim.observations(), sim.mask
     seed = 1234
@@ -77,5 +78,62 @@ def test_oracle_runs_as_a_policy_in_evaluation():
     ctx = PolicyContext.from_config(cfg)
     s, _ = run_policy(cfg, SearchOracle(ctx, horizon=2, samples=2, moves=4), seed=0, episodes=1)
     assert s["requests_completed"] > 0
+    assert s["oracle_rel_stderr"] >= 0 and s["oracle_rel_paired_stderr"] >= 0 and 0 <= s["oracle_changed"] <= 1
     with pytest.raises(RuntimeError, match="attach"):
         SearchOracle(ctx).act(torch.zeros(1, 3, ctx.spec.obs_dim), torch.ones(1, 3, sum(ctx.nvec), dtype=torch.bool))
+
+
+def test_counter_draws_make_an_environment_independent_of_its_batch():
+    """With env.rng=counter, environment 1 of a batch of 3 and a lone copy given its key live
+    the same future (arrivals, lengths, acceptance patterns, fading, mobility)."""
+    cfg = load_config("configs/suite/vehicular.yaml", ["env.rng=counter", "env.horizon=30"])
+    ctx = PolicyContext.from_config(cfg)
+    big = BatchedSimulator(cfg, num_envs=3, seed=5)
+    lone = BatchedSimulator(cfg, num_envs=1, seed=77)
+    lone.load_copies(big.get_state(), torch.tensor([1]))
+    lone.draws.set_keys(big.draws.keys[[1]])
+    pol = make_heuristic("greedy_latency", ctx)
+    arrived = 0.0
+    for _ in range(25):
+        a = pol.act(big.observations(), big.mask)
+        r, _ = big.step(a)
+        r1, _ = lone.step(a[[1]])
+        assert torch.equal(r[[1]], r1)
+        arrived += float(lone.slot_metrics()["arrived"].sum())
+    assert torch.equal(big.pos[1], lone.pos[0]) and torch.equal(big.requests[1], lone.requests[0])
+    assert torch.equal(big.channel.fading[1], lone.channel.fading[0])
+    assert arrived > 0
+
+
+def test_counter_draws_are_uniform_and_normal():
+    from marl_sd.envs.draws import Draws
+
+    d = Draws(torch.Generator().manual_seed(0), counter=True)
+    d.set_keys(torch.arange(8))
+    u = d.rand((4000, 8, 16), dim=1, site="u")
+    z = d.randn((4000, 8, 16), dim=1, site="z")
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+    assert float(u.min()) >= 0 and float(u.max()) < 1
+    d.clock = 1
+    assert not torch.equal(d.rand((4, 8), dim=1, site="u"), u[:4])  # another clock, other numbers
+    assert torch.corrcoef(torch.stack([u[:, 0].flatten(), u[:, 1].flatten()]))[0, 1].abs() < 0.02
+
+
+def test_clairvoyant_oracle_scores_the_real_future():
+    """The clairvoyant score of an action is what the real environment then earns (same action,
+    then the base policy, plus the terminal value); it refuses stream draws."""
+    cfg = load_config(overrides=SMALL + ["env.rng=counter"])
+    ctx = PolicyContext.from_config(cfg)
+    sim = loaded_sim(cfg)
+    oracle = SearchOracle(ctx, horizon=4, moves=4, clairvoyant=True)
+    oracle.attach(sim)
+    a = make_heuristic("nearest_adaptive", ctx).act(sim.observations(), sim.mask)
+    v, _ = oracle.score(a.unsqueeze(1), seed=99)
+    total = 0.0
+    for h in range(4):
+        r, _ = sim.step(a if h == 0 else oracle.base.act(sim.observations(), sim.mask))
+        total += float(r.mean())
+    assert float(v) == pytest.approx(total + float(terminal_value(sim)), rel=1e-5, abs=1e-6)
+    with pytest.raises(ValueError, match="env.rng=counter"):
+        SearchOracle(ctx, clairvoyant=True).attach(loaded_sim(load_config(overrides=SMALL)))
