@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEMO_RUN ?= runs/demo
 
-.PHONY: setup demo test test-all wheel-check bench clean
+.PHONY: setup demo test test-all wheel-check bench train-suite suite clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,15 @@ wheel-check:
 
 bench: setup
 	$(VENV)/bin/marl-sd bench env
+
+# One MAPPO run per suite scenario (runs/suite_<scenario>/, about 5 minutes each on 2 CPU cores),
+# then the suite table with those policies, both oracles and every heuristic.
+SUITE := light capacity_kv hotspot hetero_sites datacenter_h100 vehicular bursty large
+train-suite: setup
+	for s in $(SUITE); do $(VENV)/bin/marl-sd train configs/suite/$$s.yaml --no-progress || exit 1; done
+
+suite: setup
+	$(VENV)/bin/marl-sd bench suite --seeds 0 1 2 3 4 5 --out runs/suite
 
 clean:
 	rm -rf $(VENV) .pytest_cache
