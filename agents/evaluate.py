@@ -63,12 +63,16 @@ def mean_ci(vals: np.ndarray) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def run_policy(cfg: Config, policy: Policy, seed: int, episodes: int, schedule=None) -> tuple[dict, np.ndarray]:
+def run_policy(cfg: Config, policy: Policy, seed: int, episodes: int, schedule=None,
+               devices: list[str] | None = None) -> tuple[dict, np.ndarray]:
     """One batch of `episodes` parallel episodes with simulator seed `seed` (replaying a fixed
-    workload `schedule` in each, if given)."""
+    workload `schedule` in each, and giving the users the device classes `devices`, if given)."""
     sim = BatchedSimulator(cfg, num_envs=episodes, seed=seed)
     if schedule is not None:
         sim.replay_workload(schedule)
+    if devices is not None:
+        sim.pin_devices(devices)
+        sim.reset()
     sim.record_requests = True
     if getattr(policy, "needs_simulator", False):
         policy.attach(sim)  # a search oracle plans with copies of the real state

@@ -106,6 +106,7 @@ class BatchedSimulator:
         self.record_requests = False
         self.round_trace: list[torch.Tensor] | None = None  # set to [] to record (env, user, position, gamma, accepted)
         self.replay = None
+        self.pinned_dev: torch.Tensor | None = None  # [N] device class per user in every episode (`pin_devices`)
         self.request_log: list[torch.Tensor] = []  # rows of REQUEST_LOG_COLUMNS, while record_requests
         self.reset()
 
@@ -128,6 +129,8 @@ class BatchedSimulator:
         self.waypoint = s.sample_points((B, N), g, site="waypoint")
         self.speed = s.sample_speeds((B, N), g)
         self.dev = s.sample_devices(B, g)
+        if self.pinned_dev is not None:
+            self.dev = self.pinned_dev.expand(B, N).clone()
         self.draft_ms = s.dev_draft_ms[self.dev]
         self.power_w = s.dev_power_w[self.dev]
         self.max_gamma = s.dev_max_gamma[self.dev].clamp(max=self.cfg.env.gamma_max)
@@ -258,6 +261,20 @@ class BatchedSimulator:
         return m
 
     # ------------------------------------------------------------------ workload replay
+    def pin_devices(self, classes: list[str] | None) -> None:
+        """Give user n the device class `classes[n]` (a profile device name) in every episode from
+        the next reset on, e.g. the classes a live run's clients had; None: drawn again."""
+        if classes is None:
+            self.pinned_dev = None
+            return
+        if len(classes) != self.N:
+            raise ValueError(f"{len(classes)} device classes for {self.N} users")
+        names = self.scn.device_names
+        unknown = sorted(set(classes) - set(names))
+        if unknown:
+            raise ValueError(f"unknown device classes {unknown} (this profile has {', '.join(names)})")
+        self.pinned_dev = torch.tensor([names.index(c) for c in classes], device=self.device)
+
     def replay_workload(self, schedule: list[list[tuple[float, int, int]]] | None) -> None:
         """Replay a fixed workload in every episode: per user, (arrival s, prompt tokens, output
         tokens) -- e.g. the one a live run served, so simulated and measured latencies are paired.

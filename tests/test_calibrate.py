@@ -21,7 +21,9 @@ def test_fit_recovers_the_generating_costs(tmp_path):
     assert v["t0_ms"] + v["c_b_ms"] * 2 + v["c_n_ms"] * max(0, 10 - v["n_knee"]) == pytest.approx(t(2, 10), rel=0.02)
     assert prof["devices"]["cpu_tiny_draft"]["draft_ms_per_token"] == pytest.approx(1.5)
     assert prof["transport"]["per_message_ms"] == pytest.approx(0.6)  # gamma = 0 rounds are not counted
-    assert prof["devices"]["phone_npu_1b"] == base.devices["phone_npu_1b"].model_dump(mode="json")
+    assert prof["devices"]["phone_npu_1b"]["draft_ms_per_token"] == base.devices["phone_npu_1b"].draft_ms_per_token
+    # every live client runs the same draft model: one acceptance for all classes
+    assert {d["alpha_scale"] for d in prof["devices"].values()} == {1.0}
     path = tmp_path / "served_test.yaml"
     write_profile(prof, path)
     loaded = load_profile(path)
@@ -39,7 +41,9 @@ def test_paced_clients_fit_their_own_class():
     prof = fit_served_profile(base, None, samples, rows, name="paced", client_classes=classes)
     assert prof["devices"]["laptop_gpu_1b"]["draft_ms_per_token"] == pytest.approx(3.4)
     assert prof["devices"]["raspberry_pi5_0b5"]["draft_ms_per_token"] == pytest.approx(49.5)
-    assert prof["devices"]["phone_npu_1b"] == base.devices["phone_npu_1b"].model_dump(mode="json")
+    assert prof["devices"]["phone_npu_1b"]["draft_ms_per_token"] == base.devices["phone_npu_1b"].draft_ms_per_token
+    # every live client runs the same draft model: one acceptance for all classes
+    assert {d["alpha_scale"] for d in prof["devices"].values()} == {1.0}
 
 
 def test_fit_refuses_too_little_data():
@@ -158,3 +162,32 @@ def test_spread_over_repeats_reports_mean_sd_and_gap():
     assert s["a"]["live_sd"] == pytest.approx(1.0) and s["a"]["gap"] == pytest.approx(0.1)
     assert s["a"]["gap_over_sd"] == pytest.approx(1.0)
     assert (s["b"]["live_min"], s["b"]["live_max"]) == (20.0, 26.0) and s["b"]["gap"] == pytest.approx(0.1)
+
+
+def test_simulator_pins_the_live_clients_device_classes():
+    """A comparison with a live run gives each simulated user its client's device class in every
+    episode (drawn classes would pair a heavy user with another device)."""
+    import torch
+
+    from marl_sd.config import load_config
+    from marl_sd.envs.core import BatchedSimulator
+    from marl_sd.serving.launcher import device_classes
+
+    cfg = load_config("configs/live.yaml", ["env.horizon=5"])
+    classes = device_classes(cfg)
+    sim = BatchedSimulator(cfg, num_envs=6, seed=1)
+    drawn = sim.dev.clone()
+    sim.pin_devices(classes)
+    sim.reset()
+    names = [sim.scn.device_names[i] for i in sim.dev[0].tolist()]
+    assert names == classes and bool((sim.dev == sim.dev[0]).all())
+    assert not bool((drawn == sim.dev[0]).all())  # drawn classes differ between episodes
+    want = torch.tensor([load_profile(cfg.scenario.profile).devices[c].draft_ms_per_token for c in classes])
+    assert torch.allclose(sim.draft_ms[3], want)
+    sim.pin_devices(None)
+    sim.reset()
+    assert not bool((sim.dev == sim.dev[0]).all())
+    with pytest.raises(ValueError, match="unknown device classes"):
+        sim.pin_devices(["toaster"] * cfg.scenario.n_users)
+    with pytest.raises(ValueError, match="device classes for"):
+        sim.pin_devices(classes[:2])

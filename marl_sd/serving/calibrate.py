@@ -82,6 +82,8 @@ def fit_served_profile(base: LatencyProfile, device_class: str | None, samples: 
                         f"{len(samples)} batches in {len(grid)} cells, fit mean |rel. error| {verify['fit_error']}")
     verify.pop("fit_error_max", None)
     prof["target"]["verify"] = verify
+    for dev in prof["devices"].values():  # every client runs the same draft model: one acceptance
+        dev["alpha_scale"] = 1.0
     if device_class is not None:
         dev = prof["devices"][device_class]
         dev["draft_ms_per_token"] = round(draft_ms, 4)
@@ -113,13 +115,15 @@ def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: f
     """Simulate each live run's policy on the same scenario with a served profile fitted to the
     *other* live runs (held out; its own run only when there is a single one), and with the
     scenario's own profile for reference. The simulated episodes follow the live protocol: the
-    run's own workload (arrival times and lengths) replayed, arrivals for `duration_s`, then
+    run's own workload (arrival times and lengths) replayed, each user with its live client's
+    device class, arrivals for `duration_s`, then
     `drain_s` for the queues to empty, and decisions applied `serving.decision_delay_slots` late. Also writes the profile fitted to all runs."""
 
     cfg = load_config(cfg_path)
     base = load_profile(cfg.scenario.profile)
     device = None if cfg.serving.pace else max(cfg.scenario.devices, key=lambda d: d.share).name
-    classes = device_classes(cfg) if cfg.serving.pace else None
+    users = device_classes(cfg)  # the live clients' classes, pinned in the simulated episodes too
+    classes = users if cfg.serving.pace else None
     profile_dir = Path(profile_dir)
 
     def fit(runs: list[dict], name: str, note: str) -> Path:
@@ -137,7 +141,8 @@ def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: f
         if alpha is not None:
             over.append(f"scenario.tasks=[{{name: served_pair, alpha: {alpha:.4f}, share: 1.0}}]")
         pol = DelayedPolicy(sim_policy(policy, cfg), cfg.serving.decision_delay_slots)
-        s, _ = run_policy(load_config(cfg_path, over), pol, seed=cfg.seed, episodes=episodes, schedule=schedule)
+        s, _ = run_policy(load_config(cfg_path, over), pol, seed=cfg.seed, episodes=episodes, schedule=schedule,
+                          devices=users)
         return s
 
     names = [Path(r["policy"]).name for r in live]

@@ -1,0 +1,160 @@
+"""Where does a live run differ from the simulator? One live run of a policy (with per-round
+detail), then the simulator on the same workload with the profile fitted to that run
+(in-sample), compared request by request: waiting behind the user's earlier requests, service
+time, time to first token and time per output token, per client; and the live rounds
+decomposed into their stages next to the simulator's per-round figures.
+
+    python benchmarks/live_gap.py nearest_g4 --duration 20 --out runs/live_gap.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from marl_sd.agents.policy import DelayedPolicy
+from marl_sd.config import load_config
+from marl_sd.envs.core import BatchedSimulator
+from marl_sd.envs.profiles import load_profile
+from marl_sd.serving.calibrate import fit_served_profile, measured_acceptance, spec_rounds, write_profile
+from marl_sd.serving.controller_policy import sim_policy
+from marl_sd.serving.launcher import device_classes, run_live
+
+
+def per_request(arrivals: dict[int, list[float]], latency: dict[int, list[float]]) -> dict[int, list[dict]]:
+    """Per user, FIFO: finish = arrival + latency, start = max(arrival, previous finish);
+    wait = start - arrival, service = finish - start (ms)."""
+    out = {}
+    for u, arr in arrivals.items():
+        prev, rows = -math.inf, []
+        for a, lat in zip(arr, latency.get(u, [])):
+            fin = a + lat
+            start = max(a, prev)
+            rows.append({"wait_ms": start - a, "service_ms": fin - start, "latency_ms": lat})
+            prev = fin
+        out[u] = rows
+    return out
+
+
+def simulate(cfg_path: str, profile: str, policy: str, schedule, alpha: float, duration_s: float, episodes: int):
+    cfg = load_config(cfg_path)
+    horizon = math.ceil((duration_s + 20.0) * 1000 / cfg.env.slot_ms)
+    over = [f"scenario.profile={profile}", f"env.horizon={horizon}", f"scenario.workload.arrivals_for_s={duration_s}",
+            f"scenario.tasks=[{{name: served_pair, alpha: {alpha:.4f}, share: 1.0}}]"]
+    scfg = load_config(cfg_path, over)
+    sim = BatchedSimulator(scfg, num_envs=episodes, seed=cfg.seed)
+    sim.replay_workload(schedule)
+    sim.pin_devices(device_classes(cfg))
+    sim.reset()
+    sim.record_requests = True
+    sim.round_trace = []
+    pol = DelayedPolicy(sim_policy(policy, cfg), cfg.serving.decision_delay_slots)
+    pol.reset(cfg.seed)
+    acc = defaultdict(float)
+    with torch.no_grad():
+        for _ in range(sim.horizon):
+            sim.step(pol.act(sim.observations(), sim.mask))
+            for k, v in sim.slot_metrics().items():
+                acc[k] += float(v.sum())
+    log = sim.finished_requests()
+    trace = torch.cat(sim.round_trace).numpy() if sim.round_trace else np.zeros((0, 5))
+    return log, trace, dict(acc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("policy", nargs="?", default="nearest_g4")
+    ap.add_argument("--config", default="configs/live.yaml")
+    ap.add_argument("--duration", type=float, default=20.0)
+    ap.add_argument("--target", default="tiny:0")
+    ap.add_argument("--draft", default="tiny-draft:0:0.15")
+    ap.add_argument("--episodes", type=int, default=8)
+    ap.add_argument("--live", help="reuse a saved live run (the JSON this script writes) instead of serving")
+    ap.add_argument("--out", default="runs/live_gap.json")
+    a = ap.parse_args()
+
+    cfg = load_config(a.config)
+    if a.live:
+        live = json.loads(Path(a.live).read_text())["live"]
+    else:
+        live = run_live(a.config, a.policy, a.duration, a.target, a.draft, detail=True)
+    rows, schedule = live["rows"], live["schedule"]
+    base = load_profile(cfg.scenario.profile)
+    classes = device_classes(cfg) if cfg.serving.pace else None
+    device = None if cfg.serving.pace else max(cfg.scenario.devices, key=lambda d: d.share).name
+    prof = fit_served_profile(base, device, live["server_samples"], rows, name="served_gap", note="in-sample",
+                              client_classes=classes)
+    alpha = measured_acceptance(rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "served_gap.yaml"
+        write_profile(prof, path)
+        log, trace, acc = simulate(a.config, str(path), a.policy, schedule, alpha, a.duration, a.episodes)
+
+    arrivals = {u: [float(x[0]) * 1000 for x in reqs] for u, reqs in enumerate(schedule)}
+    live_lat: dict[int, list[float]] = defaultdict(list)
+    live_by_user: dict[int, list[dict]] = defaultdict(list)
+    for r in sorted(rows, key=lambda r: (r["client"], r["request"])):
+        live_lat[r["client"]].append(r["latency_ms"])
+        live_by_user[r["client"]].append(r)
+    L = per_request(arrivals, live_lat)
+    sims = defaultdict(lambda: defaultdict(list))  # user -> k -> [per-episode dicts]
+    for e in range(a.episodes):
+        m = log["env"] == e
+        lat = defaultdict(list)
+        for u, x in zip(log["user"][m].astype(int), log["latency_ms"][m]):
+            lat[u].append(float(x))
+        for u, rs in per_request(arrivals, lat).items():
+            for k, r in enumerate(rs):
+                sims[u][k].append(r)
+
+    print(f"{a.policy}: live {live['latency_per_token_ms']:.1f} ms/token, alpha {alpha:.3f}")
+    print(f"{'user':>4} {'class':>8} {'n':>3} | {'live wait':>9} {'service':>8} {'tok':>5} | {'sim wait':>9} {'service':>8} | service gap")
+    tot = defaultdict(float)
+    for u in sorted(L):
+        n = min(len(L[u]), len(sims[u]))
+        if not n:
+            continue
+        lw = np.mean([r["wait_ms"] for r in L[u][:n]])
+        ls = np.mean([r["service_ms"] for r in L[u][:n]])
+        sw = np.mean([np.mean([x["wait_ms"] for x in sims[u][k]]) for k in range(n)])
+        ss = np.mean([np.mean([x["service_ms"] for x in sims[u][k]]) for k in range(n)])
+        tok = np.mean([len(r["output"]) for r in live_by_user[u][:n]])
+        cls = classes[u] if classes else "-"
+        print(f"{u:>4} {cls:>8} {n:>3} | {lw:>9.0f} {ls:>8.0f} {tok:>5.0f} | {sw:>9.0f} {ss:>8.0f} | {100 * (ls - ss) / ss:+.1f} %")
+        for k, v in (("live_wait", lw), ("live_service", ls), ("sim_wait", sw), ("sim_service", ss)):
+            tot[k] += v * n
+        tot["n"] += n
+    print("mean per request: live wait {:.0f} service {:.0f}, sim wait {:.0f} service {:.0f} ms".format(
+        *(tot[k] / tot["n"] for k in ("live_wait", "live_service", "sim_wait", "sim_service"))))
+
+    rounds = spec_rounds(rows)
+    stages = ("draft_ms", "uplink_ms", "queue_ms", "verify_ms", "downlink_ms", "round_ms")
+    by_g = defaultdict(list)
+    for x in rounds:
+        by_g[x["gamma"]].append(x)
+    print("live speculative rounds (mean ms; round_ms runs from upload to the committed result):")
+    for g, xs in sorted(by_g.items()):
+        accepted = np.mean([x["accepted"] for x in xs])
+        kept = np.mean([bool(x["kept_predraft"]) for x in xs])
+        parts = " ".join(f"{s.replace('_ms', '')} {np.mean([x[s] for x in xs]):6.1f}" for s in stages)
+        resid = np.mean([x["round_ms"] - x["uplink_ms"] - x["downlink_ms"] - x["queue_ms"] - x["verify_ms"] for x in xs])
+        print(f"  gamma {g}: {len(xs):4d} rounds, accepted {accepted:.2f}, kept pre-draft {kept:.2f} | {parts} | rest {resid:5.1f}")
+    if len(trace):
+        for g in sorted(set(trace[:, 3].astype(int))):
+            t = trace[trace[:, 3] == g]
+            print(f"  sim gamma {g}: {len(t) / a.episodes:6.0f} rounds/episode, accepted {t[:, 4].mean():.2f}")
+    sim_rounds = acc.get("rounds", math.nan) / a.episodes
+    print(f"rounds per run: live {sum(len(r['round_detail'] or []) for r in rows)}, sim {sim_rounds:.0f}")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"live": live, "alpha": alpha, "profile": prof}, default=float))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
