@@ -50,3 +50,16 @@ def test_suite_run_and_summary():
     assert all(v["mean"] > 0 for v in s["policies"].values())
     with pytest.raises(KeyError, match="unknown suite scenario"):
         suite_configs(["nope"])
+
+
+def test_suite_with_both_oracles_on_counter_draws():
+    """The suite runs on counter draws, so the clairvoyant oracle can see each episode's future;
+    both oracles report their diagnostics and headroom."""
+    small = ["env.horizon=40", "scenario.workload.arrival_rate_per_s=1.5", "scenario.n_users=3", "scenario.n_servers=2", "eval.oracle.samples=2",
+             "eval.oracle.horizon=2", "eval.oracle.moves=2"]
+    res = run_suite(suite_configs(["light"]), ["two_phase_matching", "oracle", "oracle_clairvoyant"], [0], 1, small)
+    s = summarize_suite(res)["light"]
+    assert set(s["policies"]) == {"two_phase_matching", "oracle", "oracle_clairvoyant"}
+    assert s["oracle_headroom_vs_best_heuristic"] == s["oracle_headroom_vs_best_heuristic"]  # not NaN
+    assert "clairvoyant_headroom_vs_best_heuristic" in s and 0 <= s["oracle.changed"] <= 1
+    assert s["oracle.rel_stderr"] >= 0 and "oracle_clairvoyant.rel_stderr" not in s
