@@ -64,12 +64,13 @@ def mean_ci(vals: np.ndarray) -> tuple[float, float]:
 
 @torch.no_grad()
 def run_policy(cfg: Config, policy: Policy, seed: int, episodes: int, schedule=None,
-               devices: list[str] | None = None) -> tuple[dict, np.ndarray]:
+               devices: list[str] | None = None, patterns=None) -> tuple[dict, np.ndarray]:
     """One batch of `episodes` parallel episodes with simulator seed `seed` (replaying a fixed
-    workload `schedule` in each, and giving the users the device classes `devices`, if given)."""
+    workload `schedule` in each, with the requests' match `patterns`, and giving the users the
+    device classes `devices`, if given)."""
     sim = BatchedSimulator(cfg, num_envs=episodes, seed=seed)
     if schedule is not None:
-        sim.replay_workload(schedule)
+        sim.replay_workload(schedule, patterns)
     if devices is not None:
         sim.pin_devices(devices)
         sim.reset()

@@ -22,9 +22,30 @@ from marl_sd.agents.policy import DelayedPolicy
 from marl_sd.config import load_config
 from marl_sd.envs.core import BatchedSimulator
 from marl_sd.envs.profiles import load_profile
-from marl_sd.serving.calibrate import fit_served_profile, measured_acceptance, spec_rounds, write_profile
+from marl_sd.serving.calibrate import fit_served_profile, measured_acceptance, spec_rounds, text_patterns, write_profile
 from marl_sd.serving.controller_policy import sim_policy
 from marl_sd.serving.launcher import device_classes, run_live
+
+
+FEATURES = ("draft_ms", "queue", "remaining", "acceptance", "outstanding", "token_latency_ms", "ul_mbps", "srv_busy",
+            "srv_queued_tokens")
+SERVER_FEATURES = ("ul_mbps", "srv_busy", "srv_queued_tokens")
+
+
+def compare_features(live: list[dict], sim: np.ndarray) -> None:
+    """Means of what the controller is told about users in service (remaining > 0), and the
+    gamma it chose, live vs simulated."""
+    cols = (*FEATURES, "act_gamma")
+    lv = np.array([[r[k] for k in cols] for r in live if r["remaining"] > 0]) if live else np.zeros((0, len(cols)))
+    sv = sim[sim[:, cols.index("remaining")] > 0]
+    print(f"controller inputs for users in service (live {len(lv)} user-slots, sim {len(sv)}):")
+    for j, k in enumerate(cols):
+        print(f"  {k:>18}: live {lv[:, j].mean() if len(lv) else math.nan:9.3f}   sim {sv[:, j].mean():9.3f}")
+    g = cols.index("act_gamma")
+    for name, x in (("live", lv), ("sim", sv)):
+        if len(x):
+            h = np.bincount(x[:, g].astype(int), minlength=9)[:9] / len(x)
+            print(f"  gamma chosen ({name}): " + " ".join(f"{i}:{p:.2f}" for i, p in enumerate(h)))
 
 
 def per_request(arrivals: dict[int, list[float]], latency: dict[int, list[float]]) -> dict[int, list[dict]]:
@@ -42,14 +63,15 @@ def per_request(arrivals: dict[int, list[float]], latency: dict[int, list[float]
     return out
 
 
-def simulate(cfg_path: str, profile: str, policy: str, schedule, alpha: float, duration_s: float, episodes: int):
+def simulate(cfg_path: str, profile: str, policy: str, schedule, alpha: float, duration_s: float, episodes: int,
+             patterns=None):
     cfg = load_config(cfg_path)
     horizon = math.ceil((duration_s + 20.0) * 1000 / cfg.env.slot_ms)
     over = [f"scenario.profile={profile}", f"env.horizon={horizon}", f"scenario.workload.arrivals_for_s={duration_s}",
             f"scenario.tasks=[{{name: served_pair, alpha: {alpha:.4f}, share: 1.0}}]"]
     scfg = load_config(cfg_path, over)
     sim = BatchedSimulator(scfg, num_envs=episodes, seed=cfg.seed)
-    sim.replay_workload(schedule)
+    sim.replay_workload(schedule, patterns)
     sim.pin_devices(device_classes(cfg))
     sim.reset()
     sim.record_requests = True
@@ -57,11 +79,20 @@ def simulate(cfg_path: str, profile: str, policy: str, schedule, alpha: float, d
     pol = DelayedPolicy(sim_policy(policy, cfg), cfg.serving.decision_delay_slots)
     pol.reset(cfg.seed)
     acc = defaultdict(float)
+    seen = []  # per slot and user: what the controller would have been told, and what it decided
     with torch.no_grad():
         for _ in range(sim.horizon):
-            sim.step(pol.act(sim.observations(), sim.mask))
+            f = sim.features()
+            a = pol.act(sim.observations(), sim.mask)
+            own = lambda x: x.gather(-1, f.server.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+            cols = {k: getattr(f, k) for k in FEATURES if k not in SERVER_FEATURES} | {
+                "ul_mbps": own(f.ul_mbps), "srv_busy": f.srv_busy.gather(-1, f.server),
+                "srv_queued_tokens": f.srv_queued_tokens.gather(-1, f.server), "act_gamma": a[..., 3]}
+            seen.append(torch.stack([cols[k].float() for k in (*FEATURES, "act_gamma")], -1).flatten(0, 1))
+            sim.step(a)
             for k, v in sim.slot_metrics().items():
                 acc[k] += float(v.sum())
+    acc["seen"] = torch.cat(seen).numpy()
     log = sim.finished_requests()
     trace = torch.cat(sim.round_trace).numpy() if sim.round_trace else np.zeros((0, 5))
     return log, trace, dict(acc)
@@ -77,6 +108,7 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=8)
     ap.add_argument("--live", help="reuse a saved live run (the JSON this script writes) instead of serving")
     ap.add_argument("--out", default="runs/live_gap.json")
+    ap.add_argument("--random-text", action="store_true", help="draw acceptance patterns instead of replaying the served text's")
     a = ap.parse_args()
 
     cfg = load_config(a.config)
@@ -94,7 +126,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "served_gap.yaml"
         write_profile(prof, path)
-        log, trace, acc = simulate(a.config, str(path), a.policy, schedule, alpha, a.duration, a.episodes)
+        pats = None if a.random_text else text_patterns(rows, a.draft, cfg.scenario.n_users)
+        log, trace, acc = simulate(a.config, str(path), a.policy, schedule, alpha, a.duration, a.episodes, pats)
 
     arrivals = {u: [float(x[0]) * 1000 for x in reqs] for u, reqs in enumerate(schedule)}
     live_lat: dict[int, list[float]] = defaultdict(list)
@@ -149,6 +182,7 @@ def main() -> None:
         for g in sorted(set(trace[:, 3].astype(int))):
             t = trace[trace[:, 3] == g]
             print(f"  sim gamma {g}: {len(t) / a.episodes:6.0f} rounds/episode, accepted {t[:, 4].mean():.2f}")
+    compare_features(live.get("decisions") or [], acc.pop("seen"))
     sim_rounds = acc.get("rounds", math.nan) / a.episodes
     print(f"rounds per run: live {sum(len(r['round_detail'] or []) for r in rows)}, sim {sim_rounds:.0f}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -106,6 +106,7 @@ class BatchedSimulator:
         self.record_requests = False
         self.round_trace: list[torch.Tensor] | None = None  # set to [] to record (env, user, position, gamma, accepted)
         self.replay = None
+        self.replay_patterns = None  # (index [ticks, N], patterns [R, L], known length [R]) of a replayed text
         self.pinned_dev: torch.Tensor | None = None  # [N] device class per user in every episode (`pin_devices`)
         self.request_log: list[torch.Tensor] = []  # rows of REQUEST_LOG_COLUMNS, while record_requests
         self.reset()
@@ -275,10 +276,14 @@ class BatchedSimulator:
             raise ValueError(f"unknown device classes {unknown} (this profile has {', '.join(names)})")
         self.pinned_dev = torch.tensor([names.index(c) for c in classes], device=self.device)
 
-    def replay_workload(self, schedule: list[list[tuple[float, int, int]]] | None) -> None:
+    def replay_workload(self, schedule: list[list[tuple[float, int, int]]] | None,
+                        patterns: list[list[list[bool]]] | None = None) -> None:
         """Replay a fixed workload in every episode: per user, (arrival s, prompt tokens, output
         tokens) -- e.g. the one a live run served, so simulated and measured latencies are paired.
-        Arrivals and lengths replace the random draws; acceptance stays random. None: back to Poisson."""
+        Arrivals and lengths replace the random draws. Acceptance stays random unless `patterns`
+        gives each request's match pattern (per user, per request, per output position: does the
+        draft's greedy token equal the target's; positions past it are drawn). None: back to Poisson."""
+        self.replay_patterns = None
         if schedule is None:
             self.replay = None
             return
@@ -301,6 +306,25 @@ class BatchedSimulator:
                         raise ValueError(f"replayed request length {x} outside the workload's [{r.low}, {r.high}]")
                     u[g, n, j] = (x - r.low + 0.5) / (r.high - r.low + 1)
         self.replay = (arr.to(self.device), u.to(self.device))
+        if patterns is not None:
+            self._replay_text(schedule, patterns, arr)
+
+    def _replay_text(self, schedule, patterns, arr: torch.Tensor) -> None:
+        """Index the given match patterns by (tick of arrival, user), in the schedule's order."""
+        if len(patterns) != self.N or any(len(p) != len(s) for p, s in zip(patterns, schedule)):
+            raise ValueError("match patterns must give one pattern per scheduled request of every user")
+        idx = torch.full(arr.shape, -1, dtype=torch.long)
+        table = []
+        for n in range(self.N):
+            ticks = arr[:, n].nonzero().flatten().tolist()  # the user's arrivals, in order
+            for g, pat in zip(ticks, patterns[n]):
+                row = torch.zeros(self.L, dtype=torch.bool)
+                row[: min(len(pat), self.L)] = torch.as_tensor(pat[: self.L], dtype=torch.bool)
+                idx[g, n] = len(table)
+                table.append((row, min(len(pat), self.L)))
+        rows = torch.stack([r for r, _ in table]) if table else torch.zeros(0, self.L, dtype=torch.bool)
+        known = torch.tensor([k for _, k in table], dtype=torch.long)
+        self.replay_patterns = (idx.to(self.device), rows.to(self.device), known.to(self.device))
 
     def _replay_slot(self, slot: int) -> None:
         arr, u = self.replay
@@ -417,6 +441,14 @@ class BatchedSimulator:
         attrs = self.scn.requests_from_uniform(u_req, self.dev[bi, ui])  # [n, 3]
         u = self.draws.rows(arrive, self.L, site="pattern")
         pat = u < attrs[:, REQ["alpha"]].unsqueeze(-1)
+        if self.replay_patterns is not None:  # the replayed requests' own text
+            idx, rows, known = self.replay_patterns
+            j = idx[int(self.t) * self.ticks + k, ui]
+            given = j >= 0
+            if bool(given.any()):
+                jj = j[given]
+                pos = torch.arange(self.L, device=pat.device) < known[jj].unsqueeze(-1)
+                pat[given] = torch.where(pos, rows[jj], pat[given])
         keep = ok[bi, ui]
         bk, uk = bi[keep], ui[keep]
         slot = ((self.q_head + self.q_len) % self.Q)[bk, uk]

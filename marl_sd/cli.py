@@ -379,7 +379,7 @@ def _serve_up(args, run_live) -> int:
         if args.compare_sim:
             console.print("[dim]simulating each policy with a served profile fitted to the other live runs ...[/dim]")
             prof_dir = out_dir / "profiles" / (f"run{rep + 1}" if args.repeats > 1 else "")
-            detail = compare_with_sim(args.config, rows, prof_dir, duration_s=args.duration)
+            detail = compare_with_sim(args.config, rows, prof_dir, duration_s=args.duration, draft=args.draft)
         repeats.append((rows, detail))
     if args.repeats > 1:
         return _print_spread(args, spread_over_repeats(repeats))

@@ -191,3 +191,55 @@ def test_simulator_pins_the_live_clients_device_classes():
         sim.pin_devices(["toaster"] * cfg.scenario.n_users)
     with pytest.raises(ValueError, match="device classes for"):
         sim.pin_devices(classes[:2])
+
+
+def test_text_patterns_are_the_drafts_greedy_matches_along_the_target_text():
+    """One forward per request gives, at every output position, whether the draft's greedy token
+    after the target's prefix equals the target's token; a draft equal to the target matches
+    everywhere."""
+    import torch
+
+    from marl_sd.serving.calibrate import text_patterns
+    from marl_sd.serving.models import load_model
+
+    target = load_model("tiny:0")
+    prompt, out = [5, 17, 200, 3, 99, 41], []
+    with torch.no_grad():
+        for _ in range(12):
+            out.append(int(target(torch.tensor([prompt + out])).logits[0, -1].argmax()))
+    rows = [{"client": 1, "request": 0, "prompt": prompt, "output": out}]
+    pats = text_patterns(rows, "tiny-draft:0:0.15", n_users=2)
+    draft = load_model("tiny-draft:0:0.15")
+    with torch.no_grad():
+        want = [int(draft(torch.tensor([prompt + out[:i]])).logits[0, -1].argmax()) == out[i] for i in range(12)]
+    assert pats == [[], [want]] and 0 < sum(want) < 12
+    assert text_patterns(rows, "tiny:0", n_users=2) == [[], [[True] * 12]]
+    assert text_patterns([{"client": 0, "request": 0, "prompt": None, "output": out}], "tiny:0", 1) is None
+
+
+def test_replayed_text_decides_acceptance_in_the_simulator():
+    """Replayed match patterns replace the drawn ones: all-match text accepts every draft,
+    no-match text none (gamma 4 throughout; the patterns also cover positions past the output,
+    which a last round may draft)."""
+    from marl_sd.agents.heuristics import make_heuristic
+    from marl_sd.agents.policy import PolicyContext
+    from marl_sd.config import load_config
+    from marl_sd.envs.core import BatchedSimulator
+    from marl_sd.envs.scenario import poisson_schedule
+
+    cfg = load_config("configs/live.yaml", ["env.horizon=80"])
+    sched = poisson_schedule(cfg.scenario.workload, cfg.scenario.n_users, duration_s=4.0, seed=3)
+    pol = make_heuristic("nearest_g4", PolicyContext.from_config(cfg))
+    for value in (True, False):
+        pats = [[[value] * (out + 8) for _, _, out in reqs] for reqs in sched]
+        sim = BatchedSimulator(cfg, num_envs=2, seed=0)
+        sim.replay_workload(sched, pats)
+        acc = rej = 0.0
+        for _ in range(sim.horizon):
+            sim.step(pol.act(sim.observations(), sim.mask))
+            m = sim.slot_metrics()
+            acc, rej = acc + float(m["accepted"].sum()), rej + float(m["rejected"].sum())
+        assert acc + rej > 50
+        assert (rej == 0) if value else (acc == 0)
+    with pytest.raises(ValueError, match="one pattern per scheduled request"):
+        sim.replay_workload(sched, pats[:-1])

@@ -105,18 +105,44 @@ def fit_served_profile(base: LatencyProfile, device_class: str | None, samples: 
     return prof
 
 
+def text_patterns(rows: list[dict], draft: str, n_users: int) -> list[list[list[bool]]] | None:
+    """Each served request's match pattern, per user in request order: at output position i, does
+    the draft model's greedy token after (prompt + the target's first i output tokens) equal the
+    target's token i? With greedy decoding that is a property of the text, the same in every
+    live run of the workload; replayed in the simulator (`replay_workload(..., patterns)`) it pairs
+    the simulated acceptance with the served one. None when the rows lack prompts (no --detail)."""
+    import torch
+
+    from marl_sd.serving.models import load_model
+
+    if not rows or any(r.get("prompt") is None for r in rows):
+        return None
+    model = load_model(draft)
+    out: list[list[list[bool]]] = [[] for _ in range(n_users)]
+    with torch.no_grad():
+        for r in sorted(rows, key=lambda r: (r["client"], r["request"])):
+            prompt, toks = list(r["prompt"]), list(r["output"])
+            if not toks:
+                out[r["client"]].append([])
+                continue
+            logits = model(torch.tensor([prompt + toks[:-1]])).logits[0, len(prompt) - 1:]
+            out[r["client"]].append((logits.argmax(-1) == torch.tensor(toks)).tolist())
+    return out
+
+
 def write_profile(prof: dict, path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(prof, sort_keys=False))
 
 
 def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: float, episodes: int = 8,
-                     drain_s: float = 20.0) -> dict[str, dict]:
+                     drain_s: float = 20.0, draft: str | None = None) -> dict[str, dict]:
     """Simulate each live run's policy on the same scenario with a served profile fitted to the
     *other* live runs (held out; its own run only when there is a single one), and with the
     scenario's own profile for reference. The simulated episodes follow the live protocol: the
     run's own workload (arrival times and lengths) replayed, each user with its live client's
-    device class, arrivals for `duration_s`, then
+    device class and, given the `draft` model, each request's own match pattern (`text_patterns`:
+    the served text decides acceptance, as live), arrivals for `duration_s`, then
     `drain_s` for the queues to empty, and decisions applied `serving.decision_delay_slots` late. Also writes the profile fitted to all runs."""
 
     cfg = load_config(cfg_path)
@@ -133,7 +159,7 @@ def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: f
         write_profile(prof, path)
         return path
 
-    def simulate(policy: str, profile: str, schedule, alpha: float | None = None) -> dict:
+    def simulate(policy: str, profile: str, schedule, alpha: float | None = None, patterns=None) -> dict:
         """The policy decides exactly as live (built on the scenario's own config); the simulator
         runs with `profile` and, if given, the measured acceptance of the served model pair."""
         horizon = math.ceil((duration_s + drain_s) * 1000 / cfg.env.slot_ms)
@@ -142,7 +168,7 @@ def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: f
             over.append(f"scenario.tasks=[{{name: served_pair, alpha: {alpha:.4f}, share: 1.0}}]")
         pol = DelayedPolicy(sim_policy(policy, cfg), cfg.serving.decision_delay_slots)
         s, _ = run_policy(load_config(cfg_path, over), pol, seed=cfg.seed, episodes=episodes, schedule=schedule,
-                          devices=users)
+                          devices=users, patterns=patterns)
         return s
 
     names = [Path(r["policy"]).name for r in live]
@@ -154,12 +180,14 @@ def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: f
                    ("policies " + ", ".join(names[j] for j in range(len(live)) if j != i)) if held_out
                    else f"policy {names[i]}, in-sample")
         alpha = measured_acceptance([x for o in (others or [r]) for x in o["rows"]])
-        served = simulate(r["policy"], str(path), r.get("schedule"), alpha)
-        plain = simulate(r["policy"], cfg.scenario.profile, r.get("schedule"))
+        pats = text_patterns(r["rows"], draft, cfg.scenario.n_users) if draft else None
+        served = simulate(r["policy"], str(path), r.get("schedule"), alpha, pats)
+        plain = simulate(r["policy"], cfg.scenario.profile, r.get("schedule"), patterns=pats)
         out[r["policy"]] = {"sim_ms_per_token": served["latency_per_token_ms"], "held_out": held_out,
                             "profile": str(path), "alpha": alpha, "base_profile_ms_per_token": plain["latency_per_token_ms"],
                             "sim_ttft_ms": served["ttft_ms"], "sim_tpot_ms": served["tpot_ms"],
-                            "sim_handovers": served["handovers"] / episodes, "sim_requests": served["requests_completed"] / episodes}
+                            "sim_handovers": served["handovers"] / episodes, "sim_requests": served["requests_completed"] / episodes,
+                            "text_patterns": pats is not None}
     fit(live, "served", "policies " + ", ".join(names))
     return out
 

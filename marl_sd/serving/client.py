@@ -79,7 +79,9 @@ class ControlAgent:
         self.ignored = 0  # decisions that failed validation
         self.slot_s, self.power_w, self.max_gamma, self.M = slot_ms / 1000, power_w, max_gamma, n_servers
         self.decision: dict | None = None
-        self.backlog = 0
+        self.backlog = 0  # requests waiting or in service, when no arrival times are known
+        self.arrivals: list[float] | None = None  # monotonic arrival times of the workload's requests
+        self.finished = 0  # requests completed
         self.outstanding_ms = 0.0
         self.tok_latency = 0.0
         self.t0 = time.monotonic()
@@ -94,16 +96,25 @@ class ControlAgent:
         arr = self.trace[key]
         return arr[t % len(arr), self.user].tolist()
 
+    def queue(self) -> int:
+        """Requests arrived and not finished (the one in service included), as the simulator's
+        queue counts them, at the moment of the report."""
+        if self.arrivals is None:
+            return self.backlog
+        now = time.monotonic()
+        return sum(1 for a in self.arrivals if a <= now) - self.finished
+
     def report(self) -> dict:
         t = self._slot()
+        q = self.queue()
         snr = self._row("snr_db", t) if self.trace else [20.0] * self.M
         full = self._row("ul_full_mbps", t) if self.trace else [50.0] * self.M
         c = self.client
         return {"kind": "user", "user": self.user, "snr_db": snr, "ul_mbps": full, "ul_full_mbps": full,
                 "server": c.server, "draft_ms": c.drafter.ms_per_token or 1.0,
-                "power_w": self.power_w, "max_gamma": self.max_gamma, "queue": self.backlog,
-                "remaining": int(c.meas["remaining"]) if self.backlog else 0, "acceptance": c.acceptance,
-                "outstanding": float(self.backlog), "token_latency_ms": self.tok_latency}
+                "power_w": self.power_w, "max_gamma": self.max_gamma, "queue": q,
+                "remaining": int(c.meas["remaining"]) if c.active else 0, "acceptance": c.acceptance,
+                "outstanding": float(q), "token_latency_ms": self.tok_latency}
 
     def checked(self, reply) -> dict | None:
         """A decision with every field in range (gamma and priority clamped), or None to ignore it."""
@@ -200,23 +211,25 @@ async def run_workload(args) -> list[dict]:
     rows = []
     t_start = time.monotonic()
     wall0 = time.time()
+    if agent is not None:
+        agent.arrivals = [t_start + a for a in arrivals]
     for i, (arr, prompt) in enumerate(zip(arrivals, prompts)):
         wait = t_start + arr - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
-        if agent is not None:
-            agent.backlog = sum(1 for a in arrivals[i:] if t_start + a <= time.monotonic())
         r = await client.generate(prompt, new_tokens[i] if new_tokens else args.max_new, greedy=not args.sample,
                                   seed=args.seed * 1000 + i,
                                   eos_id=None if args.ignore_eos else eos_of(model))
         latency_ms = (time.monotonic() - (t_start + arr)) * 1000  # includes waiting behind earlier requests
         if agent is not None:
+            agent.finished += 1
             agent.tok_latency = smooth_token_latency(agent.tok_latency, latency_ms / max(len(r.tokens), 1))
         queued_ms = latency_ms - r.e2e_ms  # waiting behind the user's earlier requests
         row = r.summary() | {"client": args.client_id, "request": i, "gamma": client.gamma, "start": wall0 + arr,
                              "latency_ms": latency_ms, "latency_per_token_ms": latency_ms / max(len(r.tokens), 1),
                              "queued_ms": queued_ms, "ttft_ms": queued_ms + r.ttft_ms,  # from arrival, as simulated
                              "handovers": client.meas["handovers"], "output": r.tokens,
+                             "prompt": list(prompt) if args.detail else None,
                              "round_detail": r.rounds if args.detail else None}
         rows.append(row)
     if agent is not None:

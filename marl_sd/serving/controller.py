@@ -191,6 +191,7 @@ class ControllerCore:
         self.rejected: dict[str, int] = {}  # refused reports by reason
         self.step_errors = 0
         self.stats_path: str | None = None  # written every 20 slots, so a killed controller leaves its stats
+        self.record: list[dict] | None = None  # with a list: per slot and user, the reported features and the decision
 
     def report_user(self, r: UserReport) -> Decision | None:
         """Record a user's report (a new id joins); its latest decision, if any."""
@@ -283,6 +284,8 @@ class ControllerCore:
                                 1000 * (now - self.users[u].at))
                     self.unreachable.add(u)
             a = act.tolist()
+            if self.record is not None:
+                self._record(ids, f, a)
             for i in np.flatnonzero(fresh).tolist():
                 self.decisions[ids[i]] = Decision(*a[i], float(share[i]), self.slot)
         self.slot += 1
@@ -294,6 +297,16 @@ class ControllerCore:
         if self.stats_path and self.slot % 20 == 0:
             self.write_stats()
         return dict(self.decisions)
+
+    def _record(self, ids: list[int], f: Features, act: list[list[int]]) -> None:
+        for i, u in enumerate(ids):
+            s = int(f.server[0, i])
+            self.record.append({"slot": self.slot, "user": u, "server": s, "snr_db": float(f.snr_db[0, i, s]),
+                                "ul_mbps": float(f.ul_mbps[0, i, s]), "srv_users": float(f.srv_users[0, s]),
+                                "srv_queued_tokens": float(f.srv_queued_tokens[0, s]), "srv_busy": float(f.srv_busy[0, s]),
+                                **{k: float(getattr(f, k)[0, i]) for k in ("draft_ms", "queue", "remaining", "acceptance",
+                                                                          "outstanding", "token_latency_ms")},
+                                "act_server": act[i][0], "act_bid": act[i][1], "act_gamma": act[i][3]})
 
     def write_stats(self) -> None:
         with open(self.stats_path, "w") as fh:
@@ -455,6 +468,7 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--duration", type=float, default=None)
     p.add_argument("--out", help="write decision-latency stats as JSON at the end")
+    p.add_argument("--record", help="write every slot's reported features and decisions per user as JSON lines")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on 127.0.0.1:PORT")
     add_security_args(p)
     a = p.parse_args(argv)
@@ -476,6 +490,8 @@ def main(argv=None) -> int:
     core = ControllerCore(manifest, policy, slot_ms=cfg.env.slot_ms, horizon=cfg.env.horizon,
                           coverage_snr_db=cfg.scenario.channel.coverage_snr_db, n_servers=cfg.scenario.n_servers)
     core.stats_path = a.out
+    if a.record:
+        core.record = []
     if a.metrics_port is not None:
         prom.start_http_server(a.metrics_port, addr="127.0.0.1", registry=controller_metrics(core))
 
@@ -493,6 +509,9 @@ def main(argv=None) -> int:
         pass
     if a.out:
         core.write_stats()
+    if a.record:
+        with open(a.record, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in core.record)
     return 0
 
 

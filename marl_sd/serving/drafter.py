@@ -265,6 +265,7 @@ class DraftClient:
         t0 = time.monotonic()
         await self._in_pool(d.start, list(prompt))
         req = _Request(prompt, max_new_tokens, greedy, seed, eos_id, t0)
+        self.meas["remaining"] = req.left(d)  # reported from the start, not only once rounds run
         moved = await self._plan()
         if moved is not None:  # an idle device joins the server chosen for it: no handover
             self.server_idx = moved

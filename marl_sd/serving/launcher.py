@@ -187,6 +187,7 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
             ctrl_log = open(Path(tmp) / "controller.log", "w+")
             ctrl = subprocess.Popen([sys.executable, "-m", "marl_sd.serving.controller", "--config", cfg_path, *pol,
                                      "--servers", ",".join(addrs), "--out", str(ctrl_out),
+                                     *(["--record", str(Path(tmp) / "decisions.jsonl")] if detail else []),
                                      *sec.as_role("controller").cli_args()],
                                     stdout=subprocess.PIPE, stderr=ctrl_log, text=True)
             try:
@@ -211,12 +212,15 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
                 except subprocess.TimeoutExpired:
                     ctrl.kill()
             ctrl_stats = json.loads(ctrl_out.read_text()) if ctrl_out.exists() else {}
+            rec = Path(tmp) / "decisions.jsonl"
+            decisions = [json.loads(x) for x in rec.read_text().splitlines()] if detail and rec.exists() else None
     s = summarize_rows(rows, wall)
     s.update(policy=policy, controller=ctrl_stats, server_mean_batch=float(np.mean([x["mean_batch"] for x in status])),
              latency_per_token_ms=latency_per_token(rows),
              handovers=handovers(rows), rows=rows, schedule=schedule)
     if detail:
         s["server_samples"] = [x for st in status for x in st.get("samples", [])]
+        s["decisions"] = decisions
     return s
 
 
