@@ -26,7 +26,6 @@ from marl_sd.serving.calibrate import fit_served_profile, measured_acceptance, s
 from marl_sd.serving.controller_policy import sim_policy
 from marl_sd.serving.launcher import device_classes, run_live
 
-
 FEATURES = ("draft_ms", "queue", "remaining", "acceptance", "outstanding", "token_latency_ms", "ul_mbps", "srv_busy",
             "srv_queued_tokens")
 SERVER_FEATURES = ("ul_mbps", "srv_busy", "srv_queued_tokens")

@@ -27,6 +27,7 @@ from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 
 from marl_sd.agents.evaluate import run_policy
@@ -36,6 +37,7 @@ from marl_sd.envs.profiles import LatencyProfile, load_profile
 from marl_sd.profiler import fit_verify
 from marl_sd.serving.controller_policy import sim_policy
 from marl_sd.serving.launcher import device_classes
+from marl_sd.serving.models import load_model
 
 
 def spec_rounds(rows: list[dict]) -> list[dict]:
@@ -111,10 +113,6 @@ def text_patterns(rows: list[dict], draft: str, n_users: int) -> list[list[list[
     target's token i? With greedy decoding that is a property of the text, the same in every
     live run of the workload; replayed in the simulator (`replay_workload(..., patterns)`) it pairs
     the simulated acceptance with the served one. None when the rows lack prompts (no --detail)."""
-    import torch
-
-    from marl_sd.serving.models import load_model
-
     if not rows or any(r.get("prompt") is None for r in rows):
         return None
     model = load_model(draft)
