@@ -22,7 +22,14 @@ from marl_sd.agents.policy import DelayedPolicy
 from marl_sd.config import load_config
 from marl_sd.envs.core import BatchedSimulator
 from marl_sd.envs.profiles import load_profile
-from marl_sd.serving.calibrate import fit_served_profile, measured_acceptance, spec_rounds, text_patterns, write_profile
+from marl_sd.serving.calibrate import (
+    fit_served_profile,
+    measured_acceptance,
+    replay_overrides,
+    spec_rounds,
+    text_patterns,
+    write_profile,
+)
 from marl_sd.serving.controller_policy import sim_policy
 from marl_sd.serving.launcher import device_classes, run_live
 
@@ -65,10 +72,7 @@ def per_request(arrivals: dict[int, list[float]], latency: dict[int, list[float]
 def simulate(cfg_path: str, profile: str, policy: str, schedule, alpha: float, duration_s: float, episodes: int,
              patterns=None):
     cfg = load_config(cfg_path)
-    horizon = math.ceil((duration_s + 20.0) * 1000 / cfg.env.slot_ms)
-    over = [f"scenario.profile={profile}", f"env.horizon={horizon}", f"scenario.workload.arrivals_for_s={duration_s}",
-            f"scenario.tasks=[{{name: served_pair, alpha: {alpha:.4f}, share: 1.0}}]"]
-    scfg = load_config(cfg_path, over)
+    scfg = load_config(cfg_path, replay_overrides(cfg, profile, duration_s, alpha=alpha))
     sim = BatchedSimulator(scfg, num_envs=episodes, seed=cfg.seed)
     sim.replay_workload(schedule, patterns)
     sim.pin_devices(device_classes(cfg))

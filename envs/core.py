@@ -340,7 +340,7 @@ class BatchedSimulator:
         self._new_accumulators()
         self._update_rates()
         T, B, N = self.ticks, self.B, self.N
-        self.draws.clock = int(self.t) * (T + 2)
+        self._set_clock(0)
         self._u_arr = self.draws.rand((T, B, N), self.device, dim=1, site="arrive")
         # counter mode hashes a request's uniforms only when it arrives (`_arrivals`)
         lazy = self.draws.counter and self.replay is None
@@ -354,6 +354,10 @@ class BatchedSimulator:
             self._tick(k)
         self._end_slot()
         return self._reward(), (self.t >= self.horizon).expand(B)
+
+    def _set_clock(self, stage: int) -> None:
+        """Counter draws' clock: per slot, 0 at its start, 1 + k in tick k, T + 1 at its end."""
+        self.draws.clock = int(self.t) * (self.ticks + 2) + stage
 
     def _tick(self, k: int) -> None:
         dt = self.dt
@@ -436,7 +440,7 @@ class BatchedSimulator:
         m["arrived"] += ok
         at = now - self.dt  # arrivals happen at the start of the tick; their upload runs in it
         bi, ui = arrive.nonzero(as_tuple=True)
-        self.draws.clock = int(self.t) * (self.ticks + 2) + 1 + k
+        self._set_clock(1 + k)
         u_req = self.draws.rows(arrive, 3, site="request") if self._u_req is None else self._u_req[k][bi, ui]
         attrs = self.scn.requests_from_uniform(u_req, self.dev[bi, ui])  # [n, 3]
         u = self.draws.rows(arrive, self.L, site="pattern")
@@ -701,7 +705,7 @@ class BatchedSimulator:
         self.ul_activity = self.m["airtime_ms"] / slot
         self.srv_busy_frac = self.ms["busy_ms"] / slot
         self.outstanding_last = self.m["outstanding_ms"] / slot
-        self.draws.clock = int(self.t) * (self.ticks + 2) - 1
+        self._set_clock(-1)  # t was just advanced: the end of the slot that ended
         self.pos, self.waypoint, moved = self.scn.move(self.pos, self.waypoint, self.speed, slot / 1000.0, self.draws)
         self.channel.step(self.pos, moved, self.draws)
         self._update_rates()

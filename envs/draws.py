@@ -87,17 +87,22 @@ class Draws:
         self.keys = keys.long().clone()
 
     # ------------------------------------------------------------ counter mode
+    def _hashed(self, envs: int, device, site: str, salt: int = 0) -> torch.Tensor:
+        """[B] per-environment bases of this draw (key, site, clock, salt); uniforms are then
+        `_unit(mix64(base + element index * golden))`."""
+        if self.keys is None or len(self.keys) != envs:
+            raise RuntimeError(f"counter-based draws need one key per environment ({envs}), "
+                               f"have {None if self.keys is None else len(self.keys)}")
+        return mix64(self.keys.to(device) ^ _site_id(site, self.clock) ^ salt)
+
     def _uniform(self, shape, dim: int, device, site: str, salt: int = 0) -> torch.Tensor:
         shape = list(shape)
-        if self.keys is None or len(self.keys) != shape[dim]:
-            raise RuntimeError(f"counter-based draws need one key per environment ({shape[dim]}), "
-                               f"have {None if self.keys is None else len(self.keys)}")
         inner = shape.copy()
         inner[dim] = 1
         idx = torch.arange(math.prod(inner), device=device).view(inner)
         kshape = [1] * len(shape)
         kshape[dim] = shape[dim]
-        base = mix64(self.keys.to(device).view(kshape) ^ _site_id(site, self.clock) ^ salt)
+        base = self._hashed(shape[dim], device, site, salt).view(kshape)
         return _unit(mix64(base + idx * _GOLDEN))
 
     # ------------------------------------------------------------ stream mode
@@ -144,12 +149,10 @@ class Draws:
         order; entries of environments in one group (which must agree) share their rows."""
         if self.counter:
             idx = mask.nonzero()
-            if self.keys is None or len(self.keys) != mask.shape[0]:
-                raise RuntimeError("counter-based draws need one key per environment")
             inner = torch.zeros(len(idx), dtype=torch.long, device=mask.device)
             for d in range(1, mask.dim()):
                 inner = inner * mask.shape[d] + idx[:, d]
-            base = mix64(self.keys.to(mask.device)[idx[:, 0]] ^ _site_id(site, self.clock))
+            base = self._hashed(mask.shape[0], mask.device, site)[idx[:, 0]]
             el = inner.unsqueeze(-1) * width + torch.arange(width, device=mask.device)
             return _unit(mix64(base.unsqueeze(-1) + el * _GOLDEN))
         if self.groups is None:

@@ -133,6 +133,16 @@ def write_profile(prof: dict, path) -> None:
     Path(path).write_text(yaml.safe_dump(prof, sort_keys=False))
 
 
+def replay_overrides(cfg, profile: str, duration_s: float, drain_s: float = 20.0, alpha: float | None = None) -> list[str]:
+    """Config overrides that simulate a live run's protocol: the served `profile`, arrivals for
+    `duration_s` then `drain_s` to drain, and (if given) the served pair's acceptance."""
+    horizon = math.ceil((duration_s + drain_s) * 1000 / cfg.env.slot_ms)
+    over = [f"scenario.profile={profile}", f"env.horizon={horizon}", f"scenario.workload.arrivals_for_s={duration_s}"]
+    if alpha is not None:
+        over.append(f"scenario.tasks=[{{name: served_pair, alpha: {alpha:.4f}, share: 1.0}}]")
+    return over
+
+
 def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: float, episodes: int = 8,
                      drain_s: float = 20.0, draft: str | None = None) -> dict[str, dict]:
     """Simulate each live run's policy on the same scenario with a served profile fitted to the
@@ -160,10 +170,7 @@ def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: f
     def simulate(policy: str, profile: str, schedule, alpha: float | None = None, patterns=None) -> dict:
         """The policy decides exactly as live (built on the scenario's own config); the simulator
         runs with `profile` and, if given, the measured acceptance of the served model pair."""
-        horizon = math.ceil((duration_s + drain_s) * 1000 / cfg.env.slot_ms)
-        over = [f"scenario.profile={profile}", f"env.horizon={horizon}", f"scenario.workload.arrivals_for_s={duration_s}"]
-        if alpha is not None:
-            over.append(f"scenario.tasks=[{{name: served_pair, alpha: {alpha:.4f}, share: 1.0}}]")
+        over = replay_overrides(cfg, profile, duration_s, drain_s, alpha)
         pol = DelayedPolicy(sim_policy(policy, cfg), cfg.serving.decision_delay_slots)
         s, _ = run_policy(load_config(cfg_path, over), pol, seed=cfg.seed, episodes=episodes, schedule=schedule,
                           devices=users, patterns=patterns)
