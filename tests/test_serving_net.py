@@ -221,13 +221,16 @@ def test_clients_join_and_leave_while_the_controller_decides(servers, target, tm
     prompts = {u: list(range(3 + u, 15 + 2 * u)) for u in range(5)}
     seen: list[frozenset] = []
 
-    async def user(u, caddr, start_s, requests):
+    async def user(u, caddr, start_s, requests, gate=None):
         await asyncio.sleep(start_s)
         c = DraftClient(Drafter(load_model("tiny-draft:0:0.15")), [a0, a1], gamma=3)
         agent = ControlAgent(caddr, u, c, None, 50.0, 4.5, 6, 2)
         rep = asyncio.ensure_future(agent.run())
         await asyncio.sleep(0.15)  # a first decision before the first round
         out = [await c.generate(prompts[u], 24) for _ in range(requests)]
+        if gate is not None:  # stay joined (and decided for) until the outage has been observed
+            await gate.wait()
+            out.append(await c.generate(prompts[u], 24))
         rep.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await rep
@@ -246,8 +249,9 @@ def test_clients_join_and_leave_while_the_controller_decides(servers, target, tm
                 seen.append(frozenset(core.users))
                 await asyncio.sleep(0.02)
         w = asyncio.ensure_future(watch())
+        gate = asyncio.Event()
         early = [asyncio.ensure_future(user(u, caddr, 0.0, 3)) for u in (0, 1)]
-        late = [asyncio.ensure_future(user(u, caddr, 0.3, 3)) for u in (2, 3, 4)]
+        late = [asyncio.ensure_future(user(u, caddr, 0.3, 2, gate)) for u in (2, 3, 4)]
         await asyncio.wait_for(asyncio.gather(*early), 60)
         p1.kill()  # a verifier goes away while users 2-4 are still served
         for _ in range(40):
@@ -266,6 +270,7 @@ def test_clients_join_and_leave_while_the_controller_decides(servers, target, tm
             if 1 not in core.servers_down:
                 break
             await asyncio.sleep(0.05)
+        gate.set()
         res = await asyncio.wait_for(asyncio.gather(*early, *late), 90)
         await asyncio.sleep(0.1)
         for t in (w, poll, ctl):
