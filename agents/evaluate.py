@@ -64,15 +64,16 @@ def mean_ci(vals: np.ndarray) -> tuple[float, float]:
 
 @torch.no_grad()
 def run_policy(cfg: Config, policy: Policy, seed: int, episodes: int, schedule=None,
-               devices: list[str] | None = None, patterns=None) -> tuple[dict, np.ndarray]:
+               devices: list[str] | None = None, patterns=None, drop: int | None = None) -> tuple[dict, np.ndarray]:
     """One batch of `episodes` parallel episodes with simulator seed `seed` (replaying a fixed
-    workload `schedule` in each, with the requests' match `patterns`, and giving the users the
-    device classes `devices`, if given)."""
+    workload `schedule` in each, with the requests' match `patterns`, giving the users the
+    device classes `devices`, and every episode the drop with key `drop`, if given)."""
     sim = BatchedSimulator(cfg, num_envs=episodes, seed=seed)
     if schedule is not None:
         sim.replay_workload(schedule, patterns)
-    if devices is not None:
+    if devices is not None or drop is not None:
         sim.pin_devices(devices)
+        sim.pin_drop(drop)
         sim.reset()
     sim.record_requests = True
     if getattr(policy, "needs_simulator", False):

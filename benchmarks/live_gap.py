@@ -22,6 +22,7 @@ from marl_sd.agents.policy import DelayedPolicy
 from marl_sd.config import load_config
 from marl_sd.envs.core import BatchedSimulator
 from marl_sd.envs.profiles import load_profile
+from marl_sd.envs.traces import live_drop
 from marl_sd.serving.calibrate import (
     fit_served_profile,
     measured_acceptance,
@@ -76,6 +77,7 @@ def simulate(cfg_path: str, profile: str, policy: str, schedule, alpha: float, d
     sim = BatchedSimulator(scfg, num_envs=episodes, seed=cfg.seed)
     sim.replay_workload(schedule, patterns)
     sim.pin_devices(device_classes(cfg))
+    sim.pin_drop(live_drop(cfg))
     sim.reset()
     sim.record_requests = True
     sim.round_trace = []

@@ -108,6 +108,7 @@ class BatchedSimulator:
         self.replay = None
         self.replay_patterns = None  # (index [ticks, N], patterns [R, L], known length [R]) of a replayed text
         self.pinned_dev: torch.Tensor | None = None  # [N] device class per user in every episode (`pin_devices`)
+        self.pinned_key: int | None = None  # one drop key for every episode (`pin_drop`)
         self.request_log: list[torch.Tensor] = []  # rows of REQUEST_LOG_COLUMNS, while record_requests
         self.reset()
 
@@ -124,7 +125,8 @@ class BatchedSimulator:
         for k, v in allocate(self.sizes, self.device).items():
             setattr(self, k, v)
         if g.counter:
-            g.set_keys(g.fresh_keys(B))
+            keys = g.fresh_keys(B)
+            g.set_keys(keys if self.pinned_key is None else torch.full_like(keys, self.pinned_key))
         g.clock = -1
         self.pos = s.sample_points((B, N), g, site="pos")
         self.waypoint = s.sample_points((B, N), g, site="waypoint")
@@ -275,6 +277,15 @@ class BatchedSimulator:
         if unknown:
             raise ValueError(f"unknown device classes {unknown} (this profile has {', '.join(names)})")
         self.pinned_dev = torch.tensor([names.index(c) for c in classes], device=self.device)
+
+    def pin_drop(self, key: int | None) -> None:
+        """Counter draws: every episode from the next reset on draws with `key`, so positions,
+        mobility, fading and shadowing (and whatever else is drawn) are those of one fixed drop,
+        e.g. the one a live run's rate traces came from (`envs.traces.rate_traces(key=)`).
+        None: a fresh key per episode again."""
+        if key is not None and not self.draws.counter:
+            raise ValueError("pinning a drop needs counter-based draws (env.rng: counter)")
+        self.pinned_key = None if key is None else int(key)
 
     def replay_workload(self, schedule: list[list[tuple[float, int, int]]] | None,
                         patterns: list[list[list[bool]]] | None = None) -> None:

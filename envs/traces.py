@@ -11,12 +11,23 @@ from marl_sd.config import Config
 from marl_sd.envs.core import BatchedSimulator
 
 
+def live_drop(cfg: Config) -> int:
+    """The drop key of a live run's rate traces: a simulator given it (`pin_drop`, counter draws)
+    replays the live users' positions, mobility and fading."""
+    return int(cfg.seed)
+
+
 @torch.no_grad()
-def rate_traces(cfg: Config, slots: int, seed: int = 0) -> dict[str, np.ndarray]:
+def rate_traces(cfg: Config, slots: int, seed: int = 0, drop: int | None = None) -> dict[str, np.ndarray]:
     """Per-slot UL/DL rates [slots, N] (Mbps) of each user at its max-SNR server with an equal
-    bandwidth split, with mobility and fading evolving as in the environment."""
-    c = cfg.model_copy(update={"env": cfg.env.model_copy(update={"horizon": slots})})
+    bandwidth split, with mobility and fading evolving as in the environment. With `drop`, the
+    channel of that drop key on counter draws (`BatchedSimulator.pin_drop`)."""
+    env = {"horizon": slots} if drop is None else {"horizon": slots, "rng": "counter"}
+    c = cfg.model_copy(update={"env": cfg.env.model_copy(update=env)})
     sim = BatchedSimulator(c, num_envs=1, seed=seed)
+    if drop is not None:
+        sim.pin_drop(drop)
+        sim.reset()
     ul, dl, srv, dist, ulf, dlf, snr = [], [], [], [], [], [], []
     for _ in range(slots):
         a = torch.zeros(1, sim.N, 4, dtype=torch.long)
@@ -37,12 +48,12 @@ def rate_traces(cfg: Config, slots: int, seed: int = 0) -> dict[str, np.ndarray]
             "slot_ms": np.array(c.env.slot_ms)}
 
 
-def export_traces(cfg: Config, out: Path, slots: int, seed: int = 0) -> dict:
-    tr = rate_traces(cfg, slots, seed)
+def export_traces(cfg: Config, out: Path, slots: int, seed: int = 0, drop: int | None = None) -> dict:
+    tr = rate_traces(cfg, slots, seed, drop)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **tr)
-    meta = {"config_hash": cfg.hash(), "fidelity": cfg.scenario.channel.fidelity, "seed": seed, "slots": slots,
+    meta = {"config_hash": cfg.hash(), "fidelity": cfg.scenario.channel.fidelity, "seed": seed, "drop": drop, "slots": slots,
             "users": int(tr["ul_mbps"].shape[1]), "units": "Mbps per slot: ul/dl_mbps at the max-SNR server with an equal split [T, N]; "
             "ul/dl_full_mbps with the whole cell band to every server [T, N, M]; snr_db wideband UL SNR [T, N, M]"}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2))

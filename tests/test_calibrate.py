@@ -193,6 +193,33 @@ def test_simulator_pins_the_live_clients_device_classes():
         sim.pin_devices(classes[:2])
 
 
+def test_simulator_replays_the_live_drop_of_the_rate_traces():
+    """The live clients' links replay the rate traces of one drop; a comparison pins that drop in
+    every simulated episode (counter draws): positions, mobility and fading equal the traces'."""
+    import torch
+
+    from marl_sd.config import load_config
+    from marl_sd.envs.core import BatchedSimulator
+    from marl_sd.envs.traces import live_drop, rate_traces
+
+    cfg = load_config("configs/live.yaml", ["env.horizon=30"])
+    tr = rate_traces(cfg, slots=12, seed=cfg.seed, drop=live_drop(cfg))
+    sim = BatchedSimulator(load_config("configs/live.yaml", ["env.horizon=30", "env.rng=counter"]), num_envs=3, seed=9)
+    free = sim.pos.clone()
+    sim.pin_drop(live_drop(cfg))
+    sim.reset()
+    assert not torch.allclose(free[0], free[1])  # unpinned episodes are different drops
+    for t in range(12):
+        a = torch.zeros(3, sim.N, 4, dtype=torch.long)
+        a[..., 0] = sim.rates["snr_db"].argmax(-1)
+        a[..., 3] = 2
+        for b in range(3):
+            assert torch.allclose(sim.rates["snr_db"][b], torch.as_tensor(tr["snr_db"][t]), atol=1e-4), (t, b)
+        sim.step(a)
+    with pytest.raises(ValueError, match="counter-based draws"):
+        BatchedSimulator(load_config("configs/live.yaml", ["env.horizon=5"]), num_envs=1, seed=0).pin_drop(3)
+
+
 def test_text_patterns_are_the_drafts_greedy_matches_along_the_target_text():
     """One forward per request gives, at every output position, whether the draft's greedy token
     after the target's prefix equals the target's token; a draft equal to the target matches

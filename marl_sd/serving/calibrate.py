@@ -34,6 +34,7 @@ from marl_sd.agents.evaluate import run_policy
 from marl_sd.agents.policy import DelayedPolicy
 from marl_sd.config import load_config
 from marl_sd.envs.profiles import LatencyProfile, load_profile
+from marl_sd.envs.traces import live_drop
 from marl_sd.profiler import fit_verify
 from marl_sd.serving.controller_policy import sim_policy
 from marl_sd.serving.launcher import device_classes
@@ -135,9 +136,11 @@ def write_profile(prof: dict, path) -> None:
 
 def replay_overrides(cfg, profile: str, duration_s: float, drain_s: float = 20.0, alpha: float | None = None) -> list[str]:
     """Config overrides that simulate a live run's protocol: the served `profile`, arrivals for
-    `duration_s` then `drain_s` to drain, and (if given) the served pair's acceptance."""
+    `duration_s` then `drain_s` to drain, counter draws (so that the live drop can be pinned,
+    `live_drop`) and (if given) the served pair's acceptance."""
     horizon = math.ceil((duration_s + drain_s) * 1000 / cfg.env.slot_ms)
-    over = [f"scenario.profile={profile}", f"env.horizon={horizon}", f"scenario.workload.arrivals_for_s={duration_s}"]
+    over = [f"scenario.profile={profile}", f"env.horizon={horizon}", f"scenario.workload.arrivals_for_s={duration_s}",
+            "env.rng=counter"]
     if alpha is not None:
         over.append(f"scenario.tasks=[{{name: served_pair, alpha: {alpha:.4f}, share: 1.0}}]")
     return over
@@ -148,8 +151,9 @@ def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: f
     """Simulate each live run's policy on the same scenario with a served profile fitted to the
     *other* live runs (held out; its own run only when there is a single one), and with the
     scenario's own profile for reference. The simulated episodes follow the live protocol: the
-    run's own workload (arrival times and lengths) replayed, each user with its live client's
-    device class and, given the `draft` model, each request's own match pattern (`text_patterns`:
+    run's own workload (arrival times and lengths) replayed, the live drop (positions, mobility
+    and fading of the rate traces the clients' links replayed, `live_drop`), each user with its
+    live client's device class and, given the `draft` model, each request's own match pattern (`text_patterns`:
     the served text decides acceptance, as live), arrivals for `duration_s`, then
     `drain_s` for the queues to empty, and decisions applied `serving.decision_delay_slots` late. Also writes the profile fitted to all runs."""
 
@@ -173,7 +177,7 @@ def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: f
         over = replay_overrides(cfg, profile, duration_s, drain_s, alpha)
         pol = DelayedPolicy(sim_policy(policy, cfg), cfg.serving.decision_delay_slots)
         s, _ = run_policy(load_config(cfg_path, over), pol, seed=cfg.seed, episodes=episodes, schedule=schedule,
-                          devices=users, patterns=patterns)
+                          devices=users, patterns=patterns, drop=live_drop(cfg))
         return s
 
     names = [Path(r["policy"]).name for r in live]

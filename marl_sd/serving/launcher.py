@@ -22,7 +22,7 @@ from marl_sd.agents.heuristics import HEURISTICS
 from marl_sd.config import ConfigError, load_config
 from marl_sd.envs.profiles import load_profile
 from marl_sd.envs.scenario import Scenario, poisson_schedule
-from marl_sd.envs.traces import export_traces
+from marl_sd.envs.traces import export_traces, live_drop
 from marl_sd.serving.engine import VerifierEngine, VerifyItem
 from marl_sd.serving.models import load_model
 from marl_sd.serving.protocol import VERIFIER_SERVICE
@@ -173,7 +173,7 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
         sec = Security.insecure() if insecure else Security(
             create_pki(Path(tmp) / "pki", ["verifier", "controller", "operator", *(f"client-{c}" for c in range(N))]))
         tr = Path(tmp) / "traces.npz"
-        export_traces(cfg, tr, slots=int((duration_s + 60) * 1000 / cfg.env.slot_ms), seed=cfg.seed)
+        export_traces(cfg, tr, slots=int((duration_s + 60) * 1000 / cfg.env.slot_ms), seed=cfg.seed, drop=live_drop(cfg))
         schedule = poisson_schedule(w, N, duration_s, cfg.seed)
         for c, reqs in enumerate(schedule):
             (Path(tmp) / f"schedule{c}.json").write_text(json.dumps(reqs))
