@@ -25,10 +25,12 @@ import torch
 
 from marl_sd.agents.heuristics import make_heuristic
 from marl_sd.agents.policy import Policy, PolicyContext
+from marl_sd.config import OracleConfig
 from marl_sd.envs.core import BatchedSimulator
 from marl_sd.envs.state import REQ
 
 SCRATCH_BUCKET = 8  # distinct candidates are padded to a multiple of this
+_BUDGET = OracleConfig()  # the constructor's defaults are the configured ones
 PROPOSERS = ("nearest_g4", "nearest_adaptive", "least_loaded", "greedy_latency", "two_phase_matching",
              "closed_form_dp", "centralized_ar")
 
@@ -39,9 +41,9 @@ class SearchOracle(Policy):
     needs_simulator = True
     description = "model-perfect rollout search: heuristic proposals + coordinate moves, CRN-scored futures"
 
-    def __init__(self, ctx: PolicyContext, horizon: int = 3, samples: int = 8, moves: int = 12, rounds: int = 1,
-                 base: str = "two_phase_matching", proposers: tuple[str, ...] = PROPOSERS, gammas=(0, 2, 4, 6, 8),
-                 seed: int = 0, clairvoyant: bool = False):
+    def __init__(self, ctx: PolicyContext, horizon: int = _BUDGET.horizon, samples: int = _BUDGET.samples,
+                 moves: int = _BUDGET.moves, rounds: int = _BUDGET.rounds, base: str = _BUDGET.base,
+                 proposers: tuple[str, ...] = PROPOSERS, gammas=(0, 2, 4, 6, 8), seed: int = 0, clairvoyant: bool = False):
         super().__init__(ctx)
         self.clairvoyant = clairvoyant
         if clairvoyant:
