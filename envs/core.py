@@ -281,7 +281,7 @@ class BatchedSimulator:
     def pin_drop(self, key: int | None) -> None:
         """Counter draws: every episode from the next reset on draws with `key`, so positions,
         mobility, fading and shadowing (and whatever else is drawn) are those of one fixed drop,
-        e.g. the one a live run's rate traces came from (`envs.traces.rate_traces(key=)`).
+        e.g. the one a live run's rate traces came from (`envs.traces.rate_traces(drop=)`).
         None: a fresh key per episode again."""
         if key is not None and not self.draws.counter:
             raise ValueError("pinning a drop needs counter-based draws (env.rng: counter)")
