@@ -70,11 +70,12 @@ def per_request(arrivals: dict[int, list[float]], latency: dict[int, list[float]
     return out
 
 
-def simulate(cfg_path: str, profile: str, policy: str, schedule, alpha: float, duration_s: float, episodes: int,
-             patterns=None):
+def simulate(cfg_path: str, profile: str, policy: str, schedule, alpha: float, duration_s: float, patterns=None):
+    """One simulated episode of the live run: its workload, text, device classes and drop are
+    replayed (counter draws), so further episodes would be identical copies."""
     cfg = load_config(cfg_path)
     scfg = load_config(cfg_path, replay_overrides(cfg, profile, duration_s, alpha=alpha))
-    sim = BatchedSimulator(scfg, num_envs=episodes, seed=cfg.seed)
+    sim = BatchedSimulator(scfg, num_envs=1, seed=cfg.seed)
     sim.replay_workload(schedule, patterns)
     sim.pin_devices(device_classes(cfg))
     sim.pin_drop(live_drop(cfg))
@@ -110,7 +111,6 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=20.0)
     ap.add_argument("--target", default="tiny:0")
     ap.add_argument("--draft", default="tiny-draft:0:0.15")
-    ap.add_argument("--episodes", type=int, default=8)
     ap.add_argument("--live", help="reuse a saved live run (the JSON this script writes) instead of serving")
     ap.add_argument("--out", default="runs/live_gap.json")
     ap.add_argument("--random-text", action="store_true", help="draw acceptance patterns instead of replaying the served text's")
@@ -132,7 +132,7 @@ def main() -> None:
         path = Path(tmp) / "served_gap.yaml"
         write_profile(prof, path)
         pats = None if a.random_text else text_patterns(rows, a.draft, cfg.scenario.n_users)
-        log, trace, acc = simulate(a.config, str(path), a.policy, schedule, alpha, a.duration, a.episodes, pats)
+        log, trace, acc = simulate(a.config, str(path), a.policy, schedule, alpha, a.duration, pats)
 
     arrivals = {u: [float(x[0]) * 1000 for x in reqs] for u, reqs in enumerate(schedule)}
     live_lat: dict[int, list[float]] = defaultdict(list)
@@ -141,27 +141,22 @@ def main() -> None:
         live_lat[r["client"]].append(r["latency_ms"])
         live_by_user[r["client"]].append(r)
     L = per_request(arrivals, live_lat)
-    sims = defaultdict(lambda: defaultdict(list))  # user -> k -> [per-episode dicts]
-    for e in range(a.episodes):
-        m = log["env"] == e
-        lat = defaultdict(list)
-        for u, x in zip(log["user"][m].astype(int), log["latency_ms"][m]):
-            lat[u].append(float(x))
-        for u, rs in per_request(arrivals, lat).items():
-            for k, r in enumerate(rs):
-                sims[u][k].append(r)
+    sim_lat: dict[int, list[float]] = defaultdict(list)
+    for u, x in zip(log["user"].astype(int), log["latency_ms"]):
+        sim_lat[u].append(float(x))
+    S = per_request(arrivals, sim_lat)
 
     print(f"{a.policy}: live {live['latency_per_token_ms']:.1f} ms/token, alpha {alpha:.3f}")
     print(f"{'user':>4} {'class':>8} {'n':>3} | {'live wait':>9} {'service':>8} {'tok':>5} | {'sim wait':>9} {'service':>8} | service gap")
     tot = defaultdict(float)
     for u in sorted(L):
-        n = min(len(L[u]), len(sims[u]))
+        n = min(len(L[u]), len(S.get(u, [])))
         if not n:
             continue
         lw = np.mean([r["wait_ms"] for r in L[u][:n]])
         ls = np.mean([r["service_ms"] for r in L[u][:n]])
-        sw = np.mean([np.mean([x["wait_ms"] for x in sims[u][k]]) for k in range(n)])
-        ss = np.mean([np.mean([x["service_ms"] for x in sims[u][k]]) for k in range(n)])
+        sw = np.mean([r["wait_ms"] for r in S[u][:n]])
+        ss = np.mean([r["service_ms"] for r in S[u][:n]])
         tok = np.mean([len(r["output"]) for r in live_by_user[u][:n]])
         cls = classes[u] if classes else "-"
         print(f"{u:>4} {cls:>8} {n:>3} | {lw:>9.0f} {ls:>8.0f} {tok:>5.0f} | {sw:>9.0f} {ss:>8.0f} | {100 * (ls - ss) / ss:+.1f} %")
@@ -186,10 +181,9 @@ def main() -> None:
     if len(trace):
         for g in sorted(set(trace[:, 3].astype(int))):
             t = trace[trace[:, 3] == g]
-            print(f"  sim gamma {g}: {len(t) / a.episodes:6.0f} rounds/episode, accepted {t[:, 4].mean():.2f}")
+            print(f"  sim gamma {g}: {len(t):6.0f} rounds, accepted {t[:, 4].mean():.2f}")
     compare_features(live.get("decisions") or [], acc.pop("seen"))
-    sim_rounds = acc.get("rounds", math.nan) / a.episodes
-    print(f"rounds per run: live {sum(len(r['round_detail'] or []) for r in rows)}, sim {sim_rounds:.0f}")
+    print(f"rounds per run: live {sum(len(r['round_detail'] or []) for r in rows)}, sim {acc.get('rounds', math.nan):.0f}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"live": live, "alpha": alpha, "profile": prof}, default=float))
     print(f"wrote {a.out}")

@@ -25,7 +25,7 @@ def test_live_run_serves_the_workload_and_the_simulator_replays_it(tmp_path):
     want = sorted(out for reqs in live["schedule"] for _, _, out in reqs)
     assert sorted(r["tokens"] for r in live["rows"]) == want
     assert live["controller"]["slots"] > 0 and live["server_samples"]
-    sim = compare_with_sim(str(cfg), [live], tmp_path / "profiles", duration_s=3.0, episodes=2, drain_s=5.0)
+    sim = compare_with_sim(str(cfg), [live], tmp_path / "profiles", duration_s=3.0, drain_s=5.0)
     s = sim["nearest_g4"]
     assert not s["held_out"] and (tmp_path / "profiles" / "served.yaml").exists()
     assert s["sim_requests"] == scheduled

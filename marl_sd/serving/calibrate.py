@@ -146,8 +146,8 @@ def replay_overrides(cfg, profile: str, duration_s: float, drain_s: float = 20.0
     return over
 
 
-def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: float, episodes: int = 8,
-                     drain_s: float = 20.0, draft: str | None = None) -> dict[str, dict]:
+def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: float, drain_s: float = 20.0,
+                     draft: str | None = None) -> dict[str, dict]:
     """Simulate each live run's policy on the same scenario with a served profile fitted to the
     *other* live runs (held out; its own run only when there is a single one), and with the
     scenario's own profile for reference. The simulated episodes follow the live protocol: the
@@ -155,7 +155,9 @@ def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: f
     and fading of the rate traces the clients' links replayed, `live_drop`), each user with its
     live client's device class and, given the `draft` model, each request's own match pattern (`text_patterns`:
     the served text decides acceptance, as live), arrivals for `duration_s`, then
-    `drain_s` for the queues to empty, and decisions applied `serving.decision_delay_slots` late. Also writes the profile fitted to all runs."""
+    `drain_s` for the queues to empty, and decisions applied `serving.decision_delay_slots` late.
+    With all of that replayed on counter draws, one simulated episode is the whole answer (more
+    would be identical copies). Also writes the profile fitted to all runs."""
 
     cfg = load_config(cfg_path)
     base = load_profile(cfg.scenario.profile)
@@ -176,7 +178,7 @@ def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: f
         runs with `profile` and, if given, the measured acceptance of the served model pair."""
         over = replay_overrides(cfg, profile, duration_s, drain_s, alpha)
         pol = DelayedPolicy(sim_policy(policy, cfg), cfg.serving.decision_delay_slots)
-        s, _ = run_policy(load_config(cfg_path, over), pol, seed=cfg.seed, episodes=episodes, schedule=schedule,
+        s, _ = run_policy(load_config(cfg_path, over), pol, seed=cfg.seed, episodes=1, schedule=schedule,
                           devices=users, patterns=patterns, drop=live_drop(cfg))
         return s
 
@@ -195,7 +197,7 @@ def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: f
         out[r["policy"]] = {"sim_ms_per_token": served["latency_per_token_ms"], "held_out": held_out,
                             "profile": str(path), "alpha": alpha, "base_profile_ms_per_token": plain["latency_per_token_ms"],
                             "sim_ttft_ms": served["ttft_ms"], "sim_tpot_ms": served["tpot_ms"],
-                            "sim_handovers": served["handovers"] / episodes, "sim_requests": served["requests_completed"] / episodes,
+                            "sim_handovers": served["handovers"], "sim_requests": served["requests_completed"],
                             "text_patterns": pats is not None}
     fit(live, "served", "policies " + ", ".join(names))
     return out
