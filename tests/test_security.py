@@ -56,11 +56,13 @@ def client(addrs, security=None, gamma=3):
     return DraftClient(Drafter(load_model("tiny-draft:0:0.15")), list(addrs), gamma=gamma, security=security)
 
 
-async def raw_session(addr, messages, security=None, role="client-0"):
-    """Send messages on one session stream; returns the replies and the final status code."""
+async def raw_session(addr, messages, security=None, role="client-0", delay_s=0.0):
+    """Send messages on one session stream (the first `delay_s` after opening it); returns the
+    replies and the final status code."""
     sec = (security or Security.insecure()).as_role(role) if security else Security.insecure()
     async with sec.channel(addr, "verifier", options=P.grpc_options()) as ch:
         call = ch.stream_stream(f"/{P.VERIFIER_SERVICE}/Session")(timeout=10)
+        await asyncio.sleep(delay_s)
         replies = []
         try:
             for m in messages:
@@ -192,11 +194,13 @@ def test_mutual_tls_refuses_strangers_and_wrong_roles(servers, pki, target, tmp_
         plain = await raw_session(addr, [P.encode_open(P.OpenMsg(0, np.array([1, 2], np.int32)))])
         forged = await raw_session(addr, [P.encode_open(P.OpenMsg(0, np.array([1, 2], np.int32)))], other, "client-0")
         as_ctrl = await raw_session(addr, [P.encode_open(P.OpenMsg(0, np.array([1, 2], np.int32)))], sec, "controller")
-        return ok, plain, forged, as_ctrl
-    ok, plain, forged, as_ctrl = asyncio.run(main())
+        # a refusal waits for the first message: one written late still gets the refusal, not a dead stream
+        late = await raw_session(addr, [P.encode_open(P.OpenMsg(0, np.array([1, 2], np.int32)))], sec, "controller", 0.3)
+        return ok, plain, forged, as_ctrl, late
+    ok, plain, forged, as_ctrl, late = asyncio.run(main())
     assert ok.tokens == reference(target, [1, 2, 3], 12)
     assert plain[1] == grpc.StatusCode.UNAVAILABLE and forged[1] == grpc.StatusCode.UNAVAILABLE
-    assert as_ctrl[1] == grpc.StatusCode.PERMISSION_DENIED
+    assert as_ctrl[1] == grpc.StatusCode.PERMISSION_DENIED and late[1] == grpc.StatusCode.PERMISSION_DENIED
     assert server_status(addr, security=sec)["sessions_closed"] == 1  # the operator may read status
 
 

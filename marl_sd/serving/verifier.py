@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -231,17 +232,26 @@ class Verifier:
             vms, qms = vms + v_ms, qms + q_ms
         return P.encode_result(P.ResultMsg(sid, msg.round, n, np.asarray(new, np.int32), vms, qms, b))
 
+    async def _refuse_stream(self, it, context, code: grpc.StatusCode, reason: str, text: str):
+        """Refuse a session stream before serving it, once its first message has arrived (or after
+        1 s): a status sent while the client's first write is in flight reaches the client as
+        INTERNAL instead of `code` (grpcio's aio client, grpc/grpc#36066)."""
+        with contextlib.suppress(asyncio.TimeoutError, StopAsyncIteration):
+            await asyncio.wait_for(it.__anext__(), 1.0)
+        await self._refuse(context, code, reason, text)
+
     async def session(self, requests, context: grpc.aio.ServicerContext):
         role = caller_role(context)
+        it = requests.__aiter__()
         if role is not None and not role.startswith("client-"):
-            await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "role", f"role {role!r} may not open sessions")
+            await self._refuse_stream(it, context, grpc.StatusCode.PERMISSION_DENIED, "role",
+                                      f"role {role!r} may not open sessions")
         who = role or context.peer()
         if self.per_client.get(who, 0) >= self.limits.sessions_per_client:
-            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "quota",
-                               f"at most {self.limits.sessions_per_client} open sessions per client")
+            await self._refuse_stream(it, context, grpc.StatusCode.RESOURCE_EXHAUSTED, "quota",
+                                      f"at most {self.limits.sessions_per_client} open sessions per client")
         self.per_client[who] = self.per_client.get(who, 0) + 1
         sid = None
-        it = requests.__aiter__()
         try:
             while (raw := await self._next(it, context)) is not None:
                 try:
