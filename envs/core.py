@@ -26,7 +26,10 @@ Fidelity to the serving client (`marl_sd/serving/drafter.py`):
   used up as the bonus, so the next round starts with the rest.
 - Timing is exact inside the 1 ms tick: the part of a tick left after a stage ends goes to the
   next stage (a negative timer is the time elapsed since its stage ended), so a round lasts the
-  sum of its stage times. Interactions (batch formation) still happen on the tick grid.
+  sum of its stage times. Batches form at event times too: a free server starts one the moment
+  its first round is queued, and rounds queued later in the tick wait for the next batch
+  (`tests/test_event_exact.py` checks this against an independent event-driven model). Absolute
+  times are float64 (`envs.state`), so the clock stays exact for any tick and episode length.
 """
 from __future__ import annotations
 
@@ -366,13 +369,18 @@ class BatchedSimulator:
         self._end_slot()
         return self._reward(), (self.t >= self.horizon).expand(B)
 
+    def _clock_ms(self, ticks: int) -> torch.Tensor:
+        """The simulated time after `ticks` ticks, as a float64 product (never accumulated, so a
+        0.1 ms tick stays exact over hours of simulated time)."""
+        return torch.tensor(ticks * self.dt, dtype=torch.float64, device=self.device)
+
     def _set_clock(self, stage: int) -> None:
         """Counter draws' clock: per slot, 0 at its start, 1 + k in tick k, T + 1 at its end."""
         self.draws.clock = int(self.t) * (self.ticks + 2) + stage
 
     def _tick(self, k: int) -> None:
         dt = self.dt
-        self.now = self.now + dt
+        self.now = self._clock_ms(int(self.t) * self.ticks + k + 1)
         now = self.now
         m = self.m
         # arrivals (Poisson, one Bernoulli per tick); each request draws its match pattern now
@@ -400,7 +408,7 @@ class BatchedSimulator:
         if bool(done.any()):
             ov = -self.timer
             self.phase = torch.where(done, UPLINK, self.phase)
-            self.sent_at = torch.where(done, now - ov, self.sent_at)
+            self.sent_at = torch.where(done, now - ov.double(), self.sent_at)
             self._begin_transfer(done, self.costs.upload_bytes(self.gamma_cur) + self.handover_bytes, ov, self.ul_rate,
                                  uplink=True)
             self.handover_bytes = torch.where(done, 0.0, self.handover_bytes)
@@ -409,7 +417,7 @@ class BatchedSimulator:
         if bool(arrived.any()):
             up_done = arrived & is_up
             self.phase = torch.where(up_done, QUEUED, self.phase)
-            self.queued_at = torch.where(up_done, now + self.timer, self.queued_at)
+            self.queued_at = torch.where(up_done, now + self.timer.double(), self.queued_at)
             down_done = arrived & ~is_up
             down_ov = -self.timer
         # servers: finish batches; round boundaries (results at the devices, streamed AR tokens);
@@ -423,7 +431,7 @@ class BatchedSimulator:
             fin = act & (self.srv_left <= 0)
             if bool(fin.any()):
                 self.srv_active = act & ~fin
-                self.srv_free_at = torch.where(fin, now + self.srv_left, self.srv_free_at)
+                self.srv_free_at = torch.where(fin, now + self.srv_left.double(), self.srv_free_at)
                 users = (self.phase == VERIFY) & fin.gather(1, self.server)
                 stream, s_spent = self._complete_verify(users, -self.srv_left.gather(1, self.server))
                 if boundary is None:
@@ -467,7 +475,8 @@ class BatchedSimulator:
         keep = ok[bi, ui]
         bk, uk = bi[keep], ui[keep]
         slot = ((self.q_head + self.q_len) % self.Q)[bk, uk]
-        self.requests[bk, uk, slot] = torch.cat([attrs[keep], at.expand(len(bk), 1)], -1)
+        self.requests[bk, uk, slot] = attrs[keep]
+        self.arrival_ms[bk, uk, slot] = at
         self.pattern[bk, uk, slot] = pat[keep]
         self.q_len = self.q_len + ok.long()
         start = (self.phase == IDLE) & ok
@@ -495,6 +504,10 @@ class BatchedSimulator:
         """[B, N, 4] the request at the head of each user's queue."""
         return self.requests.gather(2, self.q_head.view(self.B, self.N, 1, 1).expand(-1, -1, 1, len(REQ))).squeeze(2)
 
+    def _head_arrival(self) -> torch.Tensor:
+        """[B, N] arrival time of the request at the head of each user's queue (float64)."""
+        return self.arrival_ms.gather(2, self.q_head.unsqueeze(-1)).squeeze(-1)
+
     def _start_request(self, start: torch.Tensor, spent: torch.Tensor, at: torch.Tensor | None = None) -> None:
         """Open a session for the head request (`spent` ms into its upload, started at `at`): upload
         the prompt while drafting the first round."""
@@ -506,7 +519,7 @@ class BatchedSimulator:
         self._gather_rates()
         self.phase = w(torch.full_like(self.phase, UPLINK), self.phase)
         self._begin_transfer(start, self.costs.ids_bytes(prompt.float()), spent, self.ul_rate, uplink=True)
-        self.sent_at = w(self.now - spent if at is None else at, self.sent_at)
+        self.sent_at = w(self.now - spent.double() if at is None else at, self.sent_at)
         self.prefill = w(prompt.float(), self.prefill)
         self.first_round = self.first_round | start
         self.gamma_cur = w(torch.zeros_like(self.gamma_cur), self.gamma_cur)
@@ -523,16 +536,22 @@ class BatchedSimulator:
         self.handover_bytes = w(torch.zeros_like(self.handover_bytes), self.handover_bytes)
 
     def _form_batches(self, elig: torch.Tensor) -> None:
-        """Continuous batching at every free server, under the verify token budget. A batch starts
-        when both the server and its last admitted user were ready (inside the tick)."""
+        """Continuous batching at every free server, under the verify token budget, at event times
+        inside the tick: a free server starts a batch when it is free and its first round is queued
+        (the later of the two); rounds that reach it after that instant wait for the next batch, as
+        on a real verifier, instead of joining every round of the tick."""
         k_tok = (self.gamma_cur + 1).float()
         zeros = self._zeros(self.B, self.M)
         budget = float(self.cfg.scenario.verify_token_budget)
         kv_new = None
-        if self.kv_limited:
+        if self.kv_limited:  # rounds waiting for KV room do not start a batch
             elig, kv_new = self._admit_kv(elig)
             if not bool(elig.any()):
                 return
+        inf = torch.full((self.B, self.M), math.inf, dtype=torch.float64, device=self.device)
+        first = inf.scatter_reduce(1, self.server, torch.where(elig, self.queued_at, math.inf), "amin")
+        begin = torch.maximum(first, self.srv_free_at)  # [B, M]; inf where nobody is eligible
+        elig = elig & (self.queued_at <= begin.gather(1, self.server))
         admit, af = elig, elig.float()
         kk = zeros.scatter_add(1, self.server, af * k_tok)  # tokens asked for, per server
         if bool((kk > budget).any()):
@@ -544,11 +563,9 @@ class BatchedSimulator:
             self.kv_held = torch.where(admit & kv_new, (self.ctx + self.remaining).float(), self.kv_held)
         b = zeros.scatter_add(1, self.server, af)
         pf = zeros.scatter_add(1, self.server, af * self.prefill)
-        ready = zeros.scatter_reduce(1, self.server, torch.where(admit, self.queued_at, -math.inf), "amax")
-        begin = torch.maximum(ready, self.srv_free_at)
         start = b > 0
         t = self.sites.verify_ms(b, kk) + self.sites.prefill_ms_per_token * pf
-        already = (self.now - begin).clamp(min=0.0)
+        already = torch.where(start, self.now - begin, 0.0).clamp(min=0.0).float()
         self.srv_left = torch.where(start, t - already, self.srv_left)
         self.srv_active = self.srv_active | start
         self.ms["busy_ms"] += start * torch.minimum(already, t)
@@ -627,7 +644,7 @@ class BatchedSimulator:
     def _round_boundary(self, users: torch.Tensor, spent: torch.Tensor) -> None:
         """A round's result is at the device (`spent` ms ago): finish the request or start the next
         round, with the drafts kept from pre-drafting (the client's rule)."""
-        at = self.now - spent
+        at = self.now - spent.double()
         emitted_any = users & (self.first_tok < 0) & (self.out_len > self.remaining)
         self.first_tok = torch.where(emitted_any, at, self.first_tok)
         opened = users & self.first_round
@@ -648,7 +665,7 @@ class BatchedSimulator:
             self.kv_held = torch.where(ho, 0.0, self.kv_held)  # freed at the old site, reserved anew at the next
             self.m["handovers"] += ho.float()
         t_d = self.draft_ms
-        flight = at - self.sent_at
+        flight = (at - self.sent_at).float()
         ahead, drafted_ms = drafts_after_round(self.extra_ahead, self.gamma_cur, flight, t_d, self.keep_predraft,
                                                self.predraft_on)
         wait = None
@@ -681,24 +698,26 @@ class BatchedSimulator:
         self.queued_at = torch.where(ar_q, at, self.queued_at)
 
     def _complete_requests(self, fin: torch.Tensor, spent: torch.Tensor) -> None:
-        now = self.now - spent
-        arr = self._head_request()[..., REQ["arrival_ms"]]
-        lat = now - arr
+        now = self.now - spent.double()
+        arr = self._head_arrival()
+        lat = (now - arr).float()
         out = self.out_len.float()
         f = fin.float()
         m = self.m
         m["completed"] += f
         m["latency_ms"] += f * lat
         m["tokens"] += f * out
-        m["ttft_ms"] += f * (self.first_tok - arr)
+        ttft = (self.first_tok - arr).float()
+        tpot = ((now - self.first_tok).float() / (out - 1).clamp(min=1))
+        m["ttft_ms"] += f * ttft
         has_tpot = fin & (self.out_len > 1)
-        m["tpot_ms"] += has_tpot.float() * (now - self.first_tok) / (out - 1).clamp(min=1)
+        m["tpot_ms"] += has_tpot.float() * tpot
         m["tpot_n"] += has_tpot.float()
         self.tok_latency = torch.where(fin, smooth_token_latency(self.tok_latency, lat / out), self.tok_latency)
         if self.record_requests:
             bi, ui = fin.nonzero(as_tuple=True)
             cols = {"env": bi.float(), "user": ui.float(), "latency_ms": lat[fin], "output_tokens": out[fin],
-                    "ttft_ms": (self.first_tok - arr)[fin], "tpot_ms": ((now - self.first_tok) / (out - 1).clamp(min=1))[fin]}
+                    "ttft_ms": ttft[fin], "tpot_ms": tpot[fin]}
             self.request_log.append(torch.stack([cols[c] for c in REQUEST_LOG_COLUMNS], -1))
         self.q_head = torch.where(fin, (self.q_head + 1) % self.Q, self.q_head)
         self.q_len = self.q_len - fin.long()

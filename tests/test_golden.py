@@ -37,6 +37,7 @@ def test_golden_trace():
     got = rollout()
     if os.environ.get("MARL_SD_UPDATE_GOLDEN"):
         GOLDEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+        pytest.skip("golden trace regenerated: nothing was compared")
     want = json.loads(GOLDEN.read_text())
     assert got.keys() == want.keys()
     for k in want:

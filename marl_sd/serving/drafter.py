@@ -33,6 +33,12 @@ from marl_sd.serving.speculative import sample_weights, top_k_renormalized
 log = logging.getLogger("marl_sd.drafter")
 
 
+
+def predraft_limit(gamma: int) -> int:
+    """Drafts a client may hold ahead of its committed text while a round of `gamma` is in flight:
+    the uploaded gamma plus up to gamma + 1 past them (none for an autoregressive round)."""
+    return 2 * gamma + 1 if gamma else 0
+
 class Drafter:
     def __init__(self, model, greedy: bool = True, temperature: float = 1.0, topk: int = 8, seed: int = 0,
                  pace_ms: float = 0.0):
@@ -324,7 +330,7 @@ class DraftClient:
         msg = P.encode_verify(P.VerifyMsg(session, len(req.rounds) + 1, np.asarray(drafts, np.int32), ids, pr,
                                           self.priority))
         tr = time.monotonic()
-        self._draft_in_background(2 * gamma + 1 if self.predraft and gamma else 0)  # pre-draft until the result
+        self._draft_in_background(predraft_limit(gamma) if self.predraft else 0)  # pre-draft until the result
         up_ms = await self._link(self.uplink, len(msg)) * 1000
         await call.write(msg)
         raw = await asyncio.wait_for(call.read(), self.round_deadline())
