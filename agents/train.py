@@ -24,7 +24,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecMonitor
 
-from marl_sd.agents.evaluate import run_policy
+from marl_sd.agents.evaluate import HEADLINE, run_policy
 from marl_sd.agents.heuristics import HEURISTICS
 from marl_sd.agents.mappo import MAPPO, MAPPOPolicy, new_mappo, resolve_device
 from marl_sd.agents.policy import LearnedPolicy, PolicyContext
@@ -179,10 +179,11 @@ class EvalCallback(BaseCallback):
         s, _ = run_policy(self.cfg, pol, seed=10_000, episodes=self.cfg.train.eval_episodes)
         torch.set_rng_state(state[0]); np.random.set_state(state[1]); random.setstate(state[2])  # noqa: E702
         row = {"timesteps": self.num_timesteps, "reward": s["reward"], "latency_per_token_ms": s["latency_per_token_ms"],
-               "unix_time": time.time()}
+               HEADLINE: s[HEADLINE], "unix_time": time.time()}
         self.history.append(row)
         self.logger.record("eval/reward", s["reward"])
         self.logger.record("eval/latency_per_token_ms", s["latency_per_token_ms"])
+        self.logger.record(f"eval/{HEADLINE}", s[HEADLINE])
         if s["reward"] > self.best:
             self.best = s["reward"]
             self.model.save(str(self.dir / "best.zip"))

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from marl_sd.agents.catalog import make_policy
-from marl_sd.agents.evaluate import evaluate
+from marl_sd.agents.evaluate import HEADLINE, evaluate
 from marl_sd.cli import parse_sizes
 from marl_sd.config import load_config
 
@@ -51,12 +51,12 @@ def main() -> None:
             cfg = base.at_size(n, m)
             pols = [make_policy("learned", cfg, run, learned_name="any_size")]
             pols += [make_policy(h, cfg) for h in a.heuristics]
-            res = {r.name: r.summary()["latency_per_token_ms"] for r in evaluate(cfg, pols, a.seeds, a.episodes)}
+            res = {r.name: r.summary()[HEADLINE] for r in evaluate(cfg, pols, a.seeds, a.episodes)}
             if (n, m) in specific:
                 own = load_config(specific[(n, m)] / "config.yaml")
                 r = evaluate(own, [make_policy("learned", own, specific[(n, m)], learned_name="size_specific")],
                              a.seeds, a.episodes)[0]
-                res["size_specific"] = r.summary()["latency_per_token_ms"]
+                res["size_specific"] = r.summary()[HEADLINE]
             rows.append({"users": n, "servers": m, "ms_per_token": res, "wall_s": time.time() - t0})
             cells = "  ".join(f"{k} {v[0]:.1f}±{v[1]:.1f}" for k, v in res.items())
             print(f"N={n:3d} M={m}: {cells}  ({time.time() - t0:.0f} s)", flush=True)

@@ -504,6 +504,26 @@ class BatchedSimulator:
         """[B, N, 4] the request at the head of each user's queue."""
         return self.requests.gather(2, self.q_head.view(self.B, self.N, 1, 1).expand(-1, -1, 1, len(REQ))).squeeze(2)
 
+    def unfinished_work(self) -> dict[str, torch.Tensor]:
+        """Every request still in a queue now, charged as if it finished at the user's pace: its
+        waiting so far plus its tokens left times the user's running per-token latency (else the
+        environment's mean of those, else the pace the request in service has shown). Per
+        environment [B]: `latency_ms` charged, `tokens` (their output lengths), `count`. So a
+        policy that leaves work unfinished is not scored on the easy requests alone."""
+        slot = torch.arange(self.Q, device=self.device)
+        in_q = ((slot - self.q_head.unsqueeze(-1)) % self.Q) < self.q_len.unsqueeze(-1)  # [B, N, Q]
+        head = slot == self.q_head.unsqueeze(-1)
+        out = self.requests[..., REQ["output_tokens"]]
+        left = torch.where(head, self.remaining.unsqueeze(-1).float(), out)
+        wait = (self.now - self.arrival_ms).float()
+        known = self.tok_latency > 0
+        env_pace = (self.tok_latency * known).sum(1, keepdim=True) / known.sum(1, keepdim=True).clamp(min=1)
+        shown = (self.now - self._head_arrival()).float() / ((self.out_len - self.remaining).float() + 1)
+        pace = torch.where(known, self.tok_latency, torch.where(env_pace > 0, env_pace, shown))
+        inq = in_q.float()
+        return {"latency_ms": ((wait + left * pace.unsqueeze(-1)) * inq).sum((1, 2)),
+                "tokens": (out * inq).sum((1, 2)), "count": inq.sum((1, 2))}
+
     def _head_arrival(self) -> torch.Tensor:
         """[B, N] arrival time of the request at the head of each user's queue (float64)."""
         return self.arrival_ms.gather(2, self.q_head.unsqueeze(-1)).squeeze(-1)

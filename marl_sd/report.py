@@ -9,15 +9,16 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from marl_sd.agents.evaluate import METRICS, PolicyResult
+from marl_sd.agents.evaluate import HEADLINE, METRICS, PolicyResult
 
-SHORT = {"latency_per_token_ms": "ms/tok", "token_latency_p50_ms": "p50", "token_latency_p95_ms": "p95",
+SHORT = {HEADLINE: "ms/tok all", "latency_per_token_ms": "ms/tok fin", "slo_attainment_all": "SLO all",
+         "outstanding_at_end": "unfin", "token_latency_p50_ms": "p50", "token_latency_p95_ms": "p95",
          "request_latency_ms": "req ms", "request_latency_p95_ms": "req p95", "ttft_ms": "TTFT",
          "energy_per_token_j": "J/tok", "throughput_tok_s": "tok/s", "slo_attainment": "SLO",
          "handovers_per_user_min": "HO/min"}
-TABLE_METRICS = ("latency_per_token_ms", "token_latency_p50_ms", "token_latency_p95_ms", "request_latency_ms",
-                 "request_latency_p95_ms", "ttft_ms", "energy_per_token_j", "throughput_tok_s", "slo_attainment",
-                 "handovers_per_user_min")
+TABLE_METRICS = (HEADLINE, "slo_attainment_all", "outstanding_at_end", "latency_per_token_ms", "token_latency_p50_ms",
+                 "token_latency_p95_ms", "request_latency_ms", "request_latency_p95_ms", "ttft_ms", "energy_per_token_j",
+                 "throughput_tok_s", "slo_attainment", "handovers_per_user_min")
 
 
 def _fmt(mean: float, ci: float) -> str:
@@ -28,11 +29,14 @@ def _fmt(mean: float, ci: float) -> str:
 
 
 def results_table(results: list[PolicyResult], title: str) -> Table:
-    t = Table(title=title, show_lines=False, caption="ms/tok: request latency / output tokens (mean, p50, p95); "
-              "req: request latency; TTFT: time to first token; SLO: TTFT and TPOT within their SLOs; "
-              "HO/min: handovers per user per minute; C: centralized heuristic")
+    t = Table(title=title, show_lines=False, caption="ms/tok all (the ranking): latency / output token over every "
+              "arrived request, unfinished ones charged their wait + tokens left at the user's pace; SLO all: share "
+              "of arrived requests within both SLOs; unfin: requests unfinished at the end per episode; "
+              "ms/tok fin, p50, p95, req, TTFT, SLO: finished requests only; HO/min: handovers per user per minute; "
+              "seeds: seeds where finished-request metrics exist / seeds run; C: centralized heuristic")
     t.add_column("policy", style="bold", no_wrap=True)
     t.add_column("", no_wrap=True)
+    t.add_column("seeds", justify="right", no_wrap=True)
     for k in TABLE_METRICS:
         t.add_column(SHORT[k], justify="right", no_wrap=True)
     best = {}
@@ -47,7 +51,10 @@ def results_table(results: list[PolicyResult], title: str) -> Table:
         for k in TABLE_METRICS:
             c = _fmt(*s[k])
             cells.append(f"[green]{c}[/green]" if s[k][0] == best.get(k) else c)
-        t.add_row(r.name, "C" if r.centralized else "", *cells)
+        n_fin = r.seeds_with("latency_per_token_ms")
+        seeds = f"{n_fin}/{len(r.per_seed)}"
+        t.add_row(r.name, "C" if r.centralized else "", seeds if n_fin == len(r.per_seed) else f"[red]{seeds}[/red]",
+                  *cells)
     return t
 
 
@@ -56,7 +63,8 @@ def write_results(results: list[PolicyResult], out_dir: Path, meta: dict) -> Non
     rows = []
     for r in results:
         s = r.summary()
-        row = {"policy": r.name, "centralized": r.centralized, "description": r.description}
+        row = {"policy": r.name, "centralized": r.centralized, "description": r.description,
+               "seeds": len(r.per_seed), "seeds_with_finished": r.seeds_with("latency_per_token_ms")}
         for k, (m, ci) in s.items():
             row[k] = m
             row[f"{k}_ci95"] = ci
@@ -92,7 +100,7 @@ def plot_results(results: list[PolicyResult], out_dir: Path) -> list[Path]:
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    for ax, k in zip(axes, ("latency_per_token_ms", "token_latency_p95_ms", "energy_per_token_j")):
+    for ax, k in zip(axes, (HEADLINE, "token_latency_p95_ms", "energy_per_token_j")):
         s = [r.summary()[k] for r in results]
         ax.bar(range(len(results)), [m for m, _ in s], yerr=[0 if math.isnan(c) else c for _, c in s], capsize=3)
         ax.set_xticks(range(len(results)), [r.name for r in results], rotation=60, ha="right", fontsize=7)
@@ -115,13 +123,13 @@ def plot_sweep(sweep: dict[int, list[PolicyResult]], key: str, out_dir: Path) ->
     fig, ax = plt.subplots(figsize=(7, 4.5))
     names = list(dict.fromkeys(r.name for x in sorted(sweep) for r in sweep[x]))
     for name in names:  # a learned policy appears only at the N it was trained for
-        pts = sorted((x, r.summary()["latency_per_token_ms"]) for x in sweep for r in sweep[x] if r.name == name)
+        pts = sorted((x, r.summary()[HEADLINE]) for x in sweep for r in sweep[x] if r.name == name)
         xs = [x for x, _ in pts]
         m = [a for _, (a, _) in pts]
         ci = [0 if math.isnan(b) else b for _, (_, b) in pts]
         ax.errorbar(xs, m, yerr=ci, label=name, marker="o", capsize=3, lw=1.2)
     ax.set_xlabel(key)
-    ax.set_ylabel("mean latency per token [ms]")
+    ax.set_ylabel("latency per token, all arrived work [ms]")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -136,7 +144,8 @@ def write_sweep(sweep: dict[int, list[PolicyResult]], key: str, out_dir: Path) -
     for x, results in sorted(sweep.items()):
         for r in results:
             s = r.summary()
-            rows.append({key: x, "policy": r.name, "latency_per_token_ms": s["latency_per_token_ms"][0],
+            rows.append({key: x, "policy": r.name, HEADLINE: s[HEADLINE][0], f"{HEADLINE}_ci95": s[HEADLINE][1],
+                         "latency_per_token_ms": s["latency_per_token_ms"][0],
                          "latency_per_token_ms_ci95": s["latency_per_token_ms"][1],
                          "token_latency_p95_ms": s["token_latency_p95_ms"][0]})
     path = out_dir / f"sweep_{key}.csv"

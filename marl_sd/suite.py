@@ -13,12 +13,21 @@ import numpy as np
 from scipy import stats
 
 from marl_sd.agents import catalog
-from marl_sd.agents.evaluate import mean_ci
+from marl_sd.agents.evaluate import HEADLINE, mean_ci
 from marl_sd.agents.heuristics import HEURISTICS
 from marl_sd.config import CONFIG_DIR, load_config
 from marl_sd.distributed import eval_grid
 
-METRIC = "latency_per_token_ms"
+METRIC = HEADLINE  # ranks the suite: all arrived work counts (see `agents.evaluate.HEADLINE`)
+PER_SEED = {"per_seed": METRIC, "finished": "latency_per_token_ms", "slo": "slo_attainment_all",
+            "handovers_per_user_min": "handovers_per_user_min", "unfinished": "outstanding_at_end"}
+
+
+def with_every_heuristic(policies: list[str]) -> tuple[list[str], list[str]]:
+    """The policies to run so that "best heuristic" means the best of all of them: the listed ones
+    plus every heuristic not listed. Returns (policies, the heuristics added)."""
+    added = [h for h in HEURISTICS if h not in policies and h != "random"]
+    return [*policies, *added], added
 
 
 def suite_configs(names: list[str] | None = None) -> dict[str, Path]:
@@ -52,7 +61,7 @@ def run_suite(scenarios: dict[str, Path], policies: list[str], seeds: list[int],
     cfgs = {scen: load_config(path, ["env.rng=counter", *overrides]) for scen, path in scenarios.items()}
     grid = eval_grid(cfgs, lambda name, cfg: make_policy(name, cfg, runs_dir, learned_run), policies, seeds, episodes,
                      use_ray, address, progress)
-    return {scen: {name: {"per_seed": [s[METRIC] for s, _ in runs], "slo": [s["slo_attainment"] for s, _ in runs]}
+    return {scen: {name: {key: [s[m] for s, _ in runs] for key, m in PER_SEED.items()}
                    | {k: [s[k] for s, _ in runs] for k in runs[0][0] if k.startswith("oracle_")}
                    for name, runs in pols.items()} for scen, pols in grid.items()}
 
@@ -64,10 +73,16 @@ def summarize_suite(res: dict) -> dict:
     for scen, pols in res.items():
         row = {p: mean_ci(np.asarray([x for x in v["per_seed"] if x == x], float)) for p, v in pols.items()}
         oracle = row.get("oracle", (math.nan, math.nan))[0]
-        heur = {p: m for p, (m, _) in row.items() if p in HEURISTICS}
-        best_h = min(heur, key=heur.get) if heur else None
-        s = {"policies": {p: {"mean": m, "ci": ci, "gap_to_oracle": (m - oracle) / oracle if oracle == oracle else math.nan}
+        heur = {p: m for p, (m, _) in row.items() if p in HEURISTICS and p != "random"}
+        missing = [h for h in HEURISTICS if h != "random" and h not in heur]
+        best_h = min(heur, key=heur.get) if heur and not missing else None
+        s = {"policies": {p: {"mean": m, "ci": ci, "gap_to_oracle": (m - oracle) / oracle if oracle == oracle else math.nan,
+                              "seeds": int(sum(x == x for x in pols[p]["per_seed"])), "seeds_run": len(pols[p]["per_seed"]),
+                              **{k: float(np.nanmean(pols[p][k])) if any(x == x for x in pols[p][k]) else math.nan
+                                 for k in ("finished", "slo", "handovers_per_user_min", "unfinished") if k in pols[p]}}
                           for p, (m, ci) in row.items()},
+             "heuristics_not_run": missing,
+             "ratio_to_best_heuristic": {p: m / heur[best_h] for p, (m, _) in row.items()} if best_h else {},
              "best_heuristic": best_h,
              "oracle_headroom_vs_best_heuristic": (heur[best_h] - oracle) / heur[best_h] if best_h and oracle == oracle else math.nan}
         clair = row.get("oracle_clairvoyant", (math.nan, math.nan))[0]
@@ -78,7 +93,9 @@ def summarize_suite(res: dict) -> dict:
                 if k.startswith("oracle_"):
                     s[f"{name}.{k[len('oracle_'):]}"] = float(np.mean(v))
         if "learned" in pols and best_h:
-            a, b = np.asarray(pols["learned"]["per_seed"]), np.asarray(pols[best_h]["per_seed"])
+            a, b = np.asarray(pols["learned"]["per_seed"], float), np.asarray(pols[best_h]["per_seed"], float)
+            ok = ~(np.isnan(a) | np.isnan(b))
+            a, b = a[ok], b[ok]
             t = stats.ttest_rel(a, b) if len(a) > 1 else None
             s["learned_vs_best"] = {"diff_ms": float((a - b).mean()), "p_value": float(t.pvalue) if t else math.nan}
         summary[scen] = s
@@ -92,10 +109,13 @@ def write_suite(res: dict, summary: dict, out_dir: Path, meta: dict) -> list[Pat
                                                    default=float))
     with open(out_dir / "suite.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["scenario", "policy", "ms_per_token", "ci95", "gap_to_oracle"])
+        w.writerow(["scenario", "policy", "ms_per_token_all", "ci95", "seeds", "seeds_run", "ratio_to_best_heuristic",
+                    "gap_to_search", "ms_per_token_finished", "slo_attainment_all", "handovers_per_user_min", "unfinished"])
         for scen, s in summary.items():
             for p, v in s["policies"].items():
-                w.writerow([scen, p, f"{v['mean']:.3f}", f"{v['ci']:.3f}", f"{v['gap_to_oracle']:.4f}"])
+                w.writerow([scen, p, f"{v['mean']:.3f}", f"{v['ci']:.3f}", v["seeds"], v["seeds_run"],
+                            f"{s['ratio_to_best_heuristic'].get(p, math.nan):.4f}", f"{v['gap_to_oracle']:.4f}",
+                            *(f"{v.get(k, math.nan):.4f}" for k in ("finished", "slo", "handovers_per_user_min", "unfinished"))])
     return [out_dir / "suite.json", out_dir / "suite.csv", heatmap(summary, out_dir / "suite_heatmap.png")]
 
 
