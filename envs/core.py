@@ -40,7 +40,7 @@ import torch
 
 from marl_sd.config import Config
 from marl_sd.contract import SUB_ACTIONS, ActionLayout, ObsSpec
-from marl_sd.envs.channel import link_rates, make_channel
+from marl_sd.envs.channel import LinkBudget, link_rates, make_channel
 from marl_sd.envs.costs import MessageCosts, SiteCosts, drafts_after_round
 from marl_sd.envs.draws import Draws
 from marl_sd.envs.observation import (
@@ -76,7 +76,8 @@ class BatchedSimulator:
         self.device = torch.device(device or cfg.sim.device)
         self.profile = load_profile(cfg.scenario.profile)
         self.scn = Scenario(cfg.scenario, self.profile, self.device)
-        self.channel = make_channel(cfg.scenario.channel, self.scn.bs_xy)
+        budget = LinkBudget.from_config(cfg.scenario.channel, self.scn.site_tx_dbm, self.scn.site_bandwidth_mhz, self.device)
+        self.channel = make_channel(cfg.scenario.channel, self.scn.bs_xy, budget)
         self.N, self.M = self.scn.N, self.scn.M
         e = cfg.env
         self.dt = float(e.tick_ms)

@@ -40,7 +40,10 @@ class Scenario:
         self.profile = profile
         self.device = torch.device(device)
         self.N, self.M = cfg.n_users, cfg.n_servers
-        self.bs_xy = hex_sites(self.M, cfg.isd_m).to(self.device)
+        self.cell_xy = hex_sites(self.M, cfg.isd_m).to(self.device)  # where users are dropped
+        pos, self.site_tx_dbm, self.site_bandwidth_mhz = cfg.site_radio()
+        self.bs_xy = torch.stack([self.cell_xy[m] if p is None else torch.tensor(p, dtype=torch.float32, device=self.device)
+                                  for m, p in enumerate(pos)])  # where the sites are
         self.cell_radius = cfg.isd_m / math.sqrt(3.0)
 
         missing = [d.name for d in cfg.devices if d.name not in profile.devices]
@@ -75,7 +78,7 @@ class Scenario:
         r = self.cell_radius
         x = r * (u * torch.cos(a) + v * torch.cos(b))
         y = r * (u * torch.sin(a) + v * torch.sin(b))
-        return self.bs_xy[cell] + torch.stack([x, y], -1)
+        return self.cell_xy[cell] + torch.stack([x, y], -1)
 
     def sample_devices(self, B: int, gen) -> torch.Tensor:
         """Device class index per user, [B, N]."""

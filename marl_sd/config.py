@@ -130,11 +130,19 @@ class ChannelConfig(Strict):
 
 
 class SiteConfig(Strict):
-    """One edge server: its latency profile and KV-cache capacity."""
+    """One edge server: its latency profile, KV-cache capacity, and where and how it transmits."""
 
-    profile: str | None = Field(None, description="latency profile (None: the scenario's)")
+    profile: str | None = Field(None, description="latency profile: a name or a YAML path, relative to the config "
+                                                  "file (None: the scenario's)")
     kv_capacity_tokens: int | None = Field(None, ge=1, description="context tokens its GPU memory holds over all "
                                                                     "sessions (None: the scenario's)")
+    position_m: tuple[float, float] | None = Field(None, description="the site's [x, y] in metres (None: its place "
+                                                                     "on the hexagonal lattice); users are still "
+                                                                     "dropped over the lattice's cells, so a site "
+                                                                     "placed away from them is a far site")
+    bs_tx_dbm: float | None = Field(None, description="downlink transmit power (None: the channel's bs_tx_dbm)")
+    bandwidth_mhz: float | None = Field(None, gt=0, description="uplink and downlink bandwidth each (None: the "
+                                                                "channel's bandwidth_mhz)")
 
 
 class ScenarioConfig(Strict):
@@ -183,6 +191,13 @@ class ScenarioConfig(Strict):
 
     def site_profiles(self) -> list[str]:
         return [(s.profile if s.profile else self.profile) for s in (self.sites or [SiteConfig()] * self.n_servers)]
+
+    def site_radio(self) -> tuple[list[tuple[float, float] | None], list[float], list[float]]:
+        """Per site: position (None: lattice), downlink power [dBm], bandwidth [MHz]."""
+        sites = self.sites or [SiteConfig()] * self.n_servers
+        c = self.channel
+        return ([s.position_m for s in sites], [c.bs_tx_dbm if s.bs_tx_dbm is None else s.bs_tx_dbm for s in sites],
+                [c.bandwidth_mhz if s.bandwidth_mhz is None else s.bandwidth_mhz for s in sites])
 
     def site_kv_capacity(self) -> list[int | None]:
         return [(s.kv_capacity_tokens or self.kv_capacity_tokens) for s in (self.sites or [SiteConfig()] * self.n_servers)]
@@ -427,6 +442,7 @@ def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         loaded = {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+    _profiles_relative_to(loaded, path.parent)
     parents = loaded.pop("extends", []) or []
     if isinstance(parents, str):
         parents = [parents]
@@ -434,6 +450,19 @@ def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     for parent in parents:
         tree = _merge(tree, _read_tree((path.parent / parent), seen + (path.resolve(),)))
     return _merge(tree, loaded)
+
+
+def _profiles_relative_to(tree: dict, base: Path) -> None:
+    """Profile paths (a YAML file, not a shipped profile's name) given in a config file are relative
+    to that file, like `extends`; they are made absolute so the resolved config finds them anywhere."""
+    scen = tree.get("scenario")
+    if not isinstance(scen, dict):
+        return
+    holders = [scen] + [s for s in scen.get("sites") or [] if isinstance(s, dict)]
+    for h in holders:
+        p = h.get("profile")
+        if isinstance(p, str) and Path(p).suffix in (".yaml", ".yml") and not Path(p).is_absolute():
+            h["profile"] = str((base / p).resolve())
 
 
 def cache_dir() -> Path:

@@ -21,22 +21,26 @@ def dbm_to_mw(dbm: float) -> float:
 
 @dataclass(frozen=True)
 class LinkBudget:
-    """Link-budget constants in linear units (mW, Hz)."""
+    """Link-budget constants in linear units (mW, Hz); `bandwidth_hz` and `bs_tx_mw` are floats
+    (every site alike) or [M] tensors (per site), broadcast over the server axis."""
 
-    bandwidth_hz: float
+    bandwidth_hz: float | torch.Tensor
     re_per_hz: float
     ue_tx_mw: float
-    bs_tx_mw: float
+    bs_tx_mw: float | torch.Tensor
     noise_bs_mw_hz: float
     noise_ue_mw_hz: float
 
     @classmethod
-    def from_config(cls, c: ChannelConfig) -> "LinkBudget":
+    def from_config(cls, c: ChannelConfig, bs_tx_dbm: list[float] | None = None,
+                    bandwidth_mhz: list[float] | None = None, device=None) -> "LinkBudget":
+        """The channel's budget; per-site downlink power and bandwidth where they differ."""
+        per_site = lambda xs, f: f(xs[0]) if len(set(xs)) == 1 else torch.tensor([f(x) for x in xs], device=device)  # noqa: E731
         return cls(
-            bandwidth_hz=c.bandwidth_mhz * 1e6,
+            bandwidth_hz=per_site(bandwidth_mhz or [c.bandwidth_mhz], lambda x: x * 1e6),
             re_per_hz=c.re_per_hz,
             ue_tx_mw=dbm_to_mw(c.ue_tx_dbm),
-            bs_tx_mw=dbm_to_mw(c.bs_tx_dbm),
+            bs_tx_mw=per_site(bs_tx_dbm or [c.bs_tx_dbm], dbm_to_mw),
             noise_bs_mw_hz=dbm_to_mw(c.noise_dbm_hz + c.bs_noise_figure_db),
             noise_ue_mw_hz=dbm_to_mw(c.noise_dbm_hz + c.ue_noise_figure_db),
         )
@@ -53,10 +57,10 @@ class ChannelModel(ABC):
     ul_table: PhyTable
     dl_table: PhyTable
 
-    def __init__(self, cfg: ChannelConfig, bs_xy: torch.Tensor):
+    def __init__(self, cfg: ChannelConfig, bs_xy: torch.Tensor, budget: LinkBudget | None = None):
         self.cfg = cfg
         self.bs_xy = bs_xy
-        self.budget = LinkBudget.from_config(cfg)
+        self.budget = budget or LinkBudget.from_config(cfg)
 
     def distances(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d2d = (pos.unsqueeze(2) - self.bs_xy).norm(dim=-1).clamp(min=self.cfg.min_distance_m)
@@ -116,7 +120,8 @@ def link_rates(ch: ChannelModel, server: torch.Tensor, weight: torch.Tensor, ul_
     floor = ch.cfg.outage_se
     se_ul = ch.ul_table.lookup(10.0 * torch.log10(sinr_ul.clamp(min=1e-30))).mean(-1).clamp(min=floor)
 
-    dl_pow = b.bs_tx_mw * g_sb / b.bandwidth_hz  # [B, N, M, S]
+    per_sb = lambda x: x.view(-1, 1) if isinstance(x, torch.Tensor) else x  # noqa: E731  [M] -> [M, 1] over subbands
+    dl_pow = per_sb(b.bs_tx_mw) * g_sb / per_sb(b.bandwidth_hz)  # [B, N, M, S]
     busy = srv_active.to(g_ls.dtype).view(g_ls.shape[0], 1, M, 1)
     i_dl = (dl_pow * busy).sum(2, keepdim=True) - dl_pow * busy
     sinr_dl = dl_pow / (b.noise_ue_mw_hz + i_dl)

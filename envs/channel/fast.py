@@ -19,8 +19,8 @@ RICIAN_K_DB = 9.0
 
 
 class FastChannel(ChannelModel):
-    def __init__(self, cfg: ChannelConfig, bs_xy: torch.Tensor):
-        super().__init__(cfg, bs_xy)
+    def __init__(self, cfg: ChannelConfig, bs_xy: torch.Tensor, budget=None):
+        super().__init__(cfg, bs_xy, budget)
         self.ul_table = attenuated_shannon_table().to(bs_xy.device)
         self.dl_table = self.ul_table
         sh = SHADOW[cfg.model]

@@ -162,8 +162,8 @@ def load_or_build(c: ChannelConfig, progress=None, rebuild: bool = False) -> tup
 class SionnaBankChannel(FastChannel):
     """Fast large-scale physics + Sionna fading-bank draws + Sionna PHY tables."""
 
-    def __init__(self, cfg: ChannelConfig, bs_xy: torch.Tensor):
-        super().__init__(cfg, bs_xy)
+    def __init__(self, cfg: ChannelConfig, bs_xy: torch.Tensor, budget=None):
+        super().__init__(cfg, bs_xy, budget)
         assets, self.cache_path, _ = load_or_build(cfg)
         dev = bs_xy.device
         self.bank_los = assets["bank_los"].to(dev)
