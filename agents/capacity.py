@@ -3,6 +3,7 @@ requests completed within both SLOs (TTFT and TPOT; dropped and unfinished reque
 misses), found by bisection over `scenario.n_users` on fixed seeds (common random numbers, so
 the search is deterministic). Requests arrive for the episode minus `drain_s`, so that the
 queues can empty: what is left at the end is overload, not an artefact of the cut-off."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -14,8 +15,14 @@ from marl_sd.agents.policy import Policy, PolicyContext
 from marl_sd.config import Config
 
 
-def slo_attainment(cfg: Config, make_policy: Callable[[PolicyContext], Policy], n_users: int, seeds: list[int],
-                   episodes: int, drain_s: float = 5.0) -> tuple[float, float, list[float]]:
+def slo_attainment(
+    cfg: Config,
+    make_policy: Callable[[PolicyContext], Policy],
+    n_users: int,
+    seeds: list[int],
+    episodes: int,
+    drain_s: float = 5.0,
+) -> tuple[float, float, list[float]]:
     """(mean, 95 % CI half-width, per seed) of the fraction of arriving requests served within both SLOs."""
     d = cfg.model_dump()
     d["scenario"]["n_users"] = n_users
@@ -27,8 +34,16 @@ def slo_attainment(cfg: Config, make_policy: Callable[[PolicyContext], Policy], 
     return m, ci, vals
 
 
-def capacity(cfg: Config, make_policy: Callable[[PolicyContext], Policy], seeds: list[int], episodes: int,
-             target: float = 0.9, start: int = 4, limit: int = 256, progress=None) -> dict:
+def capacity(
+    cfg: Config,
+    make_policy: Callable[[PolicyContext], Policy],
+    seeds: list[int],
+    episodes: int,
+    target: float = 0.9,
+    start: int = 4,
+    limit: int = 256,
+    progress=None,
+) -> dict:
     """Largest n_users with mean SLO attainment >= `target` (doubling from `start`, then bisection).
     Returns the capacity, the attainment at it and at one user more, and every point tried."""
     tried: dict[int, tuple[float, float]] = {}
@@ -56,5 +71,10 @@ def capacity(cfg: Config, make_policy: Callable[[PolicyContext], Policy], seeds:
             lo = mid
         else:
             hi = mid
-    return {"capacity": lo, "attainment": tried[lo], "attainment_next": tried.get(lo + 1, tried[hi]), "tried": tried,
-            "target": target}
+    return {
+        "capacity": lo,
+        "attainment": tried[lo],
+        "attainment_next": tried.get(lo + 1, tried[hi]),
+        "tried": tried,
+        "target": target,
+    }

@@ -1,6 +1,7 @@
 """Policies by name, as `marl-sd eval` and `marl-sd bench suite` ask for them: a heuristic,
 `oracle` (the search oracle with `eval.oracle`), `oracle_clairvoyant` (the same search scored on
 the real future draws: needs `env.rng: counter`), or `learned` (the best checkpoint of a run)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,14 +21,20 @@ def check_policy_fits(policy, own: ObsSpec, ctx: PolicyContext, source) -> None:
     (`LearnedPolicy` re-encodes)."""
     room, spec = policy.max_servers, ctx.spec
     if spec.n_servers > room:
-        raise ConfigError(f"{source} has room for {room} servers (env.max_servers when trained); this scenario has "
-                          f"{spec.n_servers}: train with env.max_servers >= {spec.n_servers}")
+        raise ConfigError(
+            f"{source} has room for {room} servers (env.max_servers when trained); this scenario has "
+            f"{spec.n_servers}: train with env.max_servers >= {spec.n_servers}"
+        )
     if policy.obs_dim != own.obs_dim or room != own.max_servers:
-        raise ConfigError(f"{source} expects a {policy.obs_dim}-wide observation; its run's config describes "
-                          f"{own.obs_dim} (a run of another package version: retrain)")
+        raise ConfigError(
+            f"{source} expects a {policy.obs_dim}-wide observation; its run's config describes "
+            f"{own.obs_dim} (a run of another package version: retrain)"
+        )
     if list(policy.action_space.nvec)[1:] != ctx.nvec[1:]:
-        raise ConfigError(f"{source} chooses bids, priorities and gamma from {list(policy.action_space.nvec)[1:]}; "
-                          f"this config has {ctx.nvec[1:]} (other bid levels or gamma_max)")
+        raise ConfigError(
+            f"{source} chooses bids, priorities and gamma from {list(policy.action_space.nvec)[1:]}; "
+            f"this config has {ctx.nvec[1:]} (other bid levels or gamma_max)"
+        )
 
 
 def make_policy(name: str, cfg: Config, run_dir: Path | None = None, learned_name: str | None = None) -> Policy | None:
@@ -46,6 +53,5 @@ def make_policy(name: str, cfg: Config, run_dir: Path | None = None, learned_nam
         check_policy_fits(policy, own, ctx, ckpt)
         return LearnedPolicy(ctx, policy, name=learned_name or cfg.train.algorithm, own_spec=own)
     if name not in HEURISTICS:
-        raise KeyError(f"unknown policy '{name}' (heuristics: {', '.join(HEURISTICS)}; "
-                       "or oracle, oracle_clairvoyant, learned)")
+        raise KeyError(f"unknown policy '{name}' (heuristics: {', '.join(HEURISTICS)}; or oracle, oracle_clairvoyant, learned)")
     return make_heuristic(name, ctx)

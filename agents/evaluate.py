@@ -1,4 +1,5 @@
 """Evaluate policies on identical seeds (common random numbers) with 95 % confidence intervals."""
+
 from __future__ import annotations
 
 import logging
@@ -77,8 +78,16 @@ def mean_ci(vals: np.ndarray) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def run_policy(cfg: Config, policy: Policy, seed: int, episodes: int, schedule=None,
-               devices: list[str] | None = None, patterns=None, drop: int | None = None) -> tuple[dict, np.ndarray]:
+def run_policy(
+    cfg: Config,
+    policy: Policy,
+    seed: int,
+    episodes: int,
+    schedule=None,
+    devices: list[str] | None = None,
+    patterns=None,
+    drop: int | None = None,
+) -> tuple[dict, np.ndarray]:
     """One batch of `episodes` parallel episodes with simulator seed `seed` (replaying a fixed
     workload `schedule` in each, with the requests' match `patterns`, giving the users the
     device classes `devices`, and every episode the drop with key `drop`, if given)."""
@@ -108,27 +117,35 @@ def run_policy(cfg: Config, policy: Policy, seed: int, episodes: int, schedule=N
     s[HEADLINE] = (float(acc["latency_ms"].sum()) + left["latency_ms"]) / all_tokens if all_tokens else math.nan
     s["unfinished_token_share"] = left["tokens"] / all_tokens if all_tokens else math.nan
     if not s_tokens:
-        log.warning("%s, seed %d: no request finished in %d episodes (finished-request metrics are NaN; %s "
-                    "counts the %d unfinished)", policy.name, seed, episodes, HEADLINE, int(left["count"]))
+        log.warning(
+            "%s, seed %d: no request finished in %d episodes (finished-request metrics are NaN; %s counts the %d unfinished)",
+            policy.name,
+            seed,
+            episodes,
+            HEADLINE,
+            int(left["count"]),
+        )
     reqs = sim.finished_requests()
     lat, out, ttft, tpot = reqs["latency_ms"], reqs["output_tokens"], reqs["ttft_ms"], reqs["tpot_ms"]
     per_tok = lat / np.maximum(out, 1)
     e = cfg.eval
     duration_s = sim.horizon * cfg.env.slot_ms / 1000.0
-    pct = (lambda x, q: float(np.percentile(x, q)) if len(x) else math.nan)
-    s.update({
-        "token_latency_p50_ms": pct(per_tok, 50),
-        "token_latency_p95_ms": pct(per_tok, 95),
-        "request_latency_p95_ms": pct(lat, 95),
-        "throughput_tok_s": s["tokens_emitted"] / (duration_s * episodes),
-        "slo_attainment": float(np.mean((ttft <= e.slo_ttft_ms) & (tpot <= e.slo_tpot_ms))) if len(lat) else math.nan,
-        # of every request that arrived (dropped and unfinished ones count as misses)
-        "slo_attainment_all": float(np.sum((ttft <= e.slo_ttft_ms) & (tpot <= e.slo_tpot_ms)))
-        / max(1.0, s["arrived"] + s["dropped"]),
-        "handovers_per_user_min": s["handovers"] / (episodes * sim.N * duration_s / 60.0),
-        "reward": rew / sim.horizon,
-        "outstanding_at_end": float(sim.q_len.float().sum()) / episodes,
-    })
+    pct = lambda x, q: float(np.percentile(x, q)) if len(x) else math.nan
+    s.update(
+        {
+            "token_latency_p50_ms": pct(per_tok, 50),
+            "token_latency_p95_ms": pct(per_tok, 95),
+            "request_latency_p95_ms": pct(lat, 95),
+            "throughput_tok_s": s["tokens_emitted"] / (duration_s * episodes),
+            "slo_attainment": float(np.mean((ttft <= e.slo_ttft_ms) & (tpot <= e.slo_tpot_ms))) if len(lat) else math.nan,
+            # of every request that arrived (dropped and unfinished ones count as misses)
+            "slo_attainment_all": float(np.sum((ttft <= e.slo_ttft_ms) & (tpot <= e.slo_tpot_ms)))
+            / max(1.0, s["arrived"] + s["dropped"]),
+            "handovers_per_user_min": s["handovers"] / (episodes * sim.N * duration_s / 60.0),
+            "reward": rew / sim.horizon,
+            "outstanding_at_end": float(sim.q_len.float().sum()) / episodes,
+        }
+    )
     if hasattr(policy, "diagnostics"):
         s.update(policy.diagnostics())  # e.g. the search oracle's standard errors
     return s, per_tok

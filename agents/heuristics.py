@@ -5,6 +5,7 @@ physical units) plus static knowledge of the scenario (latency profile, payload 
 Centralized methods look at all users of an environment at once, as the papers they
 reproduce do; the evaluation table marks them.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,14 @@ class LatencyModel:
         self.base = self.costs.message_ms
         self.G = ctx.cfg.env.gamma_max + 1
 
-    def predict(self, f: dict, users_at: torch.Tensor | None = None, share_scale: torch.Tensor | None = None,
-                alpha: torch.Tensor | None = None, hysteresis: float = 0.0) -> torch.Tensor:
+    def predict(
+        self,
+        f: dict,
+        users_at: torch.Tensor | None = None,
+        share_scale: torch.Tensor | None = None,
+        alpha: torch.Tensor | None = None,
+        hysteresis: float = 0.0,
+    ) -> torch.Tensor:
         """users_at [B, M]: users served per server (default: observed); share_scale [B, N, M]
         multiplies the observed uplink rate (a different bandwidth split); `hysteresis` inflates
         the latency of leaving the current server while a request is active (handover cost)."""
@@ -65,7 +72,6 @@ class LatencyModel:
             leave = (1 - at) * (f["queue"] > 0).float().unsqueeze(-1)
             lat = lat * (1 + hysteresis * leave).unsqueeze(-1)
         return lat
-
 
     def predict_assigned(self, f: dict, assign: torch.Tensor, hysteresis: float = 0.0) -> torch.Tensor:
         """Latency [B, N, M, G] if users were associated as `assign` [B, N], equal split per server."""
@@ -246,7 +252,8 @@ class TwoPhaseMatchingPolicy(Policy):
             valid = masks[0].gather(-1, prop.unsqueeze(-1)).squeeze(-1)
             same = (prop.unsqueeze(2) == prop.unsqueeze(1)) & valid.unsqueeze(1)
             stronger = (score.unsqueeze(1) > score.unsqueeze(2)) | (
-                (score.unsqueeze(1) == score.unsqueeze(2)) & (torch.arange(N) < torch.arange(N).unsqueeze(1)))
+                (score.unsqueeze(1) == score.unsqueeze(2)) & (torch.arange(N) < torch.arange(N).unsqueeze(1))
+            )
             rank = (same & stronger).sum(-1)
             assign = torch.where((rank < cap) & valid, prop, -1)
             nxt = torch.where(assign < 0, nxt + 1, nxt)
@@ -300,7 +307,9 @@ class ClosedFormDPPolicy(Policy):
         M, G = ctx.spec.n_servers, self.model.G
         s = torch.where(masks[0], f["snr_db"], -INF).argmax(-1)
         onehot = torch.nn.functional.one_hot(s, M).float()
-        lat = _mask_lat(self.model.predict_assigned(f, s), masks).gather(-2, s[..., None, None].expand(B, N, 1, G)).squeeze(-2)  # [B, N, G]
+        lat = (
+            _mask_lat(self.model.predict_assigned(f, s), masks).gather(-2, s[..., None, None].expand(B, N, 1, G)).squeeze(-2)
+        )  # [B, N, G]
         budget = int(ctx.cfg.scenario.verify_token_budget)
         cap = min(budget, N * G)
         dp = torch.full((B, M, cap + 1), INF)

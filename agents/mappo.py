@@ -15,6 +15,7 @@
 * `MAPPO.collect_rollouts`: sb3-contrib 2.9.2's loop with the truncation bootstrap done in one
   batched critic forward instead of one forward per truncated slot.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -53,8 +54,16 @@ class SetActor(nn.Module):
     (the feature table already scales them). The per-candidate work is what the actor costs
     beyond an MLP (benchmarks/train_throughput.py)."""
 
-    def __init__(self, user_idx: list[int], cand_idx: list[list[int]], valid_col: int, nvec: list[int],
-                 arch: list[int], activation, layer_norm: bool):
+    def __init__(
+        self,
+        user_idx: list[int],
+        cand_idx: list[list[int]],
+        valid_col: int,
+        nvec: list[int],
+        arch: list[int],
+        activation,
+        layer_norm: bool,
+    ):
         super().__init__()
         M, C = len(cand_idx), len(cand_idx[0])
         self.register_buffer("user_idx", torch.as_tensor(user_idx, dtype=torch.long), persistent=False)
@@ -90,8 +99,18 @@ class SplitMlpExtractor(nn.Module):
     With a `set_actor` the actor's output is already the logits (the policy's action_net is
     then the identity)."""
 
-    def __init__(self, obs_dim, state_dim, pi_arch, vf_arch, activation, layer_norm, critic_input,
-                 set_actor: SetActor | None = None, n_logits: int = 0):
+    def __init__(
+        self,
+        obs_dim,
+        state_dim,
+        pi_arch,
+        vf_arch,
+        activation,
+        layer_norm,
+        critic_input,
+        set_actor: SetActor | None = None,
+        n_logits: int = 0,
+    ):
         super().__init__()
         self.obs_dim, self.critic_input = obs_dim, critic_input
         if set_actor is not None:
@@ -111,7 +130,7 @@ class SplitMlpExtractor(nn.Module):
         if self.critic_input == "local+state":
             x = features
         elif self.critic_input == "state":
-            x = features[..., self.obs_dim:]
+            x = features[..., self.obs_dim :]
         else:
             x = features[..., : self.obs_dim]
         return self.value_net(x)
@@ -152,9 +171,19 @@ class ValueNorm(nn.Module):
 class MAPPOPolicy(MaskableActorCriticPolicy):
     """`actor="set"` takes `set_layout = (user_idx, cand_idx, valid_col)` from `ObsSpec.blocks`."""
 
-    def __init__(self, *args, obs_dim: int, state_dim: int, critic_input: str = "local+state",
-                 layer_norm: bool = True, value_norm: bool = True, value_norm_beta: float = 0.999,
-                 actor: str = "mlp", set_layout: tuple | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        obs_dim: int,
+        state_dim: int,
+        critic_input: str = "local+state",
+        layer_norm: bool = True,
+        value_norm: bool = True,
+        value_norm_beta: float = 0.999,
+        actor: str = "mlp",
+        set_layout: tuple | None = None,
+        **kwargs,
+    ):
         self.obs_dim, self.state_dim, self.critic_input = obs_dim, state_dim, critic_input
         self.layer_norm, self.value_norm, self.value_norm_beta = layer_norm, value_norm, value_norm_beta
         if actor == "set" and set_layout is None:
@@ -169,10 +198,20 @@ class MAPPOPolicy(MaskableActorCriticPolicy):
         set_actor, n_logits = None, int(sum(self.action_space.nvec))
         if self.actor == "set":
             user_idx, cand_idx, valid_col = self.set_layout
-            set_actor = SetActor(user_idx, cand_idx, valid_col, list(self.action_space.nvec), a["pi"],
-                                 self.activation_fn, self.layer_norm)
-        self.mlp_extractor = SplitMlpExtractor(self.obs_dim, self.state_dim, a["pi"], a["vf"], self.activation_fn,
-                                               self.layer_norm, self.critic_input, set_actor, n_logits)
+            set_actor = SetActor(
+                user_idx, cand_idx, valid_col, list(self.action_space.nvec), a["pi"], self.activation_fn, self.layer_norm
+            )
+        self.mlp_extractor = SplitMlpExtractor(
+            self.obs_dim,
+            self.state_dim,
+            a["pi"],
+            a["vf"],
+            self.activation_fn,
+            self.layer_norm,
+            self.critic_input,
+            set_actor,
+            n_logits,
+        )
 
     def _build(self, lr_schedule) -> None:
         super()._build(lr_schedule)
@@ -205,9 +244,16 @@ class MAPPOPolicy(MaskableActorCriticPolicy):
 
     def _get_constructor_parameters(self):
         d = super()._get_constructor_parameters()
-        d.update(obs_dim=self.obs_dim, state_dim=self.state_dim, critic_input=self.critic_input,
-                 layer_norm=self.layer_norm, value_norm=self.value_norm, value_norm_beta=self.value_norm_beta,
-                 actor=self.actor, set_layout=self.set_layout)
+        d.update(
+            obs_dim=self.obs_dim,
+            state_dim=self.state_dim,
+            critic_input=self.critic_input,
+            layer_norm=self.layer_norm,
+            value_norm=self.value_norm,
+            value_norm_beta=self.value_norm_beta,
+            actor=self.actor,
+            set_layout=self.set_layout,
+        )
         return d
 
 
@@ -253,15 +299,19 @@ class MAPPO(MaskablePPO):
             n_steps += 1
             if isinstance(self.action_space, spaces.Discrete):
                 actions = actions.reshape(-1, 1)
-            idx = [i for i in np.flatnonzero(dones)
-                   if infos[i].get("terminal_observation") is not None and infos[i].get("TimeLimit.truncated", False)]
+            idx = [
+                i
+                for i in np.flatnonzero(dones)
+                if infos[i].get("terminal_observation") is not None and infos[i].get("TimeLimit.truncated", False)
+            ]
             if idx:
                 term_obs = np.stack([infos[i]["terminal_observation"] for i in idx])
                 with torch.no_grad():
                     tv = self.policy.predict_values(obs_as_tensor(term_obs, self.device))
                 rewards[idx] += self.gamma * tv.flatten().cpu().numpy()
-            rollout_buffer.add(self._last_obs, actions, rewards, self._last_episode_starts, values, log_probs,
-                               action_masks=action_masks)
+            rollout_buffer.add(
+                self._last_obs, actions, rewards, self._last_episode_starts, values, log_probs, action_masks=action_masks
+            )
             self._last_obs = new_obs
             self._last_episode_starts = dones
         with torch.no_grad():
@@ -302,17 +352,29 @@ def mappo_kwargs(t: TrainConfig, obs_dim: int, state_dim: int, num_envs: int, sp
     if rollout % t.num_mini_batch:
         raise ValueError(f"train.n_steps * num_envs ({rollout}) must be divisible by train.num_mini_batch ({t.num_mini_batch})")
     return dict(
-        n_steps=t.n_steps, batch_size=rollout // t.num_mini_batch, n_epochs=t.n_epochs,
+        n_steps=t.n_steps,
+        batch_size=rollout // t.num_mini_batch,
+        n_epochs=t.n_epochs,
         learning_rate=t.learning_rate if t.lr_schedule == "constant" else LinearSchedule(t.learning_rate),
-        gamma=t.gamma, gae_lambda=t.gae_lambda, clip_range=t.clip_range,
-        ent_coef=t.ent_coef, vf_coef=t.vf_coef, max_grad_norm=t.max_grad_norm, normalize_advantage=True,
+        gamma=t.gamma,
+        gae_lambda=t.gae_lambda,
+        clip_range=t.clip_range,
+        ent_coef=t.ent_coef,
+        vf_coef=t.vf_coef,
+        max_grad_norm=t.max_grad_norm,
+        normalize_advantage=True,
         stats_window_size=num_envs,
-        policy_kwargs=dict(obs_dim=obs_dim, state_dim=state_dim,
-                           critic_input="local+state" if t.algorithm == "mappo" else "local",
-                           layer_norm=t.layer_norm, value_norm=t.value_norm,
-                           net_arch=dict(pi=list(t.hidden), vf=list(t.hidden)), actor=t.actor,
-                           set_layout=set_layout(spec) if t.actor == "set" else None,
-                           optimizer_kwargs=dict(eps=t.adam_eps)),
+        policy_kwargs=dict(
+            obs_dim=obs_dim,
+            state_dim=state_dim,
+            critic_input="local+state" if t.algorithm == "mappo" else "local",
+            layer_norm=t.layer_norm,
+            value_norm=t.value_norm,
+            net_arch=dict(pi=list(t.hidden), vf=list(t.hidden)),
+            actor=t.actor,
+            set_layout=set_layout(spec) if t.actor == "set" else None,
+            optimizer_kwargs=dict(eps=t.adam_eps),
+        ),
         device=resolve_device(t.device),
     )
 

@@ -17,6 +17,7 @@ with counter-based draws (`env.rng: counter`) a copy given the real environment'
 exactly what the real environment will (arrivals, request lengths, acceptance patterns, fading,
 mobility), so the search may exploit luck no controller can foresee: a loose bound.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,15 @@ from marl_sd.envs.state import REQ
 
 SCRATCH_BUCKET = 8  # distinct candidates are padded to a multiple of this
 _BUDGET = OracleConfig()  # the constructor's defaults are the configured ones
-PROPOSERS = ("nearest_g4", "nearest_adaptive", "least_loaded", "greedy_latency", "two_phase_matching",
-             "closed_form_dp", "centralized_ar")
+PROPOSERS = (
+    "nearest_g4",
+    "nearest_adaptive",
+    "least_loaded",
+    "greedy_latency",
+    "two_phase_matching",
+    "closed_form_dp",
+    "centralized_ar",
+)
 
 
 class SearchOracle(Policy):
@@ -41,9 +49,19 @@ class SearchOracle(Policy):
     needs_simulator = True
     description = "model-perfect rollout search: heuristic proposals + coordinate moves, CRN-scored futures"
 
-    def __init__(self, ctx: PolicyContext, horizon: int = _BUDGET.horizon, samples: int = _BUDGET.samples,
-                 moves: int = _BUDGET.moves, rounds: int = _BUDGET.rounds, base: str = _BUDGET.base,
-                 proposers: tuple[str, ...] = PROPOSERS, gammas=(0, 2, 4, 6, 8), seed: int = 0, clairvoyant: bool = False):
+    def __init__(
+        self,
+        ctx: PolicyContext,
+        horizon: int = _BUDGET.horizon,
+        samples: int = _BUDGET.samples,
+        moves: int = _BUDGET.moves,
+        rounds: int = _BUDGET.rounds,
+        base: str = _BUDGET.base,
+        proposers: tuple[str, ...] = PROPOSERS,
+        gammas=(0, 2, 4, 6, 8),
+        seed: int = 0,
+        clairvoyant: bool = False,
+    ):
         super().__init__(ctx)
         self.clairvoyant = clairvoyant
         if clairvoyant:
@@ -62,8 +80,10 @@ class SearchOracle(Policy):
     def attach(self, sim: BatchedSimulator) -> None:
         """The simulator whose state the oracle searches from (set by the evaluation loop)."""
         if self.clairvoyant and not sim.draws.counter:
-            raise ValueError("the clairvoyant oracle needs counter-based draws to see the real future: set "
-                             "env.rng=counter (for every policy it is compared with, so they face the same draws)")
+            raise ValueError(
+                "the clairvoyant oracle needs counter-based draws to see the real future: set "
+                "env.rng=counter (for every policy it is compared with, so they face the same draws)"
+            )
         self.sim = sim
 
     def reset(self, seed=None):
@@ -189,8 +209,10 @@ class SearchOracle(Policy):
     @torch.no_grad()
     def act(self, obs, mask):
         if self.sim is None:
-            raise RuntimeError("the oracle searches with the simulator: call attach(sim) first "
-                               "(marl-sd eval does this for policies with needs_simulator)")
+            raise RuntimeError(
+                "the oracle searches with the simulator: call attach(sim) first "
+                "(marl-sd eval does this for policies with needs_simulator)"
+            )
         best, _, _ = self.search(obs, mask.bool(), int(torch.randint(0, 2**62, (1,), generator=self.gen)))
         return best
 

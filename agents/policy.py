@@ -5,6 +5,7 @@
 policies act on each row alone; centralized heuristics (marked `centralized = True`) may look
 at every user of the same environment, as the methods they reproduce do.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -83,8 +84,9 @@ class LearnedPolicy(Policy):
 
     centralized = False
 
-    def __init__(self, ctx: PolicyContext, sb3_policy, name: str = "mappo", deterministic: bool = True,
-                 own_spec: ObsSpec | None = None):
+    def __init__(
+        self, ctx: PolicyContext, sb3_policy, name: str = "mappo", deterministic: bool = True, own_spec: ObsSpec | None = None
+    ):
         super().__init__(ctx)
         self.policy = sb3_policy
         self.name = name

@@ -14,6 +14,7 @@ PPO from that policy, so the budget goes to improving on it:
    `critic_rounds` times), with the value normalizer updated first, so the first PPO updates
    see meaningful advantages instead of an untrained critic's noise.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,9 @@ from marl_sd.envs.vec_env import MultiAgentVecEnv
 log = logging.getLogger(__name__)
 
 
-def smoothed_masked_ce(logits: torch.Tensor, mask: torch.Tensor, target: torch.Tensor,
-                       nvec: list[int], smoothing: float) -> torch.Tensor:
+def smoothed_masked_ce(
+    logits: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, nvec: list[int], smoothing: float
+) -> torch.Tensor:
     """Mean over rows and sub-actions of the cross-entropy to (1-s)*onehot + s*uniform(valid)."""
     total = logits.new_zeros(())
     for z, m, a in zip(torch.split(logits, nvec, -1), torch.split(mask.bool(), nvec, -1), target.unbind(-1)):
@@ -47,8 +49,9 @@ class Kickstart:
 
     def __init__(self, cfg: Config, model: MAPPO, venv: MultiAgentVecEnv):
         self.cfg, self.p, self.model, self.venv = cfg, cfg.train.pretrain, model, venv
-        self.parts = [(part.sim, make_heuristic(self.p.teacher, PolicyContext.from_config(part.cfg)))
-                      for part in venv.parts]  # one teacher per training size
+        self.parts = [
+            (part.sim, make_heuristic(self.p.teacher, PolicyContext.from_config(part.cfg))) for part in venv.parts
+        ]  # one teacher per training size
         self.ctx = PolicyContext.from_config(cfg)
         self.policy = model.policy
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -69,8 +72,14 @@ class Kickstart:
                 logits = pol.actor_logits(local.reshape(-1, local.shape[-1]).to(pol.device).float()).cpu()
             own = self.ctx.actions.masked_argmax(logits, mask.reshape(-1, mask.shape[-1])).view_as(label)
             reward, _ = sim.step(own if student_drives else label)
-            for k, v in (("obs", local), ("state", state), ("mask", mask), ("label", label), ("reward", reward),
-                         ("agree", (own == label).float())):
+            for k, v in (
+                ("obs", local),
+                ("state", state),
+                ("mask", mask),
+                ("label", label),
+                ("reward", reward),
+                ("agree", (own == label).float()),
+            ):
                 rows[k].append(v.cpu())
         last_local, last_state = sim.obs_and_state()
         rows["obs"].append(last_local.cpu())
@@ -89,8 +98,9 @@ class Kickstart:
         for _ in range(self.p.epochs):
             for idx in torch.randperm(len(obs), generator=self.gen).split(self.p.batch_size):
                 logits = pol.actor_logits(obs[idx].to(pol.device))
-                loss = smoothed_masked_ce(logits, mask[idx].to(pol.device), label[idx].to(pol.device), nvec,
-                                          self.p.label_smoothing)
+                loss = smoothed_masked_ce(
+                    logits, mask[idx].to(pol.device), label[idx].to(pol.device), nvec, self.p.label_smoothing
+                )
                 opt.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
@@ -149,13 +159,23 @@ class Kickstart:
             ds = self._episodes(student_drives=it > 0)
             data.extend(ds)
             actor_loss = self._fit_actor(data)
-            row = {"iteration": it, "driver": "student" if it else "teacher",
-                   "agreement": float(torch.stack([d["agree"].mean() for d in ds]).mean()),
-                   "reward": float(torch.stack([d["reward"].mean() for d in ds]).mean()),
-                   "actor_loss": actor_loss}
+            row = {
+                "iteration": it,
+                "driver": "student" if it else "teacher",
+                "agreement": float(torch.stack([d["agree"].mean() for d in ds]).mean()),
+                "reward": float(torch.stack([d["reward"].mean() for d in ds]).mean()),
+                "actor_loss": actor_loss,
+            }
             stats["iterations"].append(row)
-            log.info("pretrain %d (%s drives): agreement with %s %.3f, reward %.4f, CE %.4f", it, row["driver"],
-                     self.p.teacher, row["agreement"], row["reward"], actor_loss)
+            log.info(
+                "pretrain %d (%s drives): agreement with %s %.3f, reward %.4f, CE %.4f",
+                it,
+                row["driver"],
+                self.p.teacher,
+                row["agreement"],
+                row["reward"],
+                actor_loss,
+            )
             if progress is not None:
                 progress(it + 1, self.p.iterations, row)
         if self.p.critic_rounds:

@@ -5,6 +5,7 @@ with the RNG states and the simulator state that SB3's zip does not hold, so `--
 continues bit-identically (same thread count and hardware). Ctrl-C stops at the next rollout
 boundary after saving such a checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,10 +45,18 @@ class CheckpointError(RuntimeError):
 # ---------------------------------------------------------------------------------- checkpoints
 def save_exact(model: MAPPO, venv: MultiAgentVecEnv, path: Path, cfg: Config) -> None:
     model.save(str(path) + ".zip")
-    torch.save({"torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(),
-                "python_rng": random.getstate(), "env": venv.get_state(), "config_hash": cfg.identity_hash(),
-                "num_timesteps": model.num_timesteps, "threads": torch.get_num_threads()},
-               str(path) + ".rng.pt")
+    torch.save(
+        {
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+            "env": venv.get_state(),
+            "config_hash": cfg.identity_hash(),
+            "num_timesteps": model.num_timesteps,
+            "threads": torch.get_num_threads(),
+        },
+        str(path) + ".rng.pt",
+    )
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -86,9 +95,11 @@ def load_exact(stem: Path, venv: MultiAgentVecEnv, cfg: Config, device: str) -> 
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
         raise CheckpointError(f"checkpoint {rng_path} is corrupt: {type(e).__name__}: {e}") from None
     if extra.get("config_hash") != cfg.identity_hash():
-        raise CheckpointError(f"checkpoint {stem} was written for another configuration "
-                              f"(hash {extra.get('config_hash')} != {cfg.identity_hash()}); "
-                              "resume with the run's config.yaml (only train.total_timesteps may change)")
+        raise CheckpointError(
+            f"checkpoint {stem} was written for another configuration "
+            f"(hash {extra.get('config_hash')} != {cfg.identity_hash()}); "
+            "resume with the run's config.yaml (only train.total_timesteps may change)"
+        )
     model = _load_model(zip_path, device, venv)
     torch.set_rng_state(extra["torch_rng"])
     np.random.set_state(extra["numpy_rng"])
@@ -177,9 +188,16 @@ class EvalCallback(BaseCallback):
         pol = LearnedPolicy(ctx, self.model.policy)
         state = (torch.get_rng_state(), np.random.get_state(), random.getstate())
         s, _ = run_policy(self.cfg, pol, seed=10_000, episodes=self.cfg.train.eval_episodes)
-        torch.set_rng_state(state[0]); np.random.set_state(state[1]); random.setstate(state[2])  # noqa: E702
-        row = {"timesteps": self.num_timesteps, "reward": s["reward"], "latency_per_token_ms": s["latency_per_token_ms"],
-               HEADLINE: s[HEADLINE], "unix_time": time.time()}
+        torch.set_rng_state(state[0])
+        np.random.set_state(state[1])
+        random.setstate(state[2])  # noqa: E702
+        row = {
+            "timesteps": self.num_timesteps,
+            "reward": s["reward"],
+            "latency_per_token_ms": s["latency_per_token_ms"],
+            HEADLINE: s[HEADLINE],
+            "unix_time": time.time(),
+        }
         self.history.append(row)
         self.logger.record("eval/reward", s["reward"])
         self.logger.record("eval/latency_per_token_ms", s["latency_per_token_ms"])
@@ -206,8 +224,15 @@ class RichProgress(BaseCallback):
         if not self.enabled:
             return
 
-        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
         self.progress.start()
         self.task = self.progress.add_task("train", total=self.total, completed=self.num_timesteps, info="")
 
@@ -231,8 +256,7 @@ class RichProgress(BaseCallback):
 
 
 # ---------------------------------------------------------------------------------- entry point
-def _pretrain(cfg: Config, model: MAPPO, venv: MultiAgentVecEnv, run_dir: Path, evalcb: EvalCallback,
-              progress: bool) -> None:
+def _pretrain(cfg: Config, model: MAPPO, venv: MultiAgentVecEnv, run_dir: Path, evalcb: EvalCallback, progress: bool) -> None:
     """Behaviour-clone the configured teacher, then evaluate the clone (it may stay the best)."""
 
     t0 = time.time()
@@ -243,13 +267,16 @@ def _pretrain(cfg: Config, model: MAPPO, venv: MultiAgentVecEnv, run_dir: Path, 
     (run_dir / "pretrain.json").write_text(json.dumps(stats, indent=2))
     if progress:
         last = stats["iterations"][-1]
-        print(f"pretrained on {cfg.train.pretrain.teacher}: agreement {last['agreement']:.3f}, eval reward "
-              f"{stats['eval']['reward']:.4f}, {stats['eval']['latency_per_token_ms']:.1f} ms/token "
-              f"({stats['wall_s']:.0f} s)")
+        print(
+            f"pretrained on {cfg.train.pretrain.teacher}: agreement {last['agreement']:.3f}, eval reward "
+            f"{stats['eval']['reward']:.4f}, {stats['eval']['latency_per_token_ms']:.1f} ms/token "
+            f"({stats['wall_s']:.0f} s)"
+        )
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
-          total_timesteps: int | None = None, on_eval=None) -> MAPPO:
+def train(
+    cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True, total_timesteps: int | None = None, on_eval=None
+) -> MAPPO:
     """Train (or resume) a run; returns the model. Writes everything under `run_dir`;
     `on_eval(row)` gets every evaluation (e.g. a sweep reporting to Ray Tune)."""
     run_dir = Path(run_dir)
@@ -270,8 +297,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         if list_checkpoints(run_dir):
             raise CheckpointError(f"{run_dir} already has checkpoints: use --resume, or another --name")
         if t.pretrain.teacher is not None and t.pretrain.teacher not in HEURISTICS:
-            raise ValueError(f"train.pretrain.teacher: unknown heuristic '{t.pretrain.teacher}' "
-                             f"(known: {', '.join(HEURISTICS)})")
+            raise ValueError(f"train.pretrain.teacher: unknown heuristic '{t.pretrain.teacher}' (known: {', '.join(HEURISTICS)})")
         write_metadata(run_dir, cfg, {"algorithm": t.algorithm, "device": device})
         model = new_mappo(cfg, env)
     model.set_logger(configure(str(run_dir / "tb"), ["tensorboard", "csv"]))
@@ -307,9 +333,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         model.save(str(run_dir / "final.zip"))
         if not evalcb.history or evalcb.history[-1]["timesteps"] != model.num_timesteps:
             evalcb.run_eval()
-    stats = {"agent_steps": model.num_timesteps, "wall_s": wall,
-             "agent_steps_per_s": (model.num_timesteps - start_steps) / max(wall, 1e-9),
-             "interrupted": ckpt.stopped}
+    stats = {
+        "agent_steps": model.num_timesteps,
+        "wall_s": wall,
+        "agent_steps_per_s": (model.num_timesteps - start_steps) / max(wall, 1e-9),
+        "interrupted": ckpt.stopped,
+    }
     (run_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
     model.train_stats = stats
     return model

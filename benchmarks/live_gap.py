@@ -6,6 +6,7 @@ decomposed into their stages next to the simulator's per-round figures.
 
     python benchmarks/live_gap.py nearest_g4 --duration 20 --out runs/live_gap.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,17 @@ from marl_sd.serving.calibrate import (
 from marl_sd.serving.controller_policy import sim_policy
 from marl_sd.serving.launcher import device_classes, run_live
 
-FEATURES = ("draft_ms", "queue", "remaining", "acceptance", "outstanding", "token_latency_ms", "ul_mbps", "srv_busy",
-            "srv_queued_tokens")
+FEATURES = (
+    "draft_ms",
+    "queue",
+    "remaining",
+    "acceptance",
+    "outstanding",
+    "token_latency_ms",
+    "ul_mbps",
+    "srv_busy",
+    "srv_queued_tokens",
+)
 SERVER_FEATURES = ("ul_mbps", "srv_busy", "srv_queued_tokens")
 
 
@@ -92,8 +102,11 @@ def simulate(cfg_path: str, profile: str, policy: str, schedule, alpha: float, d
             a = pol.act(sim.observations(), sim.mask)
             own = lambda x: x.gather(-1, f.server.unsqueeze(-1)).squeeze(-1)  # noqa: E731
             cols = {k: getattr(f, k) for k in FEATURES if k not in SERVER_FEATURES} | {
-                "ul_mbps": own(f.ul_mbps), "srv_busy": f.srv_busy.gather(-1, f.server),
-                "srv_queued_tokens": f.srv_queued_tokens.gather(-1, f.server), "act_gamma": a[..., 3]}
+                "ul_mbps": own(f.ul_mbps),
+                "srv_busy": f.srv_busy.gather(-1, f.server),
+                "srv_queued_tokens": f.srv_queued_tokens.gather(-1, f.server),
+                "act_gamma": a[..., 3],
+            }
             seen.append(torch.stack([cols[k].float() for k in (*FEATURES, "act_gamma")], -1).flatten(0, 1))
             sim.step(a)
             for k, v in sim.slot_metrics().items():
@@ -125,8 +138,9 @@ def main() -> None:
     base = load_profile(cfg.scenario.profile)
     classes = device_classes(cfg) if cfg.serving.pace else None
     device = None if cfg.serving.pace else max(cfg.scenario.devices, key=lambda d: d.share).name
-    prof = fit_served_profile(base, device, live["server_samples"], rows, name="served_gap", note="in-sample",
-                              client_classes=classes)
+    prof = fit_served_profile(
+        base, device, live["server_samples"], rows, name="served_gap", note="in-sample", client_classes=classes
+    )
     alpha = measured_acceptance(rows)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "served_gap.yaml"
@@ -147,7 +161,9 @@ def main() -> None:
     S = per_request(arrivals, sim_lat)
 
     print(f"{a.policy}: live {live['latency_per_token_ms']:.1f} ms/token, alpha {alpha:.3f}")
-    print(f"{'user':>4} {'class':>8} {'n':>3} | {'live wait':>9} {'service':>8} {'tok':>5} | {'sim wait':>9} {'service':>8} | service gap")
+    print(
+        f"{'user':>4} {'class':>8} {'n':>3} | {'live wait':>9} {'service':>8} {'tok':>5} | {'sim wait':>9} {'service':>8} | service gap"
+    )
     tot = defaultdict(float)
     for u in sorted(L):
         n = min(len(L[u]), len(S.get(u, [])))
@@ -159,12 +175,17 @@ def main() -> None:
         ss = np.mean([r["service_ms"] for r in S[u][:n]])
         tok = np.mean([len(r["output"]) for r in live_by_user[u][:n]])
         cls = classes[u] if classes else "-"
-        print(f"{u:>4} {cls:>8} {n:>3} | {lw:>9.0f} {ls:>8.0f} {tok:>5.0f} | {sw:>9.0f} {ss:>8.0f} | {100 * (ls - ss) / ss:+.1f} %")
+        print(
+            f"{u:>4} {cls:>8} {n:>3} | {lw:>9.0f} {ls:>8.0f} {tok:>5.0f} | {sw:>9.0f} {ss:>8.0f} | {100 * (ls - ss) / ss:+.1f} %"
+        )
         for k, v in (("live_wait", lw), ("live_service", ls), ("sim_wait", sw), ("sim_service", ss)):
             tot[k] += v * n
         tot["n"] += n
-    print("mean per request: live wait {:.0f} service {:.0f}, sim wait {:.0f} service {:.0f} ms".format(
-        *(tot[k] / tot["n"] for k in ("live_wait", "live_service", "sim_wait", "sim_service"))))
+    print(
+        "mean per request: live wait {:.0f} service {:.0f}, sim wait {:.0f} service {:.0f} ms".format(
+            *(tot[k] / tot["n"] for k in ("live_wait", "live_service", "sim_wait", "sim_service"))
+        )
+    )
 
     rounds = spec_rounds(rows)
     stages = ("draft_ms", "uplink_ms", "queue_ms", "verify_ms", "downlink_ms", "round_ms")
@@ -177,7 +198,9 @@ def main() -> None:
         kept = np.mean([bool(x["kept_predraft"]) for x in xs])
         parts = " ".join(f"{s.replace('_ms', '')} {np.mean([x[s] for x in xs]):6.1f}" for s in stages)
         resid = np.mean([x["round_ms"] - x["uplink_ms"] - x["downlink_ms"] - x["queue_ms"] - x["verify_ms"] for x in xs])
-        print(f"  gamma {g}: {len(xs):4d} rounds, accepted {accepted:.2f}, kept pre-draft {kept:.2f} | {parts} | rest {resid:5.1f}")
+        print(
+            f"  gamma {g}: {len(xs):4d} rounds, accepted {accepted:.2f}, kept pre-draft {kept:.2f} | {parts} | rest {resid:5.1f}"
+        )
     if len(trace):
         for g in sorted(set(trace[:, 3].astype(int))):
             t = trace[trace[:, 3] == g]

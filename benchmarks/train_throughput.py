@@ -4,6 +4,7 @@ default scenario's size and at a mixed-size set-up.
 
     python benchmarks/train_throughput.py [--steps 262144]
 """
+
 import argparse
 import tempfile
 import time
@@ -14,8 +15,9 @@ from marl_sd.config import load_config
 
 
 def rate(config: str, overrides: list[str], steps: int) -> float:
-    cfg = load_config(config, ["train.pretrain.teacher=null", "train.eval_every=100000",
-                               "train.checkpoint_every=100000", *overrides])
+    cfg = load_config(
+        config, ["train.pretrain.teacher=null", "train.eval_every=100000", "train.checkpoint_every=100000", *overrides]
+    )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         model = train(cfg, Path(tmp) / "run", progress=False, total_timesteps=steps)
@@ -26,10 +28,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=262144)
     a = p.parse_args()
-    rows = [("default 8x3, mlp actor", "configs/default.yaml", ["train.actor=mlp"]),
-            ("default 8x3, set actor", "configs/default.yaml", ["train.actor=set"]),
-            ("default 8x3, set actor, max_servers 8", "configs/default.yaml", ["train.actor=set", "env.max_servers=8"]),
-            ("any_size (4 sizes, max_servers 8), set actor", "configs/any_size.yaml", [])]
+    rows = [
+        ("default 8x3, mlp actor", "configs/default.yaml", ["train.actor=mlp"]),
+        ("default 8x3, set actor", "configs/default.yaml", ["train.actor=set"]),
+        ("default 8x3, set actor, max_servers 8", "configs/default.yaml", ["train.actor=set", "env.max_servers=8"]),
+        ("any_size (4 sizes, max_servers 8), set actor", "configs/any_size.yaml", []),
+    ]
     base = None
     for name, config, over in rows:
         r = rate(config, over, a.steps)

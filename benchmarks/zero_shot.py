@@ -5,6 +5,7 @@ the same seeds (common random numbers). Prints one table (ms/token ± 95 % CI) a
     python benchmarks/zero_shot.py runs/any_size --users 4 8 16 32 64 --servers 2 3 5 7 \\
         --specific 8x3=runs/size_8x3 32x5=runs/size_32x5 --seeds 0 1 2 --episodes 4
 """
+
 import argparse
 import json
 import time
@@ -19,8 +20,7 @@ from marl_sd.config import load_config
 def markdown(rows: list[dict]) -> str:
     """The table as markdown, with the any-size policy's gap to the best other column."""
     cols = list(rows[0]["ms_per_token"])
-    lines = ["| users x servers | " + " | ".join(cols) + " | any_size vs best other |",
-             "| --- |" + " --- |" * (len(cols) + 1)]
+    lines = ["| users x servers | " + " | ".join(cols) + " | any_size vs best other |", "| --- |" + " --- |" * (len(cols) + 1)]
     for r in rows:
         m = r["ms_per_token"]
         best = min(v[0] for k, v in m.items() if k != "any_size")
@@ -54,16 +54,20 @@ def main() -> None:
             res = {r.name: r.summary()[HEADLINE] for r in evaluate(cfg, pols, a.seeds, a.episodes)}
             if (n, m) in specific:
                 own = load_config(specific[(n, m)] / "config.yaml")
-                r = evaluate(own, [make_policy("learned", own, specific[(n, m)], learned_name="size_specific")],
-                             a.seeds, a.episodes)[0]
+                r = evaluate(
+                    own, [make_policy("learned", own, specific[(n, m)], learned_name="size_specific")], a.seeds, a.episodes
+                )[0]
                 res["size_specific"] = r.summary()[HEADLINE]
             rows.append({"users": n, "servers": m, "ms_per_token": res, "wall_s": time.time() - t0})
             cells = "  ".join(f"{k} {v[0]:.1f}±{v[1]:.1f}" for k, v in res.items())
             print(f"N={n:3d} M={m}: {cells}  ({time.time() - t0:.0f} s)", flush=True)
     print(markdown(rows))
     out = Path(a.out or run / "zero_shot.json")
-    out.write_text(json.dumps({"run": str(run), "trained_sizes": base.train.sizes, "seeds": a.seeds,
-                               "episodes": a.episodes, "rows": rows}, indent=1))
+    out.write_text(
+        json.dumps(
+            {"run": str(run), "trained_sizes": base.train.sizes, "seeds": a.seeds, "episodes": a.episodes, "rows": rows}, indent=1
+        )
+    )
     print(f"wrote {out}")
 
 

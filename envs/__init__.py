@@ -3,10 +3,15 @@
 Submodules load lazily, so light consumers (the live controller imports only the
 observation builder) do not pay for torch, gymnasium or PettingZoo.
 """
+
 from importlib import import_module
 
-_EXPORTS = {"BatchedSimulator": "core", "MECSpecDecEnv": "pettingzoo_env", "make_env": "pettingzoo_env",
-            "MultiAgentVecEnv": "vec_env"}
+_EXPORTS = {
+    "BatchedSimulator": "core",
+    "MECSpecDecEnv": "pettingzoo_env",
+    "make_env": "pettingzoo_env",
+    "MultiAgentVecEnv": "vec_env",
+}
 __all__ = list(_EXPORTS)
 
 

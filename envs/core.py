@@ -31,6 +31,7 @@ Fidelity to the serving client (`marl_sd/serving/drafter.py`):
   (`tests/test_event_exact.py` checks this against an independent event-driven model). Absolute
   times are float64 (`envs.state`), so the clock stays exact for any tick and episode length.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,10 +59,28 @@ IDLE, DRAFT, UPLINK, QUEUED, VERIFY, DOWNLINK = range(6)
 PHASES = ("idle", "draft", "uplink", "queued", "verify", "downlink")
 
 # per-slot accumulators, [B, N] each; reset at the start of every step
-USER_METRICS = ("completed", "latency_ms", "tokens", "ttft_ms", "tpot_ms", "tpot_n", "energy_j",
-                "accepted", "rejected", "drafted", "rounds", "spec_rounds", "emitted", "handovers", "dropped", "arrived",
-                "outstanding_ms", "airtime_ms")
+USER_METRICS = (
+    "completed",
+    "latency_ms",
+    "tokens",
+    "ttft_ms",
+    "tpot_ms",
+    "tpot_n",
+    "energy_j",
+    "accepted",
+    "rejected",
+    "drafted",
+    "rounds",
+    "spec_rounds",
+    "emitted",
+    "handovers",
+    "dropped",
+    "arrived",
+    "outstanding_ms",
+    "airtime_ms",
+)
 SERVER_METRICS = ("batches", "batch_users", "batch_tokens", "busy_ms")
+
 
 class ActionError(ValueError):
     """An action is out of range or violates the action mask."""
@@ -191,8 +210,7 @@ class BatchedSimulator:
         copies of a state, each trying other actions."""
         envs = envs.to(st["pos"].device)
         pick = lambda x: x if x.dim() == 0 else x.index_select(0, envs)  # noqa: E731
-        self.set_state({k: pick(st[k]) for k in STATE} | {"channel": {k: pick(v) for k, v in st["channel"].items()}},
-                       rng=False)
+        self.set_state({k: pick(st[k]) for k in STATE} | {"channel": {k: pick(v) for k, v in st["channel"].items()}}, rng=False)
 
     def _new_accumulators(self) -> None:
         self._acc_user = self._zeros(len(USER_METRICS), self.B, self.N)
@@ -232,8 +250,7 @@ class BatchedSimulator:
         bad = ~self.actions.in_range(a)
         if bool(bad.any()):
             b, n, k = bad.nonzero()[0].tolist()
-            raise ActionError(f"env {b} user_{n}: {SUB_ACTIONS[k]} = {int(a[b, n, k])} out of range "
-                              f"[0, {self.nvec[k]})")
+            raise ActionError(f"env {b} user_{n}: {SUB_ACTIONS[k]} = {int(a[b, n, k])} out of range [0, {self.nvec[k]})")
         ok = self.actions.allowed(a, self.mask)
         if not bool(ok.all()):
             b, n, k = (~ok).nonzero()[0].tolist()
@@ -291,8 +308,9 @@ class BatchedSimulator:
             raise ValueError("pinning a drop needs counter-based draws (env.rng: counter)")
         self.pinned_key = None if key is None else int(key)
 
-    def replay_workload(self, schedule: list[list[tuple[float, int, int]]] | None,
-                        patterns: list[list[list[bool]]] | None = None) -> None:
+    def replay_workload(
+        self, schedule: list[list[tuple[float, int, int]]] | None, patterns: list[list[list[bool]]] | None = None
+    ) -> None:
         """Replay a fixed workload in every episode: per user, (arrival s, prompt tokens, output
         tokens) -- e.g. the one a live run served, so simulated and measured latencies are paired.
         Arrivals and lengths replace the random draws. Acceptance stays random unless `patterns`
@@ -410,8 +428,9 @@ class BatchedSimulator:
             ov = -self.timer
             self.phase = torch.where(done, UPLINK, self.phase)
             self.sent_at = torch.where(done, now - ov.double(), self.sent_at)
-            self._begin_transfer(done, self.costs.upload_bytes(self.gamma_cur) + self.handover_bytes, ov, self.ul_rate,
-                                 uplink=True)
+            self._begin_transfer(
+                done, self.costs.upload_bytes(self.gamma_cur) + self.handover_bytes, ov, self.ul_rate, uplink=True
+            )
             self.handover_bytes = torch.where(done, 0.0, self.handover_bytes)
         arrived = xfer & (self.bytes_left <= 0) & (self.timer <= 0)
         down_done = None
@@ -484,8 +503,9 @@ class BatchedSimulator:
         if bool(start.any()):
             self._start_request(start, torch.zeros_like(self.timer), at)
 
-    def _begin_transfer(self, who: torch.Tensor, nbytes: torch.Tensor, spent: torch.Tensor, rate: torch.Tensor,
-                        uplink: bool = False) -> None:
+    def _begin_transfer(
+        self, who: torch.Tensor, nbytes: torch.Tensor, spent: torch.Tensor, rate: torch.Tensor, uplink: bool = False
+    ) -> None:
         """Start sending `nbytes` (then the base latency) for `who`, `spent` ms after the stage began
         (the rest of the tick in which the previous stage ended)."""
         t_bytes = nbytes / rate
@@ -522,8 +542,11 @@ class BatchedSimulator:
         shown = (self.now - self._head_arrival()).float() / ((self.out_len - self.remaining).float() + 1)
         pace = torch.where(known, self.tok_latency, torch.where(env_pace > 0, env_pace, shown))
         inq = in_q.float()
-        return {"latency_ms": ((wait + left * pace.unsqueeze(-1)) * inq).sum((1, 2)),
-                "tokens": (out * inq).sum((1, 2)), "count": inq.sum((1, 2))}
+        return {
+            "latency_ms": ((wait + left * pace.unsqueeze(-1)) * inq).sum((1, 2)),
+            "tokens": (out * inq).sum((1, 2)),
+            "count": inq.sum((1, 2)),
+        }
 
     def _head_arrival(self) -> torch.Tensor:
         """[B, N] arrival time of the request at the head of each user's queue (float64)."""
@@ -649,8 +672,7 @@ class BatchedSimulator:
         spec = users & (g > 0)
         sf, nf = spec.float(), n.float()
         rej = (n < g).float()
-        self._acc_user[self._verify_slice] += torch.stack(
-            [sf * nf, sf * rej, sf * g, uf * ~first, sf, uf * produced])
+        self._acc_user[self._verify_slice] += torch.stack([sf * nf, sf * rej, sf * g, uf * ~first, sf, uf * produced])
         self.acc_hits, self.acc_trials = update_acceptance(self.acc_hits, self.acc_trials, nf, rej, sf)
         self.remaining = torch.where(users, self.remaining - produced, self.remaining)
         self.ctx = torch.where(users, self.ctx + produced, self.ctx)
@@ -687,8 +709,9 @@ class BatchedSimulator:
             self.m["handovers"] += ho.float()
         t_d = self.draft_ms
         flight = (at - self.sent_at).float()
-        ahead, drafted_ms = drafts_after_round(self.extra_ahead, self.gamma_cur, flight, t_d, self.keep_predraft,
-                                               self.predraft_on)
+        ahead, drafted_ms = drafts_after_round(
+            self.extra_ahead, self.gamma_cur, flight, t_d, self.keep_predraft, self.predraft_on
+        )
         wait = None
         if bool(opened.any()):
             # session open: the first round's open_gamma drafts were made meanwhile; the client
@@ -729,7 +752,7 @@ class BatchedSimulator:
         m["latency_ms"] += f * lat
         m["tokens"] += f * out
         ttft = (self.first_tok - arr).float()
-        tpot = ((now - self.first_tok).float() / (out - 1).clamp(min=1))
+        tpot = (now - self.first_tok).float() / (out - 1).clamp(min=1)
         m["ttft_ms"] += f * ttft
         has_tpot = fin & (self.out_len > 1)
         m["tpot_ms"] += has_tpot.float() * tpot
@@ -737,8 +760,14 @@ class BatchedSimulator:
         self.tok_latency = torch.where(fin, smooth_token_latency(self.tok_latency, lat / out), self.tok_latency)
         if self.record_requests:
             bi, ui = fin.nonzero(as_tuple=True)
-            cols = {"env": bi.float(), "user": ui.float(), "latency_ms": lat[fin], "output_tokens": out[fin],
-                    "ttft_ms": ttft[fin], "tpot_ms": tpot[fin]}
+            cols = {
+                "env": bi.float(),
+                "user": ui.float(),
+                "latency_ms": lat[fin],
+                "output_tokens": out[fin],
+                "ttft_ms": ttft[fin],
+                "tpot_ms": tpot[fin],
+            }
             self.request_log.append(torch.stack([cols[c] for c in REQUEST_LOG_COLUMNS], -1))
         self.q_head = torch.where(fin, (self.q_head + 1) % self.Q, self.q_head)
         self.q_len = self.q_len - fin.long()

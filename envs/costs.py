@@ -1,6 +1,7 @@
 """One cost model of a speculative round, shared by the simulator and the heuristics' latency
 prediction so they cannot drift apart: message sizes, per-message latency (including the
 transport cost the served-profile calibration fits) and the client's pre-drafting rule."""
+
 from __future__ import annotations
 
 import math
@@ -24,9 +25,12 @@ class MessageCosts:
     @classmethod
     def of(cls, cfg: Config, profile: LatencyProfile) -> "MessageCosts":
         pay = profile.payload
-        return cls(header_bytes=float(pay.header_bytes), token_id_bytes=float(pay.token_id_bytes),
-                   draft_token_bytes=float(pay.token_id_bytes + cfg.scenario.topk * pay.topk_pair_bytes),
-                   message_ms=cfg.scenario.channel.base_latency_ms + profile.transport.per_message_ms)
+        return cls(
+            header_bytes=float(pay.header_bytes),
+            token_id_bytes=float(pay.token_id_bytes),
+            draft_token_bytes=float(pay.token_id_bytes + cfg.scenario.topk * pay.topk_pair_bytes),
+            message_ms=cfg.scenario.channel.base_latency_ms + profile.transport.per_message_ms,
+        )
 
     def upload_bytes(self, gamma):
         """A round's upload: gamma drafted tokens with their top-k distributions."""
@@ -42,8 +46,14 @@ def expected_tokens_per_round(alpha, gamma):
     return (1 - alpha ** (gamma + 1)) / (1 - alpha)
 
 
-def drafts_after_round(extra: torch.Tensor, gamma: torch.Tensor, flight_ms: torch.Tensor, draft_ms: torch.Tensor,
-                       keep: torch.Tensor, predraft: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def drafts_after_round(
+    extra: torch.Tensor,
+    gamma: torch.Tensor,
+    flight_ms: torch.Tensor,
+    draft_ms: torch.Tensor,
+    keep: torch.Tensor,
+    predraft: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The drafting client's pre-drafting rule (`Drafter.commit`), for tensors of rounds.
 
     A round uploaded `gamma` drafts with `extra` more already drafted past them; while it was in
@@ -89,8 +99,14 @@ class SiteCosts:
         tg = [load_profile(p).target for p in cfg.scenario.site_profiles()]
         t = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)  # noqa: E731
         caps = [math.inf if c is None else float(c) for c in cfg.scenario.site_kv_capacity()]
-        return cls(t([x.verify.t0_ms for x in tg]), t([x.verify.c_b_ms for x in tg]), t([x.verify.c_n_ms for x in tg]),
-                   t([x.verify.n_knee for x in tg]), t([x.prefill.ms_per_token for x in tg]), t(caps))
+        return cls(
+            t([x.verify.t0_ms for x in tg]),
+            t([x.verify.c_b_ms for x in tg]),
+            t([x.verify.c_n_ms for x in tg]),
+            t([x.verify.n_knee for x in tg]),
+            t([x.prefill.ms_per_token for x in tg]),
+            t(caps),
+        )
 
     def verify_ms(self, b, k, server_dim: int = -1):
         """T(b, K) with the server axis of `b` and `k` at `server_dim` (broadcast)."""
@@ -101,5 +117,6 @@ class SiteCosts:
 
     @property
     def homogeneous(self) -> bool:
-        return all(bool((x == x[0]).all()) for x in (self.t0_ms, self.c_b_ms, self.c_n_ms, self.n_knee,
-                                                     self.prefill_ms_per_token))
+        return all(
+            bool((x == x[0]).all()) for x in (self.t0_ms, self.c_b_ms, self.c_n_ms, self.n_knee, self.prefill_ms_per_token)
+        )

@@ -15,6 +15,7 @@ Two modes (`env.rng`):
 The environment axis is `dim` of each draw. In counter mode every call names its `site` (a short
 string, distinct per call within one clock value) and the simulator sets `clock` before drawing.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,8 +92,9 @@ class Draws:
         """[B] per-environment bases of this draw (key, site, clock, salt); uniforms are then
         `_unit(mix64(base + element index * golden))`."""
         if self.keys is None or len(self.keys) != envs:
-            raise RuntimeError(f"counter-based draws need one key per environment ({envs}), "
-                               f"have {None if self.keys is None else len(self.keys)}")
+            raise RuntimeError(
+                f"counter-based draws need one key per environment ({envs}), have {None if self.keys is None else len(self.keys)}"
+            )
         return mix64(self.keys.to(device) ^ _site_id(site, self.clock) ^ salt)
 
     def _uniform(self, shape, dim: int, device, site: str, salt: int = 0) -> torch.Tensor:

@@ -4,6 +4,7 @@ Both feed the same `Features` (measured quantities, batched [B, N] / [B, N, M] /
 `ObservationBuilder`, so a policy sees identically normalized inputs in simulation and serving.
 Encoding and decoding follow the feature table in `marl_sd.contract`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -71,7 +72,6 @@ class _Ops:
 
             self.t = torch
         else:
-
             self.t = np
 
     def f32(self, x):
@@ -185,7 +185,7 @@ def decode_local(obs, spec: ObsSpec) -> dict:
     out, off = {}, 0
     for feat in LOCAL_FEATURES:
         w = spec.n_servers if feat.width != 1 else 1  # padding past the scenario's servers dropped
-        x = obs[..., off:off + w] if feat.width != 1 else obs[..., off]
+        x = obs[..., off : off + w] if feat.width != 1 else obs[..., off]
         off += spec.width(feat)
         if feat.source is None or feat.kind == "indicator":
             continue

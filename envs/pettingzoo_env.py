@@ -1,4 +1,5 @@
 """PettingZoo `ParallelEnv` view of the batched simulator (B = 1)."""
+
 from __future__ import annotations
 
 import functools

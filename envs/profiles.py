@@ -3,6 +3,7 @@
 Profiles are data (`configs/profiles/<name>.yaml`), each figure with its source, so measured
 profiles (from `marl-sd profile`) drop in without code changes.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """RGB rendering of one environment: cells, users, association lines, server loads."""
+
 from __future__ import annotations
 
 import numpy as np

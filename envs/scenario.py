@@ -3,6 +3,7 @@
 Everything here is sampled from the simulator's own `torch.Generator`, batched over
 [B environments, N users], so a scenario draw never touches global RNG state.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,15 +43,18 @@ class Scenario:
         self.N, self.M = cfg.n_users, cfg.n_servers
         self.cell_xy = hex_sites(self.M, cfg.isd_m).to(self.device)  # where users are dropped
         pos, self.site_tx_dbm, self.site_bandwidth_mhz = cfg.site_radio()
-        self.bs_xy = torch.stack([self.cell_xy[m] if p is None else torch.tensor(p, dtype=torch.float32, device=self.device)
-                                  for m, p in enumerate(pos)])  # where the sites are
+        self.bs_xy = torch.stack(
+            [
+                self.cell_xy[m] if p is None else torch.tensor(p, dtype=torch.float32, device=self.device)
+                for m, p in enumerate(pos)
+            ]
+        )  # where the sites are
         self.cell_radius = cfg.isd_m / math.sqrt(3.0)
 
         missing = [d.name for d in cfg.devices if d.name not in profile.devices]
         if missing:
             raise ConfigError(
-                f"scenario.devices: {missing} not in latency profile '{profile.name}' "
-                f"(available: {sorted(profile.devices)})"
+                f"scenario.devices: {missing} not in latency profile '{profile.name}' (available: {sorted(profile.devices)})"
             )
         devs = [profile.devices[d.name] for d in cfg.devices]
         self.device_names = [d.name for d in cfg.devices]
@@ -132,7 +136,12 @@ def poisson_schedule(w, n_users: int, duration_s: float, seed: int) -> list[list
             t += rng.exponential(1.0 / w.arrival_rate_per_s)
             if t >= duration_s:
                 break
-            reqs.append((round(float(t), 6), int(rng.integers(w.prompt_tokens.low, w.prompt_tokens.high + 1)),
-                         int(rng.integers(w.output_tokens.low, w.output_tokens.high + 1))))
+            reqs.append(
+                (
+                    round(float(t), 6),
+                    int(rng.integers(w.prompt_tokens.low, w.prompt_tokens.high + 1)),
+                    int(rng.integers(w.output_tokens.low, w.output_tokens.high + 1)),
+                )
+            )
         out.append(reqs)
     return out

@@ -5,6 +5,7 @@ and `get_state` / `set_state` save and restore exactly them; everything else the
 holds (rates, masks, per-slot accumulators) is derived from them. Shapes use the symbols B
 (environments), N (users), M (servers), Q (queue slots), L (match-pattern positions).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """Rate traces from the channel layer: for the serving link emulator and for inspection."""
+
 from __future__ import annotations
 
 import json
@@ -43,9 +44,16 @@ def rate_traces(cfg: Config, slots: int, seed: int = 0, drop: int | None = None)
         snr.append(sim.rates["snr_db"][0].cpu().numpy())
         dist.append((sim.pos[0].unsqueeze(1) - sim.scn.bs_xy).norm(dim=-1).min(-1).values.cpu().numpy())
         sim.step(a)
-    return {"ul_mbps": np.stack(ul), "dl_mbps": np.stack(dl), "server": np.stack(srv), "distance_m": np.stack(dist),
-            "ul_full_mbps": np.stack(ulf), "dl_full_mbps": np.stack(dlf), "snr_db": np.stack(snr),
-            "slot_ms": np.array(c.env.slot_ms)}
+    return {
+        "ul_mbps": np.stack(ul),
+        "dl_mbps": np.stack(dl),
+        "server": np.stack(srv),
+        "distance_m": np.stack(dist),
+        "ul_full_mbps": np.stack(ulf),
+        "dl_full_mbps": np.stack(dlf),
+        "snr_db": np.stack(snr),
+        "slot_ms": np.array(c.env.slot_ms),
+    }
 
 
 def export_traces(cfg: Config, out: Path, slots: int, seed: int = 0, drop: int | None = None) -> dict:
@@ -53,9 +61,16 @@ def export_traces(cfg: Config, out: Path, slots: int, seed: int = 0, drop: int |
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **tr)
-    meta = {"config_hash": cfg.hash(), "fidelity": cfg.scenario.channel.fidelity, "seed": seed, "drop": drop, "slots": slots,
-            "users": int(tr["ul_mbps"].shape[1]), "units": "Mbps per slot: ul/dl_mbps at the max-SNR server with an equal split [T, N]; "
-            "ul/dl_full_mbps with the whole cell band to every server [T, N, M]; snr_db wideband UL SNR [T, N, M]"}
+    meta = {
+        "config_hash": cfg.hash(),
+        "fidelity": cfg.scenario.channel.fidelity,
+        "seed": seed,
+        "drop": drop,
+        "slots": slots,
+        "users": int(tr["ul_mbps"].shape[1]),
+        "units": "Mbps per slot: ul/dl_mbps at the max-SNR server with an equal split [T, N]; "
+        "ul/dl_full_mbps with the whole cell band to every server [T, N, M]; snr_db wideband UL SNR [T, N, M]",
+    }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
     return meta
 
@@ -86,8 +101,11 @@ def rate_cdf_plot(cfg: Config, out: Path, drops: int = 64, seed: int = 0) -> dic
     ax.set_xscale("log")
     ax.set_xlabel("uplink rate at an equal share [Mbps]")
     ax.set_ylabel("CDF")
-    ax.set_title(f"{cfg.scenario.channel.model.upper()} {cfg.scenario.n_servers} cells, {cfg.scenario.n_users} users/drop, "
-                 f"fidelity {cfg.scenario.channel.fidelity}", fontsize=9)
+    ax.set_title(
+        f"{cfg.scenario.channel.model.upper()} {cfg.scenario.n_servers} cells, {cfg.scenario.n_users} users/drop, "
+        f"fidelity {cfg.scenario.channel.fidelity}",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -96,6 +114,14 @@ def rate_cdf_plot(cfg: Config, out: Path, drops: int = 64, seed: int = 0) -> dic
     fig.savefig(out, dpi=120)
     plt.close(fig)
     q = lambda v, p: float(np.percentile(v, p)) if len(v) else float("nan")  # noqa: E731
-    return {"users": int(len(ul)), "median_mbps": q(ul, 50), "p10_mbps": q(ul, 10), "p90_mbps": q(ul, 90),
-            "edge_median_mbps": q(edge, 50), "centre_median_mbps": q(centre, 50), "edge_users": int(len(edge)),
-            "centre_users": int(len(centre)), "plot": str(out)}
+    return {
+        "users": int(len(ul)),
+        "median_mbps": q(ul, 50),
+        "p10_mbps": q(ul, 10),
+        "p90_mbps": q(ul, 90),
+        "edge_median_mbps": q(edge, 50),
+        "centre_median_mbps": q(centre, 50),
+        "edge_users": int(len(edge)),
+        "centre_users": int(len(centre)),
+        "plot": str(out),
+    }

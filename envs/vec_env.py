@@ -5,6 +5,7 @@ Slot i is environment i // N, agent i % N (parameter sharing). Each observation 
 served by `action_masks()` in sb3-contrib's flat MultiDiscrete layout; at the horizon every
 slot is done with `terminal_observation` and `TimeLimit.truncated` for value bootstrapping.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -135,8 +136,10 @@ class MixedSizeVecEnv(_InProcessVecEnv):
 
     def __init__(self, cfg: Config, sizes: list[tuple[int, int]], agents_per_size: int, seed: int | None = None):
         base = cfg.seed if seed is None else seed
-        self.parts = [MultiAgentVecEnv(cfg.at_size(n, m), num_envs=max(1, round(agents_per_size / n)),
-                                       seed=base + SEED_STRIDE * k) for k, (n, m) in enumerate(sizes)]
+        self.parts = [
+            MultiAgentVecEnv(cfg.at_size(n, m), num_envs=max(1, round(agents_per_size / n)), seed=base + SEED_STRIDE * k)
+            for k, (n, m) in enumerate(sizes)
+        ]
         first = self.parts[0]
         self.cfg, self.sizes = cfg, [tuple(s) for s in sizes]
         self.obs_dim, self.state_dim, self.nvec = first.obs_dim, first.state_dim, first.nvec
@@ -154,8 +157,12 @@ class MixedSizeVecEnv(_InProcessVecEnv):
 
     def step_wait(self):
         out = [p.step_wait() for p in self.parts]
-        return (np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]),
-                np.concatenate([o[2] for o in out]), [i for o in out for i in o[3]])
+        return (
+            np.concatenate([o[0] for o in out]),
+            np.concatenate([o[1] for o in out]),
+            np.concatenate([o[2] for o in out]),
+            [i for o in out for i in o[3]],
+        )
 
     def action_masks(self) -> np.ndarray:
         return np.concatenate([p.action_masks() for p in self.parts])

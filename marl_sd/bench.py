@@ -1,4 +1,5 @@
 """Benchmarks that print figures: simulator throughput in agent-steps per second."""
+
 from __future__ import annotations
 
 import tempfile
@@ -29,8 +30,12 @@ def bench_sim(cfg: Config, num_envs: int, steps: int, warmup: int = 3) -> dict:
     for _ in range(steps):
         sim.step(sim.actions.random_valid(sim.mask, gen))
     dt = time.perf_counter() - t0
-    return {"what": f"BatchedSimulator B={num_envs}", "agent_steps_per_s": steps * num_envs * sim.N / dt,
-            "env_steps_per_s": steps * num_envs / dt, "ms_per_step": 1000 * dt / steps}
+    return {
+        "what": f"BatchedSimulator B={num_envs}",
+        "agent_steps_per_s": steps * num_envs * sim.N / dt,
+        "env_steps_per_s": steps * num_envs / dt,
+        "ms_per_step": 1000 * dt / steps,
+    }
 
 
 def bench_pettingzoo(cfg: Config, steps: int) -> dict:
@@ -47,12 +52,17 @@ def bench_pettingzoo(cfg: Config, steps: int) -> dict:
         done_steps += 1
     dt = time.perf_counter() - t0
     n = env.sim.N
-    return {"what": "PettingZoo ParallelEnv B=1", "agent_steps_per_s": steps * n / dt,
-            "env_steps_per_s": steps / dt, "ms_per_step": 1000 * dt / steps}
+    return {
+        "what": "PettingZoo ParallelEnv B=1",
+        "agent_steps_per_s": steps * n / dt,
+        "env_steps_per_s": steps / dt,
+        "ms_per_step": 1000 * dt / steps,
+    }
 
 
-def bench_controller(cfg: Config, slots: int = 500, policy: str | None = None,
-                     sizes: list[tuple[int, int]] | None = None) -> list[dict]:
+def bench_controller(
+    cfg: Config, slots: int = 500, policy: str | None = None, sizes: list[tuple[int, int]] | None = None
+) -> list[dict]:
     """Controller decision latency per slot (reports -> observations -> policy -> decisions), on
     the simulator's states, at each (users, servers) of `sizes` (default: the config's): `policy`
     None runs a freshly initialised MAPPO actor (the config's `train.actor`) exported to one

@@ -6,6 +6,7 @@ on (summary + identity hash), package version, and the torch <-> onnxruntime par
 export. Reading a bundle needs numpy and onnxruntime only, so the live controller runs without
 torch; `marl_sd.export` writes bundles.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,11 @@ log = logging.getLogger("marl_sd.bundle")
 
 def normalization_differences(manifest: dict, want: dict) -> list[str]:
     """Features whose scale or clip differ between a bundle and a config (the bundle's own apply)."""
-    return [f"{a['name']}: scale {a['scale']:g} vs {b['scale']:g}" if a["scale"] != b["scale"] else f"{a['name']}: clip"
-            for a, b in zip(manifest["features"], want["features"]) if (a["scale"], a["clip"]) != (b["scale"], b["clip"])]
+    return [
+        f"{a['name']}: scale {a['scale']:g} vs {b['scale']:g}" if a["scale"] != b["scale"] else f"{a['name']}: clip"
+        for a, b in zip(manifest["features"], want["features"])
+        if (a["scale"], a["clip"]) != (b["scale"], b["clip"])
+    ]
 
 
 class BundleError(ValueError):
@@ -34,10 +38,18 @@ class BundleError(ValueError):
 
 def scenario_summary(cfg) -> dict:
     s = cfg.scenario
-    return {"n_users": s.n_users, "n_servers": s.n_servers, "max_servers": cfg.max_servers,
-            "trained_sizes": [list(x) for x in cfg.train.sizes] or [[s.n_users, s.n_servers]], "isd_m": s.isd_m, "profile": s.profile,
-            "channel": {"model": s.channel.model, "fidelity": s.channel.fidelity},
-            "devices": [d.name for d in s.devices], "slot_ms": cfg.env.slot_ms, "gamma_max": cfg.env.gamma_max}
+    return {
+        "n_users": s.n_users,
+        "n_servers": s.n_servers,
+        "max_servers": cfg.max_servers,
+        "trained_sizes": [list(x) for x in cfg.train.sizes] or [[s.n_users, s.n_servers]],
+        "isd_m": s.isd_m,
+        "profile": s.profile,
+        "channel": {"model": s.channel.model, "fidelity": s.channel.fidelity},
+        "devices": [d.name for d in s.devices],
+        "slot_ms": cfg.env.slot_ms,
+        "gamma_max": cfg.env.gamma_max,
+    }
 
 
 class OnnxActor:
@@ -66,26 +78,35 @@ def load_bundle(bundle_dir: Path, cfg=None) -> tuple[dict, OnnxActor]:
     except json.JSONDecodeError as e:
         raise BundleError(f"{mf} is not valid JSON: {e}") from None
     if manifest.get("manifest_version") != MANIFEST_VERSION:
-        raise BundleError(f"{mf}: unsupported manifest version {manifest.get('manifest_version')} (this package reads "
-                          f"version {MANIFEST_VERSION}: export the run again)")
+        raise BundleError(
+            f"{mf}: unsupported manifest version {manifest.get('manifest_version')} (this package reads "
+            f"version {MANIFEST_VERSION}: export the run again)"
+        )
     if cfg is not None:
         room = int(manifest.get("obs_spec", {}).get("max_servers", 0))
         if cfg.scenario.n_servers > room:
-            raise BundleError(f"bundle {bundle_dir} has room for {room} servers (env.max_servers when trained); "
-                              f"this scenario has {cfg.scenario.n_servers}")
+            raise BundleError(
+                f"bundle {bundle_dir} has room for {room} servers (env.max_servers when trained); "
+                f"this scenario has {cfg.scenario.n_servers}"
+            )
         if cfg.max_servers != room:  # the bundle pads to its own room: compare against that
             cfg = cfg.with_max_servers(room)
         want = manifest_contract(cfg)
         bad = [k for k in CHECKED_KEYS if json.loads(json.dumps(want[k])) != manifest.get(k)]
-        if [[f[k] for k in STRUCTURE] for f in manifest.get("features", [])] != [[f[k] for k in STRUCTURE] for f in want["features"]]:
+        if [[f[k] for k in STRUCTURE] for f in manifest.get("features", [])] != [
+            [f[k] for k in STRUCTURE] for f in want["features"]
+        ]:
             bad.append("features")
         if bad:
-            raise BundleError(f"bundle {bundle_dir} does not match this scenario: {', '.join(bad)} differ "
-                              f"(bundle: {manifest['scenario']}, here: {scenario_summary(cfg)})")
+            raise BundleError(
+                f"bundle {bundle_dir} does not match this scenario: {', '.join(bad)} differ "
+                f"(bundle: {manifest['scenario']}, here: {scenario_summary(cfg)})"
+            )
         diff = normalization_differences(manifest, want)
         if diff:
-            log.warning("bundle %s normalizes differently from this config (%s): its own constants apply",
-                        bundle_dir, "; ".join(diff))
+            log.warning(
+                "bundle %s normalizes differently from this config (%s): its own constants apply", bundle_dir, "; ".join(diff)
+            )
     onnx_path = bundle_dir / manifest.get("onnx_file", "actor.onnx")
     if not onnx_path.exists():
         raise BundleError(f"bundle {bundle_dir} lacks {onnx_path.name}")
@@ -104,4 +125,5 @@ def bundle_policy(actor: OnnxActor, manifest: dict):
         B, N, D = obs.shape
         logits = actor.logits(obs.reshape(B * N, D))
         return layout.masked_argmax(logits, mask.reshape(B * N, -1)).reshape(B, N, len(layout.nvec))
+
     return act

@@ -1,4 +1,5 @@
 """The `marl-sd` command line: train, eval, export, bench (and more as they land)."""
+
 from __future__ import annotations
 
 import argparse
@@ -44,13 +45,14 @@ def _cmd_bench(args) -> int:
             base = next(x for x in rows if x["what"] == f"BatchedSimulator B={b}")
             r["what"] += f" ({other}: {base['ms_per_step'] and r['ms_per_step'] / base['ms_per_step']:.2f}x time)"
             rows.append(r)
-        t = Table(title=f"env throughput (N={cfg.scenario.n_users}, M={cfg.scenario.n_servers}, "
-                        f"tick {cfg.env.tick_ms} ms, {cfg.sim.threads} torch thread(s), random masked actions)")
+        t = Table(
+            title=f"env throughput (N={cfg.scenario.n_users}, M={cfg.scenario.n_servers}, "
+            f"tick {cfg.env.tick_ms} ms, {cfg.sim.threads} torch thread(s), random masked actions)"
+        )
         for c in ("what", "agent-steps/s", "env-steps/s", "ms/step"):
             t.add_column(c, justify="right")
         for r in rows:
-            t.add_row(r["what"], f"{r['agent_steps_per_s']:,.0f}", f"{r['env_steps_per_s']:,.1f}",
-                      f"{r['ms_per_step']:.2f}")
+            t.add_row(r["what"], f"{r['agent_steps_per_s']:,.0f}", f"{r['env_steps_per_s']:,.1f}", f"{r['ms_per_step']:.2f}")
         console.print(t)
     elif args.what == "suite":
         return _bench_suite(args)
@@ -65,8 +67,14 @@ def _cmd_bench(args) -> int:
         for c in ("what", "slots", "p50 ms", "p99 ms", "max ms", "missed slots"):
             t.add_column(c, justify="right")
         for r in rows:
-            t.add_row(r["what"], str(r["slots"]), f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['max_ms']:.3f}",
-                      str(r["missed_slots"]))
+            t.add_row(
+                r["what"],
+                str(r["slots"]),
+                f"{r['p50_ms']:.3f}",
+                f"{r['p99_ms']:.3f}",
+                f"{r['max_ms']:.3f}",
+                str(r["missed_slots"]),
+            )
         console.print(t)
     return 0
 
@@ -82,12 +90,23 @@ def _bench_suite(args) -> int:
     t0 = time.time()
     with Progress(console=console, transient=True) as prog:
         task = prog.add_task("suite", total=len(scen) * len(policies) * len(seeds))
-        res = run_suite(scen, policies, seeds, args.episodes, args.set, progress=lambda *cell: prog.advance(task),
-                        use_ray=args.ray, address=args.address, learned_run=args.learned)
+        res = run_suite(
+            scen,
+            policies,
+            seeds,
+            args.episodes,
+            args.set,
+            progress=lambda *cell: prog.advance(task),
+            use_ray=args.ray,
+            address=args.address,
+            learned_run=args.learned,
+        )
     summary = summarize_suite(res)
-    t = Table(title=f"scenario suite: ms/token over all arrived work (mean ± 95 % CI over {len(seeds)} seeds x "
-                    f"{args.episodes} episodes), [gap to the rollout search: policy improvement, not a bound]",
-              caption="a cell over fewer seeds than were run says so (n=k); best heuristic: the best of every heuristic")
+    t = Table(
+        title=f"scenario suite: ms/token over all arrived work (mean ± 95 % CI over {len(seeds)} seeds x "
+        f"{args.episodes} episodes), [gap to the rollout search: policy improvement, not a bound]",
+        caption="a cell over fewer seeds than were run says so (n=k); best heuristic: the best of every heuristic",
+    )
     t.add_column("scenario", style="bold")
     for p in policies:
         t.add_column(p, justify="right")
@@ -97,15 +116,27 @@ def _bench_suite(args) -> int:
         cells = []
         for p in policies:
             x = v["policies"].get(p)
-            cells.append("-" if x is None else f"{x['mean']:.1f} ±{x['ci']:.1f}"
-                         + ("" if x["seeds"] == x["seeds_run"] else f" (n={x['seeds']})")
-                         + ("" if p == "oracle" or x["gap_to_oracle"] != x["gap_to_oracle"] else f" [{100 * x['gap_to_oracle']:+.1f}%]"))
+            cells.append(
+                "-"
+                if x is None
+                else f"{x['mean']:.1f} ±{x['ci']:.1f}"
+                + ("" if x["seeds"] == x["seeds_run"] else f" (n={x['seeds']})")
+                + ("" if p == "oracle" or x["gap_to_oracle"] != x["gap_to_oracle"] else f" [{100 * x['gap_to_oracle']:+.1f}%]")
+            )
         lv = v.get("learned_vs_best")
-        t.add_row(s, *cells, f"{100 * v['oracle_headroom_vs_best_heuristic']:.1f}% ({v['best_heuristic']})",
-                  "-" if lv is None else f"{lv['diff_ms']:+.2f} ms, p={lv['p_value']:.3f}")
+        t.add_row(
+            s,
+            *cells,
+            f"{100 * v['oracle_headroom_vs_best_heuristic']:.1f}% ({v['best_heuristic']})",
+            "-" if lv is None else f"{lv['diff_ms']:+.2f} ms, p={lv['p_value']:.3f}",
+        )
     console.print(t)
-    paths = write_suite(res, summary, Path(args.out or "runs/suite"),
-                        {"seeds": seeds, "episodes": args.episodes, "overrides": args.set, "wall_s": time.time() - t0})
+    paths = write_suite(
+        res,
+        summary,
+        Path(args.out or "runs/suite"),
+        {"seeds": seeds, "episodes": args.episodes, "overrides": args.set, "wall_s": time.time() - t0},
+    )
     console.print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -116,8 +147,10 @@ def _cmd_sweep(args) -> int:
     seeds, grid = parse_seeds(args.seeds), parse_grid(args.grid)
     name = args.name or f"sweep_{load_config(args.config, args.set).name}"
     n = len(seeds) * math.prod(len(v) for v in grid.values())
-    console.print(f"sweep [bold]{name}[/bold]: {n} trial(s) on Ray ({args.address or 'local'}), "
-                  f"run directories under {Path(args.runs_dir) / name}")
+    console.print(
+        f"sweep [bold]{name}[/bold]: {n} trial(s) on Ray ({args.address or 'local'}), "
+        f"run directories under {Path(args.runs_dir) / name}"
+    )
     t0 = time.time()
     rows = sweep(args.config, seeds, grid, name, args.set, Path(args.runs_dir), args.address, args.cpus_per_trial)
     summ = summarize_sweep(rows)
@@ -143,15 +176,19 @@ def _cmd_train(args) -> int:
     if args.device:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": args.device})})
     cfg = cfg.model_copy(update={"name": name})
-    console.print(f"training [bold]{name}[/bold] -> {run_dir}  ({cfg.train.algorithm}, {cfg.train.total_timesteps:,} "
-                  f"agent-steps, {cfg.train.num_envs} envs x {cfg.scenario.n_users} users, device {cfg.train.device})")
+    console.print(
+        f"training [bold]{name}[/bold] -> {run_dir}  ({cfg.train.algorithm}, {cfg.train.total_timesteps:,} "
+        f"agent-steps, {cfg.train.num_envs} envs x {cfg.scenario.n_users} users, device {cfg.train.device})"
+    )
     model = train(cfg, run_dir, resume=args.resume, progress=not args.no_progress)
     st = model.train_stats
     if st["interrupted"]:
         console.print(f"[yellow]stopped[/yellow] at {st['agent_steps']:,} agent-steps; continue with --resume")
         return 130
-    console.print(f"done: {st['agent_steps']:,} agent-steps in {st['wall_s']:.0f} s "
-                  f"({st['agent_steps_per_s']:,.0f} agent-steps/s incl. learning)")
+    console.print(
+        f"done: {st['agent_steps']:,} agent-steps in {st['wall_s']:.0f} s "
+        f"({st['agent_steps_per_s']:,.0f} agent-steps/s incl. learning)"
+    )
     return 0
 
 
@@ -182,22 +219,37 @@ def _capacity(cfg, run_dir, names, seeds, episodes, target, out_dir) -> int:
     for n in names:
         if n == "learned" and policy_checkpoint(run_dir) is None:
             raise ConfigError(f"--capacity learned: {run_dir} has no trained policy (best.zip or final.zip)")
-        r = capacity(cfg, lambda ctx, n=n: make_policy(n, ctx.cfg, run_dir), seeds, episodes, target,
-                     progress=lambda u, m, ci, n=n: console.print(f"[dim]{n}: {u} users -> {m:.3f} ±{ci:.3f}[/dim]"))
+        r = capacity(
+            cfg,
+            lambda ctx, n=n: make_policy(n, ctx.cfg, run_dir),
+            seeds,
+            episodes,
+            target,
+            progress=lambda u, m, ci, n=n: console.print(f"[dim]{n}: {u} users -> {m:.3f} ±{ci:.3f}[/dim]"),
+        )
         rows[n] = r
-    t = Table(title=f"capacity: users with >= {target:.0%} of requests within TTFT <= {cfg.eval.slo_ttft_ms:.0f} ms and "
-                    f"TPOT <= {cfg.eval.slo_tpot_ms:.0f} ms ({len(seeds)} seeds x {episodes} episodes)")
+    t = Table(
+        title=f"capacity: users with >= {target:.0%} of requests within TTFT <= {cfg.eval.slo_ttft_ms:.0f} ms and "
+        f"TPOT <= {cfg.eval.slo_tpot_ms:.0f} ms ({len(seeds)} seeds x {episodes} episodes)"
+    )
     for c in ("policy", "users", "attainment there", "one user more"):
         t.add_column(c, justify="right")
     for n, r in rows.items():
         at, nxt = r.get("attainment", (math.nan, math.nan)), r.get("attainment_next", (math.nan, math.nan))
-        t.add_row(n, f"{r['capacity']}{'+' if r.get('at_limit') else ''}", f"{at[0]:.3f} ±{at[1]:.3f}",
-                  f"{nxt[0]:.3f} ±{nxt[1]:.3f}")
+        t.add_row(
+            n, f"{r['capacity']}{'+' if r.get('at_limit') else ''}", f"{at[0]:.3f} ±{at[1]:.3f}", f"{nxt[0]:.3f} ±{nxt[1]:.3f}"
+        )
     console.print(t)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "capacity.json").write_text(json.dumps({n: {k: v for k, v in r.items() if k != "tried"}
-                                                       | {"tried": {str(u): x for u, x in r["tried"].items()}}
-                                                       for n, r in rows.items()}, indent=1))
+    (out_dir / "capacity.json").write_text(
+        json.dumps(
+            {
+                n: {k: v for k, v in r.items() if k != "tried"} | {"tried": {str(u): x for u, x in r["tried"].items()}}
+                for n, r in rows.items()
+            },
+            indent=1,
+        )
+    )
     console.print(f"wrote {out_dir / 'capacity.json'}")
     return 0
 
@@ -208,11 +260,13 @@ def _evaluate_ray(cfg, run_dir, policies, seeds, episodes, address):
     from marl_sd.agents.policy import LearnedPolicy
     from marl_sd.distributed import eval_grid
 
-    names = {p.name: ("learned" if isinstance(p, LearnedPolicy) else "oracle" if p.name == "oracle" else p.name)
-             for p in policies}
+    names = {
+        p.name: ("learned" if isinstance(p, LearnedPolicy) else "oracle" if p.name == "oracle" else p.name) for p in policies
+    }
 
     def make(name, c):
         return next(p for p in _policies(c, run_dir, [name]))
+
     grid = eval_grid({cfg.name: cfg}, make, list(names.values()), seeds, episodes, use_ray=True, address=address)[cfg.name]
     out = []
     for p in policies:
@@ -233,8 +287,15 @@ def _cmd_eval(args) -> int:
     seeds = args.seeds or cfg.eval.seeds
     out_dir = run_dir / "eval"
     if args.capacity:
-        return _capacity(cfg, run_dir, args.policies or ["centralized_ar", "nearest_g4", "two_phase_matching"], seeds,
-                         episodes, args.slo_target, out_dir)
+        return _capacity(
+            cfg,
+            run_dir,
+            args.policies or ["centralized_ar", "nearest_g4", "two_phase_matching"],
+            seeds,
+            episodes,
+            args.slo_target,
+            out_dir,
+        )
     policies = _policies(cfg, run_dir, args.policies)
     t0 = time.time()
     if args.ray:
@@ -243,10 +304,12 @@ def _cmd_eval(args) -> int:
         with Progress(console=console, transient=True) as prog:
             task = prog.add_task("evaluating", total=len(policies) * len(seeds))
             results = evaluate(cfg, policies, seeds, episodes, progress=lambda: prog.advance(task))
-    console.print(results_table(results, f"{cfg.name}: {len(seeds)} seeds x {episodes} episodes x "
-                                         f"{cfg.env.horizon} slots (mean ±95 % CI over seeds)"))
-    write_results(results, out_dir, {"config_hash": cfg.hash(), "seeds": seeds, "episodes": episodes,
-                                     "wall_s": time.time() - t0})
+    console.print(
+        results_table(
+            results, f"{cfg.name}: {len(seeds)} seeds x {episodes} episodes x {cfg.env.horizon} slots (mean ±95 % CI over seeds)"
+        )
+    )
+    write_results(results, out_dir, {"config_hash": cfg.hash(), "seeds": seeds, "episodes": episodes, "wall_s": time.time() - t0})
     paths = plot_results(results, out_dir)
     if args.sweep:
         key, vals = args.sweep.split("=")
@@ -260,11 +323,12 @@ def _cmd_eval(args) -> int:
             if v == cfg.scenario.n_users:  # the table above: same scenario, seeds and episodes
                 sweep[v] = results
                 continue
-            c = load_config(run_dir / "config.yaml" if (run_dir / "config.yaml").exists() else args.target,
-                            [*args.set, f"scenario.n_users={v}"])  # a learned policy runs at any N
+            c = load_config(
+                run_dir / "config.yaml" if (run_dir / "config.yaml").exists() else args.target,
+                [*args.set, f"scenario.n_users={v}"],
+            )  # a learned policy runs at any N
             sweep[v] = evaluate(c, _policies(c, run_dir, names), seeds, episodes)
-            console.print(f"  users={v}: " + ", ".join(f"{r.name} {r.summary()[HEADLINE][0]:.1f}"
-                                                       for r in sweep[v]))
+            console.print(f"  users={v}: " + ", ".join(f"{r.name} {r.summary()[HEADLINE][0]:.1f}" for r in sweep[v]))
         paths += [plot_sweep(sweep, "users", out_dir), write_sweep(sweep, "users", out_dir)]
     console.print(f"wrote {out_dir}/results.csv, results.json, " + ", ".join(p.name for p in paths))
     return 0
@@ -274,15 +338,16 @@ def _cmd_traces(args) -> int:
     cfg = load_config(args.config, args.set)
     c = cfg.scenario.channel
     if args.action == "build":
-
         from marl_sd.envs.channel.sionna_bank import load_or_build
 
         with Progress(console=console) as prog:
             task = prog.add_task("Sionna fading banks", total=2 * c.bank_size)
             assets, path, built = load_or_build(c, progress=lambda n: prog.advance(task, n), rebuild=args.rebuild)
             prog.update(task, completed=2 * c.bank_size)
-        console.print(f"{'built' if built else 'cached'}: {path} ({assets['build_s']:.1f} s to build; "
-                      f"UL cap {float(assets['ul_se'].max()):.2f} bit/RE)")
+        console.print(
+            f"{'built' if built else 'cached'}: {path} ({assets['build_s']:.1f} s to build; "
+            f"UL cap {float(assets['ul_se'].max()):.2f} bit/RE)"
+        )
     elif args.action == "validate":
         from marl_sd.envs.channel.sionna_bank import validate_against_sionna
         from marl_sd.envs.scenario import hex_sites
@@ -311,8 +376,14 @@ def _cmd_serve(args) -> int:
     if args.action == "chaos":
         from marl_sd.serving.chaos import run_chaos
 
-        res = run_chaos(args.clients[0], args.duration, insecure=args.insecure, faults=not args.no_faults,
-                        attackers=not args.no_attackers, out=args.out)
+        res = run_chaos(
+            args.clients[0],
+            args.duration,
+            insecure=args.insecure,
+            faults=not args.no_faults,
+            attackers=not args.no_attackers,
+            out=args.out,
+        )
         console.print_json(json.dumps(res))
         return 0
     extra = ["--ignore-eos"] if args.ignore_eos else []
@@ -325,41 +396,60 @@ def _cmd_serve(args) -> int:
         r = run_local(args.target, args.draft, args.servers, n, args.requests, args.max_new or 64, g, client_extra=extra)
         r.update(clients=n, gamma=g)
         rows.append(r)
-    t = Table(title=f"live serving: target {args.target}, draft {args.draft}, {args.servers} server(s), "
-                    f"{args.max_new or 64} new tokens/request, 1 torch thread per process")
+    t = Table(
+        title=f"live serving: target {args.target}, draft {args.draft}, {args.servers} server(s), "
+        f"{args.max_new or 64} new tokens/request, 1 torch thread per process"
+    )
     for c in ("clients", "mode", "tokens/s", "TPOT ms", "TPOT p95", "TTFT ms", "e2e ms", "alpha", "server batch", "util"):
         t.add_column(c, justify="right")
     for r in rows:
-        t.add_row(str(r["clients"]), f"SD gamma={r['gamma']}" if r["gamma"] else "target only", f"{r['tokens_per_s']:.1f}",
-                  f"{r['tpot_ms']:.1f}", f"{r['tpot_p95_ms']:.1f}", f"{r['ttft_ms']:.0f}", f"{r['e2e_ms']:.0f}",
-                  f"{r['alpha']:.2f}" if r["gamma"] else "-", f"{r['server_mean_batch']:.2f}", f"{r['server_utilisation']:.0%}")
+        t.add_row(
+            str(r["clients"]),
+            f"SD gamma={r['gamma']}" if r["gamma"] else "target only",
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['tpot_ms']:.1f}",
+            f"{r['tpot_p95_ms']:.1f}",
+            f"{r['ttft_ms']:.0f}",
+            f"{r['e2e_ms']:.0f}",
+            f"{r['alpha']:.2f}" if r["gamma"] else "-",
+            f"{r['server_mean_batch']:.2f}",
+            f"{r['server_utilisation']:.0%}",
+        )
     console.print(t)
     summary = [{k: v for k, v in r.items() if k != "rows"} for r in rows]
     if args.action == "bench":
         from marl_sd.serving.launcher import verify_speedup
 
         v = verify_speedup(args.target, batch=max(args.clients + [8]), gamma=args.gamma)
-        console.print(f"batched verification: {v['batch']} sessions x {v['gamma'] + 1} tokens in one forward "
-                      f"{v['batched_ms']:.1f} ms vs {v['sequential_ms']:.1f} ms one by one (x{v['speedup']:.2f}); "
-                      f"a 1-token decode takes {v['decode_1_token_ms']:.1f} ms")
+        console.print(
+            f"batched verification: {v['batch']} sessions x {v['gamma'] + 1} tokens in one forward "
+            f"{v['batched_ms']:.1f} ms vs {v['sequential_ms']:.1f} ms one by one (x{v['speedup']:.2f}); "
+            f"a 1-token decode takes {v['decode_1_token_ms']:.1f} ms"
+        )
         summary.append({"verify_speedup": v})
     if args.out:
-
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=2))
     return 0
 
 
 def _print_spread(args, stats: dict) -> int:
-    t = Table(title=f"live vs simulator over {args.repeats} live runs per policy ({args.config}, target {args.target}, "
-                    f"draft {args.draft}): ms/token mean ± sd [min, max]")
+    t = Table(
+        title=f"live vs simulator over {args.repeats} live runs per policy ({args.config}, target {args.target}, "
+        f"draft {args.draft}): ms/token mean ± sd [min, max]"
+    )
     for c in ("policy", "live ms/token", "live spread", "sim ms/token", "gap of means", "within 10 %", "gap / live sd"):
         t.add_column(c, justify="right")
     for p, s in stats.items():
-        t.add_row(Path(p).name, f"{s['live_mean']:.1f} ± {s['live_sd']:.1f} [{s['live_min']:.1f}, {s['live_max']:.1f}]",
-                  f"{s['live_cv']:.1%}", f"{s['sim_mean']:.1f} ± {s['sim_sd']:.1f}" if s["sim_mean"] == s["sim_mean"] else "-",
-                  f"{s['gap']:+.1%}" if s["gap"] == s["gap"] else "-", "yes" if abs(s["gap"]) <= 0.10 else "no",
-                  f"{s['gap_over_sd']:.1f}" if s["gap_over_sd"] == s["gap_over_sd"] else "-")
+        t.add_row(
+            Path(p).name,
+            f"{s['live_mean']:.1f} ± {s['live_sd']:.1f} [{s['live_min']:.1f}, {s['live_max']:.1f}]",
+            f"{s['live_cv']:.1%}",
+            f"{s['sim_mean']:.1f} ± {s['sim_sd']:.1f}" if s["sim_mean"] == s["sim_mean"] else "-",
+            f"{s['gap']:+.1%}" if s["gap"] == s["gap"] else "-",
+            "yes" if abs(s["gap"]) <= 0.10 else "no",
+            f"{s['gap_over_sd']:.1f}" if s["gap_over_sd"] == s["gap_over_sd"] else "-",
+        )
     console.print(t)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -377,8 +467,7 @@ def _serve_up(args, run_live) -> int:
         rows = []
         for pol in policies:
             console.print(f"[dim]live run {rep + 1}/{args.repeats}: policy {pol}, {args.duration:.0f} s of arrivals ...[/dim]")
-            rows.append(run_live(args.config, pol, args.duration, args.target, args.draft, args.gamma,
-                                 detail=args.compare_sim))
+            rows.append(run_live(args.config, pol, args.duration, args.target, args.draft, args.gamma, detail=args.compare_sim))
         detail = {}
         if args.compare_sim:
             console.print("[dim]simulating each policy with a served profile fitted to the other live runs ...[/dim]")
@@ -390,24 +479,52 @@ def _serve_up(args, run_live) -> int:
     rows, detail = repeats[0]
     sim = {p: d["sim_ms_per_token"] for p, d in detail.items()}
     t = Table(title=f"live serving with the controller ({args.config}, target {args.target}, draft {args.draft})")
-    for c in ("policy", "requests", "ms/token", "sim ms/token", "gap", "sim, bare profile", "TTFT ms", "TPOT ms",
-              "tokens/s", "handovers",
-              "decision p50/p99 ms", "alpha"):
+    for c in (
+        "policy",
+        "requests",
+        "ms/token",
+        "sim ms/token",
+        "gap",
+        "sim, bare profile",
+        "TTFT ms",
+        "TPOT ms",
+        "tokens/s",
+        "handovers",
+        "decision p50/p99 ms",
+        "alpha",
+    ):
         t.add_column(c, justify="right")
     for r in rows:
         p = r["policy"]
         c = r.get("controller", {})
         gap = (r["latency_per_token_ms"] - sim[p]) / sim[p] if p in sim else float("nan")
-        t.add_row(Path(p).name, str(r["requests"]), f"{r['latency_per_token_ms']:.1f}",
-                  f"{sim[p]:.1f}" if p in sim else "-", f"{gap:+.0%}" if p in sim else "-",
-                  f"{detail[p]['base_profile_ms_per_token']:.1f}" if p in detail else "-", f"{r['ttft_ms']:.0f}",
-                  f"{r['tpot_ms']:.1f}", f"{r['tokens_per_s']:.1f}", str(r["handovers"]),
-                  f"{c.get('p50_ms', float('nan')):.2f}/{c.get('p99_ms', float('nan')):.2f}", f"{r['alpha']:.2f}")
+        t.add_row(
+            Path(p).name,
+            str(r["requests"]),
+            f"{r['latency_per_token_ms']:.1f}",
+            f"{sim[p]:.1f}" if p in sim else "-",
+            f"{gap:+.0%}" if p in sim else "-",
+            f"{detail[p]['base_profile_ms_per_token']:.1f}" if p in detail else "-",
+            f"{r['ttft_ms']:.0f}",
+            f"{r['tpot_ms']:.1f}",
+            f"{r['tokens_per_s']:.1f}",
+            str(r["handovers"]),
+            f"{c.get('p50_ms', float('nan')):.2f}/{c.get('p99_ms', float('nan')):.2f}",
+            f"{r['alpha']:.2f}",
+        )
     console.print(t)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps([{k: v for k, v in r.items() if k not in ("rows", "server_samples")}
-                                              | {"sim": detail.get(r["policy"])} for r in rows], indent=2, default=float))
+        Path(args.out).write_text(
+            json.dumps(
+                [
+                    {k: v for k, v in r.items() if k not in ("rows", "server_samples")} | {"sim": detail.get(r["policy"])}
+                    for r in rows
+                ],
+                indent=2,
+                default=float,
+            )
+        )
     return 0
 
 
@@ -423,17 +540,22 @@ def _cmd_export(args) -> int:
     policy = load_policy(ckpt)
     if policy.max_servers != cfg.max_servers:
         raise ConfigError(f"{ckpt} has room for {policy.max_servers} servers, the run's config {cfg.max_servers}")
-    sizes = (parse_sizes(args.parity_sizes, "--parity-sizes") if args.parity_sizes is not None
-             else [tuple(x) for x in cfg.train.sizes])
+    sizes = (
+        parse_sizes(args.parity_sizes, "--parity-sizes") if args.parity_sizes is not None else [tuple(x) for x in cfg.train.sizes]
+    )
     too_big = [f"{n}x{m}" for n, m in sizes if m > cfg.max_servers]
     if too_big:
         raise ConfigError(f"--parity-sizes {' '.join(too_big)}: more servers than the policy's room ({cfg.max_servers})")
     m = export_bundle(policy, cfg, out, precision=args.precision, parity_sizes=sizes)
     for p in m["parity"]["sizes"]:
-        console.print(f"parity at {p['users']} users, {p['servers']} servers on {p['observations']} observations: "
-                      f"max |dlogit| {p['max_abs_logit_diff']:.2e}, same masked argmax: {p['same_masked_argmax']}")
-    console.print(f"wrote {out}/actor.onnx + manifest.json from {ckpt.name} ({args.precision}; room for "
-                  f"{cfg.max_servers} servers, any number of users)")
+        console.print(
+            f"parity at {p['users']} users, {p['servers']} servers on {p['observations']} observations: "
+            f"max |dlogit| {p['max_abs_logit_diff']:.2e}, same masked argmax: {p['same_masked_argmax']}"
+        )
+    console.print(
+        f"wrote {out}/actor.onnx + manifest.json from {ckpt.name} ({args.precision}; room for "
+        f"{cfg.max_servers} servers, any number of users)"
+    )
     return 0
 
 
@@ -465,8 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds", type=int, nargs="+")
     e.add_argument("--policies", nargs="+", help="subset: learned and/or heuristic names")
     e.add_argument("--sweep", help="load sweep, e.g. users=4,8,16,32")
-    e.add_argument("--capacity", action="store_true",
-                   help="users served with >= --slo-target of requests within both SLOs (bisection over n_users; heuristics)")
+    e.add_argument(
+        "--capacity",
+        action="store_true",
+        help="users served with >= --slo-target of requests within both SLOs (bisection over n_users; heuristics)",
+    )
     e.add_argument("--slo-target", type=float, default=0.9)
     e.add_argument("--ray", action="store_true", help="every (policy, seed) as a Ray task (same results)")
     e.add_argument("--address", help="with --ray: a Ray cluster to join (default $RAY_ADDRESS, else a local Ray)")
@@ -488,21 +613,34 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", help="run directory")
     ex.add_argument("--checkpoint", help="zip to export (default: best.zip, else final.zip)")
     ex.add_argument("--out", help="bundle directory (default: <run>/bundle)")
-    ex.add_argument("--precision", choices=["float32", "float64"], default="float32",
-                    help="arithmetic inside the ONNX graph (float64: closer to torch, about 3x slower)")
-    ex.add_argument("--parity-sizes", nargs="*", metavar="NxM",
-                    help="also measure parity at these users x servers (default: the sizes trained on)")
+    ex.add_argument(
+        "--precision",
+        choices=["float32", "float64"],
+        default="float32",
+        help="arithmetic inside the ONNX graph (float64: closer to torch, about 3x slower)",
+    )
+    ex.add_argument(
+        "--parity-sizes",
+        nargs="*",
+        metavar="NxM",
+        help="also measure parity at these users x servers (default: the sizes trained on)",
+    )
     ex.set_defaults(func=_cmd_export)
 
     sv = sub.add_parser("serve", help="live speculative serving: server, client, up (local run), bench")
-    sv.add_argument("action", choices=["server", "client", "up", "bench", "chaos"],
-                    help="server / client: one process (see `marl-sd serve server --help`); up / bench: local runs")
+    sv.add_argument(
+        "action",
+        choices=["server", "client", "up", "bench", "chaos"],
+        help="server / client: one process (see `marl-sd serve server --help`); up / bench: local runs",
+    )
     sv.add_argument("--target", default="tiny:0", help="target model (local HF path, smollm2, tiny:SEED)")
     sv.add_argument("--draft", default="tiny-draft:0:0.15", help="draft model (local HF path, smollm2-int8, ...)")
     sv.add_argument("--servers", type=int, default=1)
     sv.add_argument("--clients", type=int, nargs="+", default=[2])
     sv.add_argument("--requests", type=int, default=2, help="requests per client")
-    sv.add_argument("--max-new", type=int, default=None, help="new tokens per request (default 64; up: the scenario's output lengths)")
+    sv.add_argument(
+        "--max-new", type=int, default=None, help="new tokens per request (default 64; up: the scenario's output lengths)"
+    )
     sv.add_argument("--gamma", type=int, default=4)
     sv.add_argument("--uplink-mbps", type=float, default=0.0, help="emulated link rate both ways (0: off)")
     sv.add_argument("--ignore-eos", action="store_true")
@@ -514,12 +652,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--insecure", action="store_true", help="chaos: plain text instead of mutual TLS")
     sv.add_argument("--no-faults", action="store_true", help="chaos: load only (no kills, freezes or restarts)")
     sv.add_argument("--no-attackers", action="store_true", help="chaos: honest clients only")
-    sv.add_argument("--repeats", type=int, default=1,
-                    help="up: live runs per policy; with more than one the table reports the run-to-run spread")
+    sv.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="up: live runs per policy; with more than one the table reports the run-to-run spread",
+    )
     sv.set_defaults(func=_cmd_serve)
 
-    pf = sub.add_parser("profile", help="measure verify/prefill/draft latency into a profile YAML (see --help)",
-                        add_help=False)
+    pf = sub.add_parser("profile", help="measure verify/prefill/draft latency into a profile YAML (see --help)", add_help=False)
     pf.set_defaults(func=_cmd_profile)
 
     sw = sub.add_parser("sweep", help="one training run per (seed, grid point) as Ray Tune trials (resumable)")
@@ -537,13 +678,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["env", "controller", "suite"])
     b.add_argument("config", nargs="?", default=None)
     b.add_argument("--scenarios", nargs="+", help="suite: scenario names or config paths (default: configs/suite/*)")
-    b.add_argument("--policies-suite", "--suite-policies", dest="policies_suite", nargs="+",
-                   default=["nearest_g4", "nearest_adaptive", "greedy_latency", "two_phase_matching", "closed_form_dp",
-                            "centralized_ar", "learned", "oracle", "oracle_clairvoyant"],
-                   help="suite: heuristics, learned (runs/<scenario name>), oracle, oracle_clairvoyant")
+    b.add_argument(
+        "--policies-suite",
+        "--suite-policies",
+        dest="policies_suite",
+        nargs="+",
+        default=[
+            "nearest_g4",
+            "nearest_adaptive",
+            "greedy_latency",
+            "two_phase_matching",
+            "closed_form_dp",
+            "centralized_ar",
+            "learned",
+            "oracle",
+            "oracle_clairvoyant",
+        ],
+        help="suite: heuristics, learned (runs/<scenario name>), oracle, oracle_clairvoyant",
+    )
     b.add_argument("--seeds", type=int, nargs="+", help="suite: seeds (default 0-5)")
-    b.add_argument("--learned", metavar="RUN", help="suite: one run's policy as `learned` on every scenario "
-                                                    "(default: runs/<scenario name>)")
+    b.add_argument(
+        "--learned", metavar="RUN", help="suite: one run's policy as `learned` on every scenario (default: runs/<scenario name>)"
+    )
     b.add_argument("--episodes", type=int, default=2, help="suite: parallel episodes per seed")
     b.add_argument("--out", help="suite: output directory (default runs/suite)")
     b.add_argument("--ray", action="store_true", help="suite: every (scenario, policy, seed) as a Ray task")
@@ -552,13 +708,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-envs", type=int, nargs="+", default=[1, 64, 256])
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--slots", type=int, default=300, help="controller: decisions timed per policy")
-    b.add_argument("--sizes", nargs="+", metavar="NxM", help="controller: users x servers to time one bundle at "
-                                                             "(e.g. 8x3 64x7 256x16; default: the config's size)")
-    b.add_argument("--policies", nargs="+", default=["mappo", "two_phase_matching", "closed_form_dp",
-                                                     "greedy_latency", "nearest_adaptive"],
-                   help="controller: 'mappo' (a fresh actor in onnxruntime) and heuristic names")
-    b.add_argument("--no-compare-fidelity", dest="compare_fidelity", action="store_false",
-                   help="skip the fast-vs-sionna channel comparison at the largest B")
+    b.add_argument(
+        "--sizes",
+        nargs="+",
+        metavar="NxM",
+        help="controller: users x servers to time one bundle at (e.g. 8x3 64x7 256x16; default: the config's size)",
+    )
+    b.add_argument(
+        "--policies",
+        nargs="+",
+        default=["mappo", "two_phase_matching", "closed_form_dp", "greedy_latency", "nearest_adaptive"],
+        help="controller: 'mappo' (a fresh actor in onnxruntime) and heuristic names",
+    )
+    b.add_argument(
+        "--no-compare-fidelity",
+        dest="compare_fidelity",
+        action="store_false",
+        help="skip the fast-vs-sionna channel comparison at the largest B",
+    )
     b.set_defaults(func=_cmd_bench)
     return p
 

@@ -3,6 +3,7 @@
 Unknown or ill-typed keys fail at load time with a `ConfigError` that names the key and the
 file, so a typo never silently falls back to a default.
 """
+
 from __future__ import annotations
 
 import copy
@@ -68,14 +69,19 @@ class Hotspot(Strict):
 class WorkloadConfig(Strict):
     arrival_rate_per_s: float = Field(0.15, gt=0, description="Poisson request rate per user")
     rate_profile: list[tuple[float, float]] | None = Field(
-        None, description="time-varying load: [[from_s, multiplier], ...], piecewise constant over the episode "
-                          "(e.g. bursts); None: constant rate")
+        None,
+        description="time-varying load: [[from_s, multiplier], ...], piecewise constant over the episode "
+        "(e.g. bursts); None: constant rate",
+    )
     hotspot: Hotspot | None = None
     prompt_tokens: Range = Range(low=64, high=256)
     output_tokens: Range = Range(low=32, high=128)
     queue_capacity: int = Field(16, ge=1, description="requests a user can hold; more are dropped")
-    arrivals_for_s: float | None = Field(None, gt=0, description="requests arrive only during the first s seconds "
-                                                                 "of an episode, then queues drain (as in a live run)")
+    arrivals_for_s: float | None = Field(
+        None,
+        gt=0,
+        description="requests arrive only during the first s seconds of an episode, then queues drain (as in a live run)",
+    )
 
     @model_validator(mode="after")
     def _profile(self) -> "WorkloadConfig":
@@ -111,8 +117,7 @@ class ChannelConfig(Strict):
     noise_dbm_hz: float = -174.0
     bs_noise_figure_db: float = 9.0
     ue_noise_figure_db: float = 5.0
-    h_bs_m: float = Field(10.0, gt=0, description="BS height; when not given, the 3GPP value of the model "
-                                                    "(UMi 10 m, UMa 25 m)")
+    h_bs_m: float = Field(10.0, gt=0, description="BS height; when not given, the 3GPP value of the model (UMi 10 m, UMa 25 m)")
     h_ut_m: float = Field(1.5, gt=0)
     min_distance_m: float = Field(10.0, gt=0)
     coverage_snr_db: float = Field(-5.0, description="wideband UL SNR needed to associate")
@@ -132,17 +137,23 @@ class ChannelConfig(Strict):
 class SiteConfig(Strict):
     """One edge server: its latency profile, KV-cache capacity, and where and how it transmits."""
 
-    profile: str | None = Field(None, description="latency profile: a name or a YAML path, relative to the config "
-                                                  "file (None: the scenario's)")
-    kv_capacity_tokens: int | None = Field(None, ge=1, description="context tokens its GPU memory holds over all "
-                                                                    "sessions (None: the scenario's)")
-    position_m: tuple[float, float] | None = Field(None, description="the site's [x, y] in metres (None: its place "
-                                                                     "on the hexagonal lattice); users are still "
-                                                                     "dropped over the lattice's cells, so a site "
-                                                                     "placed away from them is a far site")
+    profile: str | None = Field(
+        None, description="latency profile: a name or a YAML path, relative to the config file (None: the scenario's)"
+    )
+    kv_capacity_tokens: int | None = Field(
+        None, ge=1, description="context tokens its GPU memory holds over all sessions (None: the scenario's)"
+    )
+    position_m: tuple[float, float] | None = Field(
+        None,
+        description="the site's [x, y] in metres (None: its place "
+        "on the hexagonal lattice); users are still "
+        "dropped over the lattice's cells, so a site "
+        "placed away from them is a far site",
+    )
     bs_tx_dbm: float | None = Field(None, description="downlink transmit power (None: the channel's bs_tx_dbm)")
-    bandwidth_mhz: float | None = Field(None, gt=0, description="uplink and downlink bandwidth each (None: the "
-                                                                "channel's bandwidth_mhz)")
+    bandwidth_mhz: float | None = Field(
+        None, gt=0, description="uplink and downlink bandwidth each (None: the channel's bandwidth_mhz)"
+    )
 
 
 class ScenarioConfig(Strict):
@@ -172,11 +183,16 @@ class ScenarioConfig(Strict):
     channel: ChannelConfig = ChannelConfig()
     verify_token_budget: int = Field(256, ge=1, description="max draft tokens verified per batch")
     topk: int = Field(8, ge=1, description="draft (id, prob) pairs uploaded per drafted token")
-    kv_capacity_tokens: int | None = Field(None, ge=1, description="KV-cache context tokens per server over all "
-                                                                    "sessions (None: unlimited); a session reserves "
-                                                                    "its prompt + output tokens when it is admitted")
-    sites: list[SiteConfig] | None = Field(None, description="per-server profile and KV capacity (heterogeneous "
-                                                             "sites); None: every server is alike")
+    kv_capacity_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="KV-cache context tokens per server over all "
+        "sessions (None: unlimited); a session reserves "
+        "its prompt + output tokens when it is admitted",
+    )
+    sites: list[SiteConfig] | None = Field(
+        None, description="per-server profile and KV capacity (heterogeneous sites); None: every server is alike"
+    )
 
     @model_validator(mode="after")
     def _sites(self) -> "ScenarioConfig":
@@ -196,8 +212,11 @@ class ScenarioConfig(Strict):
         """Per site: position (None: lattice), downlink power [dBm], bandwidth [MHz]."""
         sites = self.sites or [SiteConfig()] * self.n_servers
         c = self.channel
-        return ([s.position_m for s in sites], [c.bs_tx_dbm if s.bs_tx_dbm is None else s.bs_tx_dbm for s in sites],
-                [c.bandwidth_mhz if s.bandwidth_mhz is None else s.bandwidth_mhz for s in sites])
+        return (
+            [s.position_m for s in sites],
+            [c.bs_tx_dbm if s.bs_tx_dbm is None else s.bs_tx_dbm for s in sites],
+            [c.bandwidth_mhz if s.bandwidth_mhz is None else s.bandwidth_mhz for s in sites],
+        )
 
     def site_kv_capacity(self) -> list[int | None]:
         return [(s.kv_capacity_tokens or self.kv_capacity_tokens) for s in (self.sites or [SiteConfig()] * self.n_servers)]
@@ -211,14 +230,24 @@ class EnvConfig(Strict):
     bid_weights: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
     priority_weights: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
     check_actions: bool = Field(True, description="raise on out-of-range or masked actions")
-    predraft: bool = Field(True, description="devices keep drafting while a round is in flight (the client's "
-                                             "default; false matches `serve client --no-predraft`)")
-    max_servers: int | None = Field(None, ge=1, description="servers the observation and the server action have "
-                                                            "room for (padded and masked past n_servers); a policy "
-                                                            "runs on any scenario with at most this many. None: n_servers")
-    rng: Literal["stream", "counter"] = Field("stream", description="stream: one generator for the batch (fastest); "
-                                              "counter: each environment's draws hash its own key, so a copy of it "
-                                              "can be shown its real future (the clairvoyant oracle needs this)")
+    predraft: bool = Field(
+        True,
+        description="devices keep drafting while a round is in flight (the client's "
+        "default; false matches `serve client --no-predraft`)",
+    )
+    max_servers: int | None = Field(
+        None,
+        ge=1,
+        description="servers the observation and the server action have "
+        "room for (padded and masked past n_servers); a policy "
+        "runs on any scenario with at most this many. None: n_servers",
+    )
+    rng: Literal["stream", "counter"] = Field(
+        "stream",
+        description="stream: one generator for the batch (fastest); "
+        "counter: each environment's draws hash its own key, so a copy of it "
+        "can be shown its real future (the clairvoyant oracle needs this)",
+    )
 
     @model_validator(mode="after")
     def _ticks(self) -> "EnvConfig":
@@ -271,12 +300,18 @@ class TrainConfig(Strict):
     max_grad_norm: float = Field(10.0, gt=0)
     adam_eps: float = Field(1e-5, gt=0)
     hidden: list[int] = Field(default_factory=lambda: [64, 64])
-    actor: Literal["set", "mlp"] = Field("set", description="set: shared per-server scorer + pooled context "
-                                                            "(permutation-invariant over servers); mlp: one MLP "
-                                                            "over the flat observation")
-    sizes: list[tuple[int, int]] = Field(default_factory=list, description="[n_users, n_servers] pairs trained on "
-                                                                            "together (one simulator each, about equal "
-                                                                            "agent counts); empty: the scenario's size")
+    actor: Literal["set", "mlp"] = Field(
+        "set",
+        description="set: shared per-server scorer + pooled context "
+        "(permutation-invariant over servers); mlp: one MLP "
+        "over the flat observation",
+    )
+    sizes: list[tuple[int, int]] = Field(
+        default_factory=list,
+        description="[n_users, n_servers] pairs trained on "
+        "together (one simulator each, about equal "
+        "agent counts); empty: the scenario's size",
+    )
     layer_norm: bool = True
     value_norm: bool = True
     checkpoint_every: int = Field(20, ge=1, description="rollouts between checkpoints")
@@ -290,8 +325,12 @@ class OracleConfig(Strict):
     """The search oracle (`oracle` in `marl-sd eval --policies`)."""
 
     horizon: int = Field(10, ge=1, description="slots each candidate is rolled out")
-    samples: int = Field(16, ge=1, description="sampled futures per candidate, shared by all candidates "
-                                               "(the clairvoyant oracle scores on the one real future)")
+    samples: int = Field(
+        16,
+        ge=1,
+        description="sampled futures per candidate, shared by all candidates "
+        "(the clairvoyant oracle scores on the one real future)",
+    )
     moves: int = Field(12, ge=0, description="coordinate moves per round (all of them when fewer exist)")
     rounds: int = Field(1, ge=0, description="rounds of coordinate moves after the heuristic proposals")
     base: str = Field("two_phase_matching", description="policy the rollouts follow after the first slot")
@@ -309,13 +348,20 @@ class EvalConfig(Strict):
 class ServingConfig(Strict):
     """Live serving of the scenario (`marl-sd serve up`)."""
 
-    pace: bool = Field(False, description="emulate the scenario's hardware: verifier forwards padded to the "
-                                          "profile's T(b, K) and prefill time, each user's draft tokens to its "
-                                          "device class's draft time")
+    pace: bool = Field(
+        False,
+        description="emulate the scenario's hardware: verifier forwards padded to the "
+        "profile's T(b, K) and prefill time, each user's draft tokens to its "
+        "device class's draft time",
+    )
     batch_window_ms: float = Field(2.0, ge=0, description="verifier micro-batching window")
-    decision_delay_slots: int = Field(1, ge=0, description="slots between the state a live decision is computed "
-                                                           "from and the devices applying it (reports and replies "
-                                                           "are asynchronous); --compare-sim simulates it")
+    decision_delay_slots: int = Field(
+        1,
+        ge=0,
+        description="slots between the state a live decision is computed "
+        "from and the devices applying it (reports and replies "
+        "are asynchronous); --compare-sim simulates it",
+    )
 
 
 class Config(Strict):

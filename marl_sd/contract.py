@@ -11,6 +11,7 @@ arrays and torch tensors alike.
 This module depends only on numpy (torch is used when torch tensors are passed in), so the
 live controller can load it without torch.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
@@ -94,8 +95,7 @@ class ObsSpec:
     @classmethod
     def from_config(cls, cfg) -> "ObsSpec":
         s, w = cfg.scenario, cfg.scenario.workload
-        return cls(cfg.max_servers, cfg.env.gamma_max, w.queue_capacity, w.output_tokens.high, s.verify_token_budget,
-                   s.n_servers)
+        return cls(cfg.max_servers, cfg.env.gamma_max, w.queue_capacity, w.output_tokens.high, s.verify_token_budget, s.n_servers)
 
     def at(self, n_servers: int) -> "ObsSpec":
         """The same contract for a scenario with `n_servers` servers."""
@@ -128,9 +128,19 @@ class ObsSpec:
 
     def feature_table(self) -> list[dict]:
         """The table with sizes resolved: what a consumer needs to encode observations."""
-        return [{"name": f.name, "source": f.source, "width": self.width(f), "kind": f.kind,
-                 "scale": self.scale(f), "clip": list(f.clip), "scope": f.scope, "integer": f.integer}
-                for f in LOCAL_FEATURES]
+        return [
+            {
+                "name": f.name,
+                "source": f.source,
+                "width": self.width(f),
+                "kind": f.kind,
+                "scale": self.scale(f),
+                "clip": list(f.clip),
+                "scope": f.scope,
+                "integer": f.integer,
+            }
+            for f in LOCAL_FEATURES
+        ]
 
     def blocks(self) -> tuple[list[int], list[list[int]]]:
         """Column indices of the flat observation: the per-user scalars, and the per-server
@@ -148,8 +158,19 @@ class ObsSpec:
 
 def features_from_manifest(manifest: dict) -> tuple[Feature, ...]:
     """The feature table a bundle's manifest carries (sizes resolved), as `Feature`s."""
-    return tuple(Feature(f["name"], f["source"], int(f["width"]), f["kind"], float(f["scale"]), tuple(f["clip"]),
-                         f["scope"], bool(f["integer"])) for f in manifest["features"])
+    return tuple(
+        Feature(
+            f["name"],
+            f["source"],
+            int(f["width"]),
+            f["kind"],
+            float(f["scale"]),
+            tuple(f["clip"]),
+            f["scope"],
+            bool(f["integer"]),
+        )
+        for f in manifest["features"]
+    )
 
 
 def _is_torch(x) -> bool:
@@ -177,7 +198,7 @@ class ActionLayout:
 
     def split(self, x) -> list:
         """Per sub-action slices of a flat [..., sum(nvec)] array (mask or logits)."""
-        return [x[..., o:o + n] for o, n in zip(self.offsets, self.nvec)]
+        return [x[..., o : o + n] for o, n in zip(self.offsets, self.nvec)]
 
     def masked_argmax(self, logits, mask):
         """[..., 4] the highest-logit allowed choice of every sub-action."""
@@ -223,10 +244,16 @@ class ActionLayout:
         if _is_torch(actions):
             import torch
 
-            return torch.stack([m.bool().gather(-1, actions[..., k:k + 1]).squeeze(-1)
-                                for k, m in enumerate(self.split(mask))], -1)
-        return np.stack([np.take_along_axis(np.asarray(m, bool), actions[..., k:k + 1], -1)[..., 0]
-                         for k, m in enumerate(self.split(mask))], -1)
+            return torch.stack(
+                [m.bool().gather(-1, actions[..., k : k + 1]).squeeze(-1) for k, m in enumerate(self.split(mask))], -1
+            )
+        return np.stack(
+            [
+                np.take_along_axis(np.asarray(m, bool), actions[..., k : k + 1], -1)[..., 0]
+                for k, m in enumerate(self.split(mask))
+            ],
+            -1,
+        )
 
     def in_range(self, actions):
         """[..., 4] bool: whether each sub-action index lies in [0, n)."""
@@ -258,16 +285,27 @@ class ActionLayout:
         gam = np.arange(n_gam) <= np.asarray(max_gamma)[..., None]
         return np.concatenate([(snr_db >= coverage_snr_db) | best, pad, bids, gam], -1)
 
-    MASK_RULES = {"server": "wideband UL SNR >= coverage_snr_db (the best server always allowed)",
-                  "uplink_bid": "all allowed", "verify_priority": "all allowed",
-                  "gamma": "gamma <= the device's max_gamma"}
+    MASK_RULES = {
+        "server": "wideband UL SNR >= coverage_snr_db (the best server always allowed)",
+        "uplink_bid": "all allowed",
+        "verify_priority": "all allowed",
+        "gamma": "gamma <= the device's max_gamma",
+    }
 
 
 def manifest_contract(cfg) -> dict:
     """What a consumer must agree on to use a policy: sizes, the feature table with its scales
     and clips, the action layout and mask rules. Computed from the config alone."""
     spec, act = ObsSpec.from_config(cfg), ActionLayout.from_config(cfg)
-    return {"obs_spec": spec.contract(), "obs_dim": spec.obs_dim, "obs_layout": [list(x) for x in spec.layout()],
-            "features": spec.feature_table(), "nvec": act.nvec, "sub_actions": list(act.names),
-            "bid_weights": list(cfg.env.bid_weights), "priority_weights": list(cfg.env.priority_weights),
-            "coverage_snr_db": cfg.scenario.channel.coverage_snr_db, "mask_rules": ActionLayout.MASK_RULES}
+    return {
+        "obs_spec": spec.contract(),
+        "obs_dim": spec.obs_dim,
+        "obs_layout": [list(x) for x in spec.layout()],
+        "features": spec.feature_table(),
+        "nvec": act.nvec,
+        "sub_actions": list(act.names),
+        "bid_weights": list(cfg.env.bid_weights),
+        "priority_weights": list(cfg.env.priority_weights),
+        "coverage_snr_db": cfg.scenario.channel.coverage_snr_db,
+        "mask_rules": ActionLayout.MASK_RULES,
+    }

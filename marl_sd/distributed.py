@@ -10,6 +10,7 @@ Without an address a local Ray starts in-process with the machine's CPUs; `addre
 
 Ray is the optional `dist` extra (`pip install marl-sd[dist]`).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -78,8 +79,7 @@ def trial_name(point: dict) -> str:
     return "_".join([*parts, f"seed{point['seed']}"])
 
 
-def train_trial(config: str, overrides: list[str], point: dict, sweep_dir: Path, threads: int = 1,
-                report=None) -> dict:
+def train_trial(config: str, overrides: list[str], point: dict, sweep_dir: Path, threads: int = 1, report=None) -> dict:
     """One trial: train (or resume) `<sweep_dir>/<trial name>`; returns its last evaluation."""
     import torch
 
@@ -96,9 +96,17 @@ def train_trial(config: str, overrides: list[str], point: dict, sweep_dir: Path,
     return last
 
 
-def sweep(config: str, seeds: list[int], grid: dict[str, list[str]], name: str, overrides: list[str] | None = None,
-          runs_dir: Path = Path("runs"), address: str | None = None, cpus_per_trial: float = 1.0,
-          restore: bool = True) -> list[dict]:
+def sweep(
+    config: str,
+    seeds: list[int],
+    grid: dict[str, list[str]],
+    name: str,
+    overrides: list[str] | None = None,
+    runs_dir: Path = Path("runs"),
+    address: str | None = None,
+    cpus_per_trial: float = 1.0,
+    restore: bool = True,
+) -> list[dict]:
     """Run every (seed, grid point) as a Ray Tune trial; an existing sweep of the same name is
     restored (its unfinished trials resume from their checkpoints). Returns one row per trial."""
     init_ray(address)
@@ -110,16 +118,26 @@ def sweep(config: str, seeds: list[int], grid: dict[str, list[str]], name: str, 
     over = list(overrides or [])
 
     def trainable(params: dict) -> dict:
-        return train_trial(config, over, params["point"], sweep_dir, report=lambda row: tune.report(
-            {"reward": row["reward"], "latency_per_token_ms": row["latency_per_token_ms"], "timesteps": row["timesteps"]}))
+        return train_trial(
+            config,
+            over,
+            params["point"],
+            sweep_dir,
+            report=lambda row: tune.report(
+                {"reward": row["reward"], "latency_per_token_ms": row["latency_per_token_ms"], "timesteps": row["timesteps"]}
+            ),
+        )
 
     trainable = tune.with_resources(trainable, {"cpu": cpus_per_trial})
     exp = storage / name
     if restore and tune.Tuner.can_restore(str(exp)):
         tuner = tune.Tuner.restore(str(exp), trainable, resume_unfinished=True, restart_errored=True)
     else:
-        tuner = tune.Tuner(trainable, param_space={"point": tune.grid_search(points)},
-                           run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"point": tune.grid_search(points)},
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0),
+        )
     tuner.fit()
     return collect(sweep_dir, points)
 
@@ -138,18 +156,33 @@ def summarize_sweep(rows: list[dict], metric: str = "latency_per_token_ms") -> d
     """Mean ± 95 % CI over seeds per grid point, and the best trial (lowest metric)."""
     groups: dict[tuple, list[float]] = {}
     for r in rows:
-        key = tuple((k, v) for k, v in r.items() if k not in ("seed", "trial", "timesteps", "reward", "unix_time",
-                                                                "latency_per_token_ms", "run_dir", "agent_steps"))
+        key = tuple(
+            (k, v)
+            for k, v in r.items()
+            if k not in ("seed", "trial", "timesteps", "reward", "unix_time", "latency_per_token_ms", "run_dir", "agent_steps")
+        )
         groups.setdefault(key, []).append(r.get(metric, math.nan))
-    out = {"points": [{"point": dict(k), "mean": mean_ci(np.asarray(v, float))[0], "ci": mean_ci(np.asarray(v, float))[1],
-                       "seeds": len(v)} for k, v in groups.items()]}
+    out = {
+        "points": [
+            {"point": dict(k), "mean": mean_ci(np.asarray(v, float))[0], "ci": mean_ci(np.asarray(v, float))[1], "seeds": len(v)}
+            for k, v in groups.items()
+        ]
+    }
     finite = [r for r in rows if r.get(metric) == r.get(metric) and metric in r]
     out["best_trial"] = min(finite, key=lambda r: r[metric])["trial"] if finite else None
     return out
 
 
-def eval_grid(cfg_by_scenario: dict, make_policy, policies: list[str], seeds: list[int], episodes: int,
-              use_ray: bool = False, address: str | None = None, progress=None) -> dict:
+def eval_grid(
+    cfg_by_scenario: dict,
+    make_policy,
+    policies: list[str],
+    seeds: list[int],
+    episodes: int,
+    use_ray: bool = False,
+    address: str | None = None,
+    progress=None,
+) -> dict:
     """{scenario: {policy: [(summary, per-token latencies) per seed]}} for every (scenario, policy, seed); with
     `use_ray`, each cell is a Ray task (same results: common random numbers are per seed). Sequentially,
     `progress(scenario, policy, seed)` follows each cell."""

@@ -1,5 +1,6 @@
 """Export a trained actor as a policy bundle (`marl_sd.bundle`): ONNX graph + manifest, with the
 torch <-> onnxruntime parity measured on observations from the simulator."""
+
 from __future__ import annotations
 
 import copy
@@ -33,13 +34,24 @@ def measure_parity(policy, onnx: OnnxActor, cfg, n: int, seed: int = 0) -> dict:
         ref = policy.actor_logits(x.to(policy.device)).cpu().numpy()  # the live float32 policy
     got = onnx.logits(x.numpy())
     layout = ActionLayout.from_config(cfg)
-    return {"users": cfg.scenario.n_users, "servers": cfg.scenario.n_servers, "observations": int(len(x)),
-            "max_abs_logit_diff": float(np.abs(got - ref).max()),
-            "same_masked_argmax": bool((layout.masked_argmax(got, m) == layout.masked_argmax(ref, m)).all())}
+    return {
+        "users": cfg.scenario.n_users,
+        "servers": cfg.scenario.n_servers,
+        "observations": int(len(x)),
+        "max_abs_logit_diff": float(np.abs(got - ref).max()),
+        "same_masked_argmax": bool((layout.masked_argmax(got, m) == layout.masked_argmax(ref, m)).all()),
+    }
 
 
-def export_bundle(policy, cfg, out_dir: Path, n_parity: int = 1000, seed: int = 0, precision: str = "float32",
-                  parity_sizes: list[tuple[int, int]] | None = None) -> dict:
+def export_bundle(
+    policy,
+    cfg,
+    out_dir: Path,
+    n_parity: int = 1000,
+    seed: int = 0,
+    precision: str = "float32",
+    parity_sizes: list[tuple[int, int]] | None = None,
+) -> dict:
     """Export a MAPPOPolicy's actor; measure parity on observations from the simulator, at the
     config's size and at each (users, servers) of `parity_sizes` (`n_parity` each).
 
@@ -74,9 +86,17 @@ def export_bundle(policy, cfg, out_dir: Path, n_parity: int = 1000, seed: int = 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(actor, (dummy,), str(path), dynamo=True, external_data=False, verbose=False,
-                              input_names=["obs"], output_names=["logits"],
-                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
+            torch.onnx.export(
+                actor,
+                (dummy,),
+                str(path),
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+                input_names=["obs"],
+                output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
+            )
     finally:
         quiet.setLevel(level)
     sizes = [(cfg.scenario.n_users, cfg.scenario.n_servers)]
@@ -84,11 +104,17 @@ def export_bundle(policy, cfg, out_dir: Path, n_parity: int = 1000, seed: int = 
     onnx = OnnxActor(path)
     parity = [measure_parity(policy, onnx, cfg.at_size(n, m), n_parity, seed) for n, m in sizes]
     manifest = {
-        "manifest_version": MANIFEST_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "package_version": package_versions().get("marl-sd"), "onnx_file": "actor.onnx",
-        "config_hash": cfg.hash(), "identity_hash": cfg.identity_hash(), "algorithm": cfg.train.algorithm,
-        "scenario": scenario_summary(cfg), **manifest_contract(cfg),
-        "precision": precision, "parity": parity[0] | {"sizes": parity},
+        "manifest_version": MANIFEST_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "package_version": package_versions().get("marl-sd"),
+        "onnx_file": "actor.onnx",
+        "config_hash": cfg.hash(),
+        "identity_hash": cfg.identity_hash(),
+        "algorithm": cfg.train.algorithm,
+        "scenario": scenario_summary(cfg),
+        **manifest_contract(cfg),
+        "precision": precision,
+        "parity": parity[0] | {"sizes": parity},
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -7,6 +7,7 @@ the prefill cost per prompt token and the one-token decode cost of a draft archi
 T(b, K) = t0 + c_b*b + c_N*max(0, K - n_knee) and writes a profile YAML that the simulator
 loads directly. Needs only torch, transformers and PyYAML (runs on a bare GPU machine).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,27 +24,85 @@ from marl_sd.serving.models import load_model
 
 # Published architectures (sizes from the models' config.json files).
 ARCHS: dict[str, dict] = {
-    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
-                         max_position_embeddings=8192, tie_word_embeddings=False),
-    "llama-2-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                        num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
-                        max_position_embeddings=4096, tie_word_embeddings=False),
-    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
-                         max_position_embeddings=8192, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
-                       max_position_embeddings=8192, tie_word_embeddings=False),
-    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-                         max_position_embeddings=8192, tie_word_embeddings=True),
-    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                         max_position_embeddings=8192, tie_word_embeddings=True),
-    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048,
-                 tie_word_embeddings=False),
+    "llama-3.1-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    ),
+    "llama-2-13b": dict(
+        model_type="llama",
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    ),
+    "llama-3.2-1b": dict(
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-7b": dict(
+        model_type="qwen2",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+    ),
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2",
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
+    "smollm2-135m": dict(
+        model_type="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -135,15 +194,23 @@ def fit_verify(rows) -> dict:
         if best is None or err.mean() < best[2]:
             best = (knee, coef, err.mean(), err.max())
     knee, (t0, cb, cn), mean_err, max_err = best
-    return {"t0_ms": round(float(t0), 4), "c_b_ms": round(float(cb), 5), "c_n_ms": round(float(cn), 5),
-            "n_knee": float(knee), "fit_error": round(float(mean_err), 4), "fit_error_max": round(float(max_err), 4)}
+    return {
+        "t0_ms": round(float(t0), 4),
+        "c_b_ms": round(float(cb), 5),
+        "c_n_ms": round(float(cn), 5),
+        "n_knee": float(knee),
+        "fit_error": round(float(mean_err), 4),
+        "fit_error_max": round(float(max_err), 4),
+    }
 
 
 def machine_description(device: str) -> str:
     if device.startswith("cuda"):
         p = torch.cuda.get_device_properties(0)
         return f"{p.name}, {p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}, torch {torch.__version__}"
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+    return (
+        f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+    )
 
 
 def run(args) -> dict:
@@ -167,18 +234,23 @@ def run(args) -> dict:
         draft[d] = round(measure_decode(m, args.device, args.context, args.reps, args.warmup), 4)
         del m
     for d in args.draft_model or []:  # real loaded models (e.g. smollm2-int8), timed as the drafter runs them
-
         draft[d] = round(measure_decode(load_model(d), args.device, args.context, args.reps, args.warmup), 4)
-    how = (f"marl_sd.profiler: {args.arch} random weights, {args.dtype}, transformers eager (sdpa), "
-           f"context {args.context} tokens, median of {args.reps} after {args.warmup} warm-up, {machine_description(args.device)}")
+    how = (
+        f"marl_sd.profiler: {args.arch} random weights, {args.dtype}, transformers eager (sdpa), "
+        f"context {args.context} tokens, median of {args.reps} after {args.warmup} warm-up, {machine_description(args.device)}"
+    )
     profile = {
         "name": args.name or f"{args.arch}_{args.device}",
         "machine": machine_description(args.device),
         "target": {
-            "model": args.arch, "hardware": machine_description(args.device),
-            "verify": {**{k: fit[k] for k in ("t0_ms", "c_b_ms", "c_n_ms", "n_knee")}, "fit_error": fit["fit_error"],
-                       "source": f"measured: {how}; fit over b={args.batches}, tokens/row={args.tokens}, "
-                                 f"mean |rel. error| {fit['fit_error']:.3f}, max {fit['fit_error_max']:.3f}"},
+            "model": args.arch,
+            "hardware": machine_description(args.device),
+            "verify": {
+                **{k: fit[k] for k in ("t0_ms", "c_b_ms", "c_n_ms", "n_knee")},
+                "fit_error": fit["fit_error"],
+                "source": f"measured: {how}; fit over b={args.batches}, tokens/row={args.tokens}, "
+                f"mean |rel. error| {fit['fit_error']:.3f}, max {fit['fit_error_max']:.3f}",
+            },
             "prefill": {"ms_per_token": round(slope, 5), "source": f"measured: slope over prompt lengths {args.prefill}"},
         },
         "measured": {
@@ -204,8 +276,12 @@ def merge_devices(profile: dict, base: str | None, device_class: str | None = No
     if device_class and draft:
         name, ms = next(iter(draft.items()))
         profile["devices"][device_class] = {
-            "draft_ms_per_token": ms, "power_w": power_w, "max_gamma": 8, "alpha_scale": 1.0,
-            "source": f"measured: 1-token decode of {name} ({profile['machine']}); power an estimate"}
+            "draft_ms_per_token": ms,
+            "power_w": power_w,
+            "max_gamma": 8,
+            "alpha_scale": 1.0,
+            "source": f"measured: 1-token decode of {name} ({profile['machine']}); power an estimate",
+        }
     return profile
 
 
@@ -235,9 +311,11 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(yaml.safe_dump(prof, sort_keys=False, width=120))
     v = prof["target"]["verify"]
-    print(f"{args.arch} on {prof['machine']}: t0 {v['t0_ms']} ms, c_b {v['c_b_ms']} ms, c_N {v['c_n_ms']} ms/token, "
-          f"knee {v['n_knee']}, fit error {v['fit_error']:.3f}; prefill {prof['target']['prefill']['ms_per_token']} ms/token; "
-          f"draft decode {prof['measured']['draft_decode_ms']} -> {args.out}")
+    print(
+        f"{args.arch} on {prof['machine']}: t0 {v['t0_ms']} ms, c_b {v['c_b_ms']} ms, c_N {v['c_n_ms']} ms/token, "
+        f"knee {v['n_knee']}, fit error {v['fit_error']:.3f}; prefill {prof['target']['prefill']['ms_per_token']} ms/token; "
+        f"draft decode {prof['measured']['draft_decode_ms']} -> {args.out}"
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Evaluation reports: rich table, CSV/JSON files and PNG plots under `<run>/eval/`."""
+
 from __future__ import annotations
 
 import csv
@@ -11,14 +12,36 @@ from rich.table import Table
 
 from marl_sd.agents.evaluate import HEADLINE, METRICS, PolicyResult
 
-SHORT = {HEADLINE: "ms/tok all", "latency_per_token_ms": "ms/tok fin", "slo_attainment_all": "SLO all",
-         "outstanding_at_end": "unfin", "token_latency_p50_ms": "p50", "token_latency_p95_ms": "p95",
-         "request_latency_ms": "req ms", "request_latency_p95_ms": "req p95", "ttft_ms": "TTFT",
-         "energy_per_token_j": "J/tok", "throughput_tok_s": "tok/s", "slo_attainment": "SLO",
-         "handovers_per_user_min": "HO/min"}
-TABLE_METRICS = (HEADLINE, "slo_attainment_all", "outstanding_at_end", "latency_per_token_ms", "token_latency_p50_ms",
-                 "token_latency_p95_ms", "request_latency_ms", "request_latency_p95_ms", "ttft_ms", "energy_per_token_j",
-                 "throughput_tok_s", "slo_attainment", "handovers_per_user_min")
+SHORT = {
+    HEADLINE: "ms/tok all",
+    "latency_per_token_ms": "ms/tok fin",
+    "slo_attainment_all": "SLO all",
+    "outstanding_at_end": "unfin",
+    "token_latency_p50_ms": "p50",
+    "token_latency_p95_ms": "p95",
+    "request_latency_ms": "req ms",
+    "request_latency_p95_ms": "req p95",
+    "ttft_ms": "TTFT",
+    "energy_per_token_j": "J/tok",
+    "throughput_tok_s": "tok/s",
+    "slo_attainment": "SLO",
+    "handovers_per_user_min": "HO/min",
+}
+TABLE_METRICS = (
+    HEADLINE,
+    "slo_attainment_all",
+    "outstanding_at_end",
+    "latency_per_token_ms",
+    "token_latency_p50_ms",
+    "token_latency_p95_ms",
+    "request_latency_ms",
+    "request_latency_p95_ms",
+    "ttft_ms",
+    "energy_per_token_j",
+    "throughput_tok_s",
+    "slo_attainment",
+    "handovers_per_user_min",
+)
 
 
 def _fmt(mean: float, ci: float) -> str:
@@ -29,11 +52,15 @@ def _fmt(mean: float, ci: float) -> str:
 
 
 def results_table(results: list[PolicyResult], title: str) -> Table:
-    t = Table(title=title, show_lines=False, caption="ms/tok all (the ranking): latency / output token over every "
-              "arrived request, unfinished ones charged their wait + tokens left at the user's pace; SLO all: share "
-              "of arrived requests within both SLOs; unfin: requests unfinished at the end per episode; "
-              "ms/tok fin, p50, p95, req, TTFT, SLO: finished requests only; HO/min: handovers per user per minute; "
-              "seeds: seeds where finished-request metrics exist / seeds run; C: centralized heuristic")
+    t = Table(
+        title=title,
+        show_lines=False,
+        caption="ms/tok all (the ranking): latency / output token over every "
+        "arrived request, unfinished ones charged their wait + tokens left at the user's pace; SLO all: share "
+        "of arrived requests within both SLOs; unfin: requests unfinished at the end per episode; "
+        "ms/tok fin, p50, p95, req, TTFT, SLO: finished requests only; HO/min: handovers per user per minute; "
+        "seeds: seeds where finished-request metrics exist / seeds run; C: centralized heuristic",
+    )
     t.add_column("policy", style="bold", no_wrap=True)
     t.add_column("", no_wrap=True)
     t.add_column("seeds", justify="right", no_wrap=True)
@@ -53,8 +80,7 @@ def results_table(results: list[PolicyResult], title: str) -> Table:
             cells.append(f"[green]{c}[/green]" if s[k][0] == best.get(k) else c)
         n_fin = r.seeds_with("latency_per_token_ms")
         seeds = f"{n_fin}/{len(r.per_seed)}"
-        t.add_row(r.name, "C" if r.centralized else "", seeds if n_fin == len(r.per_seed) else f"[red]{seeds}[/red]",
-                  *cells)
+        t.add_row(r.name, "C" if r.centralized else "", seeds if n_fin == len(r.per_seed) else f"[red]{seeds}[/red]", *cells)
     return t
 
 
@@ -63,8 +89,13 @@ def write_results(results: list[PolicyResult], out_dir: Path, meta: dict) -> Non
     rows = []
     for r in results:
         s = r.summary()
-        row = {"policy": r.name, "centralized": r.centralized, "description": r.description,
-               "seeds": len(r.per_seed), "seeds_with_finished": r.seeds_with("latency_per_token_ms")}
+        row = {
+            "policy": r.name,
+            "centralized": r.centralized,
+            "description": r.description,
+            "seeds": len(r.per_seed),
+            "seeds_with_finished": r.seeds_with("latency_per_token_ms"),
+        }
         for k, (m, ci) in s.items():
             row[k] = m
             row[f"{k}_ci95"] = ci
@@ -144,10 +175,17 @@ def write_sweep(sweep: dict[int, list[PolicyResult]], key: str, out_dir: Path) -
     for x, results in sorted(sweep.items()):
         for r in results:
             s = r.summary()
-            rows.append({key: x, "policy": r.name, HEADLINE: s[HEADLINE][0], f"{HEADLINE}_ci95": s[HEADLINE][1],
-                         "latency_per_token_ms": s["latency_per_token_ms"][0],
-                         "latency_per_token_ms_ci95": s["latency_per_token_ms"][1],
-                         "token_latency_p95_ms": s["token_latency_p95_ms"][0]})
+            rows.append(
+                {
+                    key: x,
+                    "policy": r.name,
+                    HEADLINE: s[HEADLINE][0],
+                    f"{HEADLINE}_ci95": s[HEADLINE][1],
+                    "latency_per_token_ms": s["latency_per_token_ms"][0],
+                    "latency_per_token_ms_ci95": s["latency_per_token_ms"][1],
+                    "token_latency_p95_ms": s["token_latency_p95_ms"][0],
+                }
+            )
     path = out_dir / f"sweep_{key}.csv"
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))

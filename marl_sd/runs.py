@@ -1,4 +1,5 @@
 """Run directories: resolved config, seeds, package versions and git commit for every run."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,20 @@ from pathlib import Path
 from marl_sd.config import Config, dump_config
 
 RUNS_DIR = Path("runs")
-PACKAGES = ("marl-sd", "torch", "stable-baselines3", "sb3-contrib", "gymnasium", "pettingzoo", "sionna-no-rt",
-            "numpy", "onnx", "onnxruntime", "transformers", "grpcio")
+PACKAGES = (
+    "marl-sd",
+    "torch",
+    "stable-baselines3",
+    "sb3-contrib",
+    "gymnasium",
+    "pettingzoo",
+    "sionna-no-rt",
+    "numpy",
+    "onnx",
+    "onnxruntime",
+    "transformers",
+    "grpcio",
+)
 
 
 def package_versions() -> dict[str, str]:
@@ -29,8 +42,9 @@ def git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parent.parent
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5
+        )
         if sha.returncode != 0:
             return None
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

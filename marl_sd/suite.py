@@ -2,6 +2,7 @@
 same seeds (common random numbers), one table of ms/token with 95 % CIs and the gap to the
 search oracle, a paired comparison of the learned policy with the best heuristic, CSV/JSON and a
 heatmap."""
+
 from __future__ import annotations
 
 import csv
@@ -19,8 +20,13 @@ from marl_sd.config import CONFIG_DIR, load_config
 from marl_sd.distributed import eval_grid
 
 METRIC = HEADLINE  # ranks the suite: all arrived work counts (see `agents.evaluate.HEADLINE`)
-PER_SEED = {"per_seed": METRIC, "finished": "latency_per_token_ms", "slo": "slo_attainment_all",
-            "handovers_per_user_min": "handovers_per_user_min", "unfinished": "outstanding_at_end"}
+PER_SEED = {
+    "per_seed": METRIC,
+    "finished": "latency_per_token_ms",
+    "slo": "slo_attainment_all",
+    "handovers_per_user_min": "handovers_per_user_min",
+    "unfinished": "outstanding_at_end",
+}
 
 
 def with_every_heuristic(policies: list[str]) -> tuple[list[str], list[str]]:
@@ -47,23 +53,44 @@ def suite_configs(names: list[str] | None = None) -> dict[str, Path]:
 def make_policy(name: str, cfg, runs_dir: Path, learned_run: Path | None = None):
     """`agents.catalog.make_policy`, with `learned` from `learned_run` (one policy for every
     scenario, e.g. an any-size one), else from the run named after the scenario under runs_dir."""
-    return catalog.make_policy(name, cfg, Path(learned_run) if learned_run else runs_dir / cfg.name,
-                               learned_name="learned")
+    return catalog.make_policy(name, cfg, Path(learned_run) if learned_run else runs_dir / cfg.name, learned_name="learned")
 
 
-def run_suite(scenarios: dict[str, Path], policies: list[str], seeds: list[int], episodes: int, overrides: list[str],
-              runs_dir: Path = Path("runs"), progress=None, use_ray: bool = False, address: str | None = None,
-              learned_run: Path | None = None) -> dict:
+def run_suite(
+    scenarios: dict[str, Path],
+    policies: list[str],
+    seeds: list[int],
+    episodes: int,
+    overrides: list[str],
+    runs_dir: Path = Path("runs"),
+    progress=None,
+    use_ray: bool = False,
+    address: str | None = None,
+    learned_run: Path | None = None,
+) -> dict:
     """{scenario: {policy: [metric per seed]}} plus per-seed SLO attainment and the oracles'
     diagnostics, on identical seeds (with `use_ray`, every (scenario, policy, seed) is a Ray task;
     the results are the same). Counter-based draws (`env.rng=counter`, unless overridden): the
     clairvoyant oracle needs them, and every policy then faces the same draws."""
     cfgs = {scen: load_config(path, ["env.rng=counter", *overrides]) for scen, path in scenarios.items()}
-    grid = eval_grid(cfgs, lambda name, cfg: make_policy(name, cfg, runs_dir, learned_run), policies, seeds, episodes,
-                     use_ray, address, progress)
-    return {scen: {name: {key: [s[m] for s, _ in runs] for key, m in PER_SEED.items()}
-                   | {k: [s[k] for s, _ in runs] for k in runs[0][0] if k.startswith("oracle_")}
-                   for name, runs in pols.items()} for scen, pols in grid.items()}
+    grid = eval_grid(
+        cfgs,
+        lambda name, cfg: make_policy(name, cfg, runs_dir, learned_run),
+        policies,
+        seeds,
+        episodes,
+        use_ray,
+        address,
+        progress,
+    )
+    return {
+        scen: {
+            name: {key: [s[m] for s, _ in runs] for key, m in PER_SEED.items()}
+            | {k: [s[k] for s, _ in runs] for k in runs[0][0] if k.startswith("oracle_")}
+            for name, runs in pols.items()
+        }
+        for scen, pols in grid.items()
+    }
 
 
 def summarize_suite(res: dict) -> dict:
@@ -76,22 +103,36 @@ def summarize_suite(res: dict) -> dict:
         heur = {p: m for p, (m, _) in row.items() if p in HEURISTICS and p != "random"}
         missing = [h for h in HEURISTICS if h != "random" and h not in heur]
         best_h = min(heur, key=heur.get) if heur and not missing else None
-        s = {"policies": {p: {"mean": m, "ci": ci, "gap_to_oracle": (m - oracle) / oracle if oracle == oracle else math.nan,
-                              "seeds": int(sum(x == x for x in pols[p]["per_seed"])), "seeds_run": len(pols[p]["per_seed"]),
-                              **{k: float(np.nanmean(pols[p][k])) if any(x == x for x in pols[p][k]) else math.nan
-                                 for k in ("finished", "slo", "handovers_per_user_min", "unfinished") if k in pols[p]}}
-                          for p, (m, ci) in row.items()},
-             "heuristics_not_run": missing,
-             "ratio_to_best_heuristic": {p: m / heur[best_h] for p, (m, _) in row.items()} if best_h else {},
-             "best_heuristic": best_h,
-             "oracle_headroom_vs_best_heuristic": (heur[best_h] - oracle) / heur[best_h] if best_h and oracle == oracle else math.nan}
+        s = {
+            "policies": {
+                p: {
+                    "mean": m,
+                    "ci": ci,
+                    "gap_to_oracle": (m - oracle) / oracle if oracle == oracle else math.nan,
+                    "seeds": int(sum(x == x for x in pols[p]["per_seed"])),
+                    "seeds_run": len(pols[p]["per_seed"]),
+                    **{
+                        k: float(np.nanmean(pols[p][k])) if any(x == x for x in pols[p][k]) else math.nan
+                        for k in ("finished", "slo", "handovers_per_user_min", "unfinished")
+                        if k in pols[p]
+                    },
+                }
+                for p, (m, ci) in row.items()
+            },
+            "heuristics_not_run": missing,
+            "ratio_to_best_heuristic": {p: m / heur[best_h] for p, (m, _) in row.items()} if best_h else {},
+            "best_heuristic": best_h,
+            "oracle_headroom_vs_best_heuristic": (heur[best_h] - oracle) / heur[best_h]
+            if best_h and oracle == oracle
+            else math.nan,
+        }
         clair = row.get("oracle_clairvoyant", (math.nan, math.nan))[0]
         if best_h and clair == clair:
             s["clairvoyant_headroom_vs_best_heuristic"] = (heur[best_h] - clair) / heur[best_h]
         for name in ("oracle", "oracle_clairvoyant"):
             for k, v in pols.get(name, {}).items():
                 if k.startswith("oracle_"):
-                    s[f"{name}.{k[len('oracle_'):]}"] = float(np.mean(v))
+                    s[f"{name}.{k[len('oracle_') :]}"] = float(np.mean(v))
         if "learned" in pols and best_h:
             a, b = np.asarray(pols["learned"]["per_seed"], float), np.asarray(pols[best_h]["per_seed"], float)
             ok = ~(np.isnan(a) | np.isnan(b))
@@ -105,17 +146,40 @@ def summarize_suite(res: dict) -> dict:
 def write_suite(res: dict, summary: dict, out_dir: Path, meta: dict) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "suite.json").write_text(json.dumps({"meta": meta, "per_seed": res, "summary": summary}, indent=1,
-                                                   default=float))
+    (out_dir / "suite.json").write_text(json.dumps({"meta": meta, "per_seed": res, "summary": summary}, indent=1, default=float))
     with open(out_dir / "suite.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["scenario", "policy", "ms_per_token_all", "ci95", "seeds", "seeds_run", "ratio_to_best_heuristic",
-                    "gap_to_search", "ms_per_token_finished", "slo_attainment_all", "handovers_per_user_min", "unfinished"])
+        w.writerow(
+            [
+                "scenario",
+                "policy",
+                "ms_per_token_all",
+                "ci95",
+                "seeds",
+                "seeds_run",
+                "ratio_to_best_heuristic",
+                "gap_to_search",
+                "ms_per_token_finished",
+                "slo_attainment_all",
+                "handovers_per_user_min",
+                "unfinished",
+            ]
+        )
         for scen, s in summary.items():
             for p, v in s["policies"].items():
-                w.writerow([scen, p, f"{v['mean']:.3f}", f"{v['ci']:.3f}", v["seeds"], v["seeds_run"],
-                            f"{s['ratio_to_best_heuristic'].get(p, math.nan):.4f}", f"{v['gap_to_oracle']:.4f}",
-                            *(f"{v.get(k, math.nan):.4f}" for k in ("finished", "slo", "handovers_per_user_min", "unfinished"))])
+                w.writerow(
+                    [
+                        scen,
+                        p,
+                        f"{v['mean']:.3f}",
+                        f"{v['ci']:.3f}",
+                        v["seeds"],
+                        v["seeds_run"],
+                        f"{s['ratio_to_best_heuristic'].get(p, math.nan):.4f}",
+                        f"{v['gap_to_oracle']:.4f}",
+                        *(f"{v.get(k, math.nan):.4f}" for k in ("finished", "slo", "handovers_per_user_min", "unfinished")),
+                    ]
+                )
     return [out_dir / "suite.json", out_dir / "suite.csv", heatmap(summary, out_dir / "suite_heatmap.png")]
 
 

@@ -6,6 +6,7 @@ server starts a batch the moment it is free and a round is queued, with every ro
 instant, and takes T(b, K) + prefill. The client's pre-drafting rule is restated here from its
 definition (`Drafter.commit`), not imported, so a bug in the simulator's copy shows up as a gap.
 """
+
 from __future__ import annotations
 
 import heapq

@@ -1,6 +1,7 @@
 """One policy for any number of users and servers: the size-free observation, the
 permutation-invariant set actor, training over several sizes, export parity at several sizes,
 and a controller whose users come and go."""
+
 import json
 
 import numpy as np
@@ -43,15 +44,14 @@ def sim_obs(cfg, n_users, n_servers, steps=3):
 
 def test_observation_has_no_size_but_the_servers_room():
     cfg = load_config(overrides=ROOM)
-    dims = {(n, m): BatchedSimulator(cfg.at_size(n, m), num_envs=1, seed=0).obs_and_state()
-            for n, m in [(2, 1), (8, 3), (17, 5)]}
+    dims = {(n, m): BatchedSimulator(cfg.at_size(n, m), num_envs=1, seed=0).obs_and_state() for n, m in [(2, 1), (8, 3), (17, 5)]}
     assert len({(o.shape[-1], s.shape[-1]) for o, s in dims.values()}) == 1
     o, _ = dims[(17, 5)]
     assert o.shape[:2] == (1, 17)
     valid = [f.name for f in LOCAL_FEATURES].index("server_valid")
     start = sum(ObsSpec.from_config(cfg).width(f) for f in LOCAL_FEATURES[:valid])
     o2, _ = dims[(8, 3)]
-    assert o2[0, 0, start:start + 5].tolist() == [1, 1, 1, 0, 0]
+    assert o2[0, 0, start : start + 5].tolist() == [1, 1, 1, 0, 0]
     sim = BatchedSimulator(cfg.at_size(8, 3), num_envs=1, seed=0)
     server_mask = sim.mask[..., :5]
     assert not server_mask[..., 3:].any() and server_mask[..., :3].any(-1).all()
@@ -64,7 +64,7 @@ def permute_servers(obs, spec, perm):
     for f in LOCAL_FEATURES:
         w = spec.width(f)
         if f.width == "M":
-            out[..., off:off + w] = obs[..., off:off + w][..., perm]
+            out[..., off : off + w] = obs[..., off : off + w][..., perm]
         off += w
     return out
 
@@ -117,10 +117,21 @@ def test_one_bundle_matches_torch_at_three_sizes(policy, tmp_path):
 
 
 def test_training_over_sizes_and_exact_resume(tmp_path):
-    cfg = load_config("configs/smoke.yaml", ["env.max_servers=3", "env.horizon=8", "train.sizes=[[2, 1], [5, 3]]",
-                                             "train.num_envs=4", "train.n_steps=8", "train.eval_episodes=1",
-                                             "train.pretrain.teacher=nearest_g4", "train.pretrain.iterations=2",
-                                             "train.checkpoint_every=1", "train.eval_every=2"])
+    cfg = load_config(
+        "configs/smoke.yaml",
+        [
+            "env.max_servers=3",
+            "env.horizon=8",
+            "train.sizes=[[2, 1], [5, 3]]",
+            "train.num_envs=4",
+            "train.n_steps=8",
+            "train.eval_episodes=1",
+            "train.pretrain.teacher=nearest_g4",
+            "train.pretrain.iterations=2",
+            "train.checkpoint_every=1",
+            "train.eval_every=2",
+        ],
+    )
     venv = training_env(cfg)
     assert isinstance(venv, MixedSizeVecEnv) and [p.sim.N for p in venv.parts] == [2, 5]
     assert [p.num_envs for p in venv.parts] == [16, 15]  # about 4 x 4 agent slots each

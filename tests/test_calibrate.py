@@ -1,4 +1,5 @@
 """Served profiles: the simulator's cost terms fitted to live-run timings."""
+
 import pytest
 
 from marl_sd.envs.profiles import LatencyProfile, load_profile
@@ -6,16 +7,28 @@ from marl_sd.serving.calibrate import fit_served_profile, write_profile
 
 
 def _round(gamma, drafted, draft_ms, up, dn, queue, verify, extra):
-    return {"gamma": gamma, "drafted": drafted, "draft_ms": draft_ms, "uplink_ms": up, "downlink_ms": dn,
-            "queue_ms": queue, "verify_ms": verify, "round_ms": up + dn + queue + verify + extra}
+    return {
+        "gamma": gamma,
+        "drafted": drafted,
+        "draft_ms": draft_ms,
+        "uplink_ms": up,
+        "downlink_ms": dn,
+        "queue_ms": queue,
+        "verify_ms": verify,
+        "round_ms": up + dn + queue + verify + extra,
+    }
 
 
 def test_fit_recovers_the_generating_costs(tmp_path):
     base = load_profile("tiny_cpu")
     t = lambda b, k: 3.0 + 0.5 * b + 0.02 * k  # noqa: E731
     samples = [(b, k, t(b, k) - 2.0, t(b, k)) for b in (1, 2, 3, 4) for k in (b * 3, b * 5, b * 9) for _ in range(3)]
-    rows = [{"round_detail": [_round(4, 3, 3 * 1.5, 5.0, 4.5, 1.0, 2.0, 1.2) for _ in range(12)]
-             + [_round(0, 0, 0.1, 4.0, 4.0, 0.5, 6.0, 9.0)]}]
+    rows = [
+        {
+            "round_detail": [_round(4, 3, 3 * 1.5, 5.0, 4.5, 1.0, 2.0, 1.2) for _ in range(12)]
+            + [_round(0, 0, 0.1, 4.0, 4.0, 0.5, 6.0, 9.0)]
+        }
+    ]
     prof = fit_served_profile(base, "cpu_tiny_draft", samples, rows, name="served_test")
     v = prof["target"]["verify"]
     assert v["t0_ms"] + v["c_b_ms"] * 2 + v["c_n_ms"] * max(0, 10 - v["n_knee"]) == pytest.approx(t(2, 10), rel=0.02)
@@ -35,8 +48,10 @@ def test_paced_clients_fit_their_own_class():
     no client untouched."""
     base = load_profile("llama31_8b_a10g_roofline")
     samples = [(b, 5 * b, 30.0, 33.0 + b) for b in (1, 2, 3) for _ in range(5)]
-    rows = [{"client": c, "round_detail": [_round(4, 4, 4 * ms, 4.0, 4.0, 1.0, 33.0, 3.0) for _ in range(6)]}
-            for c, ms in enumerate((3.3, 49.5, 3.5))]
+    rows = [
+        {"client": c, "round_detail": [_round(4, 4, 4 * ms, 4.0, 4.0, 1.0, 33.0, 3.0) for _ in range(6)]}
+        for c, ms in enumerate((3.3, 49.5, 3.5))
+    ]
     classes = ["laptop_gpu_1b", "raspberry_pi5_0b5", "laptop_gpu_1b"]
     prof = fit_served_profile(base, None, samples, rows, name="paced", client_classes=classes)
     assert prof["devices"]["laptop_gpu_1b"]["draft_ms_per_token"] == pytest.approx(3.4)
@@ -70,6 +85,7 @@ def test_transport_cost_enters_the_simulator(tmp_path):
         cfg = load_config("configs/live_cpu.yaml", ["env.horizon=50", f"scenario.profile={profile}"])
         s, _ = run_policy(cfg, make_heuristic("nearest_g4", PolicyContext.from_config(cfg)), seed=0, episodes=4)
         return cfg, s["latency_per_token_ms"]
+
     cfg, slow = latency(tmp_path / "slow.yaml")
     assert BatchedSimulator(cfg, num_envs=1).costs.message_ms == pytest.approx(cfg.scenario.channel.base_latency_ms + 5.0)
     assert slow > latency("tiny_cpu")[1] * 1.2
@@ -115,9 +131,11 @@ def test_live_summary_uses_the_simulator_definitions():
     """Latency per token = summed latency / summed tokens; handovers counted once per client."""
     from marl_sd.serving.launcher import handovers, latency_per_token
 
-    rows = [{"client": 0, "latency_ms": 100.0, "tokens": 10, "handovers": 1},
-            {"client": 0, "latency_ms": 300.0, "tokens": 10, "handovers": 3},
-            {"client": 1, "latency_ms": 50.0, "tokens": 30, "handovers": 0}]
+    rows = [
+        {"client": 0, "latency_ms": 100.0, "tokens": 10, "handovers": 1},
+        {"client": 0, "latency_ms": 300.0, "tokens": 10, "handovers": 3},
+        {"client": 1, "latency_ms": 50.0, "tokens": 30, "handovers": 0},
+    ]
     assert latency_per_token(rows) == pytest.approx(450.0 / 50)
     assert handovers(rows) == 3
 
@@ -138,6 +156,7 @@ def test_delayed_policy_applies_stale_decisions_within_the_mask():
         def act(self, obs, mask):
             self.t += 1
             return torch.tensor([[[self.t % 3, 0, 0, self.t]]])
+
     nv = ctx.nvec
     full = torch.ones(1, 1, sum(nv), dtype=torch.bool)
     pol = DelayedPolicy(Counter(ctx), 1)
@@ -154,8 +173,10 @@ def test_delayed_policy_applies_stale_decisions_within_the_mask():
 def test_spread_over_repeats_reports_mean_sd_and_gap():
     from marl_sd.serving.calibrate import spread_over_repeats
 
-    live = [[{"policy": "a", "latency_per_token_ms": v}, {"policy": "b", "latency_per_token_ms": w}]
-            for v, w in ((10.0, 20.0), (12.0, 20.0), (11.0, 26.0))]
+    live = [
+        [{"policy": "a", "latency_per_token_ms": v}, {"policy": "b", "latency_per_token_ms": w}]
+        for v, w in ((10.0, 20.0), (12.0, 20.0), (11.0, 26.0))
+    ]
     detail = [{"a": {"sim_ms_per_token": 10.0}, "b": {"sim_ms_per_token": 20.0}}] * 3
     s = spread_over_repeats(list(zip(live, detail)))
     assert s["a"]["runs"] == 3 and s["a"]["live_mean"] == pytest.approx(11.0)

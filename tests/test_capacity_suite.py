@@ -1,4 +1,5 @@
 """Capacity bisection and the suite benchmark."""
+
 import math
 
 import pytest
@@ -15,6 +16,7 @@ def test_bisection_finds_the_last_user_count_meeting_the_target(monkeypatch):
     def fake(cfg, make, n, seeds, episodes):
         calls.append(n)
         return 1.0 - n / 100.0, 0.01, []
+
     monkeypatch.setattr(cap, "slo_attainment", fake)
     r = cap.capacity(load_config(), None, [0], 1, target=0.9, start=4)
     assert r["capacity"] == 10 and r["attainment"][0] == pytest.approx(0.9)
@@ -64,8 +66,15 @@ def test_suite_run_and_summary():
 def test_suite_with_both_oracles_on_counter_draws():
     """The suite runs on counter draws, so the clairvoyant oracle can see each episode's future;
     both oracles report their diagnostics and headroom."""
-    small = ["env.horizon=40", "scenario.workload.arrival_rate_per_s=1.5", "scenario.n_users=3", "scenario.n_servers=2", "eval.oracle.samples=2",
-             "eval.oracle.horizon=2", "eval.oracle.moves=2"]
+    small = [
+        "env.horizon=40",
+        "scenario.workload.arrival_rate_per_s=1.5",
+        "scenario.n_users=3",
+        "scenario.n_servers=2",
+        "eval.oracle.samples=2",
+        "eval.oracle.horizon=2",
+        "eval.oracle.moves=2",
+    ]
     res = run_suite(suite_configs(["light"]), with_every_heuristic(["oracle", "oracle_clairvoyant"])[0], [0], 1, small)
     s = summarize_suite(res)["light"]
     assert {"oracle", "oracle_clairvoyant"} < set(s["policies"])

@@ -1,4 +1,5 @@
 """Channel layer: pathloss vs Sionna, fast-path SNR distribution vs full Sionna CIRs, rates."""
+
 import pytest
 import torch
 

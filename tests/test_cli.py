@@ -1,4 +1,5 @@
 """The `marl-sd` command line: config errors exit 2 with the key named; commands run."""
+
 from marl_sd.cli import main
 
 

@@ -1,5 +1,6 @@
 """The env-policy contract (marl_sd.contract): one feature table and one action layout, from
 which observation sizes, encoding, decoding, masks and the bundle manifest all follow."""
+
 import copy
 
 import numpy as np
@@ -58,7 +59,7 @@ def test_numpy_and_torch_paths_agree(sim):
 def test_random_valid_samples_only_allowed_actions_and_covers_them(sim):
     layout = sim.actions
     mask = sim.mask.clone()
-    mask[..., layout.offsets[3] + 1:] = False  # gamma 0 only
+    mask[..., layout.offsets[3] + 1 :] = False  # gamma 0 only
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)
     seen = set()
@@ -81,8 +82,18 @@ def test_masked_sample_respects_the_mask(sim):
 def test_manifest_carries_the_table_and_the_controller_uses_it(sim):
     m = manifest_contract(sim.cfg)
     assert features_from_manifest(m) == tuple(
-        type(f)(f.name, f.source, ObsSpec(**m["obs_spec"]).width(f), f.kind, ObsSpec(**m["obs_spec"]).scale(f),
-                f.clip, f.scope, f.integer) for f in LOCAL_FEATURES)
+        type(f)(
+            f.name,
+            f.source,
+            ObsSpec(**m["obs_spec"]).width(f),
+            f.kind,
+            ObsSpec(**m["obs_spec"]).scale(f),
+            f.clip,
+            f.scope,
+            f.integer,
+        )
+        for f in LOCAL_FEATURES
+    )
     core = ControllerCore(m, policy=None)
     users, servers = reports_from_features(sim.features())
     for r in users:
@@ -111,8 +122,7 @@ def test_builder_from_the_manifest_table_equals_the_package_table(sim):
 def test_action_layout_from_config_matches_nvec():
     cfg = load_config()
     layout = ActionLayout.from_config(cfg)
-    assert layout.nvec == [cfg.scenario.n_servers, len(cfg.env.bid_weights), len(cfg.env.priority_weights),
-                           cfg.env.gamma_max + 1]
+    assert layout.nvec == [cfg.scenario.n_servers, len(cfg.env.bid_weights), len(cfg.env.priority_weights), cfg.env.gamma_max + 1]
     assert layout.offsets == [0, *np.cumsum(layout.nvec)[:-1].tolist()]
 
 

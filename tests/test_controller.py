@@ -1,4 +1,5 @@
 """Live controller: same observations as the simulator, torch-free bundle path, stale nodes."""
+
 import subprocess
 import sys
 import time
@@ -71,9 +72,11 @@ def test_controller_records_decisions_that_miss_their_slot(manifest_and_actor):
         if slow["on"]:
             time.sleep(0.03)  # longer than the 20 ms slot
         return fast(obs, mask)
+
     core = ControllerCore(m, policy, slot_ms=20.0)
-    core.report_user(UserReport(user=0, snr_db=[10.0, 0.0, -3.0], ul_mbps=[20.0, 5.0, 1.0], server=0, draft_ms=17.0,
-                                power_w=4.5, max_gamma=6))
+    core.report_user(
+        UserReport(user=0, snr_db=[10.0, 0.0, -3.0], ul_mbps=[20.0, 5.0, 1.0], server=0, draft_ms=17.0, power_w=4.5, max_gamma=6)
+    )
     for _ in range(3):
         core.step()
     assert core.latency_stats()["missed_slots"] == 0

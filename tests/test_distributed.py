@@ -1,6 +1,7 @@
 """Ray: a seed sweep as Tune trials writes normal run directories and matches the sequential
 runs; an interrupted trial resumes to the same parameters; evaluation as Ray tasks equals the
 sequential evaluation exactly. Local Ray on this machine, two trials at most."""
+
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,14 @@ from marl_sd.distributed import (  # noqa: E402
     trial_points,
 )
 
-TINY = ["train.total_timesteps=2048", "train.pretrain.teacher=null", "train.eval_every=1", "train.checkpoint_every=1",
-        "env.horizon=20", "train.eval_episodes=1"]
+TINY = [
+    "train.total_timesteps=2048",
+    "train.pretrain.teacher=null",
+    "train.eval_every=1",
+    "train.checkpoint_every=1",
+    "env.horizon=20",
+    "train.eval_episodes=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +83,7 @@ def test_eval_as_ray_tasks_equals_sequential(ray_local):
 
     def make(name, c):
         return make_heuristic(name, PolicyContext.from_config(c))
+
     args = ({"smoke": cfg}, make, ["nearest_g4", "random"], [0, 1], 2)
     a = eval_grid(*args, use_ray=True)
     b = eval_grid(*args, use_ray=False)

@@ -1,5 +1,6 @@
 """Edge-site physics behind config switches: KV-cache admission, heterogeneous sites, and
 time-varying load, each against a hand-computed case."""
+
 import pytest
 import torch
 
@@ -8,8 +9,14 @@ from marl_sd.envs.core import BatchedSimulator
 from marl_sd.envs.costs import SiteCosts
 from marl_sd.envs.profiles import load_profile
 
-ONE_SITE = ["scenario.n_users=2", "scenario.n_servers=1", "env.horizon=120", "scenario.channel.fidelity=fast",
-            "scenario.workload.prompt_tokens={low: 100, high: 100}", "scenario.workload.output_tokens={low: 40, high: 40}"]
+ONE_SITE = [
+    "scenario.n_users=2",
+    "scenario.n_servers=1",
+    "env.horizon=120",
+    "scenario.channel.fidelity=fast",
+    "scenario.workload.prompt_tokens={low: 100, high: 100}",
+    "scenario.workload.output_tokens={low: 40, high: 40}",
+]
 
 
 def served(overrides, schedule, seed=0, gamma=4):
@@ -73,9 +80,13 @@ def test_a_faster_site_serves_faster():
 
 
 def test_rate_profile_and_moving_hotspot():
-    over = ["scenario.n_users=8", "env.horizon=100", "scenario.workload.arrival_rate_per_s=0.5",
-            "scenario.workload.rate_profile=[[0, 0.0], [5, 2.0]]",
-            "scenario.workload.hotspot={fraction: 0.25, multiplier: 3.0, period_s: 2.0}"]
+    over = [
+        "scenario.n_users=8",
+        "env.horizon=100",
+        "scenario.workload.arrival_rate_per_s=0.5",
+        "scenario.workload.rate_profile=[[0, 0.0], [5, 2.0]]",
+        "scenario.workload.hotspot={fraction: 0.25, multiplier: 3.0, period_s: 2.0}",
+    ]
     sim = BatchedSimulator(load_config(overrides=over), num_envs=64, seed=0)
     m = sim.load_multiplier(0.0)
     assert m.tolist() == [0.0] * 8

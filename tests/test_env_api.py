@@ -13,7 +13,7 @@ def masked_random(env, infos, rng):
     for a in env.agents:
         mask, off, out = infos[a]["action_mask"], 0, []
         for n in env.sim.nvec:
-            out.append(rng.choice(np.flatnonzero(mask[off:off + n])))
+            out.append(rng.choice(np.flatnonzero(mask[off : off + n])))
             off += n
         acts[a] = np.array(out)
     return acts
@@ -26,8 +26,7 @@ def test_parallel_api():
 
 def test_parallel_seed():
     """PettingZoo's own determinism check: same seed, same observations, rewards and infos."""
-    parallel_seed_test(lambda: MECSpecDecEnv(load_config(overrides=["env.check_actions=false", "env.horizon=25"])),
-                       num_cycles=30)
+    parallel_seed_test(lambda: MECSpecDecEnv(load_config(overrides=["env.check_actions=false", "env.horizon=25"])), num_cycles=30)
 
 
 def test_own_metrics_are_per_user_when_users_equal_servers():
@@ -48,9 +47,15 @@ def rollout(seed, steps=200):
     for _ in range(steps):
         acts = masked_random(env, infos, rng)
         obs, rew, term, trunc, infos = env.step(acts)
-        trace.append((np.stack([obs[a] for a in obs]), np.array([rew[a] for a in rew]),
-                      np.stack([infos[a]["action_mask"] for a in infos]),
-                      [sorted(infos[a]["own"].items()) for a in infos], env.state()))
+        trace.append(
+            (
+                np.stack([obs[a] for a in obs]),
+                np.array([rew[a] for a in rew]),
+                np.stack([infos[a]["action_mask"] for a in infos]),
+                [sorted(infos[a]["own"].items()) for a in infos],
+                env.state(),
+            )
+        )
     assert all(trunc.values()) and env.agents == []
     return trace
 
@@ -85,7 +90,7 @@ def test_bad_actions_raise_clearly():
     obs, infos = env.reset(seed=0)
     good = {a: np.zeros(4, dtype=int) for a in env.agents}
     for a in env.agents:  # a valid server for each agent
-        good[a][0] = int(np.flatnonzero(infos[a]["action_mask"][:env.sim.M])[0])
+        good[a][0] = int(np.flatnonzero(infos[a]["action_mask"][: env.sim.M])[0])
     bad = {k: v.copy() for k, v in good.items()}
     bad["user_3"][3] = 99
     with pytest.raises(ActionError, match="user_3: gamma = 99 out of range"):
@@ -101,7 +106,7 @@ def test_bad_actions_raise_clearly():
     with pytest.raises(ActionError, match="user_2: gamma = 4 violates the action mask"):
         env.step(bad)
     # a server out of coverage violates the mask
-    sim.mask[0, 0, :sim.M] = torch.tensor([True] + [False] * (sim.M - 1))
+    sim.mask[0, 0, : sim.M] = torch.tensor([True] + [False] * (sim.M - 1))
     bad = {k: v.copy() for k, v in good.items()}
     bad["user_0"][0] = 1
     with pytest.raises(ActionError, match="server out of coverage"):

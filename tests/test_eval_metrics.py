@@ -1,5 +1,6 @@
 """The evaluation's headline counts all arrived work: unfinished requests are charged, a seed where
 nothing finished is reported as such, never dropped silently."""
+
 import math
 
 import pytest
@@ -15,8 +16,9 @@ from marl_sd.report import results_table
 
 
 def test_unfinished_work_is_wait_plus_tokens_left_at_the_users_pace():
-    cfg = load_config(overrides=["scenario.n_users=3", "scenario.n_servers=1", "scenario.workload.arrival_rate_per_s=3",
-                                 "env.horizon=40"])
+    cfg = load_config(
+        overrides=["scenario.n_users=3", "scenario.n_servers=1", "scenario.workload.arrival_rate_per_s=3", "env.horizon=40"]
+    )
     sim = BatchedSimulator(cfg, num_envs=2, seed=1)
     a = torch.zeros(2, 3, 4, dtype=torch.long)
     a[..., 3] = 2

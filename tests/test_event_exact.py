@@ -1,6 +1,7 @@
 """The simulator against an independent event-exact reference (`tests/event_reference.py`): one
 user, and 16 users of mixed device classes and gammas sharing one verifier, with and without
 pre-drafting. Batches form at event times inside the tick, so the tick grid leaves no trace."""
+
 import math
 
 import pytest
@@ -32,11 +33,18 @@ class FixedLinks(BatchedSimulator):
 
 
 def cfg_for(n, predraft, tick_ms=1.0):
-    return load_config(overrides=[
-        f"scenario.n_users={n}", "scenario.n_servers=1", "scenario.mobility.model=static",
-        f"scenario.workload.output_tokens={{low: {OUT}, high: {OUT}}}",
-        f"scenario.workload.prompt_tokens={{low: {PROMPT}, high: {PROMPT}}}",
-        "env.horizon=400", f"env.predraft={predraft}", f"env.tick_ms={tick_ms}"])
+    return load_config(
+        overrides=[
+            f"scenario.n_users={n}",
+            "scenario.n_servers=1",
+            "scenario.mobility.model=static",
+            f"scenario.workload.output_tokens={{low: {OUT}, high: {OUT}}}",
+            f"scenario.workload.prompt_tokens={{low: {PROMPT}, high: {PROMPT}}}",
+            "env.horizon=400",
+            f"env.predraft={predraft}",
+            f"env.tick_ms={tick_ms}",
+        ]
+    )
 
 
 def run_both(n, predraft, gammas, arrivals_s, seed=0, tick_ms=1.0):
@@ -58,11 +66,24 @@ def run_both(n, predraft, gammas, arrivals_s, seed=0, tick_ms=1.0):
     lat = {int(u): float(x) for u, x in zip(log["user"], log["latency_ms"])}
     c, p = sim.costs, sim.profile.target
     dt = cfg.env.tick_ms
-    users = [User(arrival_ms=max(0, math.ceil(round(t * 1000 / dt, 6)) - 1) * dt, prompt=PROMPT, out=OUT, gamma=int(g[i]),
-                  draft_ms=float(sim.draft_ms[0, i]), script=sim.scripts[i].tolist()) for i, t in enumerate(arrivals_s)]
-    ref = serve(users, Link(UL, DL, c.message_ms), Payload(c.header_bytes, c.token_id_bytes, c.draft_token_bytes),
-                Verifier(p.verify.t0_ms, p.verify.c_b_ms, p.verify.c_n_ms, p.verify.n_knee, p.prefill.ms_per_token),
-                predraft)
+    users = [
+        User(
+            arrival_ms=max(0, math.ceil(round(t * 1000 / dt, 6)) - 1) * dt,
+            prompt=PROMPT,
+            out=OUT,
+            gamma=int(g[i]),
+            draft_ms=float(sim.draft_ms[0, i]),
+            script=sim.scripts[i].tolist(),
+        )
+        for i, t in enumerate(arrivals_s)
+    ]
+    ref = serve(
+        users,
+        Link(UL, DL, c.message_ms),
+        Payload(c.header_bytes, c.token_id_bytes, c.draft_token_bytes),
+        Verifier(p.verify.t0_ms, p.verify.c_b_ms, p.verify.c_n_ms, p.verify.n_knee, p.prefill.ms_per_token),
+        predraft,
+    )
     return [lat[i] for i in range(n)], ref
 
 
@@ -122,8 +143,15 @@ def test_clock_is_exact_at_a_tenth_of_a_millisecond_at_200_s():
 @pytest.mark.slow
 def test_clock_is_exact_over_200_s_of_ticks():
     """The same, ticking all the way: 2,000 slots of 1,000 ticks of 0.1 ms."""
-    cfg = load_config(overrides=["scenario.n_users=2", "scenario.n_servers=1", "env.tick_ms=0.1", "env.horizon=2000",
-                                 "scenario.workload.arrival_rate_per_s=0.01"])
+    cfg = load_config(
+        overrides=[
+            "scenario.n_users=2",
+            "scenario.n_servers=1",
+            "env.tick_ms=0.1",
+            "env.horizon=2000",
+            "scenario.workload.arrival_rate_per_s=0.01",
+        ]
+    )
     sim = BatchedSimulator(cfg, num_envs=1, seed=0)
     a = torch.zeros(1, 2, 4, dtype=torch.long)
     a[..., 3] = 1

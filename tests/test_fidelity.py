@@ -1,5 +1,6 @@
 """Fidelity of the simulator to the serving client: acceptance tied to the text, the client's
 pre-drafting rule, and exact timing inside the 1 ms tick (against an event-exact reference)."""
+
 import math
 
 import numpy as np
@@ -14,12 +15,20 @@ UL, DL = 600.0, 2500.0  # bytes per ms on the fixed test links (4.8 and 20 Mbit/
 
 
 def one_user_cfg(alpha=0.8, out=128, predraft=True, device="phone_npu_1b", envs=1):
-    return load_config(overrides=[
-        "scenario.n_users=1", "scenario.n_servers=1", f"scenario.devices=[{{name: {device}, share: 1}}]",
-        f"scenario.tasks=[{{name: t, alpha: {alpha}, share: 1}}]", "scenario.mobility.model=static",
-        f"scenario.workload.output_tokens={{low: {out}, high: {out}}}",
-        "scenario.workload.prompt_tokens={low: 64, high: 64}", "env.horizon=3000", f"env.predraft={predraft}",
-        f"sim.num_envs={envs}"])
+    return load_config(
+        overrides=[
+            "scenario.n_users=1",
+            "scenario.n_servers=1",
+            f"scenario.devices=[{{name: {device}, share: 1}}]",
+            f"scenario.tasks=[{{name: t, alpha: {alpha}, share: 1}}]",
+            "scenario.mobility.model=static",
+            f"scenario.workload.output_tokens={{low: {out}, high: {out}}}",
+            "scenario.workload.prompt_tokens={low: 64, high: 64}",
+            "env.horizon=3000",
+            f"env.predraft={predraft}",
+            f"sim.num_envs={envs}",
+        ]
+    )
 
 
 class ScriptedSim(BatchedSimulator):
@@ -60,13 +69,23 @@ def closed_form_ms_per_token(sim, gamma, alpha, out, predraft):
     (i.i.d. matches, the client's pre-drafting rule in expectation)."""
     prof, t_d, base, hdr = sim.profile, float(sim.draft_ms[0, 0]), sim.costs.message_ms, sim.costs.header_bytes
     e_n = (1 - alpha ** (gamma + 1)) / (1 - alpha)
-    flight = ((hdr + gamma * sim.costs.draft_token_bytes) / UL + base + prof.target.verify.time_ms(1, gamma + 1)
-              + (hdr + e_n * sim.costs.token_id_bytes) / DL + base)
+    flight = (
+        (hdr + gamma * sim.costs.draft_token_bytes) / UL
+        + base
+        + prof.target.verify.time_ms(1, gamma + 1)
+        + (hdr + e_n * sim.costs.token_id_bytes) / DL
+        + base
+    )
     made = min(math.floor(flight / t_d), gamma + 1) if predraft else 0
     kept = alpha ** (gamma + 1) * max(made - 1, 0)
     round_ms = (gamma - kept) * t_d + flight
-    opening = (hdr + 64 * sim.costs.token_id_bytes) / UL + prof.target.prefill.ms_per_token * 64 + prof.target.verify.time_ms(1, 1) \
-        + hdr / DL + 2 * base
+    opening = (
+        (hdr + 64 * sim.costs.token_id_bytes) / UL
+        + prof.target.prefill.ms_per_token * 64
+        + prof.target.verify.time_ms(1, 1)
+        + hdr / DL
+        + 2 * base
+    )
     opening = max(opening, gamma * t_d) - gamma * t_d  # the first round's drafts are ready when it opens
     return (opening + out / e_n * round_ms) / out
 
@@ -159,8 +178,13 @@ def test_client_and_simulator_predraft_agree_token_for_token():
             bonus = drafts[accepted] + 1  # the target's correction differs from the draft
         d.commit(gamma, accepted, drafts[:accepted] + [bonus])
         t_d = 10.0
-        ahead, _ = drafts_after_round(torch.tensor(extra), torch.tensor(gamma), torch.tensor(in_flight * t_d + 5.0),
-                                      torch.tensor(t_d), torch.tensor(accepted == gamma and match))
+        ahead, _ = drafts_after_round(
+            torch.tensor(extra),
+            torch.tensor(gamma),
+            torch.tensor(in_flight * t_d + 5.0),
+            torch.tensor(t_d),
+            torch.tensor(accepted == gamma and match),
+        )
         assert len(d.drafts) == int(ahead), (gamma, in_flight, accepted, match)
         held = len(d.drafts)
 
@@ -182,11 +206,21 @@ def test_round_time_across_device_classes(device, gamma):
     trace = torch.cat(sim.round_trace)
     rounds = len(trace) / sim.B
     e_emit = float((trace[:, 4] + 1).float().mean())
-    flight = ((hdr + g * sim.costs.draft_token_bytes) / UL + base + prof.target.verify.time_ms(1, g + 1)
-              + (hdr + e_emit * sim.costs.token_id_bytes) / DL + base)
+    flight = (
+        (hdr + g * sim.costs.draft_token_bytes) / UL
+        + base
+        + prof.target.verify.time_ms(1, g + 1)
+        + (hdr + e_emit * sim.costs.token_id_bytes) / DL
+        + base
+    )
     made = min(math.floor(flight / t_d), g + 1)
     round_ms = (g - alpha ** (g + 1) * max(made - 1, 0)) * t_d + flight
-    opening = (hdr + 64 * sim.costs.token_id_bytes) / UL + prof.target.prefill.ms_per_token * 64 + prof.target.verify.time_ms(1, 1) \
-        + hdr / DL + 2 * base
+    opening = (
+        (hdr + 64 * sim.costs.token_id_bytes) / UL
+        + prof.target.prefill.ms_per_token * 64
+        + prof.target.verify.time_ms(1, 1)
+        + hdr / DL
+        + 2 * base
+    )
     expect = max(opening, g * t_d) + rounds * round_ms - g * t_d  # the first round was drafted during the open
     assert float(lat.mean()) == pytest.approx(expect, rel=0.01)

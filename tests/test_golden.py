@@ -1,6 +1,7 @@
 """Golden trace of the simulator: a fixed rollout of the default scenario must reproduce the
 recorded figures exactly. A change of the physics is made on purpose: regenerate with
 `MARL_SD_UPDATE_GOLDEN=1 pytest tests/test_golden.py` and report before/after figures."""
+
 import json
 import os
 from pathlib import Path

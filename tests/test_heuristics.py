@@ -30,13 +30,23 @@ def overloaded_scenario(n_users=8):
     ctx = PolicyContext.from_config(cfg)
     B, N, M = 1, n_users, 2
     f = Features(
-        snr_db=torch.full((B, N, M), 20.0), ul_mbps=torch.full((B, N, M), 20.0),
-        server=torch.zeros(B, N, dtype=torch.long), draft_ms=torch.full((B, N), 17.0),
-        power_w=torch.full((B, N), 4.5), max_gamma=torch.full((B, N), 6),
-        queue=(torch.arange(N) % 2).float().expand(B, N), remaining=torch.full((B, N), 50.0), acceptance=torch.full((B, N), 0.8),
-        outstanding=torch.ones(B, N), token_latency_ms=torch.full((B, N), 40.0),
-        srv_users=torch.tensor([[float(N), 0.0]]), srv_queued_tokens=torch.tensor([[40.0, 0.0]]),
-        srv_busy=torch.tensor([[1.0, 0.0]]), srv_kv=torch.zeros(B, 2), time_frac=torch.zeros(B))
+        snr_db=torch.full((B, N, M), 20.0),
+        ul_mbps=torch.full((B, N, M), 20.0),
+        server=torch.zeros(B, N, dtype=torch.long),
+        draft_ms=torch.full((B, N), 17.0),
+        power_w=torch.full((B, N), 4.5),
+        max_gamma=torch.full((B, N), 6),
+        queue=(torch.arange(N) % 2).float().expand(B, N),
+        remaining=torch.full((B, N), 50.0),
+        acceptance=torch.full((B, N), 0.8),
+        outstanding=torch.ones(B, N),
+        token_latency_ms=torch.full((B, N), 40.0),
+        srv_users=torch.tensor([[float(N), 0.0]]),
+        srv_queued_tokens=torch.tensor([[40.0, 0.0]]),
+        srv_busy=torch.tensor([[1.0, 0.0]]),
+        srv_kv=torch.zeros(B, 2),
+        time_frac=torch.zeros(B),
+    )
     obs = ObservationBuilder(ctx.spec).local(f)
     mask = torch.ones(B, N, sum(ctx.nvec), dtype=torch.bool)
     return ctx, obs, mask

@@ -1,5 +1,6 @@
 """The package's import graph, read from the source (AST): layers only import downwards, no
 import cycles, and function-local imports only for optional or heavy dependencies."""
+
 import ast
 from pathlib import Path
 
@@ -15,8 +16,20 @@ LAYERS = [
     ("agents", ("marl_sd.agents",)),
     ("export", ("marl_sd.bundle", "marl_sd.export")),
     ("serving", ("marl_sd.serving",)),
-    ("application", ("marl_sd.cli", "marl_sd.bench", "marl_sd.report", "marl_sd.profiler", "marl_sd.suite", "marl_sd.distributed",
-                     "marl_sd.serving.calibrate", "marl_sd.serving.launcher", "marl_sd.serving.chaos")),
+    (
+        "application",
+        (
+            "marl_sd.cli",
+            "marl_sd.bench",
+            "marl_sd.report",
+            "marl_sd.profiler",
+            "marl_sd.suite",
+            "marl_sd.distributed",
+            "marl_sd.serving.calibrate",
+            "marl_sd.serving.launcher",
+            "marl_sd.serving.chaos",
+        ),
+    ),
 ]
 # imported inside functions on purpose: optional extras, or heavy imports a caller may not need
 LAZY_OK = {"sionna", "matplotlib", "transformers", "onnxruntime", "scipy", "torch", "tensorflow", "ray"}
@@ -62,7 +75,9 @@ def imports(name: str, path: Path):
             if node.module == "__future__":
                 continue
             base = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-            mod = (base.rsplit(".", node.level - 1)[0] + ("." + node.module if node.module else "")) if node.level else node.module
+            mod = (
+                (base.rsplit(".", node.level - 1)[0] + ("." + node.module if node.module else "")) if node.level else node.module
+            )
             targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in MODULES else mod for a in node.names]
         else:
             continue
@@ -90,8 +105,7 @@ def test_no_upward_imports():
     for m, p in MODULES.items():
         for t, line, _ in imports(m, p):
             if t.startswith("marl_sd") and layer_of(t) > layer_of(m):
-                bad.append(f"{p.relative_to(ROOT)}:{line} {m} ({LAYERS[layer_of(m)][0]}) imports {t} "
-                           f"({LAYERS[layer_of(t)][0]})")
+                bad.append(f"{p.relative_to(ROOT)}:{line} {m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})")
     assert bad == [], "upward imports:\n" + "\n".join(bad)
 
 

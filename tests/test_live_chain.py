@@ -1,6 +1,7 @@
 """The live chain end to end on 127.0.0.1: verifiers, controller and paced clients serve a fixed
 workload, and the simulator replays it with a profile fitted to the run (bounded: 3 users,
 2 servers, 3 s of arrivals)."""
+
 import math
 from pathlib import Path
 
@@ -14,11 +15,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_live_run_serves_the_workload_and_the_simulator_replays_it(tmp_path):
     cfg = tmp_path / "live_small.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "extends": str(ROOT / "configs" / "live.yaml"), "name": "live_small",
-        "scenario": {"n_users": 3, "n_servers": 2,
-                     "workload": {"arrival_rate_per_s": 1.0, "prompt_tokens": {"low": 8, "high": 16},
-                                  "output_tokens": {"low": 8, "high": 16}}}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "extends": str(ROOT / "configs" / "live.yaml"),
+                "name": "live_small",
+                "scenario": {
+                    "n_users": 3,
+                    "n_servers": 2,
+                    "workload": {
+                        "arrival_rate_per_s": 1.0,
+                        "prompt_tokens": {"low": 8, "high": 16},
+                        "output_tokens": {"low": 8, "high": 16},
+                    },
+                },
+            }
+        )
+    )
     live = run_live(str(cfg), "nearest_g4", 3.0, "tiny:0", "tiny-draft:0:0.15", detail=True, timeout_s=240)
     scheduled = sum(len(r) for r in live["schedule"])
     assert scheduled > 0 and live["requests"] == scheduled  # every request of the workload was served

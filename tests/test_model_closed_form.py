@@ -1,4 +1,5 @@
 """The simulator against closed forms of the system model."""
+
 import math
 
 import pytest
@@ -9,12 +10,19 @@ from marl_sd.envs.core import QUEUED, BatchedSimulator, summarize
 
 
 def single_user_cfg(alpha, gamma_dev="phone_npu_1b", out=400):
-    return load_config(overrides=[
-        "scenario.n_users=1", "scenario.n_servers=1", f"scenario.devices=[{{name: {gamma_dev}, share: 1}}]",
-        f"scenario.tasks=[{{name: t, alpha: {alpha}, share: 1}}]", "scenario.mobility.model=static",
-        "scenario.workload.arrival_rate_per_s=50", f"scenario.workload.output_tokens={{low: {out}, high: {out}}}",
-        "scenario.workload.prompt_tokens={low: 64, high: 64}", "env.horizon=1000",
-    ])
+    return load_config(
+        overrides=[
+            "scenario.n_users=1",
+            "scenario.n_servers=1",
+            f"scenario.devices=[{{name: {gamma_dev}, share: 1}}]",
+            f"scenario.tasks=[{{name: t, alpha: {alpha}, share: 1}}]",
+            "scenario.mobility.model=static",
+            "scenario.workload.arrival_rate_per_s=50",
+            f"scenario.workload.output_tokens={{low: {out}, high: {out}}}",
+            "scenario.workload.prompt_tokens={low: 64, high: 64}",
+            "env.horizon=1000",
+        ]
+    )
 
 
 def run_busy(cfg, gamma, envs, slots, seed):

@@ -1,5 +1,6 @@
 """The search oracle: common random numbers across candidates, and on a small instance its
 search reaches the optimum of exhaustive enumeration of joint actions (same futures)."""
+
 import itertools
 
 import pytest

@@ -1,6 +1,7 @@
 """Each attack on the serving plane, replayed: the attacker is refused or isolated, well-behaved
 clients still get the target's greedy output, nothing crashes. Real processes and sockets on
 127.0.0.1 only, each test bounded in time."""
+
 import asyncio
 import contextlib
 import json
@@ -44,12 +45,13 @@ def pki(tmp_path_factory):
 def servers():
     """servers(n, security=None, extra=[...]) -> [(process, address)], all killed at the end."""
     with contextlib.ExitStack() as stack:
-        yield lambda n=1, security=None, extra=(): list(zip(*stack.enter_context(
-            local_servers("tiny:0", n, extra=list(extra), security=security))))
+        yield lambda n=1, security=None, extra=(): list(
+            zip(*stack.enter_context(local_servers("tiny:0", n, extra=list(extra), security=security)))
+        )
 
 
 def reference(target, prompt, n):
-    return target.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+    return target.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt) :].tolist()
 
 
 def client(addrs, security=None, gamma=3):
@@ -75,8 +77,11 @@ async def raw_session(addr, messages, security=None, role="client-0", delay_s=0.
 
 
 def sampling_verify(session, drafts, q_ids, q_probs, priority=0):
-    return P.encode_verify(P.VerifyMsg(session, 1, np.asarray(drafts, np.int32), np.asarray(q_ids, np.int32),
-                                       np.asarray(q_probs, np.float32), priority))
+    return P.encode_verify(
+        P.VerifyMsg(
+            session, 1, np.asarray(drafts, np.int32), np.asarray(q_ids, np.int32), np.asarray(q_probs, np.float32), priority
+        )
+    )
 
 
 # ---------------------------------------------------------------- verifier: isolation
@@ -101,20 +106,23 @@ def test_poisoned_row_fails_alone_in_a_shared_batch(target):
 
 
 def test_q_zero_nan_and_priority_uploads_are_refused_and_others_stay_lossless(servers, target):
-    (_, addr), = servers(1)
+    ((_, addr),) = servers(1)
     open_sampling = P.encode_open(P.OpenMsg(0, np.array([1, 2, 3], np.int32), greedy=False))
-    attacks = [sampling_verify(0, [5], [[6]], [[1.0]]),  # q = 0 for the draft
-               sampling_verify(0, [5], [[5]], [[float("nan")]]),  # NaN probability
-               P.encode_verify(P.VerifyMsg(0, 1, np.array([5], np.int32), np.zeros((1, 0), np.int32),
-                                           np.zeros((1, 0), np.float32), 255)),  # priority out of range
-               P.encode_verify(P.VerifyMsg(0, 1, np.zeros(0, np.int32), np.zeros((0, 1000), np.int32),
-                                           np.zeros((0, 1000), np.float32)))]  # 1,000 AR tokens in one message
+    attacks = [
+        sampling_verify(0, [5], [[6]], [[1.0]]),  # q = 0 for the draft
+        sampling_verify(0, [5], [[5]], [[float("nan")]]),  # NaN probability
+        P.encode_verify(
+            P.VerifyMsg(0, 1, np.array([5], np.int32), np.zeros((1, 0), np.int32), np.zeros((1, 0), np.float32), 255)
+        ),  # priority out of range
+        P.encode_verify(P.VerifyMsg(0, 1, np.zeros(0, np.int32), np.zeros((0, 1000), np.int32), np.zeros((0, 1000), np.float32))),
+    ]  # 1,000 AR tokens in one message
     prompts = [list(range(3, 3 + n)) for n in (5, 9, 14)]
 
     async def main():
         good = [client([addr]).generate(p, 30) for p in prompts]
         bad = [raw_session(addr, [open_sampling, a]) for a in attacks]
         return await asyncio.wait_for(asyncio.gather(*good, *bad), 60)
+
     res = asyncio.run(main())
     for r, p in zip(res[:3], prompts):
         assert r.tokens == reference(target, p, 30)
@@ -146,6 +154,7 @@ def test_full_server_sends_clients_to_the_next_one_and_idle_squatters_are_closed
         r = await asyncio.wait_for(client([a1, a2]).generate([4, 5, 6], 20), 30)
         codes = await asyncio.gather(*squatters)
         return full, r, codes, await server_status_async(a1)
+
     full, r, codes, after = asyncio.run(main())
     assert full == 2
     assert r.tokens == reference(target, [4, 5, 6], 20) and r.failovers == 1 and {x["server"] for x in r.rounds} == {a2}
@@ -158,7 +167,7 @@ async def server_status_async(addr):
 
 
 def test_per_client_quota_and_oversize_prompts(servers, target):
-    (_, addr), = servers(1, extra=["--sessions-per-client", "1", "--max-context", "300", "--prefill-chunk", "64"])
+    ((_, addr),) = servers(1, extra=["--sessions-per-client", "1", "--max-context", "300", "--prefill-chunk", "64"])
 
     async def main():
         async with grpc.aio.insecure_channel(addr) as ch:  # one connection = one client identity
@@ -177,6 +186,7 @@ def test_per_client_quota_and_oversize_prompts(servers, target):
             await client([addr]).generate(list(range(400)), 5)
         long_ok = await client([addr]).generate([(7 * i) % 500 for i in range(250)], 20)  # 4 prefill chunks
         return quota, big.value.code(), long_ok
+
     quota, big, long_ok = asyncio.run(main())
     assert quota == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert big == grpc.StatusCode.INVALID_ARGUMENT
@@ -186,7 +196,7 @@ def test_per_client_quota_and_oversize_prompts(servers, target):
 # ---------------------------------------------------------------- authentication
 def test_mutual_tls_refuses_strangers_and_wrong_roles(servers, pki, target, tmp_path):
     sec = Security(pki)
-    (_, addr), = servers(1, security=sec)
+    ((_, addr),) = servers(1, security=sec)
     other = Security(create_pki(tmp_path / "other", ["client-0"]), "client-0")  # a certificate from another CA
 
     async def main():
@@ -197,6 +207,7 @@ def test_mutual_tls_refuses_strangers_and_wrong_roles(servers, pki, target, tmp_
         # a refusal waits for the first message: one written late still gets the refusal, not a dead stream
         late = await raw_session(addr, [P.encode_open(P.OpenMsg(0, np.array([1, 2], np.int32)))], sec, "controller", 0.3)
         return ok, plain, forged, as_ctrl, late
+
     ok, plain, forged, as_ctrl, late = asyncio.run(main())
     assert ok.tokens == reference(target, [1, 2, 3], 12)
     assert plain[1] == grpc.StatusCode.UNAVAILABLE and forged[1] == grpc.StatusCode.UNAVAILABLE
@@ -208,11 +219,16 @@ def test_plain_text_only_on_loopback():
     with pytest.raises(SecurityError, match="loopback"):
         Security.insecure().check_address("10.1.2.3")
     Security.insecure().check_address("127.0.0.1")
-    r = subprocess.run([sys.executable, "-m", "marl_sd.serving.verifier", "--model", "tiny:0", "--insecure",
-                        "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "marl_sd.serving.verifier", "--model", "tiny:0", "--insecure", "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode != 0 and "loopback" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "marl_sd.serving.verifier", "--model", "tiny:0"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "marl_sd.serving.verifier", "--model", "tiny:0"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode != 0 and "--insecure" in r.stderr
 
 
@@ -225,12 +241,31 @@ def core():
 
 
 def good_report(user=0, M=3):
-    return {"kind": "user", "user": user, "snr_db": [5.0] * M, "ul_mbps": [10.0] * M, "server": 0, "draft_ms": 17.0,
-            "power_w": 4.5, "max_gamma": 6}
+    return {
+        "kind": "user",
+        "user": user,
+        "snr_db": [5.0] * M,
+        "ul_mbps": [10.0] * M,
+        "server": 0,
+        "draft_ms": 17.0,
+        "power_w": 4.5,
+        "max_gamma": 6,
+    }
 
 
-@pytest.mark.parametrize("change", [{"snr_db": [1.0, 2.0]}, {"user": "0"}, {"max_gamma": [6]}, {"draft_ms": float("nan")},
-                                    {"user": 1 << 21}, {"server": 9}, {"evil": 1}, {"acceptance": 3.0}])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"snr_db": [1.0, 2.0]},
+        {"user": "0"},
+        {"max_gamma": [6]},
+        {"draft_ms": float("nan")},
+        {"user": 1 << 21},
+        {"server": 9},
+        {"evil": 1},
+        {"acceptance": 3.0},
+    ],
+)
 def test_malformed_reports_are_refused_by_the_schema(change):
     with pytest.raises(ReportError):
         parse_report(json.dumps(good_report() | change).encode(), 3)
@@ -240,33 +275,42 @@ def test_controller_survives_abuse_and_binds_reports_to_identities(core, pki):
     sec = Security(pki, "controller")
 
     async def main():
-        task = asyncio.ensure_future(serve_controller(core, "127.0.0.1", 0, ready=lambda p: port.set_result(p),
-                                                      duration_s=4.0, security=sec))
+        task = asyncio.ensure_future(
+            serve_controller(core, "127.0.0.1", 0, ready=lambda p: port.set_result(p), duration_s=4.0, security=sec)
+        )
         addr = f"127.0.0.1:{await port}"
 
         async def send(role, report, raw=None):
             async with sec.as_role(role).channel(addr, "controller") as ch:
                 try:
-                    return json.loads(await ch.unary_unary(f"/{P.CONTROLLER_SERVICE}/Report")(
-                        raw if raw is not None else json.dumps(report).encode(), timeout=2))
+                    return json.loads(
+                        await ch.unary_unary(f"/{P.CONTROLLER_SERVICE}/Report")(
+                            raw if raw is not None else json.dumps(report).encode(), timeout=2
+                        )
+                    )
                 except grpc.aio.AioRpcError as e:
                     return e.code()
-        codes = [await send("client-1", good_report(0)),  # spoofing user 0
-                 await send("client-0", None, raw=b"\xff not json"),
-                 await send("client-0", good_report(0) | {"snr_db": [1.0]}),
-                 *[await send("client-2", good_report(u)) for u in (1 << 20, 1 << 21, 1 << 30)],
-                 await send("client-0", {"kind": "server", "server": 0, "busy": 0.5})]
+
+        codes = [
+            await send("client-1", good_report(0)),  # spoofing user 0
+            await send("client-0", None, raw=b"\xff not json"),
+            await send("client-0", good_report(0) | {"snr_db": [1.0]}),
+            *[await send("client-2", good_report(u)) for u in (1 << 20, 1 << 21, 1 << 30)],
+            await send("client-0", {"kind": "server", "server": 0, "busy": 0.5}),
+        ]
         own = await send("client-0", good_report(0))
         await asyncio.sleep(0.3)
         own = await send("client-0", good_report(0))
         await task
         return codes, own
+
     port = None
 
     async def run():
         nonlocal port
         port = asyncio.get_running_loop().create_future()
         return await main()
+
     codes, own = asyncio.run(run())
     assert codes[0] == grpc.StatusCode.PERMISSION_DENIED and codes[-1] == grpc.StatusCode.PERMISSION_DENIED
     assert all(c == grpc.StatusCode.INVALID_ARGUMENT for c in codes[1:6])
@@ -282,9 +326,18 @@ def test_clients_refuse_a_fake_controller_and_invalid_decisions(pki, tmp_path):
 
     async def main():
         server = grpc.aio.server()
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(P.CONTROLLER_SERVICE, {
-            "Report": grpc.unary_unary_rpc_method_handler(
-                lambda req, ctx: _reply({"server": 0, "gamma": 2, "priority": 0, "share": 1.0}))}),))
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    P.CONTROLLER_SERVICE,
+                    {
+                        "Report": grpc.unary_unary_rpc_method_handler(
+                            lambda req, ctx: _reply({"server": 0, "gamma": 2, "priority": 0, "share": 1.0})
+                        )
+                    },
+                ),
+            )
+        )
         port = fake.add_port(server, "127.0.0.1", 0)
         await server.start()
         c = client(["127.0.0.1:1", "127.0.0.1:2"], security=Security(pki, "client-0"))
@@ -294,12 +347,17 @@ def test_clients_refuse_a_fake_controller_and_invalid_decisions(pki, tmp_path):
         run.cancel()
         await server.stop(None)
         return agent
+
     agent = asyncio.run(main())
     assert agent.decision is None and agent.missed >= 1
     for bad in ({"server": 5, "gamma": 2}, {"server": "0", "gamma": 2}, {"server": 0, "gamma": 2, "share": 0.0}, {}):
         assert agent.checked(bad) is None
     assert agent.checked({"server": 1, "gamma": 99, "priority": 300, "share": 0.5}) == {
-        "server": 1, "gamma": 6, "priority": P.MAX_PRIORITY, "share": 0.5}
+        "server": 1,
+        "gamma": 6,
+        "priority": P.MAX_PRIORITY,
+        "share": 0.5,
+    }
 
 
 async def _reply(d):
@@ -321,6 +379,7 @@ def test_hung_server_is_detected_within_seconds(servers, target):
         t0 = time.monotonic()
         r = await asyncio.wait_for(task, 40)
         return r, time.monotonic() - t0
+
     try:
         r, took = asyncio.run(main())
     finally:
@@ -343,12 +402,13 @@ def test_sliding_window_models_are_refused_at_load():
 def test_health_service_reports_serving(servers):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    (_, addr), = servers(1)
+    ((_, addr),) = servers(1)
 
     async def main():
         async with grpc.aio.insecure_channel(addr) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             return (await stub.Check(health_pb2.HealthCheckRequest(service=P.VERIFIER_SERVICE), timeout=5)).status
+
     assert asyncio.run(main()) == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -361,7 +421,7 @@ def test_priority_of_an_authenticated_client_comes_from_the_controller(servers, 
     v.priorities = {0: 3}
     assert v.priority(0, 15) == 3 and v.priority(1, 15) == 0 and v.priority(None, 7) == 7
     sec = Security(pki)
-    (_, addr), = servers(1, security=sec)
+    ((_, addr),) = servers(1, security=sec)
 
     async def call(role, body):
         async with sec.as_role(role).channel(addr, "verifier") as ch:
@@ -369,6 +429,7 @@ def test_priority_of_an_authenticated_client_comes_from_the_controller(servers, 
                 return await ch.unary_unary(f"/{P.VERIFIER_SERVICE}/Priorities")(body, timeout=5)
             except grpc.aio.AioRpcError as e:
                 return e.code()
+
     assert asyncio.run(call("client-0", b'{"0": 15}')) == grpc.StatusCode.PERMISSION_DENIED
     assert asyncio.run(call("controller", b'{"0": 99}')) == grpc.StatusCode.INVALID_ARGUMENT
     assert asyncio.run(call("controller", b'{"0": 2, "1": 0}')) == b"{}"

@@ -1,4 +1,5 @@
 """Real forward passes: greedy SD == target greedy, batched == per-session, KV rollback."""
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +16,7 @@ def target():
 
 def reference(target, prompt, n):
     out = target.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def run_greedy_sd(target, draft, prompt, n, gamma, batch_with=()):
@@ -39,7 +40,7 @@ def run_greedy_sd(target, draft, prompt, n, gamma, batch_with=()):
         for (d_, g), (acc, new) in zip(drafters, eng.verify(items)):
             d_.commit(g, acc, new)
             d_.extend(g + 1)  # pre-draft, as the network client does while waiting
-    return dr.seq[len(prompt): len(prompt) + n], eng
+    return dr.seq[len(prompt) : len(prompt) + n], eng
 
 
 @pytest.mark.parametrize("gamma", [0, 1, 3, 5])
@@ -52,12 +53,16 @@ def test_greedy_sd_equals_target_greedy(target, gamma, draft_kind):
 
 
 def test_batched_mixed_sessions_equal_reference(target):
-    others = [(list(range(1, 9)), 0, target), (list(range(100, 140)), 5, load_model("tiny-draft:0:0.3")),
-              ([7], 2, tiny_llama(3)), (list(range(200, 223)), 4, target)]
+    others = [
+        (list(range(1, 9)), 0, target),
+        (list(range(100, 140)), 5, load_model("tiny-draft:0:0.3")),
+        ([7], 2, tiny_llama(3)),
+        (list(range(200, 223)), 4, target),
+    ]
     out, eng = run_greedy_sd(target, load_model("tiny-draft:0:0.15"), list(range(50, 61)), 40, 3, batch_with=others)
     assert out == reference(target, list(range(50, 61)), 40)
     for j, (p, _, _) in enumerate(others):
-        gen = eng.sessions[100 + j].seq[len(p):]
+        gen = eng.sessions[100 + j].seq[len(p) :]
         assert len(gen) >= 10 and gen == reference(target, p, len(gen))
 
 
@@ -128,5 +133,6 @@ def test_verify_priority_admitted_first_under_budget(target):
         res = {sid: await asyncio.wait_for(f, 30) for sid, f in futs.items()}
         task.cancel()
         return {sid: r[3] for sid, r in res.items()}  # batch size each was verified in
+
     sizes = asyncio.run(main())
     assert sizes == {2: 2, 3: 2, 1: 1}  # priorities 5 and 1 fill the 2-token budget; 0 waits

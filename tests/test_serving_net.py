@@ -1,5 +1,6 @@
 """Verifier servers as real processes on 127.0.0.1: end to end, disconnects, fail-over, bad input.
 Every test is bounded in time and in the number of requests."""
+
 import asyncio
 import contextlib
 import json
@@ -34,7 +35,7 @@ def target():
 
 
 def reference(target, prompt, n):
-    return target.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+    return target.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt) :].tolist()
 
 
 async def status(addr):
@@ -43,13 +44,14 @@ async def status(addr):
 
 
 def test_concurrent_clients_lossless(servers, target):
-    (_, addr), = servers(1)
+    ((_, addr),) = servers(1)
     prompts = [list(range(3, 3 + n)) for n in (4, 11, 25, 2, 9)]
 
     async def main():
         clients = [DraftClient(Drafter(load_model("tiny-draft:0:0.15")), [addr], gamma=g) for g in (1, 3, 4, 6, 0)]
         res = await asyncio.wait_for(asyncio.gather(*(c.generate(p, 30) for c, p in zip(clients, prompts))), 60)
         return res, await status(addr)
+
     res, st = asyncio.run(main())
     for r, p in zip(res, prompts):
         assert r.tokens == reference(target, p, 30)
@@ -74,6 +76,7 @@ def test_controller_plan_hands_over_mid_request_without_losing_tokens(servers, t
         c.on_round = hook
         r = await asyncio.wait_for(c.generate(prompt, 40), 60)
         return r, c, await status(a0), await status(a1)
+
     r, c, s0, s1 = asyncio.run(main())
     assert r.tokens == reference(target, prompt, 40)
     assert c.meas["handovers"] == 1 and c.server == 1 and c.priority == 1
@@ -83,7 +86,7 @@ def test_controller_plan_hands_over_mid_request_without_losing_tokens(servers, t
 
 
 def test_disconnect_mid_request_frees_session(servers):
-    (_, addr), = servers(1)
+    ((_, addr),) = servers(1)
 
     async def main():
         ch = grpc.aio.insecure_channel(addr, options=grpc_options())
@@ -99,6 +102,7 @@ def test_disconnect_mid_request_frees_session(servers):
                 return during, st
             await asyncio.sleep(0.1)
         return during, st
+
     during, after = asyncio.run(main())
     assert during == 1 and after["open_sessions"] == 0 and after["sessions_closed"] == 1
 
@@ -108,8 +112,13 @@ def test_server_killed_clients_fail_over_without_losing_tokens(servers, target):
     prompt = list(range(20, 32))
 
     async def main():
-        c = DraftClient(Drafter(load_model("tiny-draft:0:0.15")), [a1, a2], gamma=3,
-                        uplink=Link(50.0, base_ms=15.0), downlink=Link(50.0, base_ms=15.0))
+        c = DraftClient(
+            Drafter(load_model("tiny-draft:0:0.15")),
+            [a1, a2],
+            gamma=3,
+            uplink=Link(50.0, base_ms=15.0),
+            downlink=Link(50.0, base_ms=15.0),
+        )
         task = asyncio.ensure_future(c.generate(prompt, 80))
         for _ in range(600):  # kill server 1 once some tokens were committed through it
             if len(c.drafter.seq) >= len(prompt) + 12:
@@ -117,6 +126,7 @@ def test_server_killed_clients_fail_over_without_losing_tokens(servers, target):
             await asyncio.sleep(0.01)
         p1.kill()
         return await asyncio.wait_for(task, 60)
+
     r = asyncio.run(main())
     assert r.failovers >= 1
     assert {x["server"] for x in r.rounds} == {a1, a2}
@@ -124,7 +134,7 @@ def test_server_killed_clients_fail_over_without_losing_tokens(servers, target):
 
 
 def test_malformed_and_oversized_messages(servers, target):
-    (_, addr), = servers(1)
+    ((_, addr),) = servers(1)
 
     async def send(raw, opts=None):
         async with grpc.aio.insecure_channel(addr, options=opts or grpc_options()) as ch:
@@ -134,27 +144,39 @@ def test_malformed_and_oversized_messages(servers, target):
                 return await call.read()
             except grpc.aio.AioRpcError as e:
                 return e.code()
+
     bad_len = P.encode_open(P.OpenMsg(0, np.arange(5, dtype=np.int32)))[:-3]
     assert asyncio.run(send(b"garbage")) == grpc.StatusCode.INVALID_ARGUMENT
     assert asyncio.run(send(bad_len)) == grpc.StatusCode.INVALID_ARGUMENT
     assert asyncio.run(send(P.encode_open(P.OpenMsg(0, np.array([99999], np.int32))))) == grpc.StatusCode.INVALID_ARGUMENT
-    assert asyncio.run(send(P.encode_verify(P.VerifyMsg(0, 1, np.array([1], np.int32), np.zeros((1, 0), np.int32),
-                                                        np.zeros((1, 0), np.float32))))) == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        asyncio.run(
+            send(
+                P.encode_verify(
+                    P.VerifyMsg(0, 1, np.array([1], np.int32), np.zeros((1, 0), np.int32), np.zeros((1, 0), np.float32))
+                )
+            )
+        )
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
     assert asyncio.run(send(P.encode_open(P.OpenMsg(0, np.array([1], np.int32), vocab=256)))) == grpc.StatusCode.INVALID_ARGUMENT
     huge = b"MSDO" + b"\x00" * (2 << 20)
     assert asyncio.run(send(huge, opts=[("grpc.max_send_message_length", 8 << 20)])) == grpc.StatusCode.RESOURCE_EXHAUSTED
+
     # the server is still healthy afterwards
     async def ok():
         return await DraftClient(Drafter(target), [addr], gamma=2).generate([1, 2, 3], 10)
+
     assert asyncio.run(ok()).tokens == reference(target, [1, 2, 3], 10)
 
 
 def test_sampling_mode_runs_end_to_end(servers):
-    (_, addr), = servers(1)
+    ((_, addr),) = servers(1)
 
     async def main():
         d = Drafter(load_model("tiny-draft:0:0.15"), greedy=False, temperature=1.0, topk=8, seed=3)
         return await DraftClient(d, [addr], gamma=3).generate([4, 5, 6], 25, greedy=False, seed=11)
+
     r = asyncio.run(main())
     assert len(r.tokens) == 25 and all(0 <= t < 512 for t in r.tokens)
     assert r.summary()["rounds"] >= 7
@@ -248,6 +270,7 @@ def test_clients_join_and_leave_while_the_controller_decides(servers, target, tm
             while True:
                 seen.append(frozenset(core.users))
                 await asyncio.sleep(0.02)
+
         w = asyncio.ensure_future(watch())
         gate = asyncio.Event()
         early = [asyncio.ensure_future(user(u, caddr, 0.0, 3)) for u in (0, 1)]
@@ -262,9 +285,12 @@ def test_clients_join_and_leave_while_the_controller_decides(servers, target, tm
         downs = [sorted(d.server for d in core.decisions.values() if d.slot > down_at + 1)]
         await asyncio.sleep(0.5)
         downs.append(sorted(d.server for d in core.decisions.values() if d.slot > down_at + 1))
-        back = subprocess.Popen([sys.executable, "-m", "marl_sd.serving.verifier", "--model", "tiny:0", "--insecure",
-                                 "--port", a1.rsplit(":", 1)[1]], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                text=True)
+        back = subprocess.Popen(
+            [sys.executable, "-m", "marl_sd.serving.verifier", "--model", "tiny:0", "--insecure", "--port", a1.rsplit(":", 1)[1]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         restarted.append(back)
         for _ in range(200):
             if 1 not in core.servers_down:
@@ -276,6 +302,7 @@ def test_clients_join_and_leave_while_the_controller_decides(servers, target, tm
         for t in (w, poll, ctl):
             t.cancel()
         return res, downs
+
     restarted: list = []
     try:
         res, downs = asyncio.run(main())

@@ -1,5 +1,6 @@
 """Per-site radio and profile paths: a site can be placed, given its own power and bandwidth, and
 a profile file is found relative to the config that names it."""
+
 import shutil
 
 import pytest
@@ -29,15 +30,14 @@ def test_site_bandwidth_and_power_are_per_site():
     assert float(wide[1]) > 2 * float(base[1])
     sim = BatchedSimulator(load_config(overrides=BASE + ["scenario.sites=[{bs_tx_dbm: 20}, {}]"]), num_envs=2, seed=0)
     assert float(sim.channel.budget.bs_tx_mw[0]) == pytest.approx(100.0)  # 20 dBm
-    assert float(sim.channel.budget.bs_tx_mw[1]) == pytest.approx(10 ** 4.3)  # the channel's 43 dBm
+    assert float(sim.channel.budget.bs_tx_mw[1]) == pytest.approx(10**4.3)  # the channel's 43 dBm
 
 
 def test_a_profile_path_is_relative_to_the_config_file(tmp_path, monkeypatch):
     d = tmp_path / "site_a"
     d.mkdir()
     shutil.copy(PROFILE_DIR / "llama31_8b_h100.yaml", d / "mine.yaml")
-    (d / "scenario.yaml").write_text("scenario:\n  profile: mine.yaml\n  n_servers: 2\n"
-                                     "  sites: [{profile: mine.yaml}, {}]\n")
+    (d / "scenario.yaml").write_text("scenario:\n  profile: mine.yaml\n  n_servers: 2\n  sites: [{profile: mine.yaml}, {}]\n")
     monkeypatch.chdir(tmp_path)  # not the config's folder
     cfg = load_config(d / "scenario.yaml")
     assert cfg.scenario.profile == str((d / "mine.yaml").resolve())

@@ -1,5 +1,6 @@
 """Lossless speculative sampling: the output distribution equals the target's (chi-square),
 with two classic bugs as negative controls proving the test has power."""
+
 import itertools
 
 import numpy as np
@@ -48,7 +49,7 @@ def run_sd(P, Q, n, rng, top_k=None, truncated_upload=False, verify=speculative_
             p = np.stack([P[t] for t in ctx])
             _, new = verify(p, np.stack(qs), drafts, rng)
             seq += new
-        toks = seq[1: 1 + N_TOK]
+        toks = seq[1 : 1 + N_TOK]
         counts[int(np.ravel_multi_index(toks, (V,) * N_TOK))] += 1
     return counts
 

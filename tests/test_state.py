@@ -1,5 +1,6 @@
 """The simulator state is declared once (marl_sd.envs.state): the simulator holds exactly the
 declared tensors plus a known set of derived ones, and save/restore goes through the table."""
+
 import pytest
 import torch
 from conftest import stepped_sim
@@ -7,8 +8,20 @@ from conftest import stepped_sim
 from marl_sd.envs.state import REQUEST_LOG_COLUMNS, STATE, STATE_VARS, check_state
 
 # recomputed from the state (rates, masks, lookup tables) or drawn afresh each slot
-DERIVED = {"_acc_user", "_g_range", "_u_arr", "_u_req", "bid_table", "prio_table", "dl_rate", "dl_rate_mat",
-           "ul_rate", "ul_rate_mat", "mask", "power_kw"}
+DERIVED = {
+    "_acc_user",
+    "_g_range",
+    "_u_arr",
+    "_u_req",
+    "bid_table",
+    "prio_table",
+    "dl_rate",
+    "dl_rate_mat",
+    "ul_rate",
+    "ul_rate_mat",
+    "mask",
+    "power_kw",
+}
 
 
 @pytest.fixture()

@@ -10,9 +10,19 @@ from marl_sd.agents.policy import LearnedPolicy, PolicyContext
 from marl_sd.agents.train import CheckpointError, list_checkpoints, load_policy, train
 from marl_sd.config import load_config
 
-TINY = ["scenario.n_users=3", "scenario.n_servers=2", "env.horizon=16", "train.num_envs=4", "train.n_steps=8",
-        "train.num_mini_batch=2", "train.n_epochs=2", "train.checkpoint_every=2", "train.eval_every=100",
-        "train.eval_episodes=2", "train.hidden=[32, 32]"]
+TINY = [
+    "scenario.n_users=3",
+    "scenario.n_servers=2",
+    "env.horizon=16",
+    "train.num_envs=4",
+    "train.n_steps=8",
+    "train.num_mini_batch=2",
+    "train.n_epochs=2",
+    "train.checkpoint_every=2",
+    "train.eval_every=100",
+    "train.eval_episodes=2",
+    "train.hidden=[32, 32]",
+]
 
 
 def params(model):
@@ -29,11 +39,14 @@ def test_resume_is_exact(tmp_path):
     resumed = train(cfg, tmp_path / "part", resume=True, progress=False, total_timesteps=4 * per_rollout)
     assert resumed.num_timesteps == full.num_timesteps
     torch.testing.assert_close(params(resumed), params(full), rtol=0, atol=0)
+
     # the env metrics logged for the last rollout match too
     def last_row(d):
         import csv
+
         rows = list(csv.DictReader(open(d / "tb" / "progress.csv")))
         return {k: v for k, v in rows[-1].items() if k.startswith("env/")}
+
     assert last_row(tmp_path / "part") == last_row(tmp_path / "full")
     meta = json.loads((tmp_path / "full" / "meta.json").read_text())
     assert meta["seed"] == cfg.seed and "torch" in meta["versions"] and meta["config_hash"] == cfg.hash()
@@ -69,8 +82,21 @@ def test_learned_policy_runs_at_other_sizes_within_its_room(tmp_path, capsys):
     train(cfg, tmp_path / "run", progress=False, total_timesteps=8 * 4 * 3)
     room = cfg.scenario.n_servers
     for size in (["scenario.n_users=5"], ["scenario.n_users=11", "--set", f"scenario.n_servers={room - 1}"]):
-        rc = main(["eval", str(tmp_path / "run"), "--set", *size, "--episodes", "1", "--seeds", "0",
-                   "--policies", "learned", "nearest_g4"])
+        rc = main(
+            [
+                "eval",
+                str(tmp_path / "run"),
+                "--set",
+                *size,
+                "--episodes",
+                "1",
+                "--seeds",
+                "0",
+                "--policies",
+                "learned",
+                "nearest_g4",
+            ]
+        )
         assert rc == 0
         assert "mappo" in capsys.readouterr().out
     rc = main(["eval", str(tmp_path / "run"), "--set", f"scenario.n_servers={room + 1}", "--episodes", "1", "--seeds", "0"])
@@ -97,8 +123,12 @@ def test_kickstart_clones_the_teacher(tmp_path):
     from marl_sd.agents.heuristics import make_heuristic
     from marl_sd.agents.pretrain import smoothed_masked_ce
 
-    over = TINY + ["train.pretrain.teacher=nearest_adaptive", "train.pretrain.iterations=3", "train.pretrain.epochs=20",
-                   "train.pretrain.batch_size=64"]
+    over = TINY + [
+        "train.pretrain.teacher=nearest_adaptive",
+        "train.pretrain.iterations=3",
+        "train.pretrain.epochs=20",
+        "train.pretrain.batch_size=64",
+    ]
     cfg = load_config(overrides=over)
     model = train(cfg, tmp_path / "ks", progress=False, total_timesteps=8 * 4 * 3)
     stats = json.loads((tmp_path / "ks" / "pretrain.json").read_text())
@@ -111,8 +141,11 @@ def test_kickstart_clones_the_teacher(tmp_path):
     ctx = PolicyContext.from_config(cfg)
     sim = BatchedSimulator(cfg, num_envs=8, seed=123)
     teacher, student = make_heuristic("nearest_adaptive", ctx), LearnedPolicy(ctx, model.policy)
-    same = [(teacher.act(sim.observations(), sim.mask) == student.act(sim.observations(), sim.mask)).float().mean()
-            for _ in range(5) if sim.step(teacher.act(sim.observations(), sim.mask))]
+    same = [
+        (teacher.act(sim.observations(), sim.mask) == student.act(sim.observations(), sim.mask)).float().mean()
+        for _ in range(5)
+        if sim.step(teacher.act(sim.observations(), sim.mask))
+    ]
     assert float(torch.stack(same).mean()) > 0.85
     with pytest.raises(ValueError, match="unknown heuristic 'oracle'"):
         train(load_config(overrides=TINY + ["train.pretrain.teacher=oracle"]), tmp_path / "bad", progress=False)

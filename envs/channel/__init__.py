@@ -1,4 +1,5 @@
 """Channel layer: rates per user-server link, behind one interface (fast or Sionna-backed)."""
+
 import torch
 
 from marl_sd.config import ChannelConfig

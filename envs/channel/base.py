@@ -4,6 +4,7 @@ A `ChannelModel` keeps per-link state over [B envs, N users, M servers]: LoS sta
 fading and small-scale fading per subband. `link_rates` turns gains, bandwidth shares and
 last-slot activity into uplink/downlink bit rates with inter-cell interference and the PHY table.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -32,8 +33,9 @@ class LinkBudget:
     noise_ue_mw_hz: float
 
     @classmethod
-    def from_config(cls, c: ChannelConfig, bs_tx_dbm: list[float] | None = None,
-                    bandwidth_mhz: list[float] | None = None, device=None) -> "LinkBudget":
+    def from_config(
+        cls, c: ChannelConfig, bs_tx_dbm: list[float] | None = None, bandwidth_mhz: list[float] | None = None, device=None
+    ) -> "LinkBudget":
         """The channel's budget; per-site downlink power and bandwidth where they differ."""
         per_site = lambda xs, f: f(xs[0]) if len(set(xs)) == 1 else torch.tensor([f(x) for x in xs], device=device)  # noqa: E731
         return cls(
@@ -98,8 +100,9 @@ def bid_shares(server: torch.Tensor, weight: torch.Tensor, M: int) -> torch.Tens
     return weight.unsqueeze(-1) / (others + weight.unsqueeze(-1))
 
 
-def link_rates(ch: ChannelModel, server: torch.Tensor, weight: torch.Tensor, ul_activity: torch.Tensor,
-               srv_active: torch.Tensor) -> dict[str, torch.Tensor]:
+def link_rates(
+    ch: ChannelModel, server: torch.Tensor, weight: torch.Tensor, ul_activity: torch.Tensor, srv_active: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Uplink/downlink rates [B, N, M] in bytes per ms if user i were served by server s.
 
     UL interference at server s: users of other cells, by their last-slot airtime fraction

@@ -5,6 +5,7 @@ i.i.d. per slot and subband from Rayleigh (NLoS) or Rician with K = 9 dB (LoS), 
 table is the attenuated Shannon bound. `sionna` fidelity replaces the last two with a
 Sionna-generated fading bank and Sionna's PHY abstraction.
 """
+
 from __future__ import annotations
 
 import torch
@@ -83,8 +84,7 @@ class FastChannel(ChannelModel):
         return self.gain_ls.unsqueeze(-1) * self.fading
 
     def get_state(self):
-        return {"los": self.los.clone(), "sf_db": self.sf_db.clone(), "pl_db": self.pl_db.clone(),
-                "fading": self.fading.clone()}
+        return {"los": self.los.clone(), "sf_db": self.sf_db.clone(), "pl_db": self.pl_db.clone(), "fading": self.fading.clone()}
 
     def set_state(self, state):
         self.los, self.sf_db = state["los"].clone(), state["sf_db"].clone()

@@ -3,6 +3,7 @@
 The closed forms are the ones Sionna's `UMi`/`UMa` models evaluate (Table 7.4.1-1, 7.4.2-1),
 so the per-step batched path agrees with Sionna's own pathloss for the same positions.
 """
+
 from __future__ import annotations
 
 import math

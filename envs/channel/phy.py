@@ -1,4 +1,5 @@
 """PHY abstraction: SINR (dB) -> achievable bits per resource element, as a lookup table."""
+
 from __future__ import annotations
 
 import torch

@@ -11,6 +11,7 @@ Offline (once per channel configuration, cached on disk):
 Per step the batched core keeps the `fast` large-scale physics (TR 38.901 pathloss, LoS,
 AR(1) shadowing) and draws one bank row per link: far cheaper than a Sionna CIR per step.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,15 @@ def bank_key(c: ChannelConfig) -> str:
         ver = metadata.version("sionna-no-rt")
     except metadata.PackageNotFoundError:
         ver = "missing"
-    d = {"v": BANK_VERSION, "sionna": ver, "model": c.model, "fc": c.carrier_ghz, "bw": c.bandwidth_mhz,
-         "sub": c.fading_subbands, "n": c.bank_size}
+    d = {
+        "v": BANK_VERSION,
+        "sionna": ver,
+        "model": c.model,
+        "fc": c.carrier_ghz,
+        "bw": c.bandwidth_mhz,
+        "sub": c.fading_subbands,
+        "n": c.bank_size,
+    }
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -68,18 +76,43 @@ class _SionnaSession:
         return False
 
 
-def fading_bank(model: str, los: bool, n_real: int, n_sub: int, bandwidth_hz: float, fc_hz: float,
-                tones_per_sub: int = 4, n_ut_per_drop: int = 256, d_min: float = 20.0, d_max: float = 200.0,
-                progress=None) -> torch.Tensor:
+def fading_bank(
+    model: str,
+    los: bool,
+    n_real: int,
+    n_sub: int,
+    bandwidth_hz: float,
+    fc_hz: float,
+    tones_per_sub: int = 4,
+    n_ut_per_drop: int = 256,
+    d_min: float = 20.0,
+    d_max: float = 200.0,
+    progress=None,
+) -> torch.Tensor:
     """float32 [n_real, n_sub] unit-mean subband power gains from Sionna's UMi/UMa CIRs."""
     from sionna.phy.channel import cir_to_ofdm_channel, subcarrier_frequencies
     from sionna.phy.channel.tr38901 import PanelArray, UMa, UMi
 
     Model = {"umi": UMi, "uma": UMa}[model]
-    omni = PanelArray(num_rows_per_panel=1, num_cols_per_panel=1, polarization="single", polarization_type="V",
-                      antenna_pattern="omni", carrier_frequency=fc_hz, device="cpu")
-    ch = Model(carrier_frequency=fc_hz, o2i_model="low", ut_array=omni, bs_array=omni, direction="uplink",
-               enable_pathloss=False, enable_shadow_fading=False, device="cpu")
+    omni = PanelArray(
+        num_rows_per_panel=1,
+        num_cols_per_panel=1,
+        polarization="single",
+        polarization_type="V",
+        antenna_pattern="omni",
+        carrier_frequency=fc_hz,
+        device="cpu",
+    )
+    ch = Model(
+        carrier_frequency=fc_hz,
+        o2i_model="low",
+        ut_array=omni,
+        bs_array=omni,
+        direction="uplink",
+        enable_pathloss=False,
+        enable_shadow_fading=False,
+        device="cpu",
+    )
     f = subcarrier_frequencies(n_sub * tones_per_sub, bandwidth_hz / (n_sub * tones_per_sub), device="cpu")
     out = []
     chunk = 8  # drops per Sionna call: CPU batching beyond ~8 gets slower per drop
@@ -93,8 +126,9 @@ def fading_bank(model: str, los: bool, n_real: int, n_sub: int, bandwidth_hz: fl
         z = lambda n: torch.zeros(b, n, 3)  # noqa: E731
         if b != chunk or start == 0:
             ch.reset_topology()  # topology shapes are frozen after the first set_topology
-        ch.set_topology(ut, bs, z(n_ut_per_drop), z(1), z(n_ut_per_drop),
-                        torch.zeros(b, n_ut_per_drop, dtype=torch.bool), los=los)
+        ch.set_topology(
+            ut, bs, z(n_ut_per_drop), z(1), z(n_ut_per_drop), torch.zeros(b, n_ut_per_drop, dtype=torch.bool), los=los
+        )
         a, tau = ch(num_time_samples=1, sampling_frequency=1.0)
         g = cir_to_ofdm_channel(f, a, tau).abs().square()
         out.append(g.reshape(b * n_ut_per_drop, n_sub, tones_per_sub).mean(-1))
@@ -115,8 +149,9 @@ def phy_tables() -> tuple[PhyTable, PhyTable]:
     def table(category: int, tp: bool) -> torch.Tensor:
         n, nm = grid.numel(), 29
         mcs = torch.arange(nm).repeat_interleave(n)
-        q, r = decode_mcs_index(mcs, table_index=1, is_pusch=category == 0, transform_precoding=tp,
-                                check_index_validity=False, device="cpu")
+        q, r = decode_mcs_index(
+            mcs, table_index=1, is_pusch=category == 0, transform_precoding=tp, check_index_validity=False, device="cpu"
+        )
         bler = phy.get_bler(mcs, 1, category, 2000, (10.0 ** (grid / 10)).repeat(nm))
         bler = torch.where((q > 0) & torch.isfinite(bler), bler, torch.ones_like(bler))
         se = (q.clamp(min=0) * r * (1.0 - bler)).reshape(nm, n)
@@ -124,22 +159,39 @@ def phy_tables() -> tuple[PhyTable, PhyTable]:
         return se.max(0).values.float()
 
     src = "Sionna PHYAbstraction, max over MCS of Qm*R*(1-BLER), CBS 2000"
-    return (PhyTable(grid, table(0, True), src + ", PUSCH MCS table 1 with transform precoding"),
-            PhyTable(grid, table(1, False), src + ", PDSCH MCS table 1"))
+    return (
+        PhyTable(grid, table(0, True), src + ", PUSCH MCS table 1 with transform precoding"),
+        PhyTable(grid, table(1, False), src + ", PDSCH MCS table 1"),
+    )
 
 
 def build_assets(c: ChannelConfig, seed: int = 1234, progress=None) -> dict:
     """Build banks + tables (deterministic for a seed). `progress(n)` is called per chunk."""
     t0 = time.time()
     with _SionnaSession(seed):
-        kw = dict(n_real=c.bank_size, n_sub=c.fading_subbands, bandwidth_hz=c.bandwidth_mhz * 1e6,
-                  fc_hz=c.carrier_ghz * 1e9, progress=progress)
+        kw = dict(
+            n_real=c.bank_size,
+            n_sub=c.fading_subbands,
+            bandwidth_hz=c.bandwidth_mhz * 1e6,
+            fc_hz=c.carrier_ghz * 1e9,
+            progress=progress,
+        )
         bank_los = fading_bank(c.model, True, **kw)
         bank_nlos = fading_bank(c.model, False, **kw)
         ul, dl = phy_tables()
-    return {"bank_los": bank_los, "bank_nlos": bank_nlos, "ul_grid": ul.grid_db, "ul_se": ul.se, "ul_src": ul.source,
-            "dl_grid": dl.grid_db, "dl_se": dl.se, "dl_src": dl.source, "key": bank_key(c),
-            "build_s": time.time() - t0, "config": c.model_dump()}
+    return {
+        "bank_los": bank_los,
+        "bank_nlos": bank_nlos,
+        "ul_grid": ul.grid_db,
+        "ul_se": ul.se,
+        "ul_src": ul.source,
+        "dl_grid": dl.grid_db,
+        "dl_se": dl.se,
+        "dl_src": dl.source,
+        "key": bank_key(c),
+        "build_s": time.time() - t0,
+        "config": c.model_dump(),
+    }
 
 
 def load_or_build(c: ChannelConfig, progress=None, rebuild: bool = False) -> tuple[dict, Path, bool]:
@@ -176,8 +228,7 @@ class SionnaBankChannel(FastChannel):
         return torch.where(los.unsqueeze(-1), self.bank_los[idx], self.bank_nlos[idx])
 
 
-def validate_against_sionna(c: ChannelConfig, bs_xy: torch.Tensor, n_users: int = 200, draws: int = 4,
-                            seed: int = 7) -> dict:
+def validate_against_sionna(c: ChannelConfig, bs_xy: torch.Tensor, n_users: int = 200, draws: int = 4, seed: int = 7) -> dict:
     """Fast path vs a full Sionna channel per link for the same positions and LoS states.
 
     Sionna: TR 38.901 model with pathloss and shadowing, CIR -> OFDM response -> per-subband
@@ -202,15 +253,22 @@ def validate_against_sionna(c: ChannelConfig, bs_xy: torch.Tensor, n_users: int 
         from sionna.phy.channel.tr38901 import PanelArray, UMa, UMi
 
         fc = c.carrier_ghz * 1e9
-        omni = PanelArray(num_rows_per_panel=1, num_cols_per_panel=1, polarization="single", polarization_type="V",
-                          antenna_pattern="omni", carrier_frequency=fc, device="cpu")
-        ch = {"umi": UMi, "uma": UMa}[c.model](carrier_frequency=fc, o2i_model="low", ut_array=omni, bs_array=omni,
-                                                direction="uplink", device="cpu")
+        omni = PanelArray(
+            num_rows_per_panel=1,
+            num_cols_per_panel=1,
+            polarization="single",
+            polarization_type="V",
+            antenna_pattern="omni",
+            carrier_frequency=fc,
+            device="cpu",
+        )
+        ch = {"umi": UMi, "uma": UMa}[c.model](
+            carrier_frequency=fc, o2i_model="low", ut_array=omni, bs_array=omni, direction="uplink", device="cpu"
+        )
         ut = torch.cat([pos, torch.full((n_users, 1), c.h_ut_m)], -1).unsqueeze(0)
         bs = torch.cat([bs_xy, torch.full((M, 1), c.h_bs_m)], -1).unsqueeze(0)
         z = lambda n: torch.zeros(1, n, 3)  # noqa: E731
-        ch.set_topology(ut, bs, z(n_users), z(M), z(n_users), torch.zeros(1, n_users, dtype=torch.bool),
-                        los=los.transpose(1, 2))
+        ch.set_topology(ut, bs, z(n_users), z(M), z(n_users), torch.zeros(1, n_users, dtype=torch.bool), los=los.transpose(1, 2))
         S = c.fading_subbands
         f = subcarrier_frequencies(S * 4, c.bandwidth_mhz * 1e6 / (S * 4), device="cpu")
         ref, pl_sionna = [], None
@@ -232,7 +290,11 @@ def validate_against_sionna(c: ChannelConfig, bs_xy: torch.Tensor, n_users: int 
     # the simulator clamps distances at the TR 38.901 minimum (10 m); Sionna does not
     valid = d2d[0] > c.min_distance_m
     diff = (pl_fast - pl_sionna).abs()[valid]
-    return {"pathloss_max_abs_diff_db": float(diff.max()),
-            "snr_db_percentiles_sionna": torch.quantile(ref, q).tolist(),
-            "snr_db_percentiles_fast": torch.quantile(ours, q).tolist(),
-            "links": int(n_users * M), "links_above_min_distance": int(valid.sum()), "draws": draws}
+    return {
+        "pathloss_max_abs_diff_db": float(diff.max()),
+        "snr_db_percentiles_sionna": torch.quantile(ref, q).tolist(),
+        "snr_db_percentiles_fast": torch.quantile(ours, q).tolist(),
+        "links": int(n_users * M),
+        "links_above_min_distance": int(valid.sum()),
+        "draws": draws,
+    }

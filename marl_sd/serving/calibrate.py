@@ -19,6 +19,7 @@ the live stack, so `serve up --compare-sim` predicts end-to-end latency from com
 
 Prefill cost, payload sizes and the other devices stay as in the base profile.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,15 @@ def measured_acceptance(rows: list[dict]) -> float:
     return acc / max(acc + rej, 1)
 
 
-def fit_served_profile(base: LatencyProfile, device_class: str | None, samples: list, rows: list[dict],
-                       name: str, note: str = "", client_classes: list[str] | None = None) -> dict:
+def fit_served_profile(
+    base: LatencyProfile,
+    device_class: str | None,
+    samples: list,
+    rows: list[dict],
+    name: str,
+    note: str = "",
+    client_classes: list[str] | None = None,
+) -> dict:
     """A profile dict (loadable by `load_profile`) from verifier batch samples
     [(rows, tokens, forward_ms, cycle_ms), ...] and client request rows with round detail.
     `device_class`: the class whose draft cost is refitted from every client's rounds (unpaced
@@ -81,8 +89,10 @@ def fit_served_profile(base: LatencyProfile, device_class: str | None, samples: 
     where = f"live serving runs ({note})" if note else "live serving runs"
     prof = deepcopy(base.model_dump(mode="json"))
     prof["name"] = name
-    verify["source"] = (f"served: verifier batch cycle (window + forward) in {where}, mean per (b, K) over "
-                        f"{len(samples)} batches in {len(grid)} cells, fit mean |rel. error| {verify['fit_error']}")
+    verify["source"] = (
+        f"served: verifier batch cycle (window + forward) in {where}, mean per (b, K) over "
+        f"{len(samples)} batches in {len(grid)} cells, fit mean |rel. error| {verify['fit_error']}"
+    )
     verify.pop("fit_error_max", None)
     prof["target"]["verify"] = verify
     for dev in prof["devices"].values():  # every client runs the same draft model: one acceptance
@@ -98,13 +108,18 @@ def fit_served_profile(base: LatencyProfile, device_class: str | None, samples: 
             dev = prof["devices"][cls]
             dev["draft_ms_per_token"] = round(sum(x["draft_ms"] for x in mine) / n, 4)
             dev["source"] = f"served: drafting time of {len(mine)} speculative rounds / {n} tokens of {cls} clients, {where}"
-    prof["transport"] = {"per_message_ms": round(per_msg, 4),
-                         "source": f"served: (round - uplink - downlink - queue - verify) / 2, mean of {len(rounds)} "
-                                   f"speculative rounds, {where}"}
-    prof["measured"] = {"verify_cells": [{"b": b, "K": k, "ms": round(ms, 4), "n": len(groups[(b, k)])}
-                                         for b, _, k, ms in grid],
-                        "round_residual_ms": {"mean": float(np.mean(resid)), "p50": float(np.median(resid)),
-                                              "p90": float(np.percentile(resid, 90))}}
+    prof["transport"] = {
+        "per_message_ms": round(per_msg, 4),
+        "source": f"served: (round - uplink - downlink - queue - verify) / 2, mean of {len(rounds)} speculative rounds, {where}",
+    }
+    prof["measured"] = {
+        "verify_cells": [{"b": b, "K": k, "ms": round(ms, 4), "n": len(groups[(b, k)])} for b, _, k, ms in grid],
+        "round_residual_ms": {
+            "mean": float(np.mean(resid)),
+            "p50": float(np.median(resid)),
+            "p90": float(np.percentile(resid, 90)),
+        },
+    }
     return prof
 
 
@@ -124,7 +139,7 @@ def text_patterns(rows: list[dict], draft: str, n_users: int) -> list[list[list[
             if not toks:
                 out[r["client"]].append([])
                 continue
-            logits = model(torch.tensor([prompt + toks[:-1]])).logits[0, len(prompt) - 1:]
+            logits = model(torch.tensor([prompt + toks[:-1]])).logits[0, len(prompt) - 1 :]
             out[r["client"]].append((logits.argmax(-1) == torch.tensor(toks)).tolist())
     return out
 
@@ -139,15 +154,20 @@ def replay_overrides(cfg, profile: str, duration_s: float, drain_s: float = 20.0
     `duration_s` then `drain_s` to drain, counter draws (so that the live drop can be pinned,
     `live_drop`) and (if given) the served pair's acceptance."""
     horizon = math.ceil((duration_s + drain_s) * 1000 / cfg.env.slot_ms)
-    over = [f"scenario.profile={profile}", f"env.horizon={horizon}", f"scenario.workload.arrivals_for_s={duration_s}",
-            "env.rng=counter"]
+    over = [
+        f"scenario.profile={profile}",
+        f"env.horizon={horizon}",
+        f"scenario.workload.arrivals_for_s={duration_s}",
+        "env.rng=counter",
+    ]
     if alpha is not None:
         over.append(f"scenario.tasks=[{{name: served_pair, alpha: {alpha:.4f}, share: 1.0}}]")
     return over
 
 
-def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: float, drain_s: float = 20.0,
-                     draft: str | None = None) -> dict[str, dict]:
+def compare_with_sim(
+    cfg_path: str, live: list[dict], profile_dir, duration_s: float, drain_s: float = 20.0, draft: str | None = None
+) -> dict[str, dict]:
     """Simulate each live run's policy on the same scenario with a served profile fitted to the
     *other* live runs (held out; its own run only when there is a single one), and with the
     scenario's own profile for reference. The simulated episodes follow the live protocol: the
@@ -167,8 +187,15 @@ def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: f
     profile_dir = Path(profile_dir)
 
     def fit(runs: list[dict], name: str, note: str) -> Path:
-        prof = fit_served_profile(base, device, [x for r in runs for x in r["server_samples"]],
-                                  [x for r in runs for x in r["rows"]], name=name, note=note, client_classes=classes)
+        prof = fit_served_profile(
+            base,
+            device,
+            [x for r in runs for x in r["server_samples"]],
+            [x for r in runs for x in r["rows"]],
+            name=name,
+            note=note,
+            client_classes=classes,
+        )
         path = profile_dir / f"{name}.yaml"
         write_profile(prof, path)
         return path
@@ -178,8 +205,16 @@ def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: f
         runs with `profile` and, if given, the measured acceptance of the served model pair."""
         over = replay_overrides(cfg, profile, duration_s, drain_s, alpha)
         pol = DelayedPolicy(sim_policy(policy, cfg), cfg.serving.decision_delay_slots)
-        s, _ = run_policy(load_config(cfg_path, over), pol, seed=cfg.seed, episodes=1, schedule=schedule,
-                          devices=users, patterns=patterns, drop=live_drop(cfg))
+        s, _ = run_policy(
+            load_config(cfg_path, over),
+            pol,
+            seed=cfg.seed,
+            episodes=1,
+            schedule=schedule,
+            devices=users,
+            patterns=patterns,
+            drop=live_drop(cfg),
+        )
         return s
 
     names = [Path(r["policy"]).name for r in live]
@@ -187,18 +222,29 @@ def compare_with_sim(cfg_path: str, live: list[dict], profile_dir, duration_s: f
     for i, r in enumerate(live):
         others = [x for j, x in enumerate(live) if j != i]
         held_out = bool(others)
-        path = fit(others or [r], f"served_without_{names[i]}" if held_out else f"served_{names[i]}",
-                   ("policies " + ", ".join(names[j] for j in range(len(live)) if j != i)) if held_out
-                   else f"policy {names[i]}, in-sample")
+        path = fit(
+            others or [r],
+            f"served_without_{names[i]}" if held_out else f"served_{names[i]}",
+            ("policies " + ", ".join(names[j] for j in range(len(live)) if j != i))
+            if held_out
+            else f"policy {names[i]}, in-sample",
+        )
         alpha = measured_acceptance([x for o in (others or [r]) for x in o["rows"]])
         pats = text_patterns(r["rows"], draft, cfg.scenario.n_users) if draft else None
         served = simulate(r["policy"], str(path), r.get("schedule"), alpha, pats)
         plain = simulate(r["policy"], cfg.scenario.profile, r.get("schedule"), patterns=pats)
-        out[r["policy"]] = {"sim_ms_per_token": served["latency_per_token_ms"], "held_out": held_out,
-                            "profile": str(path), "alpha": alpha, "base_profile_ms_per_token": plain["latency_per_token_ms"],
-                            "sim_ttft_ms": served["ttft_ms"], "sim_tpot_ms": served["tpot_ms"],
-                            "sim_handovers": served["handovers"], "sim_requests": served["requests_completed"],
-                            "text_patterns": pats is not None}
+        out[r["policy"]] = {
+            "sim_ms_per_token": served["latency_per_token_ms"],
+            "held_out": held_out,
+            "profile": str(path),
+            "alpha": alpha,
+            "base_profile_ms_per_token": plain["latency_per_token_ms"],
+            "sim_ttft_ms": served["ttft_ms"],
+            "sim_tpot_ms": served["tpot_ms"],
+            "sim_handovers": served["handovers"],
+            "sim_requests": served["requests_completed"],
+            "text_patterns": pats is not None,
+        }
     fit(live, "served", "policies " + ", ".join(names))
     return out
 
@@ -221,8 +267,18 @@ def spread_over_repeats(repeats: list[tuple[list[dict], dict]]) -> dict[str, dic
         sd = float(x.std(ddof=1)) if len(x) > 1 else float("nan")
         sim_mean = float(y.mean()) if len(y) else float("nan")
         gap = (x.mean() - sim_mean) / sim_mean if len(y) else float("nan")
-        out[p] = {"runs": len(x), "live": xs, "sim": sim.get(p, []), "live_mean": float(x.mean()), "live_sd": sd,
-                  "live_min": float(x.min()), "live_max": float(x.max()), "live_cv": sd / float(x.mean()),
-                  "sim_mean": sim_mean, "sim_sd": float(y.std(ddof=1)) if len(y) > 1 else float("nan"),
-                  "gap": float(gap), "gap_over_sd": float(abs(x.mean() - sim_mean) / sd) if sd > 0 else float("nan")}
+        out[p] = {
+            "runs": len(x),
+            "live": xs,
+            "sim": sim.get(p, []),
+            "live_mean": float(x.mean()),
+            "live_sd": sd,
+            "live_min": float(x.min()),
+            "live_max": float(x.max()),
+            "live_cv": sd / float(x.mean()),
+            "sim_mean": sim_mean,
+            "sim_sd": float(y.std(ddof=1)) if len(y) > 1 else float("nan"),
+            "gap": float(gap),
+            "gap_over_sd": float(abs(x.mean() - sim_mean) / sd) if sd > 0 else float("nan"),
+        }
     return out

@@ -3,6 +3,7 @@ while verifiers are killed and restarted, one is frozen, the controller restarts
 clients poison batches, squat sessions and send spoofed or malformed reports. Every honest
 request is checked against the target's greedy output afterwards (tokens lost or duplicated).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -45,8 +46,9 @@ class Proc:
         self.cmd, self.port, self.p = cmd, port, None
 
     def start(self, timeout_s: float = 120.0) -> None:
-        self.p = subprocess.Popen([*self.cmd, "--port", str(self.port)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, text=True)
+        self.p = subprocess.Popen(
+            [*self.cmd, "--port", str(self.port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
         t0 = time.time()
         line = self.p.stdout.readline()
         if not line.startswith("READY") or time.time() - t0 > timeout_s:
@@ -65,8 +67,18 @@ class Proc:
         return f"127.0.0.1:{self.port}"
 
 
-async def honest_client(user: int, servers: list[str], ctrl: str, sec: Security, n_servers: int, t_end: float,
-                        log: list, failovers: list, seed: int, missed: list) -> None:
+async def honest_client(
+    user: int,
+    servers: list[str],
+    ctrl: str,
+    sec: Security,
+    n_servers: int,
+    t_end: float,
+    log: list,
+    failovers: list,
+    seed: int,
+    missed: list,
+) -> None:
     rng = random.Random(seed)
     client = DraftClient(Drafter(load_model(DRAFT)), servers, gamma=4, security=sec)
     agent = ControlAgent(ctrl, user, client, None, 100.0, 4.5, 8, n_servers, security=sec)
@@ -77,8 +89,15 @@ async def honest_client(user: int, servers: list[str], ctrl: str, sec: Security,
             agent.backlog = 1
             try:
                 r = await client.generate(prompt, 32)
-                log.append({"user": user, "prompt": prompt, "tokens": r.tokens, "tpot_ms": r.summary()["tpot_ms"],
-                            "failovers": r.failovers})
+                log.append(
+                    {
+                        "user": user,
+                        "prompt": prompt,
+                        "tokens": r.tokens,
+                        "tpot_ms": r.summary()["tpot_ms"],
+                        "failovers": r.failovers,
+                    }
+                )
             except (ConnectionError, grpc.aio.AioRpcError) as e:
                 log.append({"user": user, "prompt": prompt, "error": type(e).__name__})
             agent.backlog = 0
@@ -99,8 +118,11 @@ async def poisoner(servers: list[str], sec: Security, t_end: float, stats: dict)
                 call = ch.stream_stream(f"/{P.VERIFIER_SERVICE}/Session")(timeout=5)
                 await call.write(P.encode_open(P.OpenMsg(0, np.array([1, 2, 3], np.int32), greedy=False)))
                 await call.read()
-                await call.write(P.encode_verify(P.VerifyMsg(0, 1, np.array([5], np.int32), np.array([[6]], np.int32),
-                                                             np.array([[1.0]], np.float32))))
+                await call.write(
+                    P.encode_verify(
+                        P.VerifyMsg(0, 1, np.array([5], np.int32), np.array([[6]], np.int32), np.array([[1.0]], np.float32))
+                    )
+                )
                 await call.read()
                 stats["poison_accepted"] += 1
         except grpc.aio.AioRpcError as e:
@@ -110,6 +132,7 @@ async def poisoner(servers: list[str], sec: Security, t_end: float, stats: dict)
 
 async def squatter(servers: list[str], sec: Security, t_end: float, stats: dict) -> None:
     """Opens as many idle sessions as it is allowed and keeps them."""
+
     async def hold(addr):
         try:
             async with sec.channel(addr, "verifier", options=P.grpc_options()) as ch:
@@ -120,15 +143,29 @@ async def squatter(servers: list[str], sec: Security, t_end: float, stats: dict)
                 await call.read()  # until the server closes it
         except grpc.aio.AioRpcError as e:
             stats[f"squat_{e.code().name.lower()}"] = stats.get(f"squat_{e.code().name.lower()}", 0) + 1
+
     while time.monotonic() < t_end:
         await asyncio.gather(*(hold(a) for a in servers for _ in range(24)))
 
 
 async def bad_reporter(ctrl: str, sec: Security, t_end: float, stats: dict, victim: int) -> None:
     """Reports as another user (spoofing) and sends malformed reports."""
-    bad = [{"kind": "user", "user": victim, "snr_db": [30.0] * 3, "ul_mbps": [50.0] * 3, "server": 0, "draft_ms": 5.0,
-            "power_w": 1.0, "max_gamma": 8},
-           {"kind": "user", "user": "0"}, {"kind": "user", "user": 10**6, "snr_db": [1.0]}, [1, 2], "garbage"]
+    bad = [
+        {
+            "kind": "user",
+            "user": victim,
+            "snr_db": [30.0] * 3,
+            "ul_mbps": [50.0] * 3,
+            "server": 0,
+            "draft_ms": 5.0,
+            "power_w": 1.0,
+            "max_gamma": 8,
+        },
+        {"kind": "user", "user": "0"},
+        {"kind": "user", "user": 10**6, "snr_db": [1.0]},
+        [1, 2],
+        "garbage",
+    ]
     while time.monotonic() < t_end:
         try:
             async with sec.channel(ctrl, "controller") as ch:
@@ -144,8 +181,14 @@ async def bad_reporter(ctrl: str, sec: Security, t_end: float, stats: dict, vict
         await asyncio.sleep(0.005)
 
 
-def run_chaos(clients: int = 32, duration_s: float = 300.0, insecure: bool = False, faults: bool = True,
-              attackers: bool = True, out: Path | None = None) -> dict:
+def run_chaos(
+    clients: int = 32,
+    duration_s: float = 300.0,
+    insecure: bool = False,
+    faults: bool = True,
+    attackers: bool = True,
+    out: Path | None = None,
+) -> dict:
     torch.set_num_threads(1)
     M, bad_roles = 3, 4
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,16 +196,46 @@ def run_chaos(clients: int = 32, duration_s: float = 300.0, insecure: bool = Fal
         roles = ["verifier", "controller", "operator", *(f"client-{u}" for u in range(clients + bad_roles))]
         sec = Security.insecure() if insecure else Security(create_pki(tmp / "pki", roles))
         cfg = tmp / "scenario.yaml"
-        cfg.write_text(yaml.safe_dump({"extends": str(CONFIG_DIR / "live_cpu.yaml"),
-                                       "scenario": {"n_users": clients + bad_roles}}))
+        cfg.write_text(
+            yaml.safe_dump({"extends": str(CONFIG_DIR / "live_cpu.yaml"), "scenario": {"n_users": clients + bad_roles}})
+        )
         py = sys.executable
-        verifiers = [Proc([py, "-m", "marl_sd.serving.verifier", "--model", TARGET, "--idle-timeout", "10",
-                           "--sessions-per-client", "4", *sec.as_role("verifier").cli_args()], free_port()) for _ in range(M)]
+        verifiers = [
+            Proc(
+                [
+                    py,
+                    "-m",
+                    "marl_sd.serving.verifier",
+                    "--model",
+                    TARGET,
+                    "--idle-timeout",
+                    "10",
+                    "--sessions-per-client",
+                    "4",
+                    *sec.as_role("verifier").cli_args(),
+                ],
+                free_port(),
+            )
+            for _ in range(M)
+        ]
         for v in verifiers:
             v.start()
         addrs = [v.addr for v in verifiers]
-        ctrl = Proc([py, "-m", "marl_sd.serving.controller", "--config", str(cfg), "--heuristic", "least_loaded",
-                     "--servers", ",".join(addrs), *sec.as_role("controller").cli_args()], free_port())
+        ctrl = Proc(
+            [
+                py,
+                "-m",
+                "marl_sd.serving.controller",
+                "--config",
+                str(cfg),
+                "--heuristic",
+                "least_loaded",
+                "--servers",
+                ",".join(addrs),
+                *sec.as_role("controller").cli_args(),
+            ],
+            free_port(),
+        )
         ctrl.start()
         faults_log: list[dict] = []
         logs: list[dict] = []
@@ -173,8 +246,14 @@ def run_chaos(clients: int = 32, duration_s: float = 300.0, insecure: bool = Fal
         async def chaos(t0: float):
             if not faults:
                 return
-            events = [(30, "kill", 0), (70, "kill", 1), (110, "freeze", 2), (150, "controller", None), (190, "kill", 2),
-                      (230, "kill", 0)]
+            events = [
+                (30, "kill", 0),
+                (70, "kill", 1),
+                (110, "freeze", 2),
+                (150, "controller", None),
+                (190, "kill", 2),
+                (230, "kill", 0),
+            ]
             for at, what, i in events:
                 if t0 + at >= t0 + duration_s - 10:
                     break
@@ -199,16 +278,25 @@ def run_chaos(clients: int = 32, duration_s: float = 300.0, insecure: bool = Fal
         async def main():
             t0 = time.monotonic()
             t_end = t0 + duration_s
-            hs = [honest_client(u, addrs, ctrl.addr, sec.as_role(f"client-{u}"), M, t_end, logs, failovers, u, missed)
-                  for u in range(clients)]
-            bad = [poisoner(addrs, sec.as_role(f"client-{clients}"), t_end, stats),
-                   squatter(addrs, sec.as_role(f"client-{clients + 1}"), t_end, stats),
-                   bad_reporter(ctrl.addr, sec.as_role(f"client-{clients + 2}"), t_end, stats, victim=0)] if attackers else []
+            hs = [
+                honest_client(u, addrs, ctrl.addr, sec.as_role(f"client-{u}"), M, t_end, logs, failovers, u, missed)
+                for u in range(clients)
+            ]
+            bad = (
+                [
+                    poisoner(addrs, sec.as_role(f"client-{clients}"), t_end, stats),
+                    squatter(addrs, sec.as_role(f"client-{clients + 1}"), t_end, stats),
+                    bad_reporter(ctrl.addr, sec.as_role(f"client-{clients + 2}"), t_end, stats, victim=0),
+                ]
+                if attackers
+                else []
+            )
             bad_tasks = [asyncio.ensure_future(b) for b in bad]
             await asyncio.gather(*hs, chaos(t0))
             for b in bad_tasks:
                 b.cancel()
             await asyncio.gather(*bad_tasks, return_exceptions=True)
+
         try:
             asyncio.run(main())
         finally:
@@ -218,18 +306,30 @@ def run_chaos(clients: int = 32, duration_s: float = 300.0, insecure: bool = Fal
     # lossless check against the target's greedy output
     target = load_model(TARGET)
     done = [r for r in logs if "tokens" in r]
-    wrong = sum(target.generate(torch.tensor([r["prompt"]]), max_new_tokens=32, do_sample=False)[0, len(r["prompt"]):]
-                .tolist() != r["tokens"] for r in done)
+    wrong = sum(
+        target.generate(torch.tensor([r["prompt"]]), max_new_tokens=32, do_sample=False)[0, len(r["prompt"]) :].tolist()
+        != r["tokens"]
+        for r in done
+    )
     for f in faults_log:  # first client to notice: a fail-over away from that server, or a missed report
         seen = [t for t, a in failovers if a == f["addr"]] if f["addr"] else missed
         after = [t - f["at"] for t in seen if t >= f["at"]]
         f["detect_s"] = min(after) if after else None
         del f["at"]
     tpot = np.array([r["tpot_ms"] for r in done if r["tpot_ms"] == r["tpot_ms"]])
-    res = {"clients": clients, "duration_s": duration_s, "tls": not insecure, "requests_completed": len(done),
-           "requests_failed": len(logs) - len(done), "requests_wrong_tokens": int(wrong),
-           "tpot_p50_ms": float(np.percentile(tpot, 50)), "tpot_p99_ms": float(np.percentile(tpot, 99)),
-           "failovers": len(failovers), "faults": faults_log, "attackers": stats}
+    res = {
+        "clients": clients,
+        "duration_s": duration_s,
+        "tls": not insecure,
+        "requests_completed": len(done),
+        "requests_failed": len(logs) - len(done),
+        "requests_wrong_tokens": int(wrong),
+        "tpot_p50_ms": float(np.percentile(tpot, 50)),
+        "tpot_p99_ms": float(np.percentile(tpot, 99)),
+        "failovers": len(failovers),
+        "faults": faults_log,
+        "attackers": stats,
+    }
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(res, indent=1))

@@ -6,6 +6,7 @@
 Writes one JSON line per request (TTFT, TPOT, end-to-end latency, rounds, acceptance, the
 per-round draft/uplink/queue/verify/downlink times) to `--out`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,18 @@ class ControlAgent:
     server's whole-band rate times the allocated share.
     """
 
-    def __init__(self, addr: str, user: int, client: DraftClient, trace: dict | None, slot_ms: float,
-                 power_w: float, max_gamma: int, n_servers: int, security: Security | None = None):
+    def __init__(
+        self,
+        addr: str,
+        user: int,
+        client: DraftClient,
+        trace: dict | None,
+        slot_ms: float,
+        power_w: float,
+        max_gamma: int,
+        n_servers: int,
+        security: Security | None = None,
+    ):
         self.addr, self.user, self.client, self.trace = addr, user, client, trace
         self.security = security or Security.insecure()
         self.ignored = 0  # decisions that failed validation
@@ -110,11 +121,22 @@ class ControlAgent:
         snr = self._row("snr_db", t) if self.trace else [20.0] * self.M
         full = self._row("ul_full_mbps", t) if self.trace else [50.0] * self.M
         c = self.client
-        return {"kind": "user", "user": self.user, "snr_db": snr, "ul_mbps": full, "ul_full_mbps": full,
-                "server": c.server, "draft_ms": c.drafter.ms_per_token or 1.0,
-                "power_w": self.power_w, "max_gamma": self.max_gamma, "queue": q,
-                "remaining": int(c.meas["remaining"]) if c.active else 0, "acceptance": c.acceptance,
-                "outstanding": float(q), "token_latency_ms": self.tok_latency}
+        return {
+            "kind": "user",
+            "user": self.user,
+            "snr_db": snr,
+            "ul_mbps": full,
+            "ul_full_mbps": full,
+            "server": c.server,
+            "draft_ms": c.drafter.ms_per_token or 1.0,
+            "power_w": self.power_w,
+            "max_gamma": self.max_gamma,
+            "queue": q,
+            "remaining": int(c.meas["remaining"]) if c.active else 0,
+            "acceptance": c.acceptance,
+            "outstanding": float(q),
+            "token_latency_ms": self.tok_latency,
+        }
 
     def checked(self, reply) -> dict | None:
         """A decision with every field in range (gamma and priority clamped), or None to ignore it."""
@@ -132,8 +154,12 @@ class ControlAgent:
             self.ignored += 1
             log.warning("user %d: ignoring an invalid decision (%s)", self.user, e)
             return None
-        return {"server": srv, "gamma": max(0, min(gamma, self.max_gamma)), "priority": max(0, min(prio, P.MAX_PRIORITY)),
-                "share": share}
+        return {
+            "server": srv,
+            "gamma": max(0, min(gamma, self.max_gamma)),
+            "priority": max(0, min(prio, P.MAX_PRIORITY)),
+            "share": share,
+        }
 
     async def run(self) -> None:
         async with self.security.channel(self.addr, "controller", options=P.grpc_options()) as ch:
@@ -157,7 +183,8 @@ class ControlAgent:
         try:
             async with self.security.channel(self.addr, "controller", options=P.grpc_options()) as ch:
                 await ch.unary_unary(f"/{CONTROLLER_SERVICE}/Report")(
-                    json.dumps({"kind": "leave", "user": self.user}).encode(), timeout=max(self.slot_s, 1.0))
+                    json.dumps({"kind": "leave", "user": self.user}).encode(), timeout=max(self.slot_s, 1.0)
+                )
         except grpc.aio.AioRpcError as e:
             log.warning("user %d: leave not acknowledged (%s); the controller will expire it", self.user, e.code())
 
@@ -168,8 +195,14 @@ class ControlAgent:
             return None
         srv = int(d["server"])
         traces = {k: self.trace[k][:, self.user, srv] for k in ("ul_full_mbps", "dl_full_mbps")} if self.trace else {}
-        return RoundPlan(gamma=d["gamma"], priority=d["priority"], server=srv, share=d["share"], ul_trace=traces.get("ul_full_mbps"),
-                         dl_trace=traces.get("dl_full_mbps"))
+        return RoundPlan(
+            gamma=d["gamma"],
+            priority=d["priority"],
+            server=srv,
+            share=d["share"],
+            ul_trace=traces.get("ul_full_mbps"),
+            dl_trace=traces.get("dl_full_mbps"),
+        )
 
 
 async def run_workload(args) -> list[dict]:
@@ -182,15 +215,38 @@ async def run_workload(args) -> list[dict]:
         if trace is not None:
             return Link(trace[key][:, args.user, 0], base_ms=args.base_ms, slot_ms=float(trace["slot_ms"]))
         return Link(mbps, base_ms=args.base_ms) if mbps else None
-    client = DraftClient(Drafter(model, greedy=not args.sample, temperature=args.temperature, topk=args.topk,
-                                 seed=args.seed, pace_ms=args.pace_draft_ms), servers, gamma=args.gamma,
-                         uplink=link(args.uplink_mbps, "ul_full_mbps"), downlink=link(args.downlink_mbps, "dl_full_mbps"),
-                         predraft=not args.no_predraft, security=args.security, timeout_s=args.round_timeout,
-                         min_deadline_s=args.min_round_deadline)
+
+    client = DraftClient(
+        Drafter(
+            model,
+            greedy=not args.sample,
+            temperature=args.temperature,
+            topk=args.topk,
+            seed=args.seed,
+            pace_ms=args.pace_draft_ms,
+        ),
+        servers,
+        gamma=args.gamma,
+        uplink=link(args.uplink_mbps, "ul_full_mbps"),
+        downlink=link(args.downlink_mbps, "dl_full_mbps"),
+        predraft=not args.no_predraft,
+        security=args.security,
+        timeout_s=args.round_timeout,
+        min_deadline_s=args.min_round_deadline,
+    )
     agent = None
     if args.controller:
-        agent = ControlAgent(args.controller, args.user, client, trace, args.slot_ms, args.power_w, args.max_gamma,
-                             len(servers), security=args.security)
+        agent = ControlAgent(
+            args.controller,
+            args.user,
+            client,
+            trace,
+            args.slot_ms,
+            args.power_w,
+            args.max_gamma,
+            len(servers),
+            security=args.security,
+        )
         reporter = asyncio.ensure_future(agent.run())
     rng = np.random.default_rng(args.seed)
     new_tokens = prompt_lens = None
@@ -217,20 +273,32 @@ async def run_workload(args) -> list[dict]:
         wait = t_start + arr - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
-        r = await client.generate(prompt, new_tokens[i] if new_tokens else args.max_new, greedy=not args.sample,
-                                  seed=args.seed * 1000 + i,
-                                  eos_id=None if args.ignore_eos else eos_of(model))
+        r = await client.generate(
+            prompt,
+            new_tokens[i] if new_tokens else args.max_new,
+            greedy=not args.sample,
+            seed=args.seed * 1000 + i,
+            eos_id=None if args.ignore_eos else eos_of(model),
+        )
         latency_ms = (time.monotonic() - (t_start + arr)) * 1000  # includes waiting behind earlier requests
         if agent is not None:
             agent.finished += 1
             agent.tok_latency = smooth_token_latency(agent.tok_latency, latency_ms / max(len(r.tokens), 1))
         queued_ms = latency_ms - r.e2e_ms  # waiting behind the user's earlier requests
-        row = r.summary() | {"client": args.client_id, "request": i, "gamma": client.gamma, "start": wall0 + arr,
-                             "latency_ms": latency_ms, "latency_per_token_ms": latency_ms / max(len(r.tokens), 1),
-                             "queued_ms": queued_ms, "ttft_ms": queued_ms + r.ttft_ms,  # from arrival, as simulated
-                             "handovers": client.meas["handovers"], "output": r.tokens,
-                             "prompt": list(prompt) if args.detail else None,
-                             "round_detail": r.rounds if args.detail else None}
+        row = r.summary() | {
+            "client": args.client_id,
+            "request": i,
+            "gamma": client.gamma,
+            "start": wall0 + arr,
+            "latency_ms": latency_ms,
+            "latency_per_token_ms": latency_ms / max(len(r.tokens), 1),
+            "queued_ms": queued_ms,
+            "ttft_ms": queued_ms + r.ttft_ms,  # from arrival, as simulated
+            "handovers": client.meas["handovers"],
+            "output": r.tokens,
+            "prompt": list(prompt) if args.detail else None,
+            "round_detail": r.rounds if args.detail else None,
+        }
         rows.append(row)
     if agent is not None:
         reporter.cancel()
@@ -262,19 +330,27 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--client-id", type=int, default=0)
     p.add_argument("--duration", type=float, default=0.0, help="s of Poisson arrivals at --rate (0: --requests)")
-    p.add_argument("--schedule", help="JSON list of [arrival s, prompt tokens, output tokens]: a fixed workload "
-                                      "(overrides --duration/--requests/--max-new)")
+    p.add_argument(
+        "--schedule",
+        help="JSON list of [arrival s, prompt tokens, output tokens]: a fixed workload "
+        "(overrides --duration/--requests/--max-new)",
+    )
     p.add_argument("--controller", help="controller host:port (live control of gamma, server, shares)")
     p.add_argument("--user", type=int, default=0, help="user index (agent) for the controller and the trace")
     p.add_argument("--trace", help="rate traces (.npz from `marl-sd traces export`) driving the links")
     p.add_argument("--slot-ms", type=float, default=100.0)
     p.add_argument("--power-w", type=float, default=4.5, help="device drafting power reported to the controller")
     p.add_argument("--max-gamma", type=int, default=8)
-    p.add_argument("--pace-draft-ms", type=float, default=0.0,
-                   help="emulate a slower device: each draft token takes at least this long")
+    p.add_argument(
+        "--pace-draft-ms", type=float, default=0.0, help="emulate a slower device: each draft token takes at least this long"
+    )
     p.add_argument("--round-timeout", type=float, default=30.0, help="seconds a round may take at most before fail-over")
-    p.add_argument("--min-round-deadline", type=float, default=2.0,
-                   help="floor of the adaptive round deadline (5x the running mean round time)")
+    p.add_argument(
+        "--min-round-deadline",
+        type=float,
+        default=2.0,
+        help="floor of the adaptive round deadline (5x the running mean round time)",
+    )
     p.add_argument("--out", required=True)
     add_security_args(p)
     a = p.parse_args(argv)

@@ -8,6 +8,7 @@ unreachable. Observations are built with the simulator's `ObservationBuilder` on
 arrays, and a policy bundle runs in onnxruntime: this process does not import torch
 (heuristic policies, which are torch code, are the exception).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -162,9 +163,18 @@ class ControllerCore:
     the policy's `max_servers`); a server marked down (`servers_down`) is masked out, so no
     user is sent there until it answers again."""
 
-    def __init__(self, manifest: dict, policy, slot_ms: float = 100.0, stale_slots: int = 3, horizon: int = 100,
-                 coverage_snr_db: float = -5.0, expire_s: float = 30.0, n_servers: int | None = None,
-                 max_users: int = 4096):
+    def __init__(
+        self,
+        manifest: dict,
+        policy,
+        slot_ms: float = 100.0,
+        stale_slots: int = 3,
+        horizon: int = 100,
+        coverage_snr_db: float = -5.0,
+        expire_s: float = 30.0,
+        n_servers: int | None = None,
+        max_users: int = 4096,
+    ):
         room = ObsSpec(**manifest["obs_spec"])
         self.n_servers = room.max_servers if n_servers is None else int(n_servers)
         if self.n_servers > room.max_servers:
@@ -229,8 +239,10 @@ class ControllerCore:
         ul = np.asarray([r.ul_mbps for r in rs], np.float32).reshape(1, N, M)
         srv = np.asarray([r.server for r in rs], np.int64).reshape(1, N)
         gmax = np.asarray([r.max_gamma for r in rs], np.int64).reshape(1, N)
-        cols = {k: np.asarray([getattr(r, k) for r in rs], np.float32).reshape(1, N)
-                for k in ("draft_ms", "power_w", "queue", "remaining", "acceptance", "outstanding", "token_latency_ms")}
+        cols = {
+            k: np.asarray([getattr(r, k) for r in rs], np.float32).reshape(1, N)
+            for k in ("draft_ms", "power_w", "queue", "remaining", "acceptance", "outstanding", "token_latency_ms")
+        }
         onehot = (srv[..., None] == np.arange(M)).astype(np.float32)
         users = onehot.sum(1)
         full = [i for i, r in enumerate(rs) if r.ul_full_mbps is not None]
@@ -250,11 +262,24 @@ class ControllerCore:
         for s, r in self.servers.items():
             if s < M:
                 queued[0, s], busy[0, s], kv[0, s] = r.queued_tokens, r.busy, r.kv
-        return ids, Features(snr_db=snr, ul_mbps=ul, server=srv, draft_ms=cols["draft_ms"], power_w=cols["power_w"],
-                        max_gamma=gmax, queue=cols["queue"], remaining=cols["remaining"], acceptance=cols["acceptance"],
-                        outstanding=cols["outstanding"], token_latency_ms=cols["token_latency_ms"], srv_users=users,
-                        srv_queued_tokens=queued, srv_busy=busy, srv_kv=kv,
-                        time_frac=np.array([min(self.slot, self.horizon) / self.horizon], np.float32))
+        return ids, Features(
+            snr_db=snr,
+            ul_mbps=ul,
+            server=srv,
+            draft_ms=cols["draft_ms"],
+            power_w=cols["power_w"],
+            max_gamma=gmax,
+            queue=cols["queue"],
+            remaining=cols["remaining"],
+            acceptance=cols["acceptance"],
+            outstanding=cols["outstanding"],
+            token_latency_ms=cols["token_latency_ms"],
+            srv_users=users,
+            srv_queued_tokens=queued,
+            srv_busy=busy,
+            srv_kv=kv,
+            time_frac=np.array([min(self.slot, self.horizon) / self.horizon], np.float32),
+        )
 
     def masks(self, f: Features) -> np.ndarray:
         """The simulator's mask rules, on the reported state."""
@@ -280,8 +305,9 @@ class ControllerCore:
             for i in np.flatnonzero(~fresh):
                 u = ids[i]
                 if u not in self.unreachable:
-                    log.warning("user %d has not reported for %.0f ms: keeping its last decision", u,
-                                1000 * (now - self.users[u].at))
+                    log.warning(
+                        "user %d has not reported for %.0f ms: keeping its last decision", u, 1000 * (now - self.users[u].at)
+                    )
                     self.unreachable.add(u)
             a = act.tolist()
             if self.record is not None:
@@ -301,12 +327,25 @@ class ControllerCore:
     def _record(self, ids: list[int], f: Features, act: list[list[int]]) -> None:
         for i, u in enumerate(ids):
             s = int(f.server[0, i])
-            self.record.append({"slot": self.slot, "user": u, "server": s, "snr_db": float(f.snr_db[0, i, s]),
-                                "ul_mbps": float(f.ul_mbps[0, i, s]), "srv_users": float(f.srv_users[0, s]),
-                                "srv_queued_tokens": float(f.srv_queued_tokens[0, s]), "srv_busy": float(f.srv_busy[0, s]),
-                                **{k: float(getattr(f, k)[0, i]) for k in ("draft_ms", "queue", "remaining", "acceptance",
-                                                                          "outstanding", "token_latency_ms")},
-                                "act_server": act[i][0], "act_bid": act[i][1], "act_gamma": act[i][3]})
+            self.record.append(
+                {
+                    "slot": self.slot,
+                    "user": u,
+                    "server": s,
+                    "snr_db": float(f.snr_db[0, i, s]),
+                    "ul_mbps": float(f.ul_mbps[0, i, s]),
+                    "srv_users": float(f.srv_users[0, s]),
+                    "srv_queued_tokens": float(f.srv_queued_tokens[0, s]),
+                    "srv_busy": float(f.srv_busy[0, s]),
+                    **{
+                        k: float(getattr(f, k)[0, i])
+                        for k in ("draft_ms", "queue", "remaining", "acceptance", "outstanding", "token_latency_ms")
+                    },
+                    "act_server": act[i][0],
+                    "act_bid": act[i][1],
+                    "act_gamma": act[i][3],
+                }
+            )
 
     def write_stats(self) -> None:
         with open(self.stats_path, "w") as fh:
@@ -314,18 +353,34 @@ class ControllerCore:
 
     def latency_stats(self) -> dict:
         x = np.asarray(self.decision_ms)
-        pct = (lambda q: float(np.percentile(x, q)) if len(x) else float("nan"))  # noqa: E731
-        return {"slots": int(len(x)), "p50_ms": pct(50), "p99_ms": pct(99), "max_ms": float(x.max()) if len(x) else float("nan"),
-                "missed_slots": self.missed_slots, "rejected_reports": dict(self.rejected), "step_errors": self.step_errors,
-                "users": len(self.users), "peak_users": self.peak_users, "joined": self.joined, "left": self.left,
-                "servers_down": sorted(self.servers_down)}
+        pct = lambda q: float(np.percentile(x, q)) if len(x) else float("nan")  # noqa: E731
+        return {
+            "slots": int(len(x)),
+            "p50_ms": pct(50),
+            "p99_ms": pct(99),
+            "max_ms": float(x.max()) if len(x) else float("nan"),
+            "missed_slots": self.missed_slots,
+            "rejected_reports": dict(self.rejected),
+            "step_errors": self.step_errors,
+            "users": len(self.users),
+            "peak_users": self.peak_users,
+            "joined": self.joined,
+            "left": self.left,
+            "servers_down": sorted(self.servers_down),
+        }
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
-async def serve_controller(core: ControllerCore, host: str = "127.0.0.1", port: int = 0, ready=None,
-                           duration_s: float | None = None, security: Security | None = None) -> None:
+async def serve_controller(
+    core: ControllerCore,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    ready=None,
+    duration_s: float | None = None,
+    security: Security | None = None,
+) -> None:
     """gRPC front-end: unary `Report` (JSON in, JSON decision out) + the slot loop. With TLS a
     client may report only for its own user id and gets only its own decision back; server loads
     come from the controller's own polling (or an operator)."""
@@ -370,9 +425,14 @@ async def serve_controller(core: ControllerCore, host: str = "127.0.0.1", port: 
         return json.dumps(core.latency_stats() | {"unreachable": sorted(core.unreachable), "slot": core.slot}).encode()
 
     server = grpc.aio.server(options=grpc_options(server=True))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(CONTROLLER_SERVICE, {
-        "Report": grpc.unary_unary_rpc_method_handler(report),
-        "Stats": grpc.unary_unary_rpc_method_handler(stats)}),))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                CONTROLLER_SERVICE,
+                {"Report": grpc.unary_unary_rpc_method_handler(report), "Stats": grpc.unary_unary_rpc_method_handler(stats)},
+            ),
+        )
+    )
     bound = security.add_port(server, host, port)
     await server.start()
     if ready is not None:
@@ -427,8 +487,15 @@ async def poll_servers(core: ControllerCore, addrs: list[str], security: Securit
                 busy = 0.0 if last_busy[i] is None else (st["busy_s"] - last_busy[i]) / core.slot_s
                 last_busy[i] = st["busy_s"]
                 kv = st.get("kv_tokens", 0) / st["kv_budget"] if st.get("kv_budget") else 0.0
-                core.report_server(ServerReport(i, int(st["open_sessions"]), float(st.get("queued_tokens", 0.0)),
-                                                float(min(max(busy, 0.0), 1.0)), float(min(kv, 1.0))))
+                core.report_server(
+                    ServerReport(
+                        i,
+                        int(st["open_sessions"]),
+                        float(st.get("queued_tokens", 0.0)),
+                        float(min(max(busy, 0.0), 1.0)),
+                        float(min(kv, 1.0)),
+                    )
+                )
             await asyncio.sleep(core.slot_s)
     finally:
         for c in chans:
@@ -453,6 +520,7 @@ def controller_metrics(core: ControllerCore) -> prom.CollectorRegistry:
             for reason, n in core.rejected.items():
                 rej.add_metric([reason], n)
             yield rej
+
     reg.register(Collector())
     return reg
 
@@ -487,8 +555,14 @@ def main(argv=None) -> int:
 
         manifest = manifest_contract(cfg)
         policy = heuristic_policy(a.heuristic, cfg)
-    core = ControllerCore(manifest, policy, slot_ms=cfg.env.slot_ms, horizon=cfg.env.horizon,
-                          coverage_snr_db=cfg.scenario.channel.coverage_snr_db, n_servers=cfg.scenario.n_servers)
+    core = ControllerCore(
+        manifest,
+        policy,
+        slot_ms=cfg.env.slot_ms,
+        horizon=cfg.env.horizon,
+        coverage_snr_db=cfg.scenario.channel.coverage_snr_db,
+        n_servers=cfg.scenario.n_servers,
+    )
     core.stats_path = a.out
     if a.record:
         core.record = []
@@ -498,11 +572,18 @@ def main(argv=None) -> int:
     async def run():
         poller = asyncio.ensure_future(poll_servers(core, a.servers.split(","), security)) if a.servers else None
         try:
-            await serve_controller(core, a.host, a.port, ready=lambda port: print(f"READY {port}", flush=True),
-                                   duration_s=a.duration, security=security)
+            await serve_controller(
+                core,
+                a.host,
+                a.port,
+                ready=lambda port: print(f"READY {port}", flush=True),
+                duration_s=a.duration,
+                security=security,
+            )
         finally:
             if poller:
                 poller.cancel()
+
     try:
         asyncio.run(run())
     except KeyboardInterrupt:
@@ -522,11 +603,31 @@ if __name__ == "__main__":
 def reports_from_features(f: Features, env: int = 0) -> tuple[list[UserReport], list[ServerReport]]:
     """The reports that nodes in state `f` (e.g. the simulator's features) would send."""
     N, M = f.server.shape[1], f.snr_db.shape[-1]
-    users = [UserReport(user=i, snr_db=[float(x) for x in f.snr_db[env, i]], ul_mbps=[float(x) for x in f.ul_mbps[env, i]],
-                        server=int(f.server[env, i]), draft_ms=float(f.draft_ms[env, i]), power_w=float(f.power_w[env, i]),
-                        max_gamma=int(f.max_gamma[env, i]), queue=int(f.queue[env, i]), remaining=int(f.remaining[env, i]),
-                        acceptance=float(f.acceptance[env, i]), outstanding=float(f.outstanding[env, i]),
-                        token_latency_ms=float(f.token_latency_ms[env, i])) for i in range(N)]
-    servers = [ServerReport(server=s, users=int(f.srv_users[env, s]), queued_tokens=float(f.srv_queued_tokens[env, s]),
-                            busy=float(f.srv_busy[env, s]), kv=float(f.srv_kv[env, s])) for s in range(M)]
+    users = [
+        UserReport(
+            user=i,
+            snr_db=[float(x) for x in f.snr_db[env, i]],
+            ul_mbps=[float(x) for x in f.ul_mbps[env, i]],
+            server=int(f.server[env, i]),
+            draft_ms=float(f.draft_ms[env, i]),
+            power_w=float(f.power_w[env, i]),
+            max_gamma=int(f.max_gamma[env, i]),
+            queue=int(f.queue[env, i]),
+            remaining=int(f.remaining[env, i]),
+            acceptance=float(f.acceptance[env, i]),
+            outstanding=float(f.outstanding[env, i]),
+            token_latency_ms=float(f.token_latency_ms[env, i]),
+        )
+        for i in range(N)
+    ]
+    servers = [
+        ServerReport(
+            server=s,
+            users=int(f.srv_users[env, s]),
+            queued_tokens=float(f.srv_queued_tokens[env, s]),
+            busy=float(f.srv_busy[env, s]),
+            kv=float(f.srv_kv[env, s]),
+        )
+        for s in range(M)
+    ]
     return users, servers

@@ -1,5 +1,6 @@
 """Torch policies in the live controller's numpy interface, and the policy a live run used as a
 simulator policy (for `serve up --compare-sim`)."""
+
 from __future__ import annotations
 
 import os
@@ -22,6 +23,7 @@ def heuristic_policy(name: str, cfg):
 
     def act(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return pol.act(torch.as_tensor(obs), torch.as_tensor(mask)).numpy()
+
     return act
 
 
@@ -34,8 +36,9 @@ def sim_policy(policy: str, cfg) -> Policy:
     decide = bundle_policy(actor, manifest)  # exactly what the live controller runs
     spec = ObsSpec(**manifest["obs_spec"]).at(cfg.scenario.n_servers)
     room = spec.max_servers
-    differs = room != ctx.spec.max_servers or bool(normalization_differences(manifest, manifest_contract(
-        cfg.with_max_servers(room))))
+    differs = room != ctx.spec.max_servers or bool(
+        normalization_differences(manifest, manifest_contract(cfg.with_max_servers(room)))
+    )
     own = OwnContract(ctx, ObservationBuilder(spec, features_from_manifest(manifest)))
 
     class OnnxPolicy(Policy):
@@ -45,4 +48,5 @@ def sim_policy(policy: str, cfg) -> Policy:
             if differs:  # encode as the live controller does: the bundle's own constants and room
                 obs, mask = own(obs, mask)
             return torch.as_tensor(decide(obs.numpy(), mask.numpy()))
+
     return OnnxPolicy(ctx)

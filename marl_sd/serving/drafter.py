@@ -10,6 +10,7 @@ guess, the pre-drafted tokens become the next round's first drafts.
 emulation on both directions, and fail-over: if a server dies, the session is re-opened on
 the next server with the committed context, so no token is lost or duplicated.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,15 +34,14 @@ from marl_sd.serving.speculative import sample_weights, top_k_renormalized
 log = logging.getLogger("marl_sd.drafter")
 
 
-
 def predraft_limit(gamma: int) -> int:
     """Drafts a client may hold ahead of its committed text while a round of `gamma` is in flight:
     the uploaded gamma plus up to gamma + 1 past them (none for an autoregressive round)."""
     return 2 * gamma + 1 if gamma else 0
 
+
 class Drafter:
-    def __init__(self, model, greedy: bool = True, temperature: float = 1.0, topk: int = 8, seed: int = 0,
-                 pace_ms: float = 0.0):
+    def __init__(self, model, greedy: bool = True, temperature: float = 1.0, topk: int = 8, seed: int = 0, pace_ms: float = 0.0):
         self.model, self.greedy, self.temperature, self.topk = model, greedy, temperature, topk
         self.pace_s = pace_ms / 1000.0  # emulated device: each draft token takes at least this long
         self.rng = np.random.default_rng(seed)
@@ -130,9 +130,16 @@ class RequestResult:
     def summary(self) -> dict:
         acc = sum(r["accepted"] for r in self.rounds)
         rej = sum(1 for r in self.rounds if r["accepted"] < r["gamma"])
-        return {"prompt_len": self.prompt_len, "tokens": len(self.tokens), "ttft_ms": self.ttft_ms,
-                "tpot_ms": self.tpot_ms, "e2e_ms": self.e2e_ms, "rounds": len(self.rounds),
-                "alpha": acc / max(acc + rej, 1), "failovers": self.failovers}
+        return {
+            "prompt_len": self.prompt_len,
+            "tokens": len(self.tokens),
+            "ttft_ms": self.ttft_ms,
+            "tpot_ms": self.tpot_ms,
+            "e2e_ms": self.e2e_ms,
+            "rounds": len(self.rounds),
+            "alpha": acc / max(acc + rej, 1),
+            "failovers": self.failovers,
+        }
 
 
 @dataclass
@@ -157,8 +164,14 @@ class Handover(Exception):
 
 
 # deterministic refusals: the same request fails the same way on every server
-NOT_RETRYABLE = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE,
-                 grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED}
+NOT_RETRYABLE = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
 
 
 class DraftClient:
@@ -167,9 +180,19 @@ class DraftClient:
     Live control: `on_round(client)` (async) runs before every round and returns a `RoundPlan`
     or None; `apply_plan` is the one place a plan changes the client."""
 
-    def __init__(self, drafter: Drafter, servers: list[str], gamma: int = 4, uplink: Link | None = None,
-                 downlink: Link | None = None, predraft: bool = True, timeout_s: float = 30.0,
-                 security: Security | None = None, retries_per_server: int = 2, min_deadline_s: float = 2.0):
+    def __init__(
+        self,
+        drafter: Drafter,
+        servers: list[str],
+        gamma: int = 4,
+        uplink: Link | None = None,
+        downlink: Link | None = None,
+        predraft: bool = True,
+        timeout_s: float = 30.0,
+        security: Security | None = None,
+        retries_per_server: int = 2,
+        min_deadline_s: float = 2.0,
+    ):
         if not servers:
             raise ValueError("need at least one server address")
         self.drafter, self.servers, self.gamma = drafter, list(servers), gamma
@@ -256,8 +279,9 @@ class DraftClient:
     async def _link(self, link: Link | None, nbytes: int) -> float:
         return await link.send(nbytes) if link is not None else 0.0
 
-    async def generate(self, prompt: list[int], max_new_tokens: int, greedy: bool = True, seed: int = 0,
-                       eos_id: int | None = None) -> RequestResult:
+    async def generate(
+        self, prompt: list[int], max_new_tokens: int, greedy: bool = True, seed: int = 0, eos_id: int | None = None
+    ) -> RequestResult:
         self.active = True
         try:
             return await self._generate(prompt, max_new_tokens, greedy, seed, eos_id)
@@ -284,7 +308,7 @@ class DraftClient:
                 self.server_idx = h.server
             except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError, asyncio.InvalidStateError) as e:
                 await self._fail_over(addr, e, req)
-        out = d.seq[len(prompt): len(prompt) + max_new_tokens]
+        out = d.seq[len(prompt) : len(prompt) + max_new_tokens]
         if eos_id is not None and eos_id in out:
             out = out[: out.index(eos_id) + 1]
         e2e = (time.monotonic() - t0) * 1000
@@ -295,8 +319,9 @@ class DraftClient:
         d = self.drafter
         ch = await self._channel(addr)  # one connection per server, kept across requests
         call = ch.stream_stream(f"/{P.VERIFIER_SERVICE}/Session")()  # lives as long as the request
-        open_msg = P.encode_open(P.OpenMsg(0, np.asarray(d.seq, np.int32), req.greedy, req.seed, d.temperature,
-                                           int(d.model.config.vocab_size)))
+        open_msg = P.encode_open(
+            P.OpenMsg(0, np.asarray(d.seq, np.int32), req.greedy, req.seed, d.temperature, int(d.model.config.vocab_size))
+        )
         # the first round's drafts are made while the session opens (prompt upload + prefill)
         self._draft_in_background(self.gamma)
         await self._link(self.uplink, len(open_msg))
@@ -327,8 +352,7 @@ class DraftClient:
             ids, pr = np.zeros((0, steps), np.int32), np.zeros((0, steps), np.float32)
         elif req.greedy:
             ids, pr = ids[:, :0], pr[:, :0]
-        msg = P.encode_verify(P.VerifyMsg(session, len(req.rounds) + 1, np.asarray(drafts, np.int32), ids, pr,
-                                          self.priority))
+        msg = P.encode_verify(P.VerifyMsg(session, len(req.rounds) + 1, np.asarray(drafts, np.int32), ids, pr, self.priority))
         tr = time.monotonic()
         self._draft_in_background(predraft_limit(gamma) if self.predraft else 0)  # pre-draft until the result
         up_ms = await self._link(self.uplink, len(msg)) * 1000
@@ -345,10 +369,22 @@ class DraftClient:
         self._measure(gamma, res.accepted)
         if req.ttft is None:
             req.ttft = (time.monotonic() - req.t0) * 1000
-        req.rounds.append({"gamma": gamma, "accepted": res.accepted, "draft_ms": draft_ms, "drafted": drafted,
-                           "uplink_ms": up_ms, "downlink_ms": dn_ms, "round_ms": (time.monotonic() - tr) * 1000,
-                           "verify_ms": res.verify_ms, "queue_ms": res.queue_ms, "batch": res.batch,
-                           "kept_predraft": kept, "server": addr})
+        req.rounds.append(
+            {
+                "gamma": gamma,
+                "accepted": res.accepted,
+                "draft_ms": draft_ms,
+                "drafted": drafted,
+                "uplink_ms": up_ms,
+                "downlink_ms": dn_ms,
+                "round_ms": (time.monotonic() - tr) * 1000,
+                "verify_ms": res.verify_ms,
+                "queue_ms": res.queue_ms,
+                "batch": res.batch,
+                "kept_predraft": kept,
+                "server": addr,
+            }
+        )
         return res
 
     def round_deadline(self) -> float:
@@ -370,14 +406,14 @@ class DraftClient:
         self.server_idx += 1
         await self._settle_drafting(interrupt=True)  # before the drafts are reset
         self.drafter.drafts = []
-        log.warning("server %s failed (%s); failing over to %s", addr, code or type(e).__name__,
-                    self.servers[self.server])
+        log.warning("server %s failed (%s); failing over to %s", addr, code or type(e).__name__, self.servers[self.server])
 
     def _measure(self, gamma: int, accepted: int) -> None:
         """Running acceptance, measured as the simulator measures it."""
         m = self.meas
-        m["acc_hits"], m["acc_trials"] = update_acceptance(m["acc_hits"], m["acc_trials"], accepted,
-                                                           float(accepted < gamma), float(gamma > 0))
+        m["acc_hits"], m["acc_trials"] = update_acceptance(
+            m["acc_hits"], m["acc_trials"], accepted, float(accepted < gamma), float(gamma > 0)
+        )
 
     @property
     def acceptance(self) -> float:
@@ -403,4 +439,4 @@ class _Request:
         return self.max_new_tokens - (len(d.seq) - len(self.prompt))
 
     def done(self, d: Drafter) -> bool:
-        return self.left(d) <= 0 or (self.eos_id is not None and self.eos_id in d.seq[len(self.prompt):])
+        return self.left(d) <= 0 or (self.eos_id is not None and self.eos_id in d.seq[len(self.prompt) :])

@@ -6,6 +6,7 @@ session (different context lengths and numbers of drafts): past KV left-padded, 
 right-padded, a full 2D attention mask and explicit positions; each row's cache is then
 sliced back to its accepted prefix (rollback).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -50,8 +51,10 @@ def check_rollback_support(config) -> None:
     """Refuse models with sliding-window attention: cropping their rolling cache loses the window."""
     sliding = getattr(config, "sliding_window", None)
     if getattr(config, "use_sliding_window", sliding is not None) and sliding:
-        raise UnsupportedModel(f"{type(config).__name__} uses sliding-window attention (window {sliding}): "
-                               "its cache cannot be rolled back after rejected drafts")
+        raise UnsupportedModel(
+            f"{type(config).__name__} uses sliding-window attention (window {sliding}): "
+            "its cache cannot be rolled back after rejected drafts"
+        )
     if any("sliding" in str(t) for t in (getattr(config, "layer_types", None) or [])):
         raise UnsupportedModel(f"{type(config).__name__} has sliding-attention layers: its cache cannot be rolled back")
 
@@ -60,8 +63,7 @@ class VerifierEngine:
     """Sessions and batched verification, within limits: `max_sessions`, `max_context` tokens per
     session (at most the model's positions), `kv_budget_tokens` of context over all sessions."""
 
-    def __init__(self, model, max_sessions: int = 256, max_context: int | None = None,
-                 kv_budget_tokens: int | None = None):
+    def __init__(self, model, max_sessions: int = 256, max_context: int | None = None, kv_budget_tokens: int | None = None):
         check_rollback_support(model.config)
         self.model = model
         self.vocab = model.config.vocab_size
@@ -88,8 +90,7 @@ class VerifierEngine:
             raise ServerFull(f"server full ({self.max_sessions} sessions)")
         if self.kv_budget is not None and self.kv_tokens + len(tokens) > self.kv_budget:
             raise ServerFull(f"server full (KV budget {self.kv_budget} tokens, {self.kv_tokens} in use)")
-        s = Session(sid, list(tokens), DynamicCache(config=self.model.config), greedy, temperature,
-                    np.random.default_rng(seed))
+        s = Session(sid, list(tokens), DynamicCache(config=self.model.config), greedy, temperature, np.random.default_rng(seed))
         self.sessions[sid] = s
         return s
 
@@ -99,7 +100,7 @@ class VerifierEngine:
         have = s.cache.get_seq_length()
         upto = min(upto, len(s.seq) - 1)
         if upto > have:
-            prefill(self.model, s.seq[have:upto + 1], s.cache)
+            prefill(self.model, s.seq[have : upto + 1], s.cache)
 
     def open(self, sid: int, tokens: list[int], greedy: bool = True, temperature: float = 1.0, seed: int = 0) -> None:
         """Admit and prefill in one go."""
@@ -170,7 +171,7 @@ class VerifierEngine:
         pos = torch.zeros(B, Tmax, dtype=torch.long)
         for i in range(B):
             ids[i, : T[i]] = torch.tensor(Q[i])
-            mask[i, Lmax - L[i]: Lmax + T[i]] = 1
+            mask[i, Lmax - L[i] : Lmax + T[i]] = 1
             pos[i] = L[i] + torch.arange(Tmax)
         cfg = self.model.config
         if B == 1:
@@ -185,8 +186,8 @@ class VerifierEngine:
                 V = torch.zeros_like(K)
                 for i, s in enumerate(sess):
                     if L[i]:
-                        K[i, :, Lmax - L[i]:] = s.cache.layers[li].keys[0]
-                        V[i, :, Lmax - L[i]:] = s.cache.layers[li].values[0]
+                        K[i, :, Lmax - L[i] :] = s.cache.layers[li].keys[0]
+                        V[i, :, Lmax - L[i] :] = s.cache.layers[li].values[0]
                 layers.append((K, V))
             cache = DynamicCache(ddp_cache_data=layers)
             logits = self.model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits
@@ -208,8 +209,11 @@ class VerifierEngine:
                 rollback(s.cache, L[i] + n + 1)
             else:
                 lo, hi = Lmax - L[i], Lmax + n + 1
-                s.cache = DynamicCache(ddp_cache_data=[(lay.keys[i: i + 1, :, lo:hi].clone(),
-                                                        lay.values[i: i + 1, :, lo:hi].clone()) for lay in cache.layers])
+                s.cache = DynamicCache(
+                    ddp_cache_data=[
+                        (lay.keys[i : i + 1, :, lo:hi].clone(), lay.values[i : i + 1, :, lo:hi].clone()) for lay in cache.layers
+                    ]
+                )
             s.seq += new
             s.accepted += n
             s.rejected += int(n < len(it.drafts))

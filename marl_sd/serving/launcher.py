@@ -3,6 +3,7 @@
 Used by `marl-sd serve up` and `marl-sd serve bench`. Every process is bounded by a timeout
 and killed on exit; servers listen on 127.0.0.1 with OS-assigned ports.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,16 +31,37 @@ from marl_sd.serving.security import Security, create_pki
 
 
 @contextmanager
-def local_servers(model: str, n: int = 1, threads: int = 1, timeout_s: float = 120.0, extra: list[str] | None = None,
-                  security: Security | None = None):
+def local_servers(
+    model: str,
+    n: int = 1,
+    threads: int = 1,
+    timeout_s: float = 120.0,
+    extra: list[str] | None = None,
+    security: Security | None = None,
+):
     """`n` verifier processes on 127.0.0.1 (plain text unless `security` carries the run's PKI)."""
     sec = (security or Security.insecure()).as_role("verifier")
     procs, addrs = [], []
     try:
         for _ in range(n):
-            p = subprocess.Popen([sys.executable, "-m", "marl_sd.serving.verifier", "--model", model, "--port", "0",
-                                  "--threads", str(threads), *sec.cli_args(), *(extra or [])],
-                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            p = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "marl_sd.serving.verifier",
+                    "--model",
+                    model,
+                    "--port",
+                    "0",
+                    "--threads",
+                    str(threads),
+                    *sec.cli_args(),
+                    *(extra or []),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
             procs.append(p)
             t0 = time.time()
             line = p.stdout.readline()
@@ -57,22 +79,52 @@ def server_status(addr: str, samples: bool = False, security: Security | None = 
     async def go():
         async with (security or Security.insecure()).as_role("operator").channel(addr, "verifier") as ch:
             return json.loads(await ch.unary_unary(f"/{VERIFIER_SERVICE}/Status")(b"samples" if samples else b"", timeout=5))
+
     return asyncio.run(go())
 
 
-def run_clients(servers: list[str], draft: str, n_clients: int, requests: int, max_new: int, gamma: int,
-                timeout_s: float = 900.0, extra: list[str] | None = None, per_client=None,
-                security: Security | None = None) -> list[dict]:
+def run_clients(
+    servers: list[str],
+    draft: str,
+    n_clients: int,
+    requests: int,
+    max_new: int,
+    gamma: int,
+    timeout_s: float = 900.0,
+    extra: list[str] | None = None,
+    per_client=None,
+    security: Security | None = None,
+) -> list[dict]:
     """Start `n_clients` client processes at once (client c as role `client-c`); returns all request rows."""
     sec = security or Security.insecure()
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
         for c in range(n_clients):
             out = Path(tmp) / f"client{c}.jsonl"
-            cmd = [sys.executable, "-m", "marl_sd.serving.client", "--servers", ",".join(servers), "--draft", draft,
-                   "--requests", str(requests), "--max-new", str(max_new), "--gamma", str(gamma), "--seed", str(c),
-                   "--client-id", str(c), "--out", str(out), *sec.as_role(f"client-{c}").cli_args(), *(extra or []),
-                   *(per_client(c) if per_client else [])]
+            cmd = [
+                sys.executable,
+                "-m",
+                "marl_sd.serving.client",
+                "--servers",
+                ",".join(servers),
+                "--draft",
+                draft,
+                "--requests",
+                str(requests),
+                "--max-new",
+                str(max_new),
+                "--gamma",
+                str(gamma),
+                "--seed",
+                str(c),
+                "--client-id",
+                str(c),
+                "--out",
+                str(out),
+                *sec.as_role(f"client-{c}").cli_args(),
+                *(extra or []),
+                *(per_client(c) if per_client else []),
+            ]
             procs.append((subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True), out))
         rows = []
         deadline = time.time() + timeout_s
@@ -95,14 +147,31 @@ def summarize_rows(rows: list[dict], wall_s: float) -> dict:
         wall_s = max(r["start"] + r.get("latency_ms", r["e2e_ms"]) / 1000 for r in rows) - min(r["start"] for r in rows)
     tok = sum(r["tokens"] for r in rows)
     f = lambda k, q: float(np.nanpercentile([r[k] for r in rows], q))  # noqa: E731
-    return {"requests": len(rows), "tokens": tok, "tokens_per_s": tok / wall_s, "wall_s": wall_s,
-            "ttft_ms": float(np.mean([r["ttft_ms"] for r in rows])), "tpot_ms": float(np.nanmean([r["tpot_ms"] for r in rows])),
-            "tpot_p95_ms": f("tpot_ms", 95), "e2e_ms": float(np.mean([r["e2e_ms"] for r in rows])),
-            "alpha": float(np.mean([r["alpha"] for r in rows])), "failovers": sum(r["failovers"] for r in rows)}
+    return {
+        "requests": len(rows),
+        "tokens": tok,
+        "tokens_per_s": tok / wall_s,
+        "wall_s": wall_s,
+        "ttft_ms": float(np.mean([r["ttft_ms"] for r in rows])),
+        "tpot_ms": float(np.nanmean([r["tpot_ms"] for r in rows])),
+        "tpot_p95_ms": f("tpot_ms", 95),
+        "e2e_ms": float(np.mean([r["e2e_ms"] for r in rows])),
+        "alpha": float(np.mean([r["alpha"] for r in rows])),
+        "failovers": sum(r["failovers"] for r in rows),
+    }
 
 
-def run_local(target: str, draft: str, n_servers: int, n_clients: int, requests: int, max_new: int, gamma: int,
-              client_extra: list[str] | None = None, server_extra: list[str] | None = None) -> dict:
+def run_local(
+    target: str,
+    draft: str,
+    n_servers: int,
+    n_clients: int,
+    requests: int,
+    max_new: int,
+    gamma: int,
+    client_extra: list[str] | None = None,
+    server_extra: list[str] | None = None,
+) -> dict:
     with local_servers(target, n_servers, extra=server_extra) as (_, addrs):
         t0 = time.time()
         rows = run_clients(addrs, draft, n_clients, requests, max_new, gamma, extra=client_extra)
@@ -154,8 +223,17 @@ def handovers(rows: list[dict]) -> int:
     return sum(last.values())
 
 
-def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: str, gamma: int = 4,
-             timeout_s: float = 900.0, detail: bool = False, insecure: bool = False) -> dict:
+def run_live(
+    cfg_path: str,
+    policy: str,
+    duration_s: float,
+    target: str,
+    draft: str,
+    gamma: int = 4,
+    timeout_s: float = 900.0,
+    detail: bool = False,
+    insecure: bool = False,
+) -> dict:
     """The whole live chain on this machine: M verifiers, a controller running `policy` (a bundle
     directory or a heuristic name) and N drafting clients whose links replay Sionna/fast-channel
     rate traces of the scenario, serving one fixed workload drawn from the scenario's (arrival
@@ -170,8 +248,13 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
     w = cfg.scenario.workload
     with tempfile.TemporaryDirectory() as tmp:
         # mutual TLS with a CA made for this run: one certificate per role
-        sec = Security.insecure() if insecure else Security(
-            create_pki(Path(tmp) / "pki", ["verifier", "controller", "operator", *(f"client-{c}" for c in range(N))]))
+        sec = (
+            Security.insecure()
+            if insecure
+            else Security(
+                create_pki(Path(tmp) / "pki", ["verifier", "controller", "operator", *(f"client-{c}" for c in range(N))])
+            )
+        )
         tr = Path(tmp) / "traces.npz"
         export_traces(cfg, tr, slots=int((duration_s + 60) * 1000 / cfg.env.slot_ms), seed=cfg.seed, drop=live_drop(cfg))
         schedule = poisson_schedule(w, N, duration_s, cfg.seed)
@@ -185,11 +268,25 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
             pol = ["--bundle", policy] if os.path.isdir(policy) else ["--heuristic", policy]
             ctrl_out = Path(tmp) / "controller.json"
             ctrl_log = open(Path(tmp) / "controller.log", "w+")
-            ctrl = subprocess.Popen([sys.executable, "-m", "marl_sd.serving.controller", "--config", cfg_path, *pol,
-                                     "--servers", ",".join(addrs), "--out", str(ctrl_out),
-                                     *(["--record", str(Path(tmp) / "decisions.jsonl")] if detail else []),
-                                     *sec.as_role("controller").cli_args()],
-                                    stdout=subprocess.PIPE, stderr=ctrl_log, text=True)
+            ctrl = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "marl_sd.serving.controller",
+                    "--config",
+                    cfg_path,
+                    *pol,
+                    "--servers",
+                    ",".join(addrs),
+                    "--out",
+                    str(ctrl_out),
+                    *(["--record", str(Path(tmp) / "decisions.jsonl")] if detail else []),
+                    *sec.as_role("controller").cli_args(),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=ctrl_log,
+                text=True,
+            )
             try:
                 line = ctrl.stdout.readline()
                 if not line.startswith("READY"):
@@ -197,15 +294,34 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
                     raise RuntimeError(f"controller did not start:\n{ctrl_log.read()[-2000:]}")
                 caddr = f"127.0.0.1:{int(line.split()[1])}"
                 t0 = time.time()
-                rows = run_clients(addrs, draft, N, 0, w.output_tokens.high, gamma, timeout_s=timeout_s, per_client=lambda c: [
-                    "--controller", caddr, "--user", str(c), "--trace", str(tr),
-                    "--schedule", str(Path(tmp) / f"schedule{c}.json"),
-                    "--slot-ms", str(cfg.env.slot_ms), "--ignore-eos",
-                    *devices[c], *(["--detail"] if detail else [])], security=sec)
+                rows = run_clients(
+                    addrs,
+                    draft,
+                    N,
+                    0,
+                    w.output_tokens.high,
+                    gamma,
+                    timeout_s=timeout_s,
+                    per_client=lambda c: [
+                        "--controller",
+                        caddr,
+                        "--user",
+                        str(c),
+                        "--trace",
+                        str(tr),
+                        "--schedule",
+                        str(Path(tmp) / f"schedule{c}.json"),
+                        "--slot-ms",
+                        str(cfg.env.slot_ms),
+                        "--ignore-eos",
+                        *devices[c],
+                        *(["--detail"] if detail else []),
+                    ],
+                    security=sec,
+                )
                 wall = time.time() - t0
                 status = [server_status(a, samples=detail, security=sec) for a in addrs]
             finally:
-
                 ctrl.send_signal(signal.SIGINT)
                 try:
                     ctrl.wait(timeout=20)
@@ -215,9 +331,15 @@ def run_live(cfg_path: str, policy: str, duration_s: float, target: str, draft: 
             rec = Path(tmp) / "decisions.jsonl"
             decisions = [json.loads(x) for x in rec.read_text().splitlines()] if detail and rec.exists() else None
     s = summarize_rows(rows, wall)
-    s.update(policy=policy, controller=ctrl_stats, server_mean_batch=float(np.mean([x["mean_batch"] for x in status])),
-             latency_per_token_ms=latency_per_token(rows),
-             handovers=handovers(rows), rows=rows, schedule=schedule)
+    s.update(
+        policy=policy,
+        controller=ctrl_stats,
+        server_mean_batch=float(np.mean([x["mean_batch"] for x in status])),
+        latency_per_token_ms=latency_per_token(rows),
+        handovers=handovers(rows),
+        rows=rows,
+        schedule=schedule,
+    )
     if detail:
         s["server_samples"] = [x for st in status for x in st.get("samples", [])]
         s["decisions"] = decisions
@@ -246,8 +368,15 @@ def verify_speedup(target: str, batch: int = 8, gamma: int = 4, context: int = 2
             fn()
             best = min(best, time.perf_counter() - t)
         return best * 1000
+
     seq = timed(lambda: [eng.verify([it]) for it in items()])
     bat = timed(lambda: eng.verify(items()))
     one = timed(lambda: eng.verify([VerifyItem(0, [])]))
-    return {"batch": batch, "gamma": gamma, "sequential_ms": seq, "batched_ms": bat, "speedup": seq / bat,
-            "decode_1_token_ms": one}
+    return {
+        "batch": batch,
+        "gamma": gamma,
+        "sequential_ms": seq,
+        "batched_ms": bat,
+        "speedup": seq / bat,
+        "decode_1_token_ms": one,
+    }

@@ -5,6 +5,7 @@ constant, scaled by the bandwidth share the controller allocated. A message of B
 starts when the link is free, occupies it for 8B/rate seconds, and arrives a base latency
 later (transmissions queue, latencies overlap).
 """
+
 from __future__ import annotations
 
 import asyncio

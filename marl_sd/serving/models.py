@@ -1,4 +1,5 @@
 """Model loading (local Hugging Face paths or seeded random tiny Llamas) and KV-cache helpers."""
+
 from __future__ import annotations
 
 import copy
@@ -17,9 +18,18 @@ def tiny_llama(seed: int, vocab: int = 512, layers: int = 2, hidden: int = 64):
     """Seeded random-weight tiny Llama (tests and demos without downloads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
 

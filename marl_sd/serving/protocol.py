@@ -5,6 +5,7 @@ VERIFY  client -> server  drafts of one round (+ top-k draft probabilities for s
 RESULT  server -> client  accepted count and the new tokens (accepted drafts + one more)
 4 bytes per token id, 8 bytes per (id, prob) pair, as in the simulator's payload model.
 """
+
 from __future__ import annotations
 
 import struct
@@ -29,11 +30,16 @@ KEEPALIVE_MS = 1000  # HTTP/2 pings: a hung peer is detected within ~2 keepalive
 
 def grpc_options(max_message: int = MAX_MESSAGE, server: bool = False) -> list[tuple[str, int]]:
     """Message limits and keepalive (pings every second, 1 s to answer, also between calls)."""
-    opts = [("grpc.max_receive_message_length", max_message), ("grpc.max_send_message_length", max_message),
-            ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
-            ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.http2.min_time_between_pings_ms", KEEPALIVE_MS),
-            ("grpc.use_local_subchannel_pool", 1)]  # a connection per channel: one identity per client
+    opts = [
+        ("grpc.max_receive_message_length", max_message),
+        ("grpc.max_send_message_length", max_message),
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_time_between_pings_ms", KEEPALIVE_MS),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]  # a connection per channel: one identity per client
     if server:  # accept the clients' frequent pings
         opts += [("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2), ("grpc.http2.max_ping_strikes", 0)]
     return opts

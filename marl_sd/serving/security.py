@@ -9,6 +9,7 @@ require a client certificate from the run's CA and read the caller's role in eac
 
 Plain text only with an explicit `insecure` flag, and only on loopback addresses.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -40,22 +41,36 @@ def create_pki(directory: Path, roles: list[str], days: int = 2) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(_name("marl-sd run CA")).issuer_name(_name("marl-sd run CA"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("marl-sd run CA"))
+        .issuer_name(_name("marl-sd run CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     (directory / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     for role in roles:
         key = ec.generate_private_key(ec.SECP256R1())
-        b = (x509.CertificateBuilder().subject_name(_name(role)).issuer_name(ca.subject).public_key(key.public_key())
-             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-             .not_valid_after(now + dt.timedelta(days=days)))
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(_name(role))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+        )
         if role in SERVER_ROLES:
             b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(role + NAME_SUFFIX)]), critical=False)
         cert = b.sign(ca_key, hashes.SHA256())
         path = directory / f"{role}.key"
-        path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+        path.write_bytes(
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        )
         path.chmod(0o600)
         (directory / f"{role}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return directory
@@ -92,8 +107,11 @@ class Security:
         self.check_address(host)
         if not self.enabled:
             return server.add_insecure_port(f"{host}:{port}")
-        creds = grpc.ssl_server_credentials([(self._read(f"{self.role}.key"), self._read(f"{self.role}.pem"))],
-                                            root_certificates=self._read("ca.pem"), require_client_auth=True)
+        creds = grpc.ssl_server_credentials(
+            [(self._read(f"{self.role}.key"), self._read(f"{self.role}.pem"))],
+            root_certificates=self._read("ca.pem"),
+            require_client_auth=True,
+        )
         return server.add_secure_port(f"{host}:{port}", creds)
 
     def channel(self, addr: str, server_role: str, options: list | None = None) -> grpc.aio.Channel:
@@ -102,10 +120,8 @@ class Security:
         self.check_address(addr.rsplit(":", 1)[0])
         if not self.enabled:
             return grpc.aio.insecure_channel(addr, options=opts)
-        creds = grpc.ssl_channel_credentials(self._read("ca.pem"), self._read(f"{self.role}.key"),
-                                             self._read(f"{self.role}.pem"))
-        return grpc.aio.secure_channel(addr, creds, options=opts + [("grpc.ssl_target_name_override",
-                                                                     server_role + NAME_SUFFIX)])
+        creds = grpc.ssl_channel_credentials(self._read("ca.pem"), self._read(f"{self.role}.key"), self._read(f"{self.role}.pem"))
+        return grpc.aio.secure_channel(addr, creds, options=opts + [("grpc.ssl_target_name_override", server_role + NAME_SUFFIX)])
 
     def cli_args(self) -> list[str]:
         return ["--tls", str(self.tls_dir), "--role", self.role] if self.enabled else ["--insecure"]

@@ -5,6 +5,7 @@ min(1, p(x)/q(x)); on rejection emit a token from the normalized residual (p - q
 every draft is accepted emit a bonus token from p. Greedy decoding is the special case of
 one-hot p and q: accept while the draft equals the target's argmax.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -7,6 +7,7 @@ token budget) and run in one forward pass on a worker thread, so RPC I/O continu
 
     python -m marl_sd.serving.verifier --model tiny:0 --port 0     # prints "READY <port>"
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,16 +56,24 @@ class Metrics:
         self.sessions = prom.Gauge("marlsd_verifier_open_sessions", "open sessions", registry=r)
         self.kv_tokens = prom.Gauge("marlsd_verifier_kv_tokens", "context tokens held over all sessions", registry=r)
         self.queued = prom.Gauge("marlsd_verifier_queued_tokens", "draft tokens waiting for a batch", registry=r)
-        self.batch = prom.Histogram("marlsd_verifier_batch_rows", "sessions per verify batch", registry=r,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.batch = prom.Histogram(
+            "marlsd_verifier_batch_rows", "sessions per verify batch", registry=r, buckets=(1, 2, 4, 8, 16, 32, 64)
+        )
         self.tokens = prom.Counter("marlsd_verifier_tokens_emitted", "tokens sent back to clients", registry=r)
         self.drafts = prom.Counter("marlsd_verifier_drafts", "drafts verified", ["outcome"], registry=r)
         self.rejected = prom.Counter("marlsd_verifier_rejected", "requests refused", ["reason"], registry=r)
 
 
 class Verifier:
-    def __init__(self, engine: VerifierEngine, window_ms: float = 2.0, max_batch: int = 32, token_budget: int = 512,
-                 pace=None, limits: Limits | None = None):
+    def __init__(
+        self,
+        engine: VerifierEngine,
+        window_ms: float = 2.0,
+        max_batch: int = 32,
+        token_budget: int = 512,
+        pace=None,
+        limits: Limits | None = None,
+    ):
         self.engine = engine
         self.limits = limits or Limits()
         self.metrics = Metrics()
@@ -89,6 +98,7 @@ class Verifier:
 
     async def run_model(self, fn, *args, pace_ms: float = 0.0):
         """Run `fn` on the model thread; with pacing, the thread stays busy for at least `pace_ms`."""
+
         def call():
             t0 = time.perf_counter()
             out = fn(*args)
@@ -96,6 +106,7 @@ class Verifier:
             if left > 0:
                 time.sleep(left)
             return out
+
         return await asyncio.get_running_loop().run_in_executor(self.pool, call)
 
     def verify_pace_ms(self, rows: int, tokens: int) -> float:
@@ -159,14 +170,19 @@ class Verifier:
         except StopAsyncIteration:
             return None
         except asyncio.TimeoutError:
-            await self._refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED, "idle",
-                               f"session idle for {self.limits.idle_timeout_s:.0f} s: closed")
+            await self._refuse(
+                context, grpc.StatusCode.DEADLINE_EXCEEDED, "idle", f"session idle for {self.limits.idle_timeout_s:.0f} s: closed"
+            )
 
     async def _open(self, msg: P.OpenMsg, context) -> int:
         if msg.vocab and msg.vocab != self.engine.vocab:
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "vocab",
-                               f"draft vocabulary ({msg.vocab}) differs from the target's ({self.engine.vocab}): "
-                               "the pair must share a tokenizer")
+            await self._refuse(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "vocab",
+                f"draft vocabulary ({msg.vocab}) differs from the target's ({self.engine.vocab}): "
+                "the pair must share a tokenizer",
+            )
         sid = next(self.ids)
         try:
             self.engine.admit(sid, msg.tokens.tolist(), msg.greedy, msg.temperature, msg.seed)
@@ -176,8 +192,9 @@ class Verifier:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_open", str(e))
         n, chunk = len(msg.tokens), self.limits.prefill_chunk
         for upto in range(min(chunk, n), n + chunk, chunk):  # chunked: other sessions' batches run in between
-            await self.run_model(self.engine.prefill_chunk, sid, upto,
-                                 pace_ms=self.prefill_pace_ms(min(upto, n) - max(0, upto - chunk)))
+            await self.run_model(
+                self.engine.prefill_chunk, sid, upto, pace_ms=self.prefill_pace_ms(min(upto, n) - max(0, upto - chunk))
+            )
         self.stats["sessions_opened"] += 1
         return sid
 
@@ -203,8 +220,12 @@ class Verifier:
     async def _verify(self, sid: int, msg: P.VerifyMsg, context, user: int | None = None):
         item = VerifyItem(sid, msg.drafts.tolist(), msg.q_ids, msg.q_probs)
         if msg.priority > P.MAX_PRIORITY:
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_verify",
-                               f"priority {msg.priority} out of range [0, {P.MAX_PRIORITY}]")
+            await self._refuse(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "bad_verify",
+                f"priority {msg.priority} out of range [0, {P.MAX_PRIORITY}]",
+            )
         try:
             self.engine.validate(item)
         except (ValueError, KeyError) as e:
@@ -213,8 +234,12 @@ class Verifier:
         # each step batched with everyone else's work, one reply at the end
         steps = msg.q_ids.shape[1] if len(item.drafts) == 0 and msg.q_ids.shape[1] > 1 else 1
         if steps > self.limits.max_ar_steps:
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_verify",
-                               f"{steps} tokens in one autoregressive message (at most {self.limits.max_ar_steps})")
+            await self._refuse(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "bad_verify",
+                f"{steps} tokens in one autoregressive message (at most {self.limits.max_ar_steps})",
+            )
         new, vms, qms, b, n = [], 0.0, 0.0, 0, 0
         for _ in range(steps):
             fut = asyncio.get_running_loop().create_future()
@@ -244,12 +269,18 @@ class Verifier:
         role = caller_role(context)
         it = requests.__aiter__()
         if role is not None and not role.startswith("client-"):
-            await self._refuse_stream(it, context, grpc.StatusCode.PERMISSION_DENIED, "role",
-                                      f"role {role!r} may not open sessions")
+            await self._refuse_stream(
+                it, context, grpc.StatusCode.PERMISSION_DENIED, "role", f"role {role!r} may not open sessions"
+            )
         who = role or context.peer()
         if self.per_client.get(who, 0) >= self.limits.sessions_per_client:
-            await self._refuse_stream(it, context, grpc.StatusCode.RESOURCE_EXHAUSTED, "quota",
-                                      f"at most {self.limits.sessions_per_client} open sessions per client")
+            await self._refuse_stream(
+                it,
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "quota",
+                f"at most {self.limits.sessions_per_client} open sessions per client",
+            )
         self.per_client[who] = self.per_client.get(who, 0) + 1
         sid = None
         try:
@@ -260,8 +291,9 @@ class Verifier:
                     await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "malformed", str(e))
                 if isinstance(msg, P.OpenMsg):
                     if sid is not None:
-                        await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "protocol",
-                                           "session already open on this stream")
+                        await self._refuse(
+                            context, grpc.StatusCode.FAILED_PRECONDITION, "protocol", "session already open on this stream"
+                        )
                     sid = await self._open(msg, context)
                     yield P.encode_result(P.ResultMsg(sid, 0, 0, np.zeros(0, np.int32)))
                 elif isinstance(msg, P.VerifyMsg):
@@ -284,14 +316,20 @@ class Verifier:
         if role is not None and role not in ("controller", "operator"):
             await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "role", f"role {role!r} may not read status")
         up = time.monotonic() - self.t_start
-        s = dict(self.stats, open_sessions=len(self.engine.sessions), uptime_s=up,
-                 utilisation=self.stats["busy_s"] / max(up, 1e-9),
-                 mean_batch=self.stats["batched_items"] / max(self.stats["batches"], 1), queued_tokens=self.queued_tokens,
-                 window_ms=self.window * 1000, kv_tokens=self.engine.kv_tokens, kv_budget=self.engine.kv_budget)
+        s = dict(
+            self.stats,
+            open_sessions=len(self.engine.sessions),
+            uptime_s=up,
+            utilisation=self.stats["busy_s"] / max(up, 1e-9),
+            mean_batch=self.stats["batched_items"] / max(self.stats["batches"], 1),
+            queued_tokens=self.queued_tokens,
+            window_ms=self.window * 1000,
+            kv_tokens=self.engine.kv_tokens,
+            kv_budget=self.engine.kv_budget,
+        )
         if request == b"samples":
             s["samples"] = list(self.samples)
         return json.dumps(s).encode()
-
 
     def update_gauges(self) -> None:
         self.metrics.sessions.set(len(self.engine.sessions))
@@ -299,19 +337,34 @@ class Verifier:
         self.metrics.queued.set(self.queued_tokens)
 
 
-async def serve(model_spec: str, host: str = "127.0.0.1", port: int = 0, threads: int = 1, ready=None,
-                security: Security | None = None, engine_kw: dict | None = None, metrics_port: int | None = None,
-                **kw) -> None:
+async def serve(
+    model_spec: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    threads: int = 1,
+    ready=None,
+    security: Security | None = None,
+    engine_kw: dict | None = None,
+    metrics_port: int | None = None,
+    **kw,
+) -> None:
     torch.set_num_threads(threads)
     security = security or Security.insecure()
     engine = VerifierEngine(load_model(model_spec), **(engine_kw or {}))
     v = Verifier(engine, **kw)
     server = grpc.aio.server(options=P.grpc_options(server=True))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(P.VERIFIER_SERVICE, {
-        "Session": grpc.stream_stream_rpc_method_handler(v.session),
-        "Status": grpc.unary_unary_rpc_method_handler(v.status),
-        "Priorities": grpc.unary_unary_rpc_method_handler(v.set_priorities),
-    }),))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                P.VERIFIER_SERVICE,
+                {
+                    "Session": grpc.stream_stream_rpc_method_handler(v.session),
+                    "Status": grpc.unary_unary_rpc_method_handler(v.status),
+                    "Priorities": grpc.unary_unary_rpc_method_handler(v.set_priorities),
+                },
+            ),
+        )
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = security.add_port(server, host, port)
@@ -340,8 +393,11 @@ def main(argv=None) -> int:
     p.add_argument("--window-ms", type=float, default=2.0)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--token-budget", type=int, default=512)
-    p.add_argument("--pace-profile", help="emulate the target hardware of this latency profile (name or path): "
-                                          "each forward takes at least the profile's T(b, K) or prefill time")
+    p.add_argument(
+        "--pace-profile",
+        help="emulate the target hardware of this latency profile (name or path): "
+        "each forward takes at least the profile's T(b, K) or prefill time",
+    )
     p.add_argument("--max-sessions", type=int, default=256)
     p.add_argument("--max-context", type=int, default=None, help="tokens per session (default: the model's limit)")
     p.add_argument("--kv-budget", type=int, default=None, help="context tokens over all sessions (default: no limit)")
@@ -360,10 +416,23 @@ def main(argv=None) -> int:
         p.error(str(e))
     pace = load_profile(a.pace_profile).target if a.pace_profile else None
     limits = Limits(a.sessions_per_client, a.idle_timeout, a.max_ar_steps, a.prefill_chunk)
-    asyncio.run(serve(a.model, a.host, a.port, a.threads, ready=lambda port: print(f"READY {port}", flush=True),
-                      security=security, metrics_port=a.metrics_port,
-                      engine_kw={"max_sessions": a.max_sessions, "max_context": a.max_context, "kv_budget_tokens": a.kv_budget},
-                      window_ms=a.window_ms, max_batch=a.max_batch, token_budget=a.token_budget, pace=pace, limits=limits))
+    asyncio.run(
+        serve(
+            a.model,
+            a.host,
+            a.port,
+            a.threads,
+            ready=lambda port: print(f"READY {port}", flush=True),
+            security=security,
+            metrics_port=a.metrics_port,
+            engine_kw={"max_sessions": a.max_sessions, "max_context": a.max_context, "kv_budget_tokens": a.kv_budget},
+            window_ms=a.window_ms,
+            max_batch=a.max_batch,
+            token_budget=a.token_budget,
+            pace=pace,
+            limits=limits,
+        )
+    )
     return 0
 
 
