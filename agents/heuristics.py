@@ -26,6 +26,12 @@ class LatencyModel:
     uplink + queueing + T(b, K) + downlink, with the simulator's own message costs
     (`marl_sd.envs.costs`); per token = round / E[N], E[N] = (1 - a^(g+1)) / (1 - a). gamma = 0
     is one server decode step (plus queueing) per token.
+
+    Leaving the current server mid-request costs a handover: the session's context is uploaded to
+    the new site and prefilled there. That cost, spread over the request's tokens left, is added
+    to every other server's prediction (`handover_ms`), so a move must gain more than it costs.
+    The context is estimated from static knowledge (the workload's mean prompt plus the tokens
+    generated so far, taking the mean output length), since the observation does not carry it.
     """
 
     def __init__(self, ctx: PolicyContext):
@@ -35,6 +41,21 @@ class LatencyModel:
         self.costs = MessageCosts.of(ctx.cfg, p)
         self.base = self.costs.message_ms
         self.G = ctx.cfg.env.gamma_max + 1
+        w = ctx.cfg.scenario.workload
+        self.mean_prompt = (w.prompt_tokens.low + w.prompt_tokens.high) / 2
+        self.mean_output = (w.output_tokens.low + w.output_tokens.high) / 2
+
+    def handover_ms(self, f: dict) -> torch.Tensor:
+        """[B, N, M] per-token cost of moving the active request to each server now: upload of the
+        context at that server's rate plus its prefill there, over the tokens left (0 at the
+        current server and for an idle user)."""
+        remaining = f["remaining"].float()
+        ctx = self.mean_prompt + (self.mean_output - remaining).clamp(min=0.0)
+        rate = (f["ul_mbps"] * 125.0).clamp(min=1e-3)  # bytes per ms
+        move = self.costs.ids_bytes(ctx).unsqueeze(-1) / rate + ctx.unsqueeze(-1) * self.sites.prefill_ms_per_token
+        at = torch.nn.functional.one_hot(f["server"], rate.shape[-1]).float()
+        active = ((f["queue"] > 0) & (remaining > 0)).float().unsqueeze(-1)
+        return move * (1 - at) * active / remaining.clamp(min=1.0).unsqueeze(-1)
 
     def predict(
         self,
@@ -59,7 +80,11 @@ class LatencyModel:
         b_i = (b + (1 - at)).clamp(min=1)  # including me
         k = f["srv_queued_tokens"].unsqueeze(-1) + g + 1
         t_ver = self.sites.verify_ms(b_i.unsqueeze(-1), k, server_dim=-2)  # [B, N, M, G]
-        wait = f["srv_busy"].unsqueeze(-1) * t_ver / 2
+        # queueing behind the others: at its own server a user's own rounds are part of the busy
+        # time it sees, so only the others' share of it delays it (else every server it leaves
+        # looks free and it moves back and forth)
+        others = torch.where(at > 0, (b - 1).clamp(min=0) / b.clamp(min=1), 1.0)
+        wait = (f["srv_busy"] * others).unsqueeze(-1) * t_ver / 2  # srv_busy as each user observes it: [B, N, M]
         up = self.costs.upload_bytes(g) / rate.unsqueeze(-1) + self.base
         down = self.base + self.costs.ids_bytes(e_n) / rate.unsqueeze(-1)
         t_d = f["draft_ms"][..., None, None]
@@ -68,6 +93,7 @@ class LatencyModel:
         spec = (g * t_d - kept * t_d + inflight) / e_n
         ar = (t_ver + wait).expand_as(spec)
         lat = torch.where(g == 0, ar, spec)
+        lat = lat + self.handover_ms(f).unsqueeze(-1)
         if hysteresis:
             leave = (1 - at) * (f["queue"] > 0).float().unsqueeze(-1)
             lat = lat * (1 + hysteresis * leave).unsqueeze(-1)
@@ -95,6 +121,28 @@ def _bid_level(weight: torch.Tensor, levels: list[float]) -> torch.Tensor:
     lv = torch.log(torch.tensor(levels))
     w = torch.log(weight.clamp(min=1e-6) * levels[0])
     return (w.unsqueeze(-1) - lv).abs().argmin(-1)
+
+
+class Damped:
+    """Decentralized moves without herding: every user sees the same loads, so if all who gain by
+    leaving a server left at once, they would all arrive together and leave again. A user with a
+    request in service moves with probability `p` [B, N] (else stays), drawn from the policy's own
+    seeded generator, so the expected number of movers per slot is small."""
+
+    def __init__(self, seed: int = 0):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def reset(self, seed=None):
+        if seed is not None:
+            self.gen.manual_seed(seed + 104729)
+
+    def stay_unless_drawn(self, want: torch.Tensor, f: dict, p: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """`want` [B, N] servers; active users not drawn keep their current server while it is
+        `allowed` [B, N, M] (in coverage)."""
+        covered = allowed.gather(-1, f["server"].unsqueeze(-1)).squeeze(-1)
+        active = (f["queue"] > 0) & (want != f["server"]) & covered
+        go = torch.rand(want.shape, generator=self.gen) < p
+        return torch.where(active & ~go, f["server"], want)
 
 
 def _mask_lat(lat: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
@@ -143,18 +191,28 @@ class NearestPolicy(Policy):
         return _assemble(s, z, z, torch.minimum(torch.full_like(s, self.gamma), f["max_gamma"]))
 
 
-class LeastLoadedPolicy(NearestPolicy):
-    """Fewest associated users among covered servers (ties: best SINR), equal split, fixed gamma."""
+class LeastLoadedPolicy(Damped, NearestPolicy):
+    """Fewest associated users among covered servers (ties: best SINR), equal split, fixed gamma.
+    A user with a request in service moves only to a server with at least `margin` fewer users
+    than its own has besides it, and then with probability 1 / the users at its server (each
+    move re-prefills the context; `Damped`)."""
 
-    def __init__(self, ctx, gamma: int = 4):
-        super().__init__(ctx, gamma, name="least_loaded")
+    def __init__(self, ctx, gamma: int = 4, margin: float = 3.0):
+        Damped.__init__(self)
+        NearestPolicy.__init__(self, ctx, gamma, name="least_loaded")
+        self.margin = margin
         self.description = f"least-loaded covered server + equal split + fixed gamma={gamma}"
 
     def _server(self, f, masks):
         at = torch.nn.functional.one_hot(f["server"], self.ctx.spec.n_servers).float()
         load = f["srv_users"] - at  # others only
+        active = (f["queue"] > 0).float().unsqueeze(-1)
+        load = load + self.margin * (1 - at) * active
         score = -load * 1000.0 + f["snr_db"].clamp(-50, 50)
-        return torch.where(masks[0], score, -INF).argmax(-1)
+        want = torch.where(masks[0], score, -INF).argmax(-1)
+        own = load.gather(-1, f["server"].unsqueeze(-1)).squeeze(-1)
+        gap = (own - load.gather(-1, want.unsqueeze(-1)).squeeze(-1)).clamp(min=0)
+        return self.stay_unless_drawn(want, f, (gap > 0) / (own + 1), masks[0])
 
 
 class CentralizedARPolicy(NearestPolicy):
@@ -183,15 +241,18 @@ class AdaptiveGammaPolicy(NearestPolicy):
         return _assemble(s, z, z, g)
 
 
-class GreedyLatencyPolicy(Policy):
+class GreedyLatencyPolicy(Damped, Policy):
     """Each user alone picks the (server, gamma) with the lowest predicted per-token latency
-    given the current loads; leaving the current server mid-request must look 25 % better (handover cost)."""
+    given the current loads; leaving the current server mid-request must look 25 % better than
+    staying, counting the re-prefill of its context, and then about one user per server moves per
+    slot (`Damped`: probability 1 / the users at its server)."""
 
     name = "greedy_latency"
     description = "per-user argmin of predicted per-token latency over (server, gamma), current loads"
 
     def __init__(self, ctx, hysteresis: float = 0.25):
-        super().__init__(ctx)
+        Damped.__init__(self)
+        Policy.__init__(self, ctx)
         self.model = LatencyModel(ctx)
         self.hyst = hysteresis
 
@@ -200,7 +261,10 @@ class GreedyLatencyPolicy(Policy):
         masks = self.ctx.split(mask)
         lat = _mask_lat(self.model.predict(f, hysteresis=self.hyst), masks)  # [B, N, M, G]
         flat = lat.flatten(-2).argmin(-1)
-        s, g = flat // lat.shape[-1], flat % lat.shape[-1]
+        want = flat // lat.shape[-1]
+        users = f["srv_users"].gather(-1, f["server"].unsqueeze(-1)).squeeze(-1).clamp(min=1)
+        s = self.stay_unless_drawn(want, f, 1.0 / users, masks[0])
+        g = lat.gather(-2, s[..., None, None].expand(*s.shape, 1, lat.shape[-1])).squeeze(-2).argmin(-1)
         z = torch.zeros_like(s)
         return _assemble(s, z, z, g)
 
