@@ -5,12 +5,16 @@ Each slot, for each environment, candidate joint actions are scored with the sim
 the state is copied into a batch (`BatchedSimulator.load_copies`), every candidate is applied
 for one slot and the copies then follow a base policy for `horizon - 1` more slots, over
 `samples` sampled futures shared by all candidates (common random numbers: `Draws.set_groups`).
-The score is the mean reward over the horizon plus a terminal value for the work still queued
-(the outstanding-request integral it will cost at the base policy's per-token latency), so the
-search cannot win by deferring work. Candidates: every heuristic's proposal, then rounds of
-coordinate moves (one user's server or gamma changed) around the best so far. This is the
-rollout algorithm (one step of policy improvement over the base policy, with a search over
-the first action): it scores at least as well as its best proposal on the same samples.
+The score is the latency over the horizon (the outstanding-request integral, what the episode's
+request latency adds up to; `objective: reward` scores the training reward instead) plus a
+terminal value for the work still queued (the outstanding-request integral it will cost at the
+user's per-token latency), so the search cannot win by deferring work. Candidates: every
+heuristic's proposal, then rounds of coordinate moves (one user's server or gamma changed) around
+the best so far. This is the rollout algorithm: one step of policy improvement over the base
+policy, with a search over the first action. It is NOT a bound: with few futures the best of many
+candidates is picked partly for its luck on those futures (a winner's curse), so the search keeps
+the base policy's own proposal unless the paired gain on the same futures exceeds `min_z`
+standard errors. `diagnostics` reports the predicted against the realized latency of its decisions.
 
 The clairvoyant variant (`oracle_clairvoyant`) scores every candidate on the one real future:
 with counter-based draws (`env.rng: counter`) a copy given the real environment's key draws
@@ -61,8 +65,11 @@ class SearchOracle(Policy):
         gammas=(0, 2, 4, 6, 8),
         seed: int = 0,
         clairvoyant: bool = False,
+        objective: str = _BUDGET.objective,
+        min_z: float = _BUDGET.min_z,
     ):
         super().__init__(ctx)
+        self.objective, self.min_z = objective, min_z
         self.clairvoyant = clairvoyant
         if clairvoyant:
             self.name = "oracle_clairvoyant"
@@ -75,7 +82,9 @@ class SearchOracle(Policy):
         self.sim: BatchedSimulator | None = None
         self._scratch: dict[int, BatchedSimulator] = {}
         self._samples: torch.Tensor | None = None  # [B, C, K] per-future scores of the last `score`
-        self._diag = {"decisions": 0, "rel_stderr": 0.0, "rel_paired_stderr": 0.0, "changed": 0.0}
+        self._diag = {"decisions": 0, "rel_stderr": 0.0, "rel_paired_stderr": 0.0, "changed": 0.0, "kept_base": 0.0}
+        self._predicted: list[torch.Tensor] = []  # per decision [B]: the chosen candidate's predicted H-slot latency
+        self._realized: list[torch.Tensor] = []  # per slot [B]: the real slot's latency score
 
     def attach(self, sim: BatchedSimulator) -> None:
         """The simulator whose state the oracle searches from (set by the evaluation loop)."""
@@ -90,6 +99,7 @@ class SearchOracle(Policy):
         if seed is not None:
             self.gen.manual_seed(seed + 7919)
         self._diag = dict.fromkeys(self._diag, 0.0)
+        self._predicted, self._realized = [], []
         for p in (self.base, *self.proposers):
             p.reset(seed)
 
@@ -126,14 +136,16 @@ class SearchOracle(Policy):
         a = cands[bi, ci].repeat_interleave(K, dim=0)  # copies share the real mask
         for h in range(self.H):
             r, _ = s.step(a)
-            total += r.mean(1)
+            total += r.mean(1) if self.objective == "reward" else slot_latency_score(s)
             if h + 1 < self.H:
                 a = self.base.act(s.observations(), s.mask)
+        horizon = total.clone()
         total += terminal_value(s)
-        x = total.view(U, K)
         per = torch.empty(B, C, K)
-        per[bi, ci] = x
+        per[bi, ci] = total.view(U, K)
         self._samples = per.gather(1, first.unsqueeze(-1).expand(B, C, K))
+        per[bi, ci] = horizon.view(U, K)
+        self._horizon_part = per.gather(1, first.unsqueeze(-1).expand(B, C, K)).mean(-1)  # [B, C] without the terminal value
         mean = self._samples.mean(-1)
         se = self._samples.std(-1) / math.sqrt(K) if K > 1 else torch.full((B, C), math.nan)
         return mean, se
@@ -168,7 +180,8 @@ class SearchOracle(Policy):
         bi = torch.arange(len(i))
         best, best_val, best_se = props[bi, i], val[bi, i], se[bi, i]
         base_x = self._samples[:, self._base_index]  # [B, K] the base policy's own proposal
-        best_x = self._samples[bi, i]
+        base_h = self._horizon_part[:, self._base_index]
+        best_x, best_h = self._samples[bi, i], self._horizon_part[bi, i]
         for _ in range(self.rounds):
             if self.moves <= 0:
                 break
@@ -176,8 +189,19 @@ class SearchOracle(Policy):
             v, e = self.score(cand, seed, state)
             j = v.argmax(1)
             best, best_val, best_se = cand[bi, j], v[bi, j], e[bi, j]
-            best_x = self._samples[bi, j]
-        self._record(best_x, base_x, best, props[:, self._base_index])
+            best_x, best_h = self._samples[bi, j], self._horizon_part[bi, j]
+        base_a = props[:, self._base_index]
+        K = best_x.shape[-1]
+        if K > 1 and self.min_z > 0:  # keep the base proposal unless the gain is clear on these futures
+            d = best_x - base_x
+            keep = d.mean(-1) <= self.min_z * d.std(-1) / math.sqrt(K)
+            self._diag["kept_base"] += float((keep & (best != base_a).any(-1).any(-1)).float().mean())
+            best = torch.where(keep[:, None, None], base_a, best)
+            best_val = torch.where(keep, base_x.mean(-1), best_val)
+            best_x = torch.where(keep[:, None], base_x, best_x)
+            best_h = torch.where(keep, base_h, best_h)
+        self._predicted.append(best_h)
+        self._record(best_x, base_x, best, base_a)
         return best, best_val, best_se
 
     @property
@@ -203,8 +227,24 @@ class SearchOracle(Policy):
         n = max(self._diag["decisions"], 1)
         out = {f"oracle_{k}": v / n for k, v in self._diag.items() if k != "decisions"}
         if self.K == 1:
-            out.pop("oracle_rel_stderr"), out.pop("oracle_rel_paired_stderr")
+            out.pop("oracle_rel_stderr"), out.pop("oracle_rel_paired_stderr"), out.pop("oracle_kept_base")
+        pred, real = self.predicted_vs_realized()
+        if len(pred):
+            out["oracle_predicted_over_realized"] = float(pred.sum() / real.sum())
         return out
+
+    def predicted_vs_realized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per decision with a full horizon behind it: the latency score the search predicted for
+        its choice over the next `horizon` slots, and what the real episode then scored (under
+        the search's own later decisions, not the base policy's). A ratio far from 1 says the
+        rollouts misjudge the real episode."""
+        real = torch.stack(self._realized[1:]) if len(self._realized) > 1 else torch.zeros(0)
+        n = len(real) - self.H + 1
+        if n <= 0:
+            return torch.zeros(0), torch.zeros(0)
+        pred = torch.stack(self._predicted[:n])
+        sums = torch.stack([real[t : t + self.H].sum(0) for t in range(n)])
+        return pred.flatten(), sums.flatten()
 
     @torch.no_grad()
     def act(self, obs, mask):
@@ -213,8 +253,14 @@ class SearchOracle(Policy):
                 "the oracle searches with the simulator: call attach(sim) first "
                 "(marl-sd eval does this for policies with needs_simulator)"
             )
+        self._realized.append(slot_latency_score(self.sim))  # the slot that just ended (the first: none)
         best, _, _ = self.search(obs, mask.bool(), int(torch.randint(0, 2**62, (1,), generator=self.gen)))
         return best
+
+
+def slot_latency_score(sim: BatchedSimulator) -> torch.Tensor:
+    """[B] the last slot's latency on the reward scale: minus the mean outstanding requests."""
+    return -sim.cfg.reward.latency_weight * sim.outstanding_last.mean(1)
 
 
 def terminal_value(sim: BatchedSimulator) -> torch.Tensor:

@@ -36,7 +36,7 @@ class Range(Strict):
     high: int = Field(ge=1)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "Range":
+    def _ordered(self) -> Range:
         if self.high < self.low:
             raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
         return self
@@ -84,7 +84,7 @@ class WorkloadConfig(Strict):
     )
 
     @model_validator(mode="after")
-    def _profile(self) -> "WorkloadConfig":
+    def _profile(self) -> WorkloadConfig:
         p = self.rate_profile
         if p is not None and (not p or any(m < 0 for _, m in p) or [t for t, _ in p] != sorted(t for t, _ in p)):
             raise ValueError("rate_profile must be a non-empty list of [from_s, multiplier >= 0] sorted by time")
@@ -96,7 +96,7 @@ class MobilityConfig(Strict):
     speed_mps: tuple[float, float] = (0.5, 1.5)
 
     @model_validator(mode="after")
-    def _speeds(self) -> "MobilityConfig":
+    def _speeds(self) -> MobilityConfig:
         lo, hi = self.speed_mps
         if lo < 0 or hi < lo:
             raise ValueError(f"speed_mps must satisfy 0 <= low <= high, got {self.speed_mps}")
@@ -195,7 +195,7 @@ class ScenarioConfig(Strict):
     )
 
     @model_validator(mode="after")
-    def _sites(self) -> "ScenarioConfig":
+    def _sites(self) -> ScenarioConfig:
         if self.sites is not None and len(self.sites) != self.n_servers:
             raise ValueError(f"sites lists {len(self.sites)} servers, n_servers is {self.n_servers}")
         w = self.workload
@@ -250,7 +250,7 @@ class EnvConfig(Strict):
     )
 
     @model_validator(mode="after")
-    def _ticks(self) -> "EnvConfig":
+    def _ticks(self) -> EnvConfig:
         n = self.slot_ms / self.tick_ms
         if abs(n - round(n)) > 1e-6:
             raise ValueError(f"slot_ms ({self.slot_ms}) must be a multiple of tick_ms ({self.tick_ms})")
@@ -334,6 +334,19 @@ class OracleConfig(Strict):
     moves: int = Field(12, ge=0, description="coordinate moves per round (all of them when fewer exist)")
     rounds: int = Field(1, ge=0, description="rounds of coordinate moves after the heuristic proposals")
     base: str = Field("two_phase_matching", description="policy the rollouts follow after the first slot")
+    objective: Literal["latency", "reward"] = Field(
+        "latency",
+        description="what rollouts are scored on: latency "
+        "(the outstanding-request integral, i.e. the episode's request "
+        "latency) or the training reward (latency + energy)",
+    )
+    min_z: float = Field(
+        2.0,
+        ge=0,
+        description="depart from the base policy's own proposal only when the paired "
+        "gain over the sampled futures exceeds min_z standard errors "
+        "(0: always take the best-scoring candidate)",
+    )
 
 
 class EvalConfig(Strict):
@@ -376,7 +389,7 @@ class Config(Strict):
     serving: ServingConfig = ServingConfig()
 
     @model_validator(mode="after")
-    def _sizes(self) -> "Config":
+    def _sizes(self) -> Config:
         if self.env.max_servers is None:  # resolved once, so a run's saved config states its room
             self.env.max_servers = self.scenario.n_servers
         room = self.max_servers
@@ -392,13 +405,13 @@ class Config(Strict):
         """Width of the per-server observation blocks and of the server action."""
         return int(self.env.max_servers)
 
-    def with_max_servers(self, room: int) -> "Config":
+    def with_max_servers(self, room: int) -> Config:
         """This config with room for `room` servers in the observation and the server action."""
         d = self.to_dict()
         d["env"]["max_servers"] = int(room)
         return config_from_dict(d, f"{self.name} with env.max_servers={room}")
 
-    def at_size(self, n_users: int, n_servers: int) -> "Config":
+    def at_size(self, n_users: int, n_servers: int) -> Config:
         """This config with another number of users and servers, keeping the observation width."""
         d = self.to_dict()
         d["scenario"]["n_users"], d["scenario"]["n_servers"] = int(n_users), int(n_servers)
