@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marl_sd.agents.evaluate import mean_ci, run_policy
+from marl_sd.agents.evaluate import HEADLINE, mean_ci, run_policy
 from marl_sd.agents.train import list_checkpoints, train
 from marl_sd.config import ConfigError, load_config
 
@@ -123,9 +123,7 @@ def sweep(
             over,
             params["point"],
             sweep_dir,
-            report=lambda row: tune.report(
-                {"reward": row["reward"], "latency_per_token_ms": row["latency_per_token_ms"], "timesteps": row["timesteps"]}
-            ),
+            report=lambda row: tune.report({k: row[k] for k in ("reward", HEADLINE, "latency_per_token_ms", "timesteps")}),
         )
 
     trainable = tune.with_resources(trainable, {"cpu": cpus_per_trial})
@@ -152,15 +150,14 @@ def collect(sweep_dir: Path, points: list[dict]) -> list[dict]:
     return rows
 
 
-def summarize_sweep(rows: list[dict], metric: str = "latency_per_token_ms") -> dict:
+EVAL_KEYS = ("seed", "trial", "timesteps", "reward", "unix_time", "latency_per_token_ms", HEADLINE, "run_dir", "agent_steps")
+
+
+def summarize_sweep(rows: list[dict], metric: str = HEADLINE) -> dict:
     """Mean ± 95 % CI over seeds per grid point, and the best trial (lowest metric)."""
     groups: dict[tuple, list[float]] = {}
     for r in rows:
-        key = tuple(
-            (k, v)
-            for k, v in r.items()
-            if k not in ("seed", "trial", "timesteps", "reward", "unix_time", "latency_per_token_ms", "run_dir", "agent_steps")
-        )
+        key = tuple((k, v) for k, v in r.items() if k not in EVAL_KEYS)
         groups.setdefault(key, []).append(r.get(metric, math.nan))
     out = {
         "points": [

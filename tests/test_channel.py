@@ -8,6 +8,8 @@ from marl_sd.envs.channel.base import bid_shares
 from marl_sd.envs.core import BatchedSimulator
 from marl_sd.envs.scenario import Scenario, hex_sites
 
+pytestmark = pytest.mark.sim
+
 
 @pytest.fixture(scope="module")
 def sionna_cfg(tmp_path_factory):
@@ -47,8 +49,12 @@ def test_sionna_fidelity_env_and_phy_cap(sionna_cfg):
 def test_bank_cache_reused(sionna_cfg):
     from marl_sd.envs.channel.sionna_bank import load_or_build
 
-    _, path, built = load_or_build(sionna_cfg.scenario.channel)
-    assert path.exists() and not built
+    c = sionna_cfg.scenario.channel
+    _, path, _ = load_or_build(c)  # built here, or by an earlier test of this module
+    stamp = path.stat().st_mtime_ns
+    again, path2, built = load_or_build(c)
+    assert path2 == path and not built and path.stat().st_mtime_ns == stamp
+    assert set(again) >= {"bank_los", "bank_nlos", "ul_se", "dl_se"}
 
 
 def test_hex_layout_and_drops_inside_cells():

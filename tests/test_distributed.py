@@ -10,11 +10,12 @@ import torch
 
 pytest.importorskip("ray")
 
-from marl_sd.agents.heuristics import make_heuristic  # noqa: E402
-from marl_sd.agents.policy import PolicyContext  # noqa: E402
-from marl_sd.agents.train import load_policy  # noqa: E402
-from marl_sd.config import load_config  # noqa: E402
-from marl_sd.distributed import (  # noqa: E402
+from marl_sd.agents.evaluate import HEADLINE
+from marl_sd.agents.heuristics import make_heuristic
+from marl_sd.agents.policy import PolicyContext
+from marl_sd.agents.train import load_policy
+from marl_sd.config import load_config
+from marl_sd.distributed import (
     eval_grid,
     init_ray,
     parse_grid,
@@ -25,6 +26,8 @@ from marl_sd.distributed import (  # noqa: E402
     trial_name,
     trial_points,
 )
+
+pytestmark = pytest.mark.ray
 
 TINY = [
     "train.total_timesteps=2048",
@@ -65,7 +68,21 @@ def test_sweep_on_local_ray_matches_sequential_runs(ray_local, tmp_path):
     for a, b in zip(params(tmp_path / "ray" / "sw" / "seed0"), params(tmp_path / "seq" / "seed0")):
         assert torch.equal(a, b)
     s = summarize_sweep(rows)
-    assert s["points"][0]["seeds"] == 2 and s["best_trial"] in ("seed0", "seed1")
+    assert s["points"][0]["seeds"] == 2
+    assert s["best_trial"] == min(rows, key=lambda r: r[HEADLINE])["trial"]
+
+
+def test_sweep_summary_groups_points_and_picks_the_lowest_finite_trial():
+    rows = [
+        {"trial": "a_seed0", "lr": 1, "seed": 0, "latency_per_token_ms": 30.0},
+        {"trial": "a_seed1", "lr": 1, "seed": 1, "latency_per_token_ms": 34.0},
+        {"trial": "b_seed0", "lr": 2, "seed": 0, "latency_per_token_ms": float("nan")},
+        {"trial": "b_seed1", "lr": 2, "seed": 1, "latency_per_token_ms": 29.0},
+    ]
+    s = summarize_sweep(rows, metric="latency_per_token_ms")
+    assert s["best_trial"] == "b_seed1"
+    pts = {p["point"]["lr"]: p for p in s["points"]}
+    assert pts[1]["seeds"] == 2 and pts[1]["mean"] == 32.0
 
 
 def test_interrupted_trial_resumes_to_the_uninterrupted_parameters(ray_local, tmp_path):
