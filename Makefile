@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEMO_RUN ?= runs/demo
 
-.PHONY: setup demo test test-all wheel-check bench train-suite suite clean
+.PHONY: setup demo test lint test-rest test-all wheel-check bench train-suite suite clean
 
 setup: $(VENV)/.installed
 
@@ -29,11 +29,20 @@ demo: setup
 	$(VENV)/bin/marl-sd serve up --config configs/live.yaml --policy $(DEMO_RUN)/bundle nearest_g4 two_phase_matching \
 		--duration 20 --target tiny:0 --draft tiny-draft:0:0.15 --compare-sim --out $(DEMO_RUN)/live.json
 
+# make test: the fast tiers (unit, sim) on both cores; TIER=net (or train, ray, ...) runs one tier.
+# make test-all: lint, format check and every tier, slow tests included (what CI runs).
+TIER ?= (unit or sim) and not slow
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --durations=10 -m "$(TIER)"
 
-test-all: setup
-	$(PY) -m pytest -q -m ""
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test-rest: setup
+	$(PY) -m pytest -q --durations=15 -m "not ($(TIER))"
+
+test-all: lint test test-rest
 
 # The wheel, installed into a fresh virtualenv outside the checkout, runs the chain from there.
 wheel-check:

@@ -130,7 +130,10 @@ def run_policy(
     per_tok = lat / np.maximum(out, 1)
     e = cfg.eval
     duration_s = sim.horizon * cfg.env.slot_ms / 1000.0
-    pct = lambda x, q: float(np.percentile(x, q)) if len(x) else math.nan
+
+    def pct(x, q):
+        return float(np.percentile(x, q)) if len(x) else math.nan
+
     s.update(
         {
             "token_latency_p50_ms": pct(per_tok, 50),

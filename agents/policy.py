@@ -29,7 +29,7 @@ class PolicyContext:
     profile: LatencyProfile
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "PolicyContext":
+    def from_config(cls, cfg: Config) -> PolicyContext:
         return cls(cfg, ObsSpec.from_config(cfg), ActionLayout.from_config(cfg), load_profile(cfg.scenario.profile))
 
     @property

@@ -92,7 +92,7 @@ def load_exact(stem: Path, venv: MultiAgentVecEnv, cfg: Config, device: str) -> 
         raise CheckpointError(f"checkpoint {stem} is incomplete: need {zip_path.name} and {rng_path.name}")
     try:
         extra = torch.load(rng_path, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+    except Exception as e:
         raise CheckpointError(f"checkpoint {rng_path} is corrupt: {type(e).__name__}: {e}") from None
     if extra.get("config_hash") != cfg.identity_hash():
         raise CheckpointError(
@@ -190,7 +190,7 @@ class EvalCallback(BaseCallback):
         s, _ = run_policy(self.cfg, pol, seed=10_000, episodes=self.cfg.train.eval_episodes)
         torch.set_rng_state(state[0])
         np.random.set_state(state[1])
-        random.setstate(state[2])  # noqa: E702
+        random.setstate(state[2])
         row = {
             "timesteps": self.num_timesteps,
             "reward": s["reward"],

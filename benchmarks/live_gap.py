@@ -100,7 +100,7 @@ def simulate(cfg_path: str, profile: str, policy: str, schedule, alpha: float, d
         for _ in range(sim.horizon):
             f = sim.features()
             a = pol.act(sim.observations(), sim.mask)
-            own = lambda x: x.gather(-1, f.server.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+            own = lambda x, f=f: x.gather(-1, f.server.unsqueeze(-1)).squeeze(-1)  # noqa: E731
             cols = {k: getattr(f, k) for k in FEATURES if k not in SERVER_FEATURES} | {
                 "ul_mbps": own(f.ul_mbps),
                 "srv_busy": f.srv_busy.gather(-1, f.server),

@@ -23,7 +23,7 @@ class MessageCosts:
     message_ms: float  # per message: air interface + core (scenario) + software transport (profile)
 
     @classmethod
-    def of(cls, cfg: Config, profile: LatencyProfile) -> "MessageCosts":
+    def of(cls, cfg: Config, profile: LatencyProfile) -> MessageCosts:
         pay = profile.payload
         return cls(
             header_bytes=float(pay.header_bytes),
@@ -95,7 +95,7 @@ class SiteCosts:
     kv_capacity: torch.Tensor  # inf: unlimited
 
     @classmethod
-    def of(cls, cfg: Config, device=None) -> "SiteCosts":
+    def of(cls, cfg: Config, device=None) -> SiteCosts:
         tg = [load_profile(p).target for p in cfg.scenario.site_profiles()]
         t = lambda xs: torch.tensor(xs, dtype=torch.float32, device=device)  # noqa: E731
         caps = [math.inf if c is None else float(c) for c in cfg.scenario.site_kv_capacity()]

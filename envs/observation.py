@@ -36,7 +36,7 @@ class Features:
     srv_kv: Any  # [B, M] KV-cache occupancy (reserved / capacity; 0 when unlimited)
     time_frac: Any  # [B] episode progress
 
-    def to(self, device) -> "Features":  # torch only
+    def to(self, device) -> Features:  # torch only
         return Features(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
@@ -168,7 +168,7 @@ class ObservationBuilder:
         return o.f32(o.cat(servers + pooled + [count, episode], -1))
 
 
-def reencode(obs, spec: ObsSpec, builder: "ObservationBuilder"):
+def reencode(obs, spec: ObsSpec, builder: ObservationBuilder):
     """Observations encoded with the package table at `spec`, re-encoded with `builder`'s table
     (e.g. a policy bundle's own normalization constants). Torch."""
     scope = {f.source: f.scope for f in LOCAL_FEATURES if f.source is not None}

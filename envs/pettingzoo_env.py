@@ -40,11 +40,11 @@ class MECSpecDecEnv(ParallelEnv, EzPickle):
         self._act_space = spaces.MultiDiscrete(self.sim.nvec)
         self.state_space = spaces.Box(-np.inf, np.inf, (self.sim.state_dim,), np.float32)
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache  # noqa: B019 - PettingZoo's idiom: one space object per agent
     def observation_space(self, agent):
         return self._obs_space
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache  # noqa: B019
     def action_space(self, agent):
         return self._act_space
 

@@ -192,7 +192,7 @@ class MixedSizeVecEnv(_InProcessVecEnv):
             p.set_state(s)
 
 
-def training_env(cfg: Config, num_envs: int | None = None) -> "MultiAgentVecEnv | MixedSizeVecEnv":
+def training_env(cfg: Config, num_envs: int | None = None) -> MultiAgentVecEnv | MixedSizeVecEnv:
     """The VecEnv a run trains on: the scenario's size, or every size of `train.sizes` (about
     `num_envs` x `n_users` agent slots each)."""
     B = num_envs or cfg.train.num_envs

@@ -112,7 +112,7 @@ def load_bundle(bundle_dir: Path, cfg=None) -> tuple[dict, OnnxActor]:
         raise BundleError(f"bundle {bundle_dir} lacks {onnx_path.name}")
     try:
         actor = OnnxActor(onnx_path)
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises several types for a broken file
+    except Exception as e:
         raise BundleError(f"{onnx_path} cannot be loaded by onnxruntime: {e}") from None
     return manifest, actor
 

@@ -93,11 +93,11 @@ class ObsSpec:
             raise ValueError(f"{self.n_servers} servers exceed the observation's room for {self.max_servers}")
 
     @classmethod
-    def from_config(cls, cfg) -> "ObsSpec":
+    def from_config(cls, cfg) -> ObsSpec:
         s, w = cfg.scenario, cfg.scenario.workload
         return cls(cfg.max_servers, cfg.env.gamma_max, w.queue_capacity, w.output_tokens.high, s.verify_token_budget, s.n_servers)
 
-    def at(self, n_servers: int) -> "ObsSpec":
+    def at(self, n_servers: int) -> ObsSpec:
         """The same contract for a scenario with `n_servers` servers."""
         return replace(self, n_servers=int(n_servers))
 
@@ -188,7 +188,7 @@ class ActionLayout:
         self.offsets = [int(x) for x in np.cumsum([0, *self.nvec[:-1]])]
 
     @classmethod
-    def from_config(cls, cfg) -> "ActionLayout":
+    def from_config(cls, cfg) -> ActionLayout:
         e = cfg.env
         return cls([cfg.max_servers, len(e.bid_weights), len(e.priority_weights), e.gamma_max + 1])
 

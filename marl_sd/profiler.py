@@ -155,7 +155,7 @@ def measure_verify(model, device, batches, tokens, context, reps, warmup):
         for t in tokens:
             q = torch.randint(0, vocab, (b, t), device=device)
 
-            def step():
+            def step(q=q, t=t, cache=cache):
                 model(q, past_key_values=cache, use_cache=True)
                 cache.crop(-t)
 
@@ -170,7 +170,7 @@ def measure_prefill(model, device, lengths, reps, warmup):
     out = []
     for n in lengths:
         ids = torch.randint(0, model.config.vocab_size, (1, n), device=device)
-        out.append((n, timer(lambda: model(ids, use_cache=False, logits_to_keep=1), reps, warmup)))
+        out.append((n, timer(lambda ids=ids: model(ids, use_cache=False, logits_to_keep=1), reps, warmup)))
     return out
 
 

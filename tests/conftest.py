@@ -25,3 +25,14 @@ def stepped_sim(steps: int, seed: int, num_envs: int = 3, record_requests: bool 
     for _ in range(steps):
         s.step(s.actions.random_valid(s.mask, gen))
     return s
+
+
+TIERS = ("unit", "sim", "train", "net", "ray")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test belongs to exactly one tier (README: Tests), so `make test` and `make test-all`
+    select by tier and no test is silently left out of both."""
+    bad = [f"{it.nodeid}: {tiers or 'none'}" for it in items if len(tiers := [t for t in TIERS if it.get_closest_marker(t)]) != 1]
+    if bad:
+        raise pytest.UsageError("tests need exactly one tier marker of " + ", ".join(TIERS) + ":\n  " + "\n  ".join(bad))

@@ -21,6 +21,8 @@ from marl_sd.envs.vec_env import MixedSizeVecEnv, MultiAgentVecEnv, training_env
 from marl_sd.export import export_bundle
 from marl_sd.serving.controller import ControllerCore, Leave, parse_report, reports_from_features
 
+pytestmark = pytest.mark.train
+
 ROOM = ["env.max_servers=5", "env.horizon=10"]
 
 

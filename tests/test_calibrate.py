@@ -5,6 +5,8 @@ import pytest
 from marl_sd.envs.profiles import LatencyProfile, load_profile
 from marl_sd.serving.calibrate import fit_served_profile, write_profile
 
+pytestmark = pytest.mark.train
+
 
 def _round(gamma, drafted, draft_ms, up, dn, queue, verify, extra):
     return {

@@ -1,13 +1,13 @@
 """Capacity bisection and the suite benchmark."""
 
-import math
-
 import pytest
 
 import marl_sd.agents.capacity as cap
 from marl_sd.agents.heuristics import HEURISTICS, make_heuristic
 from marl_sd.config import load_config
 from marl_sd.suite import run_suite, suite_configs, summarize_suite, with_every_heuristic
+
+pytestmark = pytest.mark.train
 
 
 def test_bisection_finds_the_last_user_count_meeting_the_target(monkeypatch):

@@ -1,6 +1,10 @@
 """The `marl-sd` command line: config errors exit 2 with the key named; commands run."""
 
+import pytest
+
 from marl_sd.cli import main
+
+pytestmark = pytest.mark.sim
 
 
 def test_config_error_exit_code(capsys):

@@ -4,6 +4,8 @@ import yaml
 from marl_sd.config import ConfigError, dump_config, load_config
 from marl_sd.envs.profiles import load_profile
 
+pytestmark = pytest.mark.unit
+
 
 def write(tmp_path, tree):
     p = tmp_path / "c.yaml"

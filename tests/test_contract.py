@@ -13,6 +13,8 @@ from marl_sd.contract import LOCAL_FEATURES, ActionLayout, ObsSpec, features_fro
 from marl_sd.envs.observation import ObservationBuilder, decode_local
 from marl_sd.serving.controller import ControllerCore, reports_from_features
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def sim():

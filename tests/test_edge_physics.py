@@ -9,6 +9,8 @@ from marl_sd.envs.core import BatchedSimulator
 from marl_sd.envs.costs import SiteCosts
 from marl_sd.envs.profiles import load_profile
 
+pytestmark = pytest.mark.sim
+
 ONE_SITE = [
     "scenario.n_users=2",
     "scenario.n_servers=1",

@@ -7,6 +7,8 @@ from marl_sd.config import load_config
 from marl_sd.envs import MECSpecDecEnv, MultiAgentVecEnv
 from marl_sd.envs.core import ActionError
 
+pytestmark = pytest.mark.sim
+
 
 def masked_random(env, infos, rng):
     acts = {}
@@ -121,7 +123,7 @@ def test_vec_env_contract():
     assert o.shape == (4 * 8, v.obs_dim + v.state_dim)
     m = v.action_masks()
     assert m.shape == (32, sum(v.nvec)) and m.dtype == bool
-    for t in range(3):
+    for _ in range(3):
         a = np.stack([[np.flatnonzero(r[:3])[0], 0, 0, 0] for r in m])
         v.step_async(a)
         o2, r, d, infos = v.step_wait()

@@ -14,6 +14,8 @@ from marl_sd.envs.core import BatchedSimulator
 from marl_sd.envs.state import REQ
 from marl_sd.report import results_table
 
+pytestmark = pytest.mark.sim
+
 
 def test_unfinished_work_is_wait_plus_tokens_left_at_the_users_pace():
     cfg = load_config(

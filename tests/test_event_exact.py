@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+from event_reference import Link, Payload, User, Verifier, serve
 
 from marl_sd.config import load_config
 from marl_sd.envs.core import BatchedSimulator
 
-from event_reference import Link, Payload, User, Verifier, serve
+pytestmark = pytest.mark.sim
 
 UL, DL = 600.0, 2500.0  # bytes per ms on the fixed test links
 DEVICES = ["phone_npu_1b", "jetson_orin_nano_1b7", "raspberry_pi5_0b5", "laptop_gpu_1b"]

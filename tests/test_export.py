@@ -10,6 +10,8 @@ from marl_sd.contract import ActionLayout
 from marl_sd.envs.vec_env import MultiAgentVecEnv
 from marl_sd.export import export_bundle
 
+pytestmark = pytest.mark.train
+
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):

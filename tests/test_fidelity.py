@@ -11,6 +11,8 @@ from marl_sd.config import load_config
 from marl_sd.envs.core import BatchedSimulator
 from marl_sd.envs.costs import drafts_after_round
 
+pytestmark = pytest.mark.sim
+
 UL, DL = 600.0, 2500.0  # bytes per ms on the fixed test links (4.8 and 20 Mbit/s)
 
 

@@ -12,6 +12,8 @@ import torch
 from marl_sd.config import load_config
 from marl_sd.envs.core import BatchedSimulator, summarize
 
+pytestmark = pytest.mark.sim
+
 GOLDEN = Path(__file__).parent / "golden" / "default_seed0.json"
 
 

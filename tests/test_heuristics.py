@@ -9,6 +9,8 @@ from marl_sd.config import load_config
 from marl_sd.envs.core import BatchedSimulator
 from marl_sd.envs.observation import Features, ObservationBuilder
 
+pytestmark = pytest.mark.sim
+
 
 @pytest.mark.parametrize("name", list(HEURISTICS))
 def test_actions_respect_masks(name):

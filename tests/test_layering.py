@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"marl_sd": ROOT / "marl_sd", "marl_sd.envs": ROOT / "envs", "marl_sd.agents": ROOT / "agents"}
 

@@ -5,10 +5,13 @@ workload, and the simulator replays it with a profile fitted to the run (bounded
 import math
 from pathlib import Path
 
+import pytest
 import yaml
 
 from marl_sd.serving.calibrate import compare_with_sim
 from marl_sd.serving.launcher import run_live
+
+pytestmark = pytest.mark.net
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,6 +8,8 @@ import torch
 from marl_sd.config import load_config
 from marl_sd.envs.core import QUEUED, BatchedSimulator, summarize
 
+pytestmark = pytest.mark.unit
+
 
 def single_user_cfg(alpha, gamma_dev="phone_npu_1b", out=400):
     return load_config(

@@ -27,6 +27,8 @@ from marl_sd.serving.launcher import local_servers, server_status
 from marl_sd.serving.models import load_model
 from marl_sd.serving.security import Security, SecurityError, create_pki
 
+pytestmark = pytest.mark.net
+
 CLIENTS = 3
 
 
@@ -126,7 +128,7 @@ def test_q_zero_nan_and_priority_uploads_are_refused_and_others_stay_lossless(se
     res = asyncio.run(main())
     for r, p in zip(res[:3], prompts):
         assert r.tokens == reference(target, p, 30)
-    for replies, code, text in res[3:]:
+    for replies, code, _text in res[3:]:
         assert code == grpc.StatusCode.INVALID_ARGUMENT and len(replies) == 1
     assert "q = 0" in res[3][2] and "finite" in res[4][2] and "priority" in res[5][2] and "autoregressive" in res[6][2]
 

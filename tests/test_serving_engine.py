@@ -8,6 +8,8 @@ from marl_sd.serving.drafter import Drafter
 from marl_sd.serving.engine import VerifierEngine, VerifyItem
 from marl_sd.serving.models import check_pair, load_model, prefill, rollback, tiny_llama
 
+pytestmark = pytest.mark.net
+
 
 @pytest.fixture(scope="module")
 def target():

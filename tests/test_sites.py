@@ -9,6 +9,8 @@ import torch
 from marl_sd.config import PROFILE_DIR, ConfigError, load_config
 from marl_sd.envs.core import BatchedSimulator
 
+pytestmark = pytest.mark.sim
+
 BASE = ["scenario.n_users=32", "scenario.n_servers=2", "scenario.mobility.model=static"]
 
 

@@ -9,6 +9,8 @@ from scipy.stats import chisquare
 
 from marl_sd.serving.speculative import accept_greedy, dense_q, sample_weights, speculative_verify, top_k_renormalized
 
+pytestmark = pytest.mark.unit
+
 V, START, N_TOK = 5, 0, 3
 
 

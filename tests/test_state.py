@@ -7,6 +7,8 @@ from conftest import stepped_sim
 
 from marl_sd.envs.state import REQUEST_LOG_COLUMNS, STATE, STATE_VARS, check_state
 
+pytestmark = pytest.mark.unit
+
 # recomputed from the state (rates, masks, lookup tables) or drawn afresh each slot
 DERIVED = {
     "_acc_user",

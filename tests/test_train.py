@@ -10,6 +10,8 @@ from marl_sd.agents.policy import LearnedPolicy, PolicyContext
 from marl_sd.agents.train import CheckpointError, list_checkpoints, load_policy, train
 from marl_sd.config import load_config
 
+pytestmark = pytest.mark.train
+
 TINY = [
     "scenario.n_users=3",
     "scenario.n_servers=2",

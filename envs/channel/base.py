@@ -35,7 +35,7 @@ class LinkBudget:
     @classmethod
     def from_config(
         cls, c: ChannelConfig, bs_tx_dbm: list[float] | None = None, bandwidth_mhz: list[float] | None = None, device=None
-    ) -> "LinkBudget":
+    ) -> LinkBudget:
         """The channel's budget; per-site downlink power and bandwidth where they differ."""
         per_site = lambda xs, f: f(xs[0]) if len(set(xs)) == 1 else torch.tensor([f(x) for x in xs], device=device)  # noqa: E731
         return cls(

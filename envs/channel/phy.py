@@ -15,7 +15,7 @@ class PhyTable:
         self.step = float(grid_db[1] - grid_db[0])
         self.grid_db, self.se, self.source = grid_db, se, source
 
-    def to(self, device) -> "PhyTable":
+    def to(self, device) -> PhyTable:
         return PhyTable(self.grid_db.to(device), self.se.to(device), self.source)
 
     def lookup(self, sinr_db: torch.Tensor) -> torch.Tensor:

@@ -123,7 +123,7 @@ def fading_bank(
         phi = 2 * torch.pi * torch.rand(b, n_ut_per_drop)
         ut = torch.stack([r * phi.cos(), r * phi.sin(), torch.full_like(r, 1.5)], -1)
         bs = torch.tensor([0.0, 0.0, H_BS[model]]).expand(b, 1, 3).clone()
-        z = lambda n: torch.zeros(b, n, 3)  # noqa: E731
+        z = lambda n, b=b: torch.zeros(b, n, 3)  # noqa: E731
         if b != chunk or start == 0:
             ch.reset_topology()  # topology shapes are frozen after the first set_topology
         ch.set_topology(
@@ -200,7 +200,7 @@ def load_or_build(c: ChannelConfig, progress=None, rebuild: bool = False) -> tup
     if path.exists() and not rebuild:
         try:
             return torch.load(path, weights_only=False), path, False
-        except Exception as e:  # noqa: BLE001 - a broken cache file is rebuilt
+        except Exception as e:
             log.warning("rebuilding unreadable channel cache %s (%s)", path, e)
     log.info("building Sionna fading banks and PHY tables into %s", path)
     assets = build_assets(c, progress=progress)

@@ -105,7 +105,7 @@ class ReportError(ValueError):
 MAX_USER_ID = 1 << 20
 
 
-def parse_report(raw: bytes, n_servers: int) -> "UserReport | ServerReport | Leave":
+def parse_report(raw: bytes, n_servers: int) -> UserReport | ServerReport | Leave:
     """Validate one report (JSON): schema, finite numbers, server ids and list lengths within the
     scenario's servers. Any number of users may report (ids below `MAX_USER_ID`)."""
     try:
@@ -443,7 +443,7 @@ async def serve_controller(
         while t_end is None or time.monotonic() < t_end:
             try:
                 core.step()
-            except Exception:  # noqa: BLE001 - the loop outlives any one slot; last decisions stay in force
+            except Exception:
                 core.step_errors += 1
                 log.exception("slot %d: decision failed; keeping the last decisions", core.slot)
             nxt += core.slot_s

@@ -314,7 +314,7 @@ class DraftClient:
         e2e = (time.monotonic() - t0) * 1000
         return RequestResult(len(prompt), out, req.ttft if req.ttft is not None else e2e, e2e, req.rounds, req.failovers)
 
-    async def _session(self, addr: str, req: "_Request") -> None:
+    async def _session(self, addr: str, req: _Request) -> None:
         """Open a session at `addr` and run rounds until the request is done (or a handover)."""
         d = self.drafter
         ch = await self._channel(addr)  # one connection per server, kept across requests
@@ -340,7 +340,7 @@ class DraftClient:
                 break
         await call.done_writing()
 
-    async def _round(self, call, session: int, addr: str, req: "_Request"):
+    async def _round(self, call, session: int, addr: str, req: _Request):
         """One round: draft gamma, upload, pre-draft while it is verified, commit the result."""
         d, gamma = self.drafter, self.gamma
         td, ahead = time.monotonic(), len(d.drafts)
@@ -392,7 +392,7 @@ class DraftClient:
             return self.timeout
         return min(self.timeout, max(self.min_deadline_s, 5.0 * self.round_mean_s))
 
-    async def _fail_over(self, addr: str, e: Exception, req: "_Request") -> None:
+    async def _fail_over(self, addr: str, e: Exception, req: _Request) -> None:
         """Move to the next server; the interrupted round's drafts are re-drafted there."""
         code = e.code() if isinstance(e, grpc.aio.AioRpcError) else None
         if code in NOT_RETRYABLE:  # the request itself is at fault: another server would refuse it too

@@ -147,12 +147,12 @@ class VerifierEngine:
         row by row; each entry is (n, new tokens) or the exception of that row alone."""
         try:
             return self.verify(items)
-        except Exception:  # noqa: BLE001 - which row broke the batch is found by retrying alone
+        except Exception:
             out = []
             for it in items:
                 try:
                     out.append(self.verify([it])[0])
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     out.append(e)
             return out
 

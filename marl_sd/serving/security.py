@@ -85,7 +85,7 @@ class Security:
     role: str = "operator"
 
     @classmethod
-    def insecure(cls) -> "Security":
+    def insecure(cls) -> Security:
         return cls(None)
 
     @property
@@ -126,7 +126,7 @@ class Security:
     def cli_args(self) -> list[str]:
         return ["--tls", str(self.tls_dir), "--role", self.role] if self.enabled else ["--insecure"]
 
-    def as_role(self, role: str) -> "Security":
+    def as_role(self, role: str) -> Security:
         return Security(self.tls_dir, role)
 
 
