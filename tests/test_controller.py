@@ -14,6 +14,8 @@ from marl_sd.contract import ActionLayout
 from marl_sd.envs.core import BatchedSimulator
 from marl_sd.serving.controller import ControllerCore, UserReport, reports_from_features
 
+pytestmark = pytest.mark.train
+
 
 def reports_from_sim(sim):
     return reports_from_features(sim.features())
@@ -121,8 +123,6 @@ def test_bundle_controller_process_does_not_import_torch(manifest_and_actor):
 import sys
 from marl_sd.bundle import bundle_policy, load_bundle
 from marl_sd.serving.controller import ControllerCore, UserReport
-
-pytestmark = pytest.mark.train
 m, actor = load_bundle({str(out)!r})
 core = ControllerCore(m, bundle_policy(actor, m))
 core.report_user(UserReport(user=0, snr_db=[5.0, 1.0, 0.0], ul_mbps=[10, 3, 1], server=0, draft_ms=17, power_w=4, max_gamma=6))
