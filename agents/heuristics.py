@@ -34,8 +34,9 @@ class LatencyModel:
     generated so far, taking the mean output length), since the observation does not carry it.
     """
 
-    def __init__(self, ctx: PolicyContext):
+    def __init__(self, ctx: PolicyContext, handover_cost: bool = True):
         self.ctx = ctx
+        self.handover_cost = handover_cost
         p = ctx.profile
         self.sites = SiteCosts.of(ctx.cfg)
         self.costs = MessageCosts.of(ctx.cfg, p)
@@ -93,7 +94,8 @@ class LatencyModel:
         spec = (g * t_d - kept * t_d + inflight) / e_n
         ar = (t_ver + wait).expand_as(spec)
         lat = torch.where(g == 0, ar, spec)
-        lat = lat + self.handover_ms(f).unsqueeze(-1)
+        if self.handover_cost:
+            lat = lat + self.handover_ms(f).unsqueeze(-1)
         if hysteresis:
             leave = (1 - at) * (f["queue"] > 0).float().unsqueeze(-1)
             lat = lat * (1 + hysteresis * leave).unsqueeze(-1)
@@ -273,20 +275,35 @@ class TwoPhaseMatchingPolicy(Policy):
     """Two-phase matching association with proportional allocation (after arXiv 2511.01695).
 
     Phase 1: deferred acceptance: users propose to servers in order of predicted latency;
-    servers hold at most ceil(1.25 N / M) users, preferring the strongest links. Phase 2: swap
-    matching: swap two users' servers while it lowers the sum of predicted latencies. Then
-    bandwidth bids proportional to each user's uplink airtime need, and per-user gamma.
+    servers hold at most their share of 1.25 N users, in proportion to their speed (the inverse of
+    their verify time at an even split), preferring the strongest links. Phase 2: swap matching:
+    swap two users' servers while it lowers the sum of predicted latencies, which count the
+    re-prefill a move costs (`LatencyModel.handover_ms`). Then bandwidth bids proportional to each
+    user's uplink airtime need, and per-user gamma. `uniform_cap=True, handover_cost=False` is the
+    variant before per-site caps and handover costs (`two_phase_matching_uniform`).
     """
 
     name = "two_phase_matching"
     centralized = True
-    description = "deferred-acceptance + swap matching, proportional bandwidth, per-user gamma (2511.01695)"
+    description = "deferred-acceptance + swap matching, speed-proportional caps, re-prefill cost, proportional bandwidth (2511.01695)"
 
-    def __init__(self, ctx, swaps: int = 3, hysteresis: float = 0.25):
+    def __init__(self, ctx, swaps: int = 3, hysteresis: float = 0.25, uniform_cap: bool = False, handover_cost: bool = True):
         super().__init__(ctx)
-        self.model = LatencyModel(ctx)
+        self.model = LatencyModel(ctx, handover_cost)
         self.swaps = swaps
         self.hyst = hysteresis
+        self.uniform_cap = uniform_cap
+        if uniform_cap:
+            self.name = "two_phase_matching_uniform"
+            self.description = "two-phase matching with caps ceil(1.25 N / M) and no re-prefill cost"
+
+    def _caps(self, N: int, M: int) -> torch.Tensor:
+        """[M] users each server may hold in phase 1."""
+        if self.uniform_cap:
+            return torch.full((M,), math.ceil(1.25 * N / M))
+        per = N / M
+        speed = 1.0 / self.model.sites.verify_ms(torch.tensor(per), torch.tensor(per * 5.0))[:M]
+        return torch.ceil(1.25 * N * speed / speed.sum()).clamp(min=1)
 
     def _latency(self, f, masks, assign):
         """[B, N, M] latency of each user at each server given the assignment's loads."""
@@ -299,7 +316,7 @@ class TwoPhaseMatchingPolicy(Policy):
         masks = self.ctx.split(mask)
         B, N = f["server"].shape
         M = self.ctx.spec.n_servers
-        cap = math.ceil(1.25 * N / M)
+        cap = self._caps(N, M)
         lat0, _ = self._latency(f, masks, f["server"])
         pref = lat0.argsort(-1)  # [B, N, M] servers by preference
         assign = torch.full((B, N), -1, dtype=torch.long)
@@ -319,7 +336,7 @@ class TwoPhaseMatchingPolicy(Policy):
                 (score.unsqueeze(1) == score.unsqueeze(2)) & (torch.arange(N) < torch.arange(N).unsqueeze(1))
             )
             rank = (same & stronger).sum(-1)
-            assign = torch.where((rank < cap) & valid, prop, -1)
+            assign = torch.where((rank < cap[prop]) & valid, prop, -1)
             nxt = torch.where(assign < 0, nxt + 1, nxt)
         fallback = torch.where(masks[0], snr, -INF).argmax(-1)
         assign = torch.where(assign < 0, fallback, assign)
@@ -417,6 +434,7 @@ HEURISTICS = {
     "least_loaded": LeastLoadedPolicy,
     "greedy_latency": GreedyLatencyPolicy,
     "two_phase_matching": TwoPhaseMatchingPolicy,
+    "two_phase_matching_uniform": lambda ctx: TwoPhaseMatchingPolicy(ctx, uniform_cap=True, handover_cost=False),
     "closed_form_dp": ClosedFormDPPolicy,
     "centralized_ar": CentralizedARPolicy,
 }
