@@ -285,7 +285,9 @@ class TwoPhaseMatchingPolicy(Policy):
 
     name = "two_phase_matching"
     centralized = True
-    description = "deferred-acceptance + swap matching, speed-proportional caps, re-prefill cost, proportional bandwidth (2511.01695)"
+    description = (
+        "deferred-acceptance + swap matching, speed-proportional caps, re-prefill cost, proportional bandwidth (2511.01695)"
+    )
 
     def __init__(self, ctx, swaps: int = 3, hysteresis: float = 0.25, uniform_cap: bool = False, handover_cost: bool = True):
         super().__init__(ctx)

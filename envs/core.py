@@ -119,6 +119,9 @@ class BatchedSimulator:
         self.costs = MessageCosts.of(cfg, self.profile)
         self.sites = SiteCosts.of(cfg, self.device)
         self.kv_limited = bool(torch.isfinite(self.sites.kv_capacity).any())
+        self.site_events = cfg.scenario.site_events
+        self.site_factor = torch.ones(self.scn.M, device=self.device)  # [M] batch-time factor this slot
+        self.site_down = torch.zeros(self.scn.M, dtype=torch.bool, device=self.device)  # [M] serving nothing
         self.lam_per_ms = w.arrival_rate_per_s / 1000.0
         self._lam_tick = self.lam_per_ms * self.dt  # arrival probability per tick ([N] under a varying load)
         self.arrival_stop_ms = math.inf if w.arrivals_for_s is None else w.arrivals_for_s * 1000.0
@@ -240,8 +243,46 @@ class BatchedSimulator:
         self.dl_rate = self.dl_rate_mat.gather(2, idx).squeeze(-1)
 
     def _update_mask(self) -> None:
-        """[B, N, sum(nvec)] bool, from the SNR the last `_update_rates` computed."""
-        self.mask = self.actions.mask(self.rates["snr_db"], self.max_gamma, self.cfg.scenario.channel.coverage_snr_db)
+        """[B, N, sum(nvec)] bool, from the SNR the last `_update_rates` computed, for the slot that
+        starts now: a site that is down then is masked (unless every site is)."""
+        self._site_conditions()
+        snr = self.rates["snr_db"]
+        if bool(self.site_down.any()) and not bool(self.site_down.all()):
+            snr = snr.masked_fill(self.site_down, -math.inf)
+        self.mask = self.actions.mask(snr, self.max_gamma, self.cfg.scenario.channel.coverage_snr_db)
+
+    def _site_conditions(self) -> None:
+        """Each site's batch-time factor and down state for the slot starting at `now`
+        (`scenario.site_events`; derived from the clock, so no state of its own)."""
+        if not self.site_events:
+            return
+        t_s = float(self.now) / 1000.0
+        factor = torch.ones(self.M, device=self.device)
+        down = torch.zeros(self.M, dtype=torch.bool, device=self.device)
+        for e in self.site_events:
+            if e.start_s <= t_s < e.end_s:
+                factor[e.site] *= e.slowdown
+                down[e.site] |= e.down
+        self.site_factor, self.site_down = factor, down
+
+    def _evacuate(self) -> None:
+        """Rounds queued at a site that is down move to the server their user chose: a session
+        open re-sends its prompt, a round re-sends its drafts with the context (a handover)."""
+        strand = (self.phase == QUEUED) & self.site_down[self.server] & ~self.site_down[self.target]
+        if not bool(strand.any()):
+            return
+        opening = strand & self.first_round
+        moving = strand & ~self.first_round
+        self.server = torch.where(strand, self.target, self.server)
+        self._gather_rates()
+        self.m["handovers"] += moving.float()
+        self.kv_held = torch.where(strand, 0.0, self.kv_held)
+        self.prefill = torch.where(moving, self.ctx.float(), self.prefill)
+        ctx_bytes = self.ctx.float() * self.costs.token_id_bytes
+        nbytes = torch.where(opening, self.costs.ids_bytes(self.prefill), self.costs.upload_bytes(self.gamma_cur) + ctx_bytes)
+        self.phase = torch.where(strand, UPLINK, self.phase)
+        self.sent_at = torch.where(moving, self.now, self.sent_at)
+        self._begin_transfer(strand, nbytes, torch.zeros_like(self.timer), self.ul_rate, uplink=True)
 
     # ------------------------------------------------------------------ actions
     def check_actions(self, a: torch.Tensor) -> None:
@@ -372,6 +413,8 @@ class BatchedSimulator:
         self.apply_actions(actions)
         self._new_accumulators()
         self._update_rates()
+        if bool(self.site_down.any()):
+            self._evacuate()
         T, B, N = self.ticks, self.B, self.N
         self._set_clock(0)
         self._u_arr = self.draws.rand((T, B, N), self.device, dim=1, site="arrive")
@@ -587,6 +630,10 @@ class BatchedSimulator:
         k_tok = (self.gamma_cur + 1).float()
         zeros = self._zeros(self.B, self.M)
         budget = float(self.cfg.scenario.verify_token_budget)
+        if bool(self.site_down.any()):  # a site that is down starts no batch
+            elig = elig & ~self.site_down[self.server]
+            if not bool(elig.any()):
+                return
         kv_new = None
         if self.kv_limited:  # rounds waiting for KV room do not start a batch
             elig, kv_new = self._admit_kv(elig)
@@ -608,7 +655,7 @@ class BatchedSimulator:
         b = zeros.scatter_add(1, self.server, af)
         pf = zeros.scatter_add(1, self.server, af * self.prefill)
         start = b > 0
-        t = self.sites.verify_ms(b, kk) + self.sites.prefill_ms_per_token * pf
+        t = (self.sites.verify_ms(b, kk) + self.sites.prefill_ms_per_token * pf) * self.site_factor
         already = torch.where(start, self.now - begin, 0.0).clamp(min=0.0).float()
         self.srv_left = torch.where(start, t - already, self.srv_left)
         self.srv_active = self.srv_active | start

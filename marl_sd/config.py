@@ -156,6 +156,27 @@ class SiteConfig(Strict):
     )
 
 
+class SiteEvent(Strict):
+    """Another tenant takes a site's GPU for an interval: its batches take `slowdown` times as
+    long, or (`down`) it serves nothing: no batch starts there, it is masked out of the server
+    action (as the live controller masks a verifier that stopped answering), and rounds queued at
+    it move to the server their user chose, with their context (a handover)."""
+
+    site: int = Field(ge=0, description="server index")
+    start_s: float = Field(ge=0, description="from this episode time [s]")
+    end_s: float = Field(gt=0, description="until this episode time [s]")
+    slowdown: float = Field(1.0, ge=1.0, description="factor on its batch time (verify + prefill)")
+    down: bool = False
+
+    @model_validator(mode="after")
+    def _interval(self) -> SiteEvent:
+        if self.end_s <= self.start_s:
+            raise ValueError(f"end_s ({self.end_s}) must be after start_s ({self.start_s})")
+        if self.slowdown == 1.0 and not self.down:
+            raise ValueError("a site event needs slowdown > 1 or down: true")
+        return self
+
+
 class ScenarioConfig(Strict):
     n_users: int = Field(8, ge=1)
     n_servers: int = Field(3, ge=1)
@@ -193,6 +214,9 @@ class ScenarioConfig(Strict):
     sites: list[SiteConfig] | None = Field(
         None, description="per-server profile and KV capacity (heterogeneous sites); None: every server is alike"
     )
+    site_events: list[SiteEvent] = Field(
+        default_factory=list, description="sites that slow down or go down for an interval of each episode"
+    )
 
     @model_validator(mode="after")
     def _sites(self) -> ScenarioConfig:
@@ -203,6 +227,9 @@ class ScenarioConfig(Strict):
         caps = [self.kv_capacity_tokens] + [s.kv_capacity_tokens for s in self.sites or []]
         if any(c is not None and c < need for c in caps):
             raise ValueError(f"a KV capacity below one request's reservation ({need} tokens) would never admit it")
+        bad = [e.site for e in self.site_events if e.site >= self.n_servers]
+        if bad:
+            raise ValueError(f"site_events name sites {bad}, but there are {self.n_servers} servers (0..{self.n_servers - 1})")
         return self
 
     def site_profiles(self) -> list[str]:
@@ -417,6 +444,7 @@ class Config(Strict):
         d["scenario"]["n_users"], d["scenario"]["n_servers"] = int(n_users), int(n_servers)
         if d["scenario"].get("sites"):  # heterogeneous sites repeat in order
             d["scenario"]["sites"] = [d["scenario"]["sites"][i % len(d["scenario"]["sites"])] for i in range(int(n_servers))]
+        d["scenario"]["site_events"] = [e for e in d["scenario"]["site_events"] if e["site"] < int(n_servers)]
         return config_from_dict(d, f"{self.name} at {n_users} users, {n_servers} servers")
 
     def to_dict(self) -> dict[str, Any]:

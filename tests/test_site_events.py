@@ -1,0 +1,92 @@
+"""Sites that change while the system runs (`scenario.site_events`): slowed batches, a site that
+goes down (masked, no batches, queued rounds moved with their context), and config errors."""
+
+import pytest
+import torch
+
+from marl_sd.agents.heuristics import make_heuristic
+from marl_sd.agents.policy import PolicyContext
+from marl_sd.config import ConfigError, load_config
+from marl_sd.envs.core import BatchedSimulator
+
+pytestmark = pytest.mark.sim
+
+TWO = [
+    "scenario.n_users=6",
+    "scenario.n_servers=2",
+    "env.horizon=250",
+    "scenario.workload.arrival_rate_per_s=0.4",
+    "scenario.workload.arrivals_for_s=6",
+    "scenario.mobility.model=static",
+    "scenario.channel.coverage_snr_db=-100",
+]
+
+
+def run(events: str, policy: str = "greedy_latency", seed: int = 0):
+    cfg = load_config(overrides=TWO + [f"scenario.site_events={events}"])
+    sim = BatchedSimulator(cfg, num_envs=4, seed=seed)
+    pol = make_heuristic(policy, PolicyContext.from_config(cfg))
+    pol.reset(seed)
+    log = {"busy": [], "mask1": [], "arrived": 0.0, "completed": 0.0, "handovers": 0.0, "lat": 0.0, "tok": 0.0}
+    for _ in range(cfg.env.horizon):
+        log["mask1"].append(bool(sim.mask[..., 1].any()))
+        sim.step(pol.act(sim.observations(), sim.mask))
+        m = sim.slot_metrics()
+        log["busy"].append(m["server_busy_ms"][:, 1].sum().item())
+        for k, src in (
+            ("arrived", "arrived"),
+            ("completed", "completed"),
+            ("handovers", "handovers"),
+            ("lat", "latency_ms"),
+            ("tok", "tokens"),
+        ):
+            log[k] += float(m[src].sum())
+    log["left"] = int(sim.q_len.sum())
+    return log
+
+
+def test_a_slowed_site_serves_slower():
+    base = run("[]", "nearest_g4")
+    slow = run("[{site: 0, start_s: 0, end_s: 25, slowdown: 4}, {site: 1, start_s: 0, end_s: 25, slowdown: 4}]", "nearest_g4")
+    assert base["arrived"] == slow["arrived"] > 20
+    assert slow["lat"] / slow["tok"] > 1.5 * base["lat"] / base["tok"]
+
+
+def test_a_site_that_is_down_is_masked_serves_nothing_and_loses_no_request():
+    """Site 1 is down from 2 s to 8 s (slots 20-79): masked in those slots, busy in none of them
+    after the batches it had in flight, its queued rounds moved (handovers), and every request
+    still served by the end."""
+    log = run("[{site: 1, start_s: 2, end_s: 8, down: true}]")
+    assert all(log["mask1"][:20]) and not any(log["mask1"][20:80]) and any(log["mask1"][80:])
+    assert sum(log["busy"][22:80]) == 0.0 and sum(log["busy"][80:]) > 0
+    assert log["left"] == 0 and log["completed"] == log["arrived"] > 20
+
+
+def test_queued_rounds_move_off_a_site_that_goes_down():
+    """Everyone on site 1 when it goes down with rounds queued: they re-send to site 0 with their
+    context, counted as handovers, instead of waiting for the site to come back."""
+    cfg = load_config(overrides=TWO + ["scenario.site_events=[{site: 1, start_s: 1, end_s: 11, down: true}]"])
+    sim = BatchedSimulator(cfg, num_envs=2, seed=3)
+    a = torch.zeros(2, 6, 4, dtype=torch.long)
+    a[..., 0], a[..., 3] = 1, 2
+    for _ in range(10):  # until 1 s: every user at site 1
+        sim.step(a)
+    a[..., 0] = 0
+    moved = 0.0
+    for _ in range(10):
+        sim.step(a)
+        moved += float(sim.slot_metrics()["handovers"].sum())
+    assert bool((sim.server[sim.q_len > 0] == 0).all()) and moved > 0
+
+
+@pytest.mark.parametrize(
+    "events,msg",
+    [
+        ("[{site: 3, start_s: 1, end_s: 2, down: true}]", "site_events name sites"),
+        ("[{site: 0, start_s: 3, end_s: 2, down: true}]", "end_s"),
+        ("[{site: 0, start_s: 1, end_s: 2}]", "slowdown > 1 or down"),
+    ],
+)
+def test_bad_site_events_are_config_errors(events, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(overrides=TWO + [f"scenario.site_events={events}"])
