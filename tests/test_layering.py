@@ -2,6 +2,7 @@
 import cycles, and function-local imports only for optional or heavy dependencies."""
 
 import ast
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,18 @@ import pytest
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"marl_sd": ROOT / "marl_sd", "marl_sd.envs": ROOT / "envs", "marl_sd.agents": ROOT / "agents"}
+
+
+def package_map() -> dict[str, Path]:
+    """The installed package's folders as pyproject maps them (`package-dir`), plus the benchmark
+    scripts, which sit on top of everything."""
+    dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    out = {pkg: ROOT / d for pkg, d in dirs.items() if pkg != "marl_sd.configs"}
+    out["benchmarks"] = ROOT / "benchmarks"
+    return out
+
+
+PACKAGES = package_map()
 
 # bottom to top; a module may import its own layer and the ones below
 LAYERS = [
@@ -32,6 +44,7 @@ LAYERS = [
             "marl_sd.serving.chaos",
         ),
     ),
+    ("scripts", ("benchmarks",)),
 ]
 # imported inside functions on purpose: optional extras, or heavy imports a caller may not need
 LAZY_OK = {"sionna", "matplotlib", "transformers", "onnxruntime", "scipy", "torch", "tensorflow", "ray"}
