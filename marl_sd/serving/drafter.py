@@ -306,7 +306,7 @@ class DraftClient:
             except Handover as h:
                 self.meas["handovers"] += 1
                 self.server_idx = h.server
-            except (grpc.aio.AioRpcError, ConnectionError, asyncio.TimeoutError, asyncio.InvalidStateError) as e:
+            except (TimeoutError, grpc.aio.AioRpcError, ConnectionError, asyncio.InvalidStateError) as e:
                 await self._fail_over(addr, e, req)
         out = d.seq[len(prompt) : len(prompt) + max_new_tokens]
         if eos_id is not None and eos_id in out:

@@ -39,7 +39,7 @@ def create_pki(directory: Path, roles: list[str], days: int = 2) -> Path:
     """A fresh CA and a key + certificate for each role under `directory` (ca.pem, ROLE.key, ROLE.pem)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
         x509.CertificateBuilder()

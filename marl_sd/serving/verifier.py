@@ -129,7 +129,7 @@ class Verifier:
                     break
                 try:
                     item = (await asyncio.wait_for(self.queue.get(), left))[3:]
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
                 batch.append(item)
                 tokens += len(item[0].drafts) + 1
@@ -169,7 +169,7 @@ class Verifier:
             return await asyncio.wait_for(it.__anext__(), self.limits.idle_timeout_s)
         except StopAsyncIteration:
             return None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self._refuse(
                 context, grpc.StatusCode.DEADLINE_EXCEEDED, "idle", f"session idle for {self.limits.idle_timeout_s:.0f} s: closed"
             )
