@@ -7,30 +7,15 @@ import math
 import pytest
 import torch
 from event_reference import Link, Payload, User, Verifier, serve
+from fixed_links import DL, UL, FixedLinks
 
 from marl_sd.config import load_config
 from marl_sd.envs.core import BatchedSimulator
 
 pytestmark = pytest.mark.sim
 
-UL, DL = 600.0, 2500.0  # bytes per ms on the fixed test links
 DEVICES = ["phone_npu_1b", "jetson_orin_nano_1b7", "raspberry_pi5_0b5", "laptop_gpu_1b"]
 OUT, PROMPT = 96, 64
-
-
-class FixedLinks(BatchedSimulator):
-    """Fixed link rates (no bandwidth sharing) and a scripted match pattern per user."""
-
-    scripts: torch.Tensor | None = None
-
-    def _gather_rates(self):
-        self.ul_rate = torch.full((self.B, self.N), UL)
-        self.dl_rate = torch.full((self.B, self.N), DL)
-
-    def _start_request(self, start, spent, at=None):
-        super()._start_request(start, spent, at)
-        bi, ui = start.nonzero(as_tuple=True)
-        self.cur_pattern[bi, ui] = self.scripts[ui, : self.L]
 
 
 def cfg_for(n, predraft, tick_ms=1.0):

@@ -6,14 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from fixed_links import DL, UL, FixedLinks
 
 from marl_sd.config import load_config
 from marl_sd.envs.core import BatchedSimulator
 from marl_sd.envs.costs import drafts_after_round
 
 pytestmark = pytest.mark.sim
-
-UL, DL = 600.0, 2500.0  # bytes per ms on the fixed test links (4.8 and 20 Mbit/s)
 
 
 def one_user_cfg(alpha=0.8, out=128, predraft=True, device="phone_npu_1b", envs=1):
@@ -33,25 +32,10 @@ def one_user_cfg(alpha=0.8, out=128, predraft=True, device="phone_npu_1b", envs=
     )
 
 
-class ScriptedSim(BatchedSimulator):
-    """Fixed link rates, and (optionally) a scripted match pattern for every request."""
-
-    script: torch.Tensor | None = None
-
-    def _gather_rates(self):
-        self.ul_rate = torch.full((self.B, self.N), UL)
-        self.dl_rate = torch.full((self.B, self.N), DL)
-
-    def _start_request(self, start, spent, at=None):
-        super()._start_request(start, spent, at)
-        if self.script is not None:
-            self.cur_pattern[start] = self.script[: self.L]
-
-
 def serve_one(cfg, gamma, script=None, seed=0):
     """Serve one request arriving at t = 0 in every env; returns (sim, latency ms per env)."""
-    sim = ScriptedSim(cfg, seed=seed)
-    sim.script = script
+    sim = FixedLinks(cfg, seed=seed)
+    sim.scripts = script
     out = cfg.scenario.workload.output_tokens.high
     sim.replay_workload([[(0.0, 64, out)]])
     sim.reset()
@@ -66,30 +50,45 @@ def serve_one(cfg, gamma, script=None, seed=0):
     return sim, torch.as_tensor(log["latency_ms"][log["env"].argsort(kind="stable")])
 
 
+def flight_ms(sim, gamma, emitted):
+    """Upload of gamma drafts, verification alone, download of `emitted` tokens."""
+    c, base = sim.costs, sim.costs.message_ms
+    return (
+        (c.header_bytes + gamma * c.draft_token_bytes) / UL
+        + base
+        + sim.profile.target.verify.time_ms(1, gamma + 1)
+        + (c.header_bytes + emitted * c.token_id_bytes) / DL
+        + base
+    )
+
+
+def opening_ms(sim, gamma, prompt=64):
+    """The session open's part of a request: prompt upload, prefill, the acknowledgement, less the
+    first round's drafting that runs meanwhile."""
+    c, p, t_d = sim.costs, sim.profile.target, float(sim.draft_ms[0, 0])
+    open_ms = (
+        (c.header_bytes + prompt * c.token_id_bytes) / UL
+        + p.prefill.ms_per_token * prompt
+        + p.verify.time_ms(1, 1)
+        + c.header_bytes / DL
+        + 2 * c.message_ms
+    )
+    return max(open_ms, gamma * t_d) - gamma * t_d
+
+
+def round_ms(sim, gamma, alpha, flight, predraft=True):
+    """Expected round: the drafts not kept from pre-drafting (the client's rule in expectation) + flight."""
+    t_d = float(sim.draft_ms[0, 0])
+    made = min(math.floor(flight / t_d), gamma + 1) if predraft else 0
+    return (gamma - alpha ** (gamma + 1) * max(made - 1, 0)) * t_d + flight
+
+
 def closed_form_ms_per_token(sim, gamma, alpha, out, predraft):
     """Expected latency per token of a long request: session open + rounds of the renewal process
     (i.i.d. matches, the client's pre-drafting rule in expectation)."""
-    prof, t_d, base, hdr = sim.profile, float(sim.draft_ms[0, 0]), sim.costs.message_ms, sim.costs.header_bytes
     e_n = (1 - alpha ** (gamma + 1)) / (1 - alpha)
-    flight = (
-        (hdr + gamma * sim.costs.draft_token_bytes) / UL
-        + base
-        + prof.target.verify.time_ms(1, gamma + 1)
-        + (hdr + e_n * sim.costs.token_id_bytes) / DL
-        + base
-    )
-    made = min(math.floor(flight / t_d), gamma + 1) if predraft else 0
-    kept = alpha ** (gamma + 1) * max(made - 1, 0)
-    round_ms = (gamma - kept) * t_d + flight
-    opening = (
-        (hdr + 64 * sim.costs.token_id_bytes) / UL
-        + prof.target.prefill.ms_per_token * 64
-        + prof.target.verify.time_ms(1, 1)
-        + hdr / DL
-        + 2 * base
-    )
-    opening = max(opening, gamma * t_d) - gamma * t_d  # the first round's drafts are ready when it opens
-    return (opening + out / e_n * round_ms) / out
+    rnd = round_ms(sim, gamma, alpha, flight_ms(sim, gamma, e_n), predraft)
+    return (opening_ms(sim, gamma) + out / e_n * rnd) / out
 
 
 @pytest.mark.parametrize("predraft", [True, False])
@@ -203,26 +202,9 @@ def test_round_time_across_device_classes(device, gamma):
     cfg = one_user_cfg(alpha=0.75, out=out, device=device, envs=32)
     g = min(gamma, int(BatchedSimulator(cfg, num_envs=1).max_gamma[0, 0]))
     sim, lat = serve_one(cfg, g, seed=4)
-    prof, t_d, base, hdr = sim.profile, float(sim.draft_ms[0, 0]), sim.costs.message_ms, sim.costs.header_bytes
     alpha = float(sim.alpha[0, 0])
     trace = torch.cat(sim.round_trace)
     rounds = len(trace) / sim.B
     e_emit = float((trace[:, 4] + 1).float().mean())
-    flight = (
-        (hdr + g * sim.costs.draft_token_bytes) / UL
-        + base
-        + prof.target.verify.time_ms(1, g + 1)
-        + (hdr + e_emit * sim.costs.token_id_bytes) / DL
-        + base
-    )
-    made = min(math.floor(flight / t_d), g + 1)
-    round_ms = (g - alpha ** (g + 1) * max(made - 1, 0)) * t_d + flight
-    opening = (
-        (hdr + 64 * sim.costs.token_id_bytes) / UL
-        + prof.target.prefill.ms_per_token * 64
-        + prof.target.verify.time_ms(1, 1)
-        + hdr / DL
-        + 2 * base
-    )
-    expect = max(opening, g * t_d) + rounds * round_ms - g * t_d  # the first round was drafted during the open
+    expect = opening_ms(sim, g) + rounds * round_ms(sim, g, alpha, flight_ms(sim, g, e_emit))
     assert float(lat.mean()) == pytest.approx(expect, rel=0.01)
