@@ -13,7 +13,7 @@ Servers batch every queued user whenever they are free (continuous batching) und
 token budget, admitting higher priority bids first, and a batch takes T(b, K) + prefill from the
 latency profile.
 
-Fidelity to the serving client (`marl_sd/serving/drafter.py`):
+Fidelity to the serving client (`marl_sd/serving/draft_client.py`):
 - The first round of a request opens the session (prompt upload, prefill, an acknowledgement,
   no token); the device drafts the first gamma tokens meanwhile and uploads them once the ack is
   in and they are all drafted.

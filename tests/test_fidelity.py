@@ -157,7 +157,7 @@ def test_policy_cannot_steer_acceptance_luck():
 def test_client_and_simulator_predraft_agree_token_for_token():
     """The real Drafter (tiny model) and the simulator's rule on a scripted sequence of rounds:
     (gamma, tokens drafted in flight, accepted, bonus equals the first pre-draft)."""
-    from marl_sd.serving.drafter import Drafter, predraft_limit
+    from marl_sd.serving.draft_client import Drafter, predraft_limit
     from marl_sd.serving.models import load_model
 
     d = Drafter(load_model("tiny:0"))

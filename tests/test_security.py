@@ -21,7 +21,7 @@ from marl_sd.contract import manifest_contract
 from marl_sd.serving import protocol as P
 from marl_sd.serving.client import ControlAgent
 from marl_sd.serving.controller import ControllerCore, ReportError, parse_report, serve_controller
-from marl_sd.serving.drafter import DraftClient, Drafter
+from marl_sd.serving.draft_client import DraftClient, Drafter
 from marl_sd.serving.engine import UnsupportedModel, VerifierEngine, VerifyItem, check_rollback_support
 from marl_sd.serving.launcher import local_servers, server_status
 from marl_sd.serving.models import load_model

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from marl_sd.serving.drafter import Drafter
+from marl_sd.serving.draft_client import Drafter
 from marl_sd.serving.engine import VerifierEngine, VerifyItem
 from marl_sd.serving.models import check_pair, load_model, prefill, rollback, tiny_llama
 

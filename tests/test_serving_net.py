@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from marl_sd.serving import protocol as P
-from marl_sd.serving.drafter import DraftClient, Drafter, RoundPlan
+from marl_sd.serving.draft_client import DraftClient, Drafter, RoundPlan
 from marl_sd.serving.launcher import local_servers
 from marl_sd.serving.links import Link
 from marl_sd.serving.models import load_model

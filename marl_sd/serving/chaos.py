@@ -26,7 +26,7 @@ import yaml
 from marl_sd.config import CONFIG_DIR
 from marl_sd.serving import protocol as P
 from marl_sd.serving.client import ControlAgent
-from marl_sd.serving.drafter import DraftClient, Drafter
+from marl_sd.serving.draft_client import DraftClient, Drafter
 from marl_sd.serving.models import load_model
 from marl_sd.serving.security import Security, create_pki
 

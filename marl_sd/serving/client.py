@@ -24,7 +24,7 @@ import torch
 
 from marl_sd.envs.observation import smooth_token_latency
 from marl_sd.serving import protocol as P
-from marl_sd.serving.drafter import DraftClient, Drafter, RoundPlan
+from marl_sd.serving.draft_client import DraftClient, Drafter, RoundPlan
 from marl_sd.serving.links import Link
 from marl_sd.serving.models import load_model, load_tokenizer
 from marl_sd.serving.protocol import CONTROLLER_SERVICE
