@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -348,8 +349,11 @@ class ControllerCore:
             )
 
     def write_stats(self) -> None:
-        with open(self.stats_path, "w") as fh:
+        """Atomically (a reader never sees a half-written file, even if this process is killed)."""
+        tmp = f"{self.stats_path}.tmp"
+        with open(tmp, "w") as fh:
             json.dump(self.latency_stats() | {"unreachable": sorted(self.unreachable)}, fh)
+        os.replace(tmp, self.stats_path)
 
     def latency_stats(self) -> dict:
         x = np.asarray(self.decision_ms)
