@@ -13,8 +13,8 @@ heuristic's proposal, then rounds of coordinate moves (one user's server or gamm
 the best so far. This is the rollout algorithm: one step of policy improvement over the base
 policy, with a search over the first action. It is NOT a bound: with few futures the best of many
 candidates is picked partly for its luck on those futures (a winner's curse), so the search keeps
-the base policy's own proposal unless the paired gain on the same futures exceeds `min_z`
-standard errors. `diagnostics` reports the predicted against the realized latency of its decisions.
+the base policy's own proposal unless the chosen candidate's paired gain over it, re-scored on
+fresh futures, exceeds `min_z` standard errors. `diagnostics` reports the predicted against the realized latency of its decisions.
 
 The clairvoyant variant (`oracle_clairvoyant`) scores every candidate on the one real future:
 with counter-based draws (`env.rng: counter`) a copy given the real environment's key draws
@@ -192,8 +192,15 @@ class SearchOracle(Policy):
             best_x, best_h = self._samples[bi, j], self._horizon_part[bi, j]
         base_a = props[:, self._base_index]
         K = best_x.shape[-1]
-        if K > 1 and self.min_z > 0:  # keep the base proposal unless the gain is clear on these futures
-            d = best_x - base_x
+        if K > 1 and self.min_z > 0:
+            # keep the base proposal unless the gain holds on fresh futures: the best of many
+            # candidates on the selection futures is partly the luckiest one on them
+            differs = (best != base_a).any(-1).any(-1)
+            if bool(differs.any()):
+                self.score(torch.stack([best, base_a], 1), seed + 1, state)
+                d = self._samples[:, 0] - self._samples[:, 1]
+            else:
+                d = best_x - base_x
             keep = d.mean(-1) <= self.min_z * d.std(-1) / math.sqrt(K)
             self._diag["kept_base"] += float((keep & (best != base_a).any(-1).any(-1)).float().mean())
             best = torch.where(keep[:, None, None], base_a, best)

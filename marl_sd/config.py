@@ -370,8 +370,8 @@ class OracleConfig(Strict):
     min_z: float = Field(
         2.0,
         ge=0,
-        description="depart from the base policy's own proposal only when the paired "
-        "gain over the sampled futures exceeds min_z standard errors "
+        description="depart from the base policy's own proposal only when the chosen candidate's paired "
+        "gain over it, re-scored on fresh sampled futures, exceeds min_z standard errors "
         "(0: always take the best-scoring candidate)",
     )
 
