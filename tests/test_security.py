@@ -266,6 +266,8 @@ def good_report(user=0, M=3):
         {"server": 9},
         {"evil": 1},
         {"acceptance": 3.0},
+        {"snr_db": [1e308, 10.0, 0.0]},
+        {"ul_mbps": [1e6, 1.0, 1.0]},
     ],
 )
 def test_malformed_reports_are_refused_by_the_schema(change):

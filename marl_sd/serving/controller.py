@@ -62,7 +62,7 @@ class _UserReportIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["user"] = "user"
     user: StrictInt = Field(ge=0)
-    snr_db: list[FiniteFloat]
+    snr_db: list[Annotated[FiniteFloat, Field(ge=-300, le=200)]]  # dB: the simulator floors at -300
     ul_mbps: list[Annotated[FiniteFloat, Field(ge=0, le=1e5)]]
     server: StrictInt = Field(ge=0)
     draft_ms: FiniteFloat = Field(gt=0, le=1e4)
@@ -80,8 +80,8 @@ class _ServerReportIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["server"]
     server: StrictInt = Field(ge=0)
-    users: StrictInt = Field(0, ge=0)
-    queued_tokens: FiniteFloat = Field(0.0, ge=0)
+    users: StrictInt = Field(0, ge=0, le=1 << 20)
+    queued_tokens: FiniteFloat = Field(0.0, ge=0, le=1e9)
     busy: FiniteFloat = Field(0.0, ge=0, le=1)
     kv: FiniteFloat = Field(0.0, ge=0, le=1)
 
