@@ -127,7 +127,8 @@ def _bench_suite(args) -> int:
         t.add_row(
             s,
             *cells,
-            f"{100 * v['oracle_headroom_vs_best_heuristic']:.1f}% ({v['best_heuristic']})",
+            ("-" if math.isnan(h := v["oracle_headroom_vs_best_heuristic"]) else f"{100 * h:.1f}%")
+            + f" ({v['best_heuristic'] or 'not every heuristic ran'})",
             "-" if lv is None else f"{lv['diff_ms']:+.2f} ms, p={lv['p_value']:.3f}",
         )
     console.print(t)
