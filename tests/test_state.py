@@ -23,6 +23,8 @@ DERIVED = {
     "ul_rate_mat",
     "mask",
     "power_kw",
+    "site_factor",  # derived from the clock and scenario.site_events
+    "site_down",
 }
 
 
