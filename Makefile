@@ -53,7 +53,7 @@ bench: setup
 
 # One MAPPO run per suite scenario (runs/suite_<scenario>/, about 5 minutes each on 2 CPU cores),
 # then the suite table with those policies, both oracles and every heuristic.
-SUITE := light capacity_kv hotspot hetero_sites datacenter_h100 vehicular bursty large
+SUITE := light capacity_kv hotspot hetero_sites datacenter_h100 vehicular bursty large shifting_sites
 train-suite: setup
 	for s in $(SUITE); do $(VENV)/bin/marl-sd train configs/suite/$$s.yaml --no-progress || exit 1; done
 
