@@ -21,6 +21,7 @@ import torch
 
 from marl_sd.agents.policy import DelayedPolicy
 from marl_sd.config import load_config
+from marl_sd.contract import SUB_ACTIONS
 from marl_sd.envs.core import BatchedSimulator
 from marl_sd.envs.profiles import load_profile
 from marl_sd.envs.traces import live_drop
@@ -105,7 +106,7 @@ def simulate(cfg_path: str, profile: str, policy: str, schedule, alpha: float, d
                 "ul_mbps": own(f.ul_mbps),
                 "srv_busy": f.srv_busy.gather(-1, f.server),
                 "srv_queued_tokens": f.srv_queued_tokens.gather(-1, f.server),
-                "act_gamma": a[..., 3],
+                "act_gamma": a[..., SUB_ACTIONS.index("gamma")],
             }
             seen.append(torch.stack([cols[k].float() for k in (*FEATURES, "act_gamma")], -1).flatten(0, 1))
             sim.step(a)

@@ -336,7 +336,7 @@ def test_clients_refuse_a_fake_controller_and_invalid_decisions(pki, tmp_path):
                     P.CONTROLLER_SERVICE,
                     {
                         "Report": grpc.unary_unary_rpc_method_handler(
-                            lambda req, ctx: _reply({"server": 0, "gamma": 2, "priority": 0, "share": 1.0})
+                            lambda req, ctx: _reply({"server": 0, "gamma": 2, "verify_priority": 0, "share": 1.0})
                         )
                     },
                 ),
@@ -354,14 +354,18 @@ def test_clients_refuse_a_fake_controller_and_invalid_decisions(pki, tmp_path):
 
     agent = asyncio.run(main())
     assert agent.decision is None and agent.missed >= 1
-    for bad in ({"server": 5, "gamma": 2}, {"server": "0", "gamma": 2}, {"server": 0, "gamma": 2, "share": 0.0}, {}):
-        assert agent.checked(bad) is None
-    assert agent.checked({"server": 1, "gamma": 99, "priority": 300, "share": 0.5}) == {
-        "server": 1,
-        "gamma": 6,
-        "priority": P.MAX_PRIORITY,
-        "share": 0.5,
-    }
+    bad = (
+        {"server": 5, "gamma": 2},
+        {"server": "0", "gamma": 2},
+        {"server": 0, "gamma": 2, "share": 0.0},
+        {},
+        {"server": 0, "gamma": 2, "priority": 1},
+    )  # an unknown (old) field name is refused, not ignored
+    for b in bad:
+        assert agent.checked(b) is None
+    assert agent.checked({"server": 1, "gamma": 99, "verify_priority": 300, "share": 0.5}) == P.Decision(
+        server=1, gamma=6, verify_priority=P.MAX_PRIORITY, share=0.5
+    )
 
 
 async def _reply(d):
@@ -437,3 +441,18 @@ def test_priority_of_an_authenticated_client_comes_from_the_controller(servers, 
     assert asyncio.run(call("client-0", b'{"0": 15}')) == grpc.StatusCode.PERMISSION_DENIED
     assert asyncio.run(call("controller", b'{"0": 99}')) == grpc.StatusCode.INVALID_ARGUMENT
     assert asyncio.run(call("controller", b'{"0": 2, "1": 0}')) == b"{}"
+
+
+def test_decision_fields_are_the_contracts_sub_actions_in_any_order(monkeypatch):
+    """The wire decision is built by sub-action name: declaring the sub-actions in another order
+    (with the policy's row in that order) gives the same decision; the fields are exactly the
+    contract's sub-actions plus share and slot."""
+    from marl_sd.contract import SUB_ACTIONS
+
+    assert set(P.Decision.model_fields) == set(SUB_ACTIONS) | {"share", "slot"}
+    row = dict(server=2, uplink_bid=3, verify_priority=1, gamma=5)
+    want = P.Decision.from_action([row[k] for k in SUB_ACTIONS], share=0.25, slot=7)
+    order = tuple(reversed(SUB_ACTIONS))
+    monkeypatch.setattr(P, "SUB_ACTIONS", order)
+    assert P.Decision.from_action([row[k] for k in order], share=0.25, slot=7) == want
+    assert want.server == 2 and want.uplink_bid == 3 and want.verify_priority == 1 and want.gamma == 5

@@ -89,7 +89,7 @@ class ControlAgent:
         self.security = security or Security.insecure()
         self.ignored = 0  # decisions that failed validation
         self.slot_s, self.power_w, self.max_gamma, self.M = slot_ms / 1000, power_w, max_gamma, n_servers
-        self.decision: dict | None = None
+        self.decision: P.Decision | None = None
         self.backlog = 0  # requests waiting or in service, when no arrival times are known
         self.arrivals: list[float] | None = None  # monotonic arrival times of the workload's requests
         self.finished = 0  # requests completed
@@ -138,28 +138,15 @@ class ControlAgent:
             "token_latency_ms": self.tok_latency,
         }
 
-    def checked(self, reply) -> dict | None:
-        """A decision with every field in range (gamma and priority clamped), or None to ignore it."""
+    def checked(self, reply) -> P.Decision | None:
+        """The controller's decision validated (`protocol.Decision.parse`: schema, server range,
+        gamma and priority clamped), or None to ignore it."""
         try:
-            srv, gamma = reply["server"], reply["gamma"]
-            prio, share = reply.get("priority", 0), reply.get("share", 1.0)
-            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (srv, gamma, prio)):
-                raise TypeError("server, gamma and priority must be integers")
-            if not 0 <= srv < len(self.client.servers):
-                raise ValueError(f"server {srv} out of range [0, {len(self.client.servers)})")
-            share = float(share)
-            if not (0.0 < share <= 1.0):
-                raise ValueError(f"share {share} out of (0, 1]")
-        except (KeyError, TypeError, ValueError) as e:
+            return P.Decision.parse(reply, len(self.client.servers), self.max_gamma)
+        except (ValueError, TypeError) as e:
             self.ignored += 1
-            log.warning("user %d: ignoring an invalid decision (%s)", self.user, e)
+            log.warning("user %d: ignoring an invalid decision (%s)", self.user, str(e).splitlines()[0])
             return None
-        return {
-            "server": srv,
-            "gamma": max(0, min(gamma, self.max_gamma)),
-            "priority": max(0, min(prio, P.MAX_PRIORITY)),
-            "share": share,
-        }
 
     async def run(self) -> None:
         async with self.security.channel(self.addr, "controller", options=P.grpc_options()) as ch:
@@ -170,7 +157,7 @@ class ControlAgent:
                     d = self.checked(reply) if reply else None
                     if d is not None:
                         self.decision = d
-                        self.client.associate_if_idle(d["server"])
+                        self.client.associate_if_idle(d.server)
                 except grpc.aio.AioRpcError:
                     self.missed += 1  # controller late or unreachable: keep the last decision
                     self.missed_at.append(time.monotonic())
@@ -191,15 +178,15 @@ class ControlAgent:
     async def plan(self, client: DraftClient) -> RoundPlan | None:
         """The latest decision as the plan for the next round (None before the first one)."""
         d = self.decision
-        if not d:
+        if d is None:
             return None
-        srv = int(d["server"])
+        srv = d.server
         traces = {k: self.trace[k][:, self.user, srv] for k in ("ul_full_mbps", "dl_full_mbps")} if self.trace else {}
         return RoundPlan(
-            gamma=d["gamma"],
-            priority=d["priority"],
+            gamma=d.gamma,
+            priority=d.verify_priority,
             server=srv,
-            share=d["share"],
+            share=d.share,
             ul_trace=traces.get("ul_full_mbps"),
             dl_trace=traces.get("dl_full_mbps"),
         )

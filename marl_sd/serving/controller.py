@@ -28,9 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictInt, Valid
 
 from marl_sd.bundle import bundle_policy, load_bundle
 from marl_sd.config import load_config
-from marl_sd.contract import ActionLayout, ObsSpec, features_from_manifest, manifest_contract
+from marl_sd.contract import SUB_ACTIONS, ActionLayout, ObsSpec, features_from_manifest, manifest_contract
 from marl_sd.envs.observation import Features, ObservationBuilder
-from marl_sd.serving.protocol import CONTROLLER_SERVICE, VERIFIER_SERVICE, grpc_options
+from marl_sd.serving.protocol import CONTROLLER_SERVICE, VERIFIER_SERVICE, Decision, grpc_options
 from marl_sd.serving.security import Security, add_security_args, caller_role, client_user, security_from_args
 
 log = logging.getLogger("marl_sd.controller")
@@ -144,16 +144,6 @@ class ServerReport:
     busy: float = 0.0
     kv: float = 0.0  # KV-cache occupancy (0 when the server has no KV budget)
     at: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class Decision:
-    server: int
-    bid: int
-    priority: int
-    gamma: int
-    share: float = 1.0
-    slot: int = 0
 
 
 class ControllerCore:
@@ -297,12 +287,13 @@ class ControllerCore:
         if ids:
             obs = self.builder.local(f)
             mask = self.masks(f)
-            act = np.asarray(self.policy(obs, mask)).reshape(len(ids), 4)
-            weights = self.bid_weights[act[:, 1]]
+            act = np.asarray(self.policy(obs, mask)).reshape(len(ids), len(SUB_ACTIONS))
+            srv = act[:, SUB_ACTIONS.index("server")]
+            weights = self.bid_weights[act[:, SUB_ACTIONS.index("uplink_bid")]]
             fresh = np.array([now - self.users[u].at <= self.stale_s for u in ids])
             # bandwidth share: own bid over the bids of the fresh users choosing the same server
-            per_server = np.bincount(act[:, 0], weights=weights * fresh, minlength=self.n_servers)
-            share = weights / np.maximum(per_server[act[:, 0]], 1e-12)
+            per_server = np.bincount(srv, weights=weights * fresh, minlength=self.n_servers)
+            share = weights / np.maximum(per_server[srv], 1e-12)
             for i in np.flatnonzero(~fresh):
                 u = ids[i]
                 if u not in self.unreachable:
@@ -314,7 +305,7 @@ class ControllerCore:
             if self.record is not None:
                 self._record(ids, f, a)
             for i in np.flatnonzero(fresh).tolist():
-                self.decisions[ids[i]] = Decision(*a[i], float(share[i]), self.slot)
+                self.decisions[ids[i]] = Decision.from_action(a[i], min(1.0, float(share[i])), self.slot)
         self.slot += 1
         ms = (time.perf_counter() - t0) * 1000
         self.decision_ms.append(ms)
@@ -342,9 +333,7 @@ class ControllerCore:
                         k: float(getattr(f, k)[0, i])
                         for k in ("draft_ms", "queue", "remaining", "acceptance", "outstanding", "token_latency_ms")
                     },
-                    "act_server": act[i][0],
-                    "act_bid": act[i][1],
-                    "act_gamma": act[i][3],
+                    **{f"act_{name}": v for name, v in zip(SUB_ACTIONS, act[i], strict=True)},
                 }
             )
 
@@ -420,7 +409,7 @@ async def serve_controller(
         except ReportError as e:
             core.reject("full")
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        return json.dumps(d.__dict__ if d else {}).encode()
+        return (d.model_dump_json() if d else "{}").encode()
 
     async def stats(request: bytes, context) -> bytes:
         role = caller_role(context)
@@ -477,7 +466,7 @@ async def poll_servers(core: ControllerCore, addrs: list[str], security: Securit
         while True:
             for i, rpc in enumerate(rpcs):
                 try:
-                    prio = json.dumps({u: d.priority for u, d in core.decisions.items()}).encode()
+                    prio = json.dumps({u: d.verify_priority for u, d in core.decisions.items()}).encode()
                     await prio_rpcs[i](prio, timeout=core.slot_s / 2)  # the verifier takes priorities from here only
                     st = json.loads(await rpc(b"", timeout=core.slot_s / 2))
                 except grpc.aio.AioRpcError:

@@ -12,6 +12,9 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from marl_sd.contract import SUB_ACTIONS
 
 VERSION = 1
 OPEN = struct.Struct("<4sBBxxQIfII")  # magic, version, flags(bit0 greedy), session, seed, temperature, vocab, n
@@ -26,6 +29,36 @@ CONTROLLER_SERVICE = "marlsd.Controller"
 MAX_MESSAGE = 1 << 20
 MAX_PRIORITY = 15  # verify-priority levels a VERIFY may carry
 KEEPALIVE_MS = 1000  # HTTP/2 pings: a hung peer is detected within ~2 keepalive periods
+MAX_GAMMA = 64
+
+
+class Decision(BaseModel):
+    """One user's decision on the wire (controller -> client, JSON), its fields named by the
+    contract's sub-actions (`SUB_ACTIONS`), plus the bandwidth share the controller computed and
+    the slot it was made in. Built from a policy's action row by name (`from_action`) and
+    validated again on the client (`parse`), so no end reads an action by its position."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    server: StrictInt = Field(ge=0)
+    uplink_bid: StrictInt = Field(0, ge=0)
+    verify_priority: StrictInt = Field(0, ge=0)
+    gamma: StrictInt = Field(ge=0)
+    share: float = Field(1.0, gt=0, le=1)
+    slot: StrictInt = Field(0, ge=0)
+
+    @classmethod
+    def from_action(cls, action, share: float = 1.0, slot: int = 0) -> Decision:
+        """A policy's action row, in the contract's sub-action order."""
+        return cls(**{name: int(v) for name, v in zip(SUB_ACTIONS, action, strict=True)}, share=float(share), slot=int(slot))
+
+    @classmethod
+    def parse(cls, raw: dict, n_servers: int, max_gamma: int) -> Decision:
+        """Validate a received decision (ValueError on a bad one); gamma and priority are clamped
+        to what this device and the wire allow."""
+        d = cls.model_validate(raw)
+        if d.server >= n_servers:
+            raise ValueError(f"server {d.server} out of range [0, {n_servers})")
+        return d.model_copy(update={"gamma": min(d.gamma, max_gamma), "verify_priority": min(d.verify_priority, MAX_PRIORITY)})
 
 
 def grpc_options(max_message: int = MAX_MESSAGE, server: bool = False) -> list[tuple[str, int]]:
