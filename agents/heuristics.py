@@ -46,15 +46,14 @@ class LatencyModel:
         self.mean_prompt = (w.prompt_tokens.low + w.prompt_tokens.high) / 2
         self.mean_output = (w.output_tokens.low + w.output_tokens.high) / 2
 
-    def handover_ms(self, f: dict) -> torch.Tensor:
+    def handover_ms(self, f: dict, at: torch.Tensor) -> torch.Tensor:
         """[B, N, M] per-token cost of moving the active request to each server now: upload of the
         context at that server's rate plus its prefill there, over the tokens left (0 at the
-        current server and for an idle user)."""
+        current server and for an idle user); `at` [B, N, M] one-hot of each user's server."""
         remaining = f["remaining"].float()
         ctx = self.mean_prompt + (self.mean_output - remaining).clamp(min=0.0)
         rate = (f["ul_mbps"] * 125.0).clamp(min=1e-3)  # bytes per ms
         move = self.costs.ids_bytes(ctx).unsqueeze(-1) / rate + ctx.unsqueeze(-1) * self.sites.prefill_ms_per_token
-        at = torch.nn.functional.one_hot(f["server"], rate.shape[-1]).float()
         active = ((f["queue"] > 0) & (remaining > 0)).float().unsqueeze(-1)
         return move * (1 - at) * active / remaining.clamp(min=1.0).unsqueeze(-1)
 
@@ -95,7 +94,7 @@ class LatencyModel:
         ar = (t_ver + wait).expand_as(spec)
         lat = torch.where(g == 0, ar, spec)
         if self.handover_cost:
-            lat = lat + self.handover_ms(f).unsqueeze(-1)
+            lat = lat + self.handover_ms(f, at).unsqueeze(-1)
         if hysteresis:
             leave = (1 - at) * (f["queue"] > 0).float().unsqueeze(-1)
             lat = lat * (1 + hysteresis * leave).unsqueeze(-1)
@@ -113,7 +112,7 @@ class LatencyModel:
 
     def proportional_bids(self, f: dict, server: torch.Tensor, gamma: torch.Tensor, levels: list[float]) -> torch.Tensor:
         """Bid levels proportional to each user's uplink airtime need (bytes / rate at `server`)."""
-        rate = f["ul_mbps"].gather(-1, server.unsqueeze(-1)).squeeze(-1).clamp(min=1e-3)
+        rate = _at(f["ul_mbps"], server).clamp(min=1e-3)
         need = self.costs.upload_bytes(gamma) / rate
         return _bid_level(need / need.min(1, keepdim=True).values.clamp(min=1e-9), levels)
 
@@ -141,10 +140,20 @@ class Damped:
     def stay_unless_drawn(self, want: torch.Tensor, f: dict, p: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """`want` [B, N] servers; active users not drawn keep their current server while it is
         `allowed` [B, N, M] (in coverage)."""
-        covered = allowed.gather(-1, f["server"].unsqueeze(-1)).squeeze(-1)
+        covered = _at(allowed, f["server"])
         active = (f["queue"] > 0) & (want != f["server"]) & covered
         go = torch.rand(want.shape, generator=self.gen) < p
         return torch.where(active & ~go, f["server"], want)
+
+
+def _at(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x [..., M] at index idx [...] (e.g. each user's value at its own server) -> [...]."""
+    return x.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+
+
+def _at_server(lat: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Predicted latencies [B, N, M, G] at each user's server s [B, N] -> [B, N, G]."""
+    return lat.gather(-2, s[..., None, None].expand(*s.shape, 1, lat.shape[-1])).squeeze(-2)
 
 
 def _mask_lat(lat: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
@@ -212,8 +221,8 @@ class LeastLoadedPolicy(Damped, NearestPolicy):
         load = load + self.margin * (1 - at) * active
         score = -load * 1000.0 + f["snr_db"].clamp(-50, 50)
         want = torch.where(masks[0], score, -INF).argmax(-1)
-        own = load.gather(-1, f["server"].unsqueeze(-1)).squeeze(-1)
-        gap = (own - load.gather(-1, want.unsqueeze(-1)).squeeze(-1)).clamp(min=0)
+        own = _at(load, f["server"])
+        gap = (own - _at(load, want)).clamp(min=0)
         return self.stay_unless_drawn(want, f, (gap > 0) / (own + 1), masks[0])
 
 
@@ -238,7 +247,7 @@ class AdaptiveGammaPolicy(NearestPolicy):
         masks = self.ctx.split(mask)
         s = self._server(f, masks)
         lat = _mask_lat(self.model.predict(f), masks)
-        g = lat.gather(-2, s[..., None, None].expand(*s.shape, 1, lat.shape[-1])).squeeze(-2).argmin(-1)
+        g = _at_server(lat, s).argmin(-1)
         z = torch.zeros_like(s)
         return _assemble(s, z, z, g)
 
@@ -264,9 +273,9 @@ class GreedyLatencyPolicy(Damped, Policy):
         lat = _mask_lat(self.model.predict(f, hysteresis=self.hyst), masks)  # [B, N, M, G]
         flat = lat.flatten(-2).argmin(-1)
         want = flat // lat.shape[-1]
-        users = f["srv_users"].gather(-1, f["server"].unsqueeze(-1)).squeeze(-1).clamp(min=1)
+        users = _at(f["srv_users"], f["server"]).clamp(min=1)
         s = self.stay_unless_drawn(want, f, 1.0 / users, masks[0])
-        g = lat.gather(-2, s[..., None, None].expand(*s.shape, 1, lat.shape[-1])).squeeze(-2).argmin(-1)
+        g = _at_server(lat, s).argmin(-1)
         z = torch.zeros_like(s)
         return _assemble(s, z, z, g)
 
@@ -328,11 +337,11 @@ class TwoPhaseMatchingPolicy(Policy):
             free = assign < 0
             if not bool(free.any()):
                 break
-            prop = pref.gather(-1, nxt.clamp(max=M - 1).unsqueeze(-1)).squeeze(-1)
+            prop = _at(pref, nxt.clamp(max=M - 1))
             prop = torch.where(free, prop, assign)
             # each server keeps its `cap` strongest proposers (holding ones included)
-            score = snr.gather(-1, prop.unsqueeze(-1)).squeeze(-1)
-            valid = masks[0].gather(-1, prop.unsqueeze(-1)).squeeze(-1)
+            score = _at(snr, prop)
+            valid = _at(masks[0], prop)
             same = (prop.unsqueeze(2) == prop.unsqueeze(1)) & valid.unsqueeze(1)
             stronger = (score.unsqueeze(1) > score.unsqueeze(2)) | (
                 (score.unsqueeze(1) == score.unsqueeze(2)) & (torch.arange(N) < torch.arange(N).unsqueeze(1))
@@ -344,7 +353,7 @@ class TwoPhaseMatchingPolicy(Policy):
         assign = torch.where(assign < 0, fallback, assign)
         for _ in range(self.swaps):
             lat, _ = self._latency(f, masks, assign)
-            own = lat.gather(-1, assign.unsqueeze(-1)).squeeze(-1)  # [B, N]
+            own = _at(lat, assign)  # [B, N]
             # gain of swapping i and j: lat_i(s_j) + lat_j(s_i) vs own_i + own_j
             li_sj = lat.gather(-1, assign.unsqueeze(1).expand(B, N, N))  # [B, i, j] = lat_i at s_j
             new = li_sj + li_sj.transpose(1, 2)
@@ -360,7 +369,7 @@ class TwoPhaseMatchingPolicy(Policy):
             assign[bi, i] = torch.where(do, sj, si)
             assign[bi, j] = torch.where(do, si, sj)
         _, g = self._latency(f, masks, assign)
-        gamma = g.gather(-1, assign.unsqueeze(-1)).squeeze(-1)
+        gamma = _at(g, assign)
         bid = self.model.proportional_bids(f, assign, gamma, self.ctx.cfg.env.bid_weights)
         return _assemble(assign, bid, torch.zeros_like(bid), gamma)
 
@@ -390,9 +399,7 @@ class ClosedFormDPPolicy(Policy):
         M, G = ctx.spec.n_servers, self.model.G
         s = torch.where(masks[0], f["snr_db"], -INF).argmax(-1)
         onehot = torch.nn.functional.one_hot(s, M).float()
-        lat = (
-            _mask_lat(self.model.predict_assigned(f, s), masks).gather(-2, s[..., None, None].expand(B, N, 1, G)).squeeze(-2)
-        )  # [B, N, G]
+        lat = _at_server(_mask_lat(self.model.predict_assigned(f, s), masks), s)  # [B, N, G]
         budget = int(ctx.cfg.scenario.verify_token_budget)
         cap = min(budget, N * G)
         dp = torch.full((B, M, cap + 1), INF)
@@ -419,7 +426,7 @@ class ClosedFormDPPolicy(Policy):
         k = dp.argmin(-1)  # [B, M]
         gamma = torch.zeros(B, N, dtype=torch.long)
         for i in reversed(range(N)):
-            gi = choice[i].gather(-1, k.unsqueeze(-1)).squeeze(-1)  # [B, M]
+            gi = _at(choice[i], k)  # [B, M]
             mine = onehot[:, i].bool()
             gsel = (gi * mine).sum(-1)
             gamma[:, i] = gsel.clamp(min=0)

@@ -32,7 +32,6 @@ from marl_sd.agents.heuristics import make_heuristic
 from marl_sd.agents.policy import Policy, PolicyContext
 from marl_sd.config import OracleConfig
 from marl_sd.envs.core import BatchedSimulator
-from marl_sd.envs.state import REQ
 
 SCRATCH_BUCKET = 8  # distinct candidates are padded to a multiple of this
 _BUDGET = OracleConfig()  # the constructor's defaults are the configured ones
@@ -82,6 +81,7 @@ class SearchOracle(Policy):
         self.sim: BatchedSimulator | None = None
         self._scratch: dict[int, BatchedSimulator] = {}
         self._samples: torch.Tensor | None = None  # [B, C, K] per-future scores of the last `score`
+        self._horizon_part: torch.Tensor | None = None  # [B, C] their mean without the terminal value
         self._diag = {"decisions": 0, "rel_stderr": 0.0, "rel_paired_stderr": 0.0, "changed": 0.0, "kept_base": 0.0}
         self._predicted: list[torch.Tensor] = []  # per decision [B]: the chosen candidate's predicted H-slot latency
         self._realized: list[torch.Tensor] = []  # per slot [B]: the real slot's latency score
@@ -195,14 +195,14 @@ class SearchOracle(Policy):
         if K > 1 and self.min_z > 0:
             # keep the base proposal unless the gain holds on fresh futures: the best of many
             # candidates on the selection futures is partly the luckiest one on them
-            differs = (best != base_a).any(-1).any(-1)
+            differs = (best != base_a).any(-1).any(-1)  # [B]
             if bool(differs.any()):
                 self.score(torch.stack([best, base_a], 1), seed + 1, state)
                 d = self._samples[:, 0] - self._samples[:, 1]
             else:
                 d = best_x - base_x
             keep = d.mean(-1) <= self.min_z * d.std(-1) / math.sqrt(K)
-            self._diag["kept_base"] += float((keep & (best != base_a).any(-1).any(-1)).float().mean())
+            self._diag["kept_base"] += float((keep & differs).float().mean())
             best = torch.where(keep[:, None, None], base_a, best)
             best_val = torch.where(keep, base_x.mean(-1), best_val)
             best_x = torch.where(keep[:, None], base_x, best_x)
@@ -274,12 +274,9 @@ def terminal_value(sim: BatchedSimulator) -> torch.Tensor:
     """[B] reward-scale value of the work still queued at the end of a rollout: each queued or
     active request keeps counting as outstanding until its tokens are served, one after the
     other, at the user's running per-token latency (default 40 ms before any request finished)."""
-    Q = sim.Q
-    order = (sim.q_head.unsqueeze(-1) + torch.arange(Q)) % Q  # queue slots from the head
-    out_len = sim.requests[..., REQ["output_tokens"]].gather(2, order)  # [B, N, Q]
-    work = torch.where(torch.arange(Q) == 0, sim.remaining.unsqueeze(-1).float(), out_len)
-    queued = torch.arange(Q) < sim.q_len.unsqueeze(-1)
-    finish_tokens = (work * queued).cumsum(-1) * queued  # tokens until each queued request is done
+    q = sim.queued_requests()
+    queued = q["queued"]
+    finish_tokens = (q["tokens_left"] * queued).cumsum(-1) * queued  # tokens until each queued request is done
     tok_ms = torch.where(sim.tok_latency > 0, sim.tok_latency, torch.full_like(sim.tok_latency, 40.0))
     slots = (finish_tokens * tok_ms.unsqueeze(-1)).sum(-1) / sim.cfg.env.slot_ms  # outstanding-request slots
     return -sim.cfg.reward.latency_weight * slots.mean(1)

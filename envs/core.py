@@ -265,6 +265,16 @@ class BatchedSimulator:
                 down[e.site] |= e.down
         self.site_factor, self.site_down = factor, down
 
+    def _hand_over(self, who: torch.Tensor) -> None:
+        """Move `who`'s sessions to their target servers: the context is sent along with the next
+        upload and prefilled there; the KV cache is freed at the old site and reserved anew."""
+        self.server = torch.where(who, self.target, self.server)
+        self._gather_rates()
+        self.handover_bytes = torch.where(who, self.ctx.float() * self.costs.token_id_bytes, self.handover_bytes)
+        self.prefill = torch.where(who, self.ctx.float(), self.prefill)
+        self.kv_held = torch.where(who, 0.0, self.kv_held)
+        self.m["handovers"] += who.float()
+
     def _evacuate(self) -> None:
         """Rounds queued at a site that is down move to the server their user chose: a session
         open re-sends its prompt, a round re-sends its drafts with the context (a handover)."""
@@ -273,13 +283,12 @@ class BatchedSimulator:
             return
         opening = strand & self.first_round
         moving = strand & ~self.first_round
-        self.server = torch.where(strand, self.target, self.server)
-        self._gather_rates()
-        self.m["handovers"] += moving.float()
-        self.kv_held = torch.where(strand, 0.0, self.kv_held)
-        self.prefill = torch.where(moving, self.ctx.float(), self.prefill)
-        ctx_bytes = self.ctx.float() * self.costs.token_id_bytes
-        nbytes = torch.where(opening, self.costs.ids_bytes(self.prefill), self.costs.upload_bytes(self.gamma_cur) + ctx_bytes)
+        self.server = torch.where(opening, self.target, self.server)  # no session yet: nothing to hand over
+        self._hand_over(moving)
+        nbytes = torch.where(
+            opening, self.costs.ids_bytes(self.prefill), self.costs.upload_bytes(self.gamma_cur) + self.handover_bytes
+        )
+        self.handover_bytes = torch.where(strand, 0.0, self.handover_bytes)
         self.phase = torch.where(strand, UPLINK, self.phase)
         self.sent_at = torch.where(moving, self.now, self.sent_at)
         self._begin_transfer(strand, nbytes, torch.zeros_like(self.timer), self.ul_rate, uplink=True)
@@ -574,21 +583,31 @@ class BatchedSimulator:
         environment's mean of those, else the pace the request in service has shown). Per
         environment [B]: `latency_ms` charged, `tokens` (their output lengths), `count`. So a
         policy that leaves work unfinished is not scored on the easy requests alone."""
-        slot = torch.arange(self.Q, device=self.device)
-        in_q = ((slot - self.q_head.unsqueeze(-1)) % self.Q) < self.q_len.unsqueeze(-1)  # [B, N, Q]
-        head = slot == self.q_head.unsqueeze(-1)
-        out = self.requests[..., REQ["output_tokens"]]
-        left = torch.where(head, self.remaining.unsqueeze(-1).float(), out)
-        wait = (self.now - self.arrival_ms).float()
+        q = self.queued_requests()
+        wait = (self.now - q["arrival_ms"]).float()
         known = self.tok_latency > 0
         env_pace = (self.tok_latency * known).sum(1, keepdim=True) / known.sum(1, keepdim=True).clamp(min=1)
-        shown = (self.now - self._head_arrival()).float() / ((self.out_len - self.remaining).float() + 1)
+        shown = wait[..., 0] / ((self.out_len - self.remaining).float() + 1)
         pace = torch.where(known, self.tok_latency, torch.where(env_pace > 0, env_pace, shown))
-        inq = in_q.float()
+        inq = q["queued"].float()
         return {
-            "latency_ms": ((wait + left * pace.unsqueeze(-1)) * inq).sum((1, 2)),
-            "tokens": (out * inq).sum((1, 2)),
+            "latency_ms": ((wait + q["tokens_left"] * pace.unsqueeze(-1)) * inq).sum((1, 2)),
+            "tokens": (q["output_tokens"] * inq).sum((1, 2)),
             "count": inq.sum((1, 2)),
+        }
+
+    def queued_requests(self) -> dict[str, torch.Tensor]:
+        """Each user's queue in order from the request in service, [B, N, Q]: `queued` (the slot
+        holds a request), `output_tokens`, `tokens_left` (the one in service: its remaining
+        tokens), `arrival_ms`."""
+        pos = torch.arange(self.Q, device=self.device)
+        order = (self.q_head.unsqueeze(-1) + pos) % self.Q
+        out = self.requests[..., REQ["output_tokens"]].gather(2, order)
+        return {
+            "queued": pos < self.q_len.unsqueeze(-1),
+            "output_tokens": out,
+            "tokens_left": torch.where(pos == 0, self.remaining.unsqueeze(-1).float(), out),
+            "arrival_ms": self.arrival_ms.gather(2, order),
         }
 
     def _head_arrival(self) -> torch.Tensor:
@@ -748,12 +767,7 @@ class BatchedSimulator:
         gamma = torch.minimum(self.gamma_next, self.max_gamma)
         ho = cont & (self.target != self.server)
         if bool(ho.any()):
-            self.server = torch.where(ho, self.target, self.server)
-            self._gather_rates()
-            self.handover_bytes = torch.where(ho, self.ctx.float() * self.costs.token_id_bytes, self.handover_bytes)
-            self.prefill = torch.where(ho, self.ctx.float(), self.prefill)
-            self.kv_held = torch.where(ho, 0.0, self.kv_held)  # freed at the old site, reserved anew at the next
-            self.m["handovers"] += ho.float()
+            self._hand_over(ho)
         t_d = self.draft_ms
         flight = (at - self.sent_at).float()
         ahead, drafted_ms = drafts_after_round(

@@ -232,12 +232,16 @@ class ScenarioConfig(Strict):
             raise ValueError(f"site_events name sites {bad}, but there are {self.n_servers} servers (0..{self.n_servers - 1})")
         return self
 
+    def _site_list(self) -> list[SiteConfig]:
+        """One entry per server (alike when `sites` is not given)."""
+        return self.sites or [SiteConfig()] * self.n_servers
+
     def site_profiles(self) -> list[str]:
-        return [(s.profile if s.profile else self.profile) for s in (self.sites or [SiteConfig()] * self.n_servers)]
+        return [(s.profile if s.profile else self.profile) for s in self._site_list()]
 
     def site_radio(self) -> tuple[list[tuple[float, float] | None], list[float], list[float]]:
         """Per site: position (None: lattice), downlink power [dBm], bandwidth [MHz]."""
-        sites = self.sites or [SiteConfig()] * self.n_servers
+        sites = self._site_list()
         c = self.channel
         return (
             [s.position_m for s in sites],
@@ -246,7 +250,7 @@ class ScenarioConfig(Strict):
         )
 
     def site_kv_capacity(self) -> list[int | None]:
-        return [(s.kv_capacity_tokens or self.kv_capacity_tokens) for s in (self.sites or [SiteConfig()] * self.n_servers)]
+        return [(s.kv_capacity_tokens or self.kv_capacity_tokens) for s in self._site_list()]
 
 
 class EnvConfig(Strict):
