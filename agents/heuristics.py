@@ -13,92 +13,21 @@ import math
 import torch
 
 from marl_sd.agents.policy import Policy, PolicyContext
-from marl_sd.envs.costs import MessageCosts, SiteCosts, expected_predraft_kept, expected_tokens_per_round
+from marl_sd.envs.latency_model import LatencyModel as BaseLatencyModel
 from marl_sd.envs.observation import decode_local
 
 INF = float("inf")
 
 
-class LatencyModel:
-    """Predicted per-token latency [.., M, G] of every (server, gamma) choice for every user.
-
-    Round = draft (minus the drafts the client's pre-drafting rule keeps, in expectation) +
-    uplink + queueing + T(b, K) + downlink, with the simulator's own message costs
-    (`marl_sd.envs.costs`); per token = round / E[N], E[N] = (1 - a^(g+1)) / (1 - a). gamma = 0
-    is one server decode step (plus queueing) per token.
-
-    Leaving the current server mid-request costs a handover: the session's context is uploaded to
-    the new site and prefilled there. That cost, spread over the request's tokens left, is added
-    to every other server's prediction (`handover_ms`), so a move must gain more than it costs.
-    The context is estimated from static knowledge (the workload's mean prompt plus the tokens
-    generated so far, taking the mean output length), since the observation does not carry it.
-    """
+class LatencyModel(BaseLatencyModel):
+    """The latency model (`marl_sd.envs.latency_model`) with static knowledge of the scenario
+    only, plus what the centralized heuristics ask of it: latencies under another association,
+    and bandwidth bids."""
 
     def __init__(self, ctx: PolicyContext, handover_cost: bool = True):
+        m = BaseLatencyModel.of(ctx.cfg, handover_cost)
+        super().__init__(m.sites, m.costs, m.G - 1, m.mean_prompt, m.mean_output, handover_cost)
         self.ctx = ctx
-        self.handover_cost = handover_cost
-        p = ctx.profile
-        self.sites = SiteCosts.of(ctx.cfg)
-        self.costs = MessageCosts.of(ctx.cfg, p)
-        self.base = self.costs.message_ms
-        self.G = ctx.cfg.env.gamma_max + 1
-        w = ctx.cfg.scenario.workload
-        self.mean_prompt = (w.prompt_tokens.low + w.prompt_tokens.high) / 2
-        self.mean_output = (w.output_tokens.low + w.output_tokens.high) / 2
-
-    def handover_ms(self, f: dict, at: torch.Tensor) -> torch.Tensor:
-        """[B, N, M] per-token cost of moving the active request to each server now: upload of the
-        context at that server's rate plus its prefill there, over the tokens left (0 at the
-        current server and for an idle user); `at` [B, N, M] one-hot of each user's server."""
-        remaining = f["remaining"].float()
-        ctx = self.mean_prompt + (self.mean_output - remaining).clamp(min=0.0)
-        rate = (f["ul_mbps"] * 125.0).clamp(min=1e-3)  # bytes per ms
-        move = self.costs.ids_bytes(ctx).unsqueeze(-1) / rate + ctx.unsqueeze(-1) * self.sites.prefill_ms_per_token
-        active = ((f["queue"] > 0) & (remaining > 0)).float().unsqueeze(-1)
-        return move * (1 - at) * active / remaining.clamp(min=1.0).unsqueeze(-1)
-
-    def predict(
-        self,
-        f: dict,
-        users_at: torch.Tensor | None = None,
-        share_scale: torch.Tensor | None = None,
-        alpha: torch.Tensor | None = None,
-        hysteresis: float = 0.0,
-    ) -> torch.Tensor:
-        """users_at [B, M]: users served per server (default: observed); share_scale [B, N, M]
-        multiplies the observed uplink rate (a different bandwidth split); `hysteresis` inflates
-        the latency of leaving the current server while a request is active (handover cost)."""
-        g = torch.arange(self.G, dtype=torch.float32)
-        a = (f["acceptance"] if alpha is None else alpha).clamp(0.01, 0.99)[..., None, None]
-        e_n = expected_tokens_per_round(a, g)  # [B, N, 1, G]
-        rate = (f["ul_mbps"] * 125.0).clamp(min=1e-3)  # bytes per ms, [B, N, M]
-        if share_scale is not None:
-            rate = rate * share_scale
-        # per-server loads as each user observes them: [B, N, M]
-        b = f["srv_users"] if users_at is None else users_at.unsqueeze(1).expand_as(rate)
-        at = torch.nn.functional.one_hot(f["server"], b.shape[-1]).float()
-        b_i = (b + (1 - at)).clamp(min=1)  # including me
-        k = f["srv_queued_tokens"].unsqueeze(-1) + g + 1
-        t_ver = self.sites.verify_ms(b_i.unsqueeze(-1), k, server_dim=-2)  # [B, N, M, G]
-        # queueing behind the others: at its own server a user's own rounds are part of the busy
-        # time it sees, so only the others' share of it delays it (else every server it leaves
-        # looks free and it moves back and forth)
-        others = torch.where(at > 0, (b - 1).clamp(min=0) / b.clamp(min=1), 1.0)
-        wait = (f["srv_busy"] * others).unsqueeze(-1) * t_ver / 2  # srv_busy as each user observes it: [B, N, M]
-        up = self.costs.upload_bytes(g) / rate.unsqueeze(-1) + self.base
-        down = self.base + self.costs.ids_bytes(e_n) / rate.unsqueeze(-1)
-        t_d = f["draft_ms"][..., None, None]
-        inflight = up + wait + t_ver + down
-        kept = expected_predraft_kept(a, g, inflight, t_d)
-        spec = (g * t_d - kept * t_d + inflight) / e_n
-        ar = (t_ver + wait).expand_as(spec)
-        lat = torch.where(g == 0, ar, spec)
-        if self.handover_cost:
-            lat = lat + self.handover_ms(f, at).unsqueeze(-1)
-        if hysteresis:
-            leave = (1 - at) * (f["queue"] > 0).float().unsqueeze(-1)
-            lat = lat * (1 + hysteresis * leave).unsqueeze(-1)
-        return lat
 
     def predict_assigned(self, f: dict, assign: torch.Tensor, hysteresis: float = 0.0) -> torch.Tensor:
         """Latency [B, N, M, G] if users were associated as `assign` [B, N], equal split per server."""

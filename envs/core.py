@@ -44,6 +44,7 @@ from marl_sd.contract import SUB_ACTIONS, ActionLayout, ObsSpec
 from marl_sd.envs.channel import LinkBudget, link_rates, make_channel
 from marl_sd.envs.costs import MessageCosts, SiteCosts, drafts_after_round
 from marl_sd.envs.draws import Draws
+from marl_sd.envs.latency_model import LatencyModel
 from marl_sd.envs.observation import (
     Features,
     ObservationBuilder,
@@ -89,7 +90,16 @@ class ActionError(ValueError):
 class BatchedSimulator:
     """The physics of the multi-user edge SD system, batched over `num_envs` environments."""
 
-    def __init__(self, cfg: Config, num_envs: int | None = None, device: str | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        num_envs: int | None = None,
+        device: str | None = None,
+        seed: int | None = None,
+        spec: ObsSpec | None = None,
+    ):
+        """`spec`: the observation contract to encode with (default: the config's own); a policy
+        trained across several scenarios encodes all of them with one set of constants."""
         self.cfg = cfg
         self.B = int(num_envs or cfg.sim.num_envs)
         self.device = torch.device(device or cfg.sim.device)
@@ -110,7 +120,7 @@ class BatchedSimulator:
         self._g_range = torch.arange(self.G, device=self.device)
         self.L = w.output_tokens.high + self.G  # match-pattern positions: output + a full draft past its end
         self.predraft_on = e.predraft
-        self.spec = ObsSpec.from_config(cfg)
+        self.spec = ObsSpec.from_config(cfg) if spec is None else spec.at(cfg.scenario.n_servers)
         self.obs_builder = ObservationBuilder(self.spec)
         self.obs_dim, self.state_dim = self.spec.obs_dim, self.spec.state_dim
         f = dict(dtype=torch.float32, device=self.device)
@@ -118,6 +128,7 @@ class BatchedSimulator:
         self.prio_table = torch.tensor(e.priority_weights, **f)
         self.costs = MessageCosts.of(cfg, self.profile)
         self.sites = SiteCosts.of(cfg, self.device)
+        self.latency_model = LatencyModel.of(cfg, measured=True, device=self.device)  # the observation's candidates
         self.kv_limited = bool(torch.isfinite(self.sites.kv_capacity).any())
         self.site_events = cfg.scenario.site_events
         self.site_factor = torch.ones(self.scn.M, device=self.device)  # [M] batch-time factor this slot
@@ -154,6 +165,7 @@ class BatchedSimulator:
             keys = g.fresh_keys(B)
             g.set_keys(keys if self.pinned_key is None else torch.full_like(keys, self.pinned_key))
         g.clock = -1
+        self.srv_slowdown = torch.ones_like(self.srv_slowdown)
         self.pos = s.sample_points((B, N), g, site="pos")
         self.waypoint = s.sample_points((B, N), g, site="waypoint")
         self.speed = s.sample_speeds((B, N), g)
@@ -845,6 +857,8 @@ class BatchedSimulator:
         self.t = self.t + 1
         self.ul_activity = self.m["airtime_ms"] / slot
         self.srv_busy_frac = self.ms["busy_ms"] / slot
+        ran = self.ms["batches"] > 0  # the site's batch times this slot measured its speed
+        self.srv_slowdown = torch.where(ran, 0.5 * self.srv_slowdown + 0.5 * self.site_factor, self.srv_slowdown)
         self.outstanding_last = self.m["outstanding_ms"] / slot
         self._set_clock(-1)  # t was just advanced: the end of the slot that ended
         self.pos, self.waypoint, moved = self.scn.move(self.pos, self.waypoint, self.speed, slot / 1000.0, self.draws)
@@ -878,7 +892,9 @@ class BatchedSimulator:
             srv_busy=self.srv_busy_frac,
             srv_kv=(self.kv_used() / self.sites.kv_capacity).nan_to_num(0.0) if self.kv_limited else self._zeros(self.B, self.M),
             time_frac=(self.t.float() / self.horizon).expand(self.B),
-        )
+            context_tokens=self.ctx,
+            srv_slowdown=self.srv_slowdown,
+        ).with_predictions(self.latency_model)
 
     def observations(self) -> torch.Tensor:
         return self.obs_builder.local(self.features())

@@ -35,9 +35,26 @@ class Features:
     srv_busy: Any  # [B, M] busy fraction over the last slot
     srv_kv: Any  # [B, M] KV-cache occupancy (reserved / capacity; 0 when unlimited)
     time_frac: Any  # [B] episode progress
+    context_tokens: Any = None  # [B, N] context of the active session (prompt + generated)
+    srv_slowdown: Any = None  # [B, M] measured batch time over the profile's (1: as profiled)
+    srv_verify_ms: Any = None  # [B, M] profile verify time of a round at the current load, times the slowdown
+    pred_ms: Any = None  # [B, N, M] latency model's per-token latency at each server, best gamma
+    pred_gamma: Any = None  # [B, N, M] that gamma
 
     def to(self, device) -> Features:  # torch only
         return Features(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def with_predictions(self, model) -> Features:
+        """These features with the physics ones filled in by `model` (a measured
+        `marl_sd.envs.latency_model.LatencyModel`): each site's verify time at its load, and the
+        predicted latency of every (user, server) candidate. Torch or numpy alike."""
+        server_scope = ("srv_users", "srv_queued_tokens", "srv_busy", "srv_slowdown")
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update({k: d[k][:, None, :] for k in server_scope})
+        users = self.srv_users.clip(min=1)
+        self.srv_verify_ms = model.sites.verify_ms(users, users * 5.0) * self.srv_slowdown
+        self.pred_ms, self.pred_gamma = model.best(d)
+        return self
 
 
 ACCEPTANCE_DECAY = 0.95  # per verified round

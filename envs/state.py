@@ -83,6 +83,7 @@ STATE_VARS: dict[str, Var] = {
     "srv_active": Var(BM, "bool", "a batch is in verification"),
     "srv_free_at": Var(BM, "time", "when the server finished its last batch [ms]"),
     "srv_busy_frac": Var(BM, "float", "busy fraction over the last slot"),
+    "srv_slowdown": Var(BM, "float", "measured batch time over the profile's: running mean over the slots the site ran batches"),
     # clock
     "now": Var((), "time", "simulated time [ms] (the slot's start + the ticks done, never accumulated)"),
     "t": Var((), "long", "control slot index"),

@@ -84,7 +84,7 @@ def bench_controller(
                 manifest, decide = manifest_contract(c), heuristic_policy(policy, c)
             sim = BatchedSimulator(c, num_envs=1, seed=1)
             gen = torch.Generator().manual_seed(0)
-            core = ControllerCore(manifest, decide, slot_ms=c.env.slot_ms, horizon=c.env.horizon, n_servers=m)
+            core = ControllerCore.for_config(manifest, decide, c)
             for _ in range(slots):
                 users, servers = reports_from_features(sim.features())
                 for r in users:

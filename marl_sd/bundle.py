@@ -17,7 +17,7 @@ import numpy as np
 
 from marl_sd.contract import ActionLayout, manifest_contract
 
-MANIFEST_VERSION = 3
+MANIFEST_VERSION = 4
 CHECKED_KEYS = ("obs_dim", "nvec", "obs_layout", "bid_weights", "priority_weights")
 STRUCTURE = ("name", "source", "width", "kind", "scope", "integer")  # of each feature; scales and clips may differ
 log = logging.getLogger("marl_sd.bundle")

@@ -60,6 +60,11 @@ LOCAL_FEATURES: tuple[Feature, ...] = (
     Feature("srv_queued_tokens", "srv_queued_tokens", "M", scale="verify_token_budget", scope="server", integer=True),
     Feature("srv_busy", "srv_busy", "M", scope="server"),
     Feature("srv_kv", "srv_kv", "M", scope="server"),
+    Feature("context_tokens", "context_tokens", kind="log1p", scale=9.0, clip=(0.0, None), integer=True),  # 1 ~ 8k
+    Feature("pred_ms", "pred_ms", "M", kind="log1p", scale=7.0, clip=(0.0, 1e4)),
+    Feature("pred_gamma", "pred_gamma", "M", scale="gamma_max", integer=True),
+    Feature("srv_verify_ms", "srv_verify_ms", "M", kind="log1p", scale=5.0, clip=(0.0, None), scope="server"),
+    Feature("srv_slowdown", "srv_slowdown", "M", kind="log1p", scale=2.0, clip=(0.0, None), scope="server"),
     Feature("server_valid", None, "M", kind="valid", scope="server"),
 )
 FEATURES_BY_NAME = {f.name: f for f in LOCAL_FEATURES}

@@ -16,6 +16,7 @@ from marl_sd.bundle import bundle_policy, load_bundle
 from marl_sd.config import ConfigError, load_config
 from marl_sd.contract import LOCAL_FEATURES, ObsSpec
 from marl_sd.envs.core import BatchedSimulator
+from marl_sd.envs.latency_model import LatencyModel
 from marl_sd.envs.observation import Features, ObservationBuilder
 from marl_sd.envs.vec_env import MixedSizeVecEnv, MultiAgentVecEnv, training_env
 from marl_sd.export import export_bundle
@@ -156,7 +157,9 @@ def test_controller_decides_for_whoever_reports(policy, tmp_path):
     cfg, pol = policy
     export_bundle(pol, cfg, tmp_path, n_parity=50)
     m, actor = load_bundle(tmp_path, cfg)
-    core = ControllerCore(m, bundle_policy(actor, m), n_servers=3, expire_s=60)
+    core = ControllerCore(
+        m, bundle_policy(actor, m), n_servers=3, expire_s=60, latency_model=LatencyModel.of(cfg, measured=True, numpy=True)
+    )
     sim = sim_obs(cfg, 12, 3, steps=2)
     users, servers = reports_from_features(sim.features())
     for r in servers:
@@ -179,7 +182,7 @@ def test_controller_decides_for_whoever_reports(policy, tmp_path):
     d = core.step()
     assert all(x.server not in core.servers_down for x in d.values())
     with pytest.raises(ValueError, match="exceed the policy's room"):
-        ControllerCore(m, bundle_policy(actor, m), n_servers=6)
+        ControllerCore(m, bundle_policy(actor, m), n_servers=6, latency_model=LatencyModel.of(cfg, measured=True, numpy=True))
 
 
 def test_a_bundle_runs_in_a_simulator_with_less_room(policy, tmp_path):

@@ -10,6 +10,7 @@ from conftest import stepped_sim
 
 from marl_sd.config import load_config
 from marl_sd.contract import LOCAL_FEATURES, ActionLayout, ObsSpec, features_from_manifest, manifest_contract
+from marl_sd.envs.latency_model import LatencyModel
 from marl_sd.envs.observation import ObservationBuilder, decode_local
 from marl_sd.serving.controller import ControllerCore, reports_from_features
 
@@ -96,7 +97,7 @@ def test_manifest_carries_the_table_and_the_controller_uses_it(sim):
         )
         for f in LOCAL_FEATURES
     )
-    core = ControllerCore(m, policy=None)
+    core = ControllerCore(m, policy=None, latency_model=LatencyModel.of(sim.cfg, measured=True, numpy=True))
     users, servers = reports_from_features(sim.features())
     for r in users:
         core.report_user(r)
@@ -105,7 +106,7 @@ def test_manifest_carries_the_table_and_the_controller_uses_it(sim):
     m2 = copy.deepcopy(m)
     i = [f["name"] for f in m2["features"]].index("draft_ms")
     m2["features"][i]["scale"] *= 2  # a bundle trained with another scale is encoded with that scale
-    core2 = ControllerCore(m2, policy=None)
+    core2 = ControllerCore(m2, policy=None, latency_model=LatencyModel.of(sim.cfg, measured=True, numpy=True))
     for r in users:
         core2.report_user(r)
     obs2 = core2.builder.local(core2.features()[1])

@@ -12,6 +12,7 @@ from marl_sd.bundle import bundle_policy
 from marl_sd.config import load_config
 from marl_sd.contract import ActionLayout
 from marl_sd.envs.core import BatchedSimulator
+from marl_sd.envs.latency_model import LatencyModel
 from marl_sd.serving.controller import ControllerCore, UserReport, reports_from_features
 
 pytestmark = pytest.mark.train
@@ -43,7 +44,9 @@ def test_controller_observation_equals_env_observation(manifest_and_actor):
     gen = torch.Generator().manual_seed(0)
     for _ in range(12):
         sim.step(sim.actions.random_valid(sim.mask, gen))
-    core = ControllerCore(m, bundle_policy(actor, m), horizon=cfg.env.horizon)
+    core = ControllerCore(
+        m, bundle_policy(actor, m), horizon=cfg.env.horizon, latency_model=LatencyModel.of(cfg, measured=True, numpy=True)
+    )
     users, servers = reports_from_sim(sim)
     for r in users:
         core.report_user(r)
@@ -75,7 +78,7 @@ def test_controller_records_decisions_that_miss_their_slot(manifest_and_actor):
             time.sleep(0.03)  # longer than the 20 ms slot
         return fast(obs, mask)
 
-    core = ControllerCore(m, policy, slot_ms=20.0)
+    core = ControllerCore(m, policy, slot_ms=20.0, latency_model=LatencyModel.of(cfg, measured=True, numpy=True))
     core.report_user(
         UserReport(user=0, snr_db=[10.0, 0.0, -3.0], ul_mbps=[20.0, 5.0, 1.0], server=0, draft_ms=17.0, power_w=4.5, max_gamma=6)
     )
@@ -101,7 +104,9 @@ def test_heuristic_controller_decides_every_slot_at_32_users(name):
 
 def test_controller_survives_silent_node(manifest_and_actor):
     cfg, m, actor, _, _ = manifest_and_actor
-    core = ControllerCore(m, bundle_policy(actor, m), slot_ms=20.0, stale_slots=2)
+    core = ControllerCore(
+        m, bundle_policy(actor, m), slot_ms=20.0, stale_slots=2, latency_model=LatencyModel.of(cfg, measured=True, numpy=True)
+    )
     base = dict(snr_db=[10.0, 0.0, -3.0], ul_mbps=[20.0, 5.0, 1.0], server=0, draft_ms=17.0, power_w=4.5, max_gamma=6)
     core.report_user(UserReport(user=0, **base))
     core.report_user(UserReport(user=1, **base))
@@ -124,7 +129,9 @@ import sys
 from marl_sd.bundle import bundle_policy, load_bundle
 from marl_sd.serving.controller import ControllerCore, UserReport
 m, actor = load_bundle({str(out)!r})
-core = ControllerCore(m, bundle_policy(actor, m))
+from marl_sd.config import load_config
+from marl_sd.envs.latency_model import LatencyModel
+core = ControllerCore(m, bundle_policy(actor, m), latency_model=LatencyModel.of(load_config(), measured=True, numpy=True))
 core.report_user(UserReport(user=0, snr_db=[5.0, 1.0, 0.0], ul_mbps=[10, 3, 1], server=0, draft_ms=17, power_w=4, max_gamma=6))
 d = core.step()
 assert 0 in d and 0 <= d[0].gamma <= 6

@@ -7,6 +7,7 @@ from marl_sd.agents.heuristics import HEURISTICS, make_heuristic
 from marl_sd.agents.policy import PolicyContext
 from marl_sd.config import load_config
 from marl_sd.envs.core import BatchedSimulator
+from marl_sd.envs.latency_model import LatencyModel
 from marl_sd.envs.observation import Features, ObservationBuilder
 
 pytestmark = pytest.mark.sim
@@ -48,7 +49,9 @@ def overloaded_scenario(n_users=8):
         srv_busy=torch.tensor([[1.0, 0.0]]),
         srv_kv=torch.zeros(B, 2),
         time_frac=torch.zeros(B),
-    )
+        context_tokens=torch.full((B, N), 300),
+        srv_slowdown=torch.ones(B, 2),
+    ).with_predictions(LatencyModel.of(ctx.cfg, measured=True))
     obs = ObservationBuilder(ctx.spec).local(f)
     mask = torch.ones(B, N, sum(ctx.nvec), dtype=torch.bool)
     return ctx, obs, mask

@@ -18,6 +18,7 @@ import torch
 
 from marl_sd.config import load_config
 from marl_sd.contract import manifest_contract
+from marl_sd.envs.latency_model import LatencyModel
 from marl_sd.serving import protocol as P
 from marl_sd.serving.client import ControlAgent
 from marl_sd.serving.controller import ControllerCore, ReportError, parse_report, serve_controller
@@ -239,7 +240,12 @@ def test_plain_text_only_on_loopback():
 def core():
     cfg = load_config()
     m = manifest_contract(cfg)
-    return ControllerCore(m, lambda obs, mask: np.zeros(obs.shape[:2] + (4,), np.int64), slot_ms=20.0)
+    return ControllerCore(
+        m,
+        lambda obs, mask: np.zeros(obs.shape[:2] + (4,), np.int64),
+        slot_ms=20.0,
+        latency_model=LatencyModel.of(cfg, measured=True, numpy=True),
+    )
 
 
 def good_report(user=0, M=3):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from marl_sd.envs.latency_model import LatencyModel
 from marl_sd.serving import protocol as P
 from marl_sd.serving.draft_client import DraftClient, Drafter, RoundPlan
 from marl_sd.serving.launcher import local_servers
@@ -240,7 +241,9 @@ def test_clients_join_and_leave_while_the_controller_decides(servers, target, tm
     cfg = load_config(overrides=["env.max_servers=3", "scenario.n_users=2", "scenario.n_servers=2"])
     export_bundle(new_mappo(cfg, MultiAgentVecEnv(cfg, num_envs=1), seed=0).policy, cfg, tmp_path, n_parity=20)
     m, actor = load_bundle(tmp_path, cfg)
-    core = ControllerCore(m, bundle_policy(actor, m), slot_ms=50.0, n_servers=2)
+    core = ControllerCore(
+        m, bundle_policy(actor, m), slot_ms=50.0, n_servers=2, latency_model=LatencyModel.of(cfg, measured=True, numpy=True)
+    )
     (p0, a0), (p1, a1) = servers(2)
     prompts = {u: list(range(3 + u, 15 + 2 * u)) for u in range(5)}
     seen: list[frozenset] = []

@@ -136,6 +136,7 @@ class ControlAgent:
             "acceptance": c.acceptance,
             "outstanding": float(q),
             "token_latency_ms": self.tok_latency,
+            "context_tokens": len(c.drafter.seq) if c.active else 0,
         }
 
     def checked(self, reply) -> P.Decision | None:

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictInt, Valid
 from marl_sd.bundle import bundle_policy, load_bundle
 from marl_sd.config import load_config
 from marl_sd.contract import SUB_ACTIONS, ActionLayout, ObsSpec, features_from_manifest, manifest_contract
+from marl_sd.envs.latency_model import LatencyModel
 from marl_sd.envs.observation import Features, ObservationBuilder
 from marl_sd.serving.protocol import CONTROLLER_SERVICE, VERIFIER_SERVICE, Decision, grpc_options
 from marl_sd.serving.security import Security, add_security_args, caller_role, client_user, security_from_args
@@ -52,6 +53,7 @@ class UserReport:
     acceptance: float = 0.5
     outstanding: float = 0.0
     token_latency_ms: float = 0.0
+    context_tokens: int = 0  # context of the active session (prompt + generated)
     ul_full_mbps: list[float] | None = None  # whole-band rate per server: the controller applies shares
     at: float = field(default_factory=time.monotonic)
 
@@ -73,6 +75,7 @@ class _UserReportIn(BaseModel):
     acceptance: FiniteFloat = Field(0.5, ge=0, le=1)
     outstanding: FiniteFloat = Field(0.0, ge=0, le=1 << 20)
     token_latency_ms: FiniteFloat = Field(0.0, ge=0, le=1e7)
+    context_tokens: StrictInt = Field(0, ge=0, le=1 << 24)
     ul_full_mbps: list[Annotated[FiniteFloat, Field(ge=0, le=1e5)]] | None = None
 
 
@@ -84,6 +87,7 @@ class _ServerReportIn(BaseModel):
     queued_tokens: FiniteFloat = Field(0.0, ge=0, le=1e9)
     busy: FiniteFloat = Field(0.0, ge=0, le=1)
     kv: FiniteFloat = Field(0.0, ge=0, le=1)
+    slowdown: FiniteFloat = Field(1.0, ge=0.01, le=1e3)
 
 
 class _LeaveIn(BaseModel):
@@ -117,7 +121,7 @@ def parse_report(raw: bytes, n_servers: int) -> UserReport | ServerReport | Leav
             r = _ServerReportIn(**msg)
             if r.server >= n_servers:
                 raise ReportError(f"server {r.server} out of range [0, {n_servers})")
-            return ServerReport(r.server, r.users, r.queued_tokens, r.busy, r.kv)
+            return ServerReport(r.server, r.users, r.queued_tokens, r.busy, r.kv, r.slowdown)
         if msg.get("kind") == "leave":
             return Leave(_LeaveIn(**msg).user)
         r = _UserReportIn(**msg)
@@ -143,6 +147,7 @@ class ServerReport:
     queued_tokens: float = 0.0
     busy: float = 0.0
     kv: float = 0.0  # KV-cache occupancy (0 when the server has no KV budget)
+    slowdown: float = 1.0  # measured batch time over the profile's (1: not measured, or as profiled)
     at: float = field(default_factory=time.monotonic)
 
 
@@ -165,12 +170,18 @@ class ControllerCore:
         expire_s: float = 30.0,
         n_servers: int | None = None,
         max_users: int = 4096,
+        latency_model=None,
     ):
+        """`latency_model`: a measured `LatencyModel` of the deployment's sites (numpy), which
+        fills the observation's physics features (candidate latencies, site verify times)."""
         room = ObsSpec(**manifest["obs_spec"])
         self.n_servers = room.max_servers if n_servers is None else int(n_servers)
         if self.n_servers > room.max_servers:
             raise ValueError(f"{self.n_servers} servers exceed the policy's room for {room.max_servers} (env.max_servers)")
         self.spec = room.at(self.n_servers)
+        if latency_model is None:
+            raise ValueError("ControllerCore needs the sites' latency model (LatencyModel.of(cfg, measured=True, numpy=True))")
+        self.latency_model = latency_model
         self.max_users = max_users
         self.servers_down: set[int] = set()
         self.joined = self.left = 0  # membership changes
@@ -193,6 +204,19 @@ class ControllerCore:
         self.step_errors = 0
         self.stats_path: str | None = None  # written every 20 slots, so a killed controller leaves its stats
         self.record: list[dict] | None = None  # with a list: per slot and user, the reported features and the decision
+
+    @classmethod
+    def for_config(cls, manifest: dict, policy, cfg, **kw) -> ControllerCore:
+        """A controller for the deployment `cfg` describes: its slot, horizon, coverage rule,
+        servers and sites' latency model (`kw` overrides any of them)."""
+        args = dict(
+            slot_ms=cfg.env.slot_ms,
+            horizon=cfg.env.horizon,
+            coverage_snr_db=cfg.scenario.channel.coverage_snr_db,
+            n_servers=cfg.scenario.n_servers,
+            latency_model=LatencyModel.of(cfg, measured=True, numpy=True),
+        )
+        return cls(manifest, policy, **{**args, **kw})
 
     def report_user(self, r: UserReport) -> Decision | None:
         """Record a user's report (a new id joins); its latest decision, if any."""
@@ -250,9 +274,10 @@ class ControllerCore:
         queued = np.zeros((1, M), np.float32)
         busy = np.zeros((1, M), np.float32)
         kv = np.zeros((1, M), np.float32)
+        slow = np.ones((1, M), np.float32)
         for s, r in self.servers.items():
             if s < M:
-                queued[0, s], busy[0, s], kv[0, s] = r.queued_tokens, r.busy, r.kv
+                queued[0, s], busy[0, s], kv[0, s], slow[0, s] = r.queued_tokens, r.busy, r.kv, r.slowdown
         return ids, Features(
             snr_db=snr,
             ul_mbps=ul,
@@ -270,7 +295,9 @@ class ControllerCore:
             srv_busy=busy,
             srv_kv=kv,
             time_frac=np.array([min(self.slot, self.horizon) / self.horizon], np.float32),
-        )
+            context_tokens=np.asarray([r.context_tokens for r in rs], np.int64).reshape(1, N),
+            srv_slowdown=slow,
+        ).with_predictions(self.latency_model)
 
     def masks(self, f: Features) -> np.ndarray:
         """The simulator's mask rules, on the reported state."""
@@ -548,14 +575,7 @@ def main(argv=None) -> int:
 
         manifest = manifest_contract(cfg)
         policy = heuristic_policy(a.heuristic, cfg)
-    core = ControllerCore(
-        manifest,
-        policy,
-        slot_ms=cfg.env.slot_ms,
-        horizon=cfg.env.horizon,
-        coverage_snr_db=cfg.scenario.channel.coverage_snr_db,
-        n_servers=cfg.scenario.n_servers,
-    )
+    core = ControllerCore.for_config(manifest, policy, cfg)
     core.stats_path = a.out
     if a.record:
         core.record = []
@@ -610,6 +630,7 @@ def reports_from_features(f: Features, env: int = 0) -> tuple[list[UserReport], 
             acceptance=float(f.acceptance[env, i]),
             outstanding=float(f.outstanding[env, i]),
             token_latency_ms=float(f.token_latency_ms[env, i]),
+            context_tokens=int(f.context_tokens[env, i]),
         )
         for i in range(N)
     ]
@@ -620,6 +641,7 @@ def reports_from_features(f: Features, env: int = 0) -> tuple[list[UserReport], 
             queued_tokens=float(f.srv_queued_tokens[env, s]),
             busy=float(f.srv_busy[env, s]),
             kv=float(f.srv_kv[env, s]),
+            slowdown=float(f.srv_slowdown[env, s]),
         )
         for s in range(M)
     ]
