@@ -1,11 +1,13 @@
 """Policies by name, as `marl-sd eval` and `marl-sd bench suite` ask for them: a heuristic,
-`oracle` (the search oracle with `eval.oracle`), `oracle_clairvoyant` (the same search scored on
+`oracle` (the search oracle with `eval.oracle`; policy improvement, not a bound), `bound` (every
+user served alone: a bound from below, `marl_sd.agents.bound`), `oracle_clairvoyant` (the same search scored on
 the real future draws: needs `env.rng: counter`), or `learned` (the best checkpoint of a run)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from marl_sd.agents.bound import SoloBound
 from marl_sd.agents.heuristics import HEURISTICS, make_heuristic
 from marl_sd.agents.oracle import SearchOracle
 from marl_sd.agents.policy import LearnedPolicy, Policy, PolicyContext
@@ -41,6 +43,8 @@ def make_policy(name: str, cfg: Config, run_dir: Path | None = None, learned_nam
     """The policy `name` for scenario `cfg`; `learned` is None when `run_dir` has no checkpoint,
     and a clear error when its checkpoint was trained for other sizes."""
     ctx = PolicyContext.from_config(cfg)
+    if name == "bound":
+        return SoloBound(ctx)
     if name in ("oracle", "oracle_clairvoyant"):
         return SearchOracle(ctx, **cfg.eval.oracle.model_dump(), clairvoyant=name == "oracle_clairvoyant")
     if name == "learned":

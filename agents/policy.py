@@ -29,8 +29,11 @@ class PolicyContext:
     profile: LatencyProfile
 
     @classmethod
-    def from_config(cls, cfg: Config) -> PolicyContext:
-        return cls(cfg, ObsSpec.from_config(cfg), ActionLayout.from_config(cfg), load_profile(cfg.scenario.profile))
+    def from_config(cls, cfg: Config, spec: ObsSpec | None = None) -> PolicyContext:
+        """`spec`: the observation contract observations arrive in, when not the config's own
+        (a simulator encoding for a policy trained across physics)."""
+        spec = ObsSpec.from_config(cfg) if spec is None else spec
+        return cls(cfg, spec, ActionLayout.from_config(cfg), load_profile(cfg.scenario.profile))
 
     @property
     def nvec(self) -> list[int]:

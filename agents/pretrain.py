@@ -44,14 +44,35 @@ def smoothed_masked_ce(
     return total / len(nvec)
 
 
+def choose_teachers(cfg: Config, venv: MultiAgentVecEnv, episodes: int = 2) -> list[str]:
+    """Per training part (size or physics): the candidate heuristic (`train.pretrain.candidates`)
+    with the lowest all-work ms/token there, simulated on `episodes` episodes of its own seed."""
+    from marl_sd.agents.evaluate import HEADLINE, run_policy
+
+    out = []
+    for k, part in enumerate(venv.parts):
+        scores = {}
+        for name in cfg.train.pretrain.candidates:
+            s, _ = run_policy(
+                part.cfg, make_heuristic(name, PolicyContext.from_config(part.cfg)), seed=50_000 + k, episodes=episodes
+            )
+            scores[name] = s[HEADLINE]
+        best = min(scores, key=scores.get)
+        log.info("teacher for %s: %s (%s)", part.cfg.name, best, ", ".join(f"{n} {v:.1f}" for n, v in scores.items()))
+        out.append(best)
+    return out
+
+
 class Kickstart:
     """Runs the pretraining phase on a fresh model; returns what it measured."""
 
     def __init__(self, cfg: Config, model: MAPPO, venv: MultiAgentVecEnv):
         self.cfg, self.p, self.model, self.venv = cfg, cfg.train.pretrain, model, venv
+        self.teachers = choose_teachers(cfg, venv) if self.p.teacher == "auto" else [self.p.teacher] * len(venv.parts)
         self.parts = [
-            (part.sim, make_heuristic(self.p.teacher, PolicyContext.from_config(part.cfg))) for part in venv.parts
-        ]  # one teacher per training size
+            (part.sim, make_heuristic(name, PolicyContext.from_config(part.cfg, part.sim.spec)))
+            for part, name in zip(venv.parts, self.teachers)
+        ]  # one teacher per training size or physics, reading the observations as that simulator encodes them
         self.ctx = PolicyContext.from_config(cfg)
         self.policy = model.policy
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -154,7 +175,7 @@ class Kickstart:
         return float(loss.detach())
 
     def run(self, progress=None) -> dict:
-        data, stats = [], {"teacher": self.p.teacher, "iterations": []}
+        data, stats = [], {"teacher": self.p.teacher, "teachers": self.teachers, "iterations": []}
         for it in range(self.p.iterations):
             ds = self._episodes(student_drives=it > 0)
             data.extend(ds)

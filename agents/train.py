@@ -31,6 +31,7 @@ from marl_sd.agents.mappo import MAPPO, MAPPOPolicy, new_mappo, resolve_device
 from marl_sd.agents.policy import LearnedPolicy, PolicyContext
 from marl_sd.agents.pretrain import Kickstart
 from marl_sd.config import Config
+from marl_sd.contract import ObsSpec
 from marl_sd.envs.vec_env import MultiAgentVecEnv, training_env
 from marl_sd.runs import write_metadata
 
@@ -183,11 +184,33 @@ class EvalCallback(BaseCallback):
             return
         self.run_eval()
 
+    def _evaluate(self) -> tuple[dict, dict]:
+        """The scenario's summary (its reward is the score), or across `train.physics`: the mean
+        reward, the geometric mean of the all-work ms/token over the physics (the score: lower
+        is better) and each physics' own figure."""
+        t = self.cfg.train
+        if not t.physics:
+            s, _ = run_policy(
+                self.cfg, LearnedPolicy(PolicyContext.from_config(self.cfg), self.model.policy), 10_000, t.eval_episodes
+            )
+            return s, {}
+        own = ObsSpec.from_config(self.cfg)
+        per = {}
+        for k, ph in enumerate(t.physics):
+            c = self.cfg.with_physics(k)
+            pol = LearnedPolicy(PolicyContext.from_config(c), self.model.policy, own_spec=own)
+            per[ph.name], _ = run_policy(c, pol, 10_000 + k, max(1, t.eval_episodes // 2))
+        heads = np.array([v[HEADLINE] for v in per.values()])
+        s = {
+            "reward": float(np.mean([v["reward"] for v in per.values()])),
+            "latency_per_token_ms": float(np.mean([v["latency_per_token_ms"] for v in per.values()])),
+            HEADLINE: float(np.exp(np.log(heads).mean())),
+        }
+        return s, {f"{name}/{HEADLINE}": v[HEADLINE] for name, v in per.items()}
+
     def run_eval(self) -> dict:
-        ctx = PolicyContext.from_config(self.cfg)
-        pol = LearnedPolicy(ctx, self.model.policy)
         state = (torch.get_rng_state(), np.random.get_state(), random.getstate())
-        s, _ = run_policy(self.cfg, pol, seed=10_000, episodes=self.cfg.train.eval_episodes)
+        s, per = self._evaluate()
         torch.set_rng_state(state[0])
         np.random.set_state(state[1])
         random.setstate(state[2])
@@ -196,14 +219,15 @@ class EvalCallback(BaseCallback):
             "reward": s["reward"],
             "latency_per_token_ms": s["latency_per_token_ms"],
             HEADLINE: s[HEADLINE],
+            **per,
             "unix_time": time.time(),
         }
         self.history.append(row)
-        self.logger.record("eval/reward", s["reward"])
-        self.logger.record("eval/latency_per_token_ms", s["latency_per_token_ms"])
-        self.logger.record(f"eval/{HEADLINE}", s[HEADLINE])
-        if s["reward"] > self.best:
-            self.best = s["reward"]
+        for k in ("reward", "latency_per_token_ms", HEADLINE, *per):
+            self.logger.record(f"eval/{k}", row[k])
+        score = -s[HEADLINE] if per else s["reward"]
+        if score > self.best:
+            self.best = score
             self.model.save(str(self.dir / "best.zip"))
         with open(self.dir / "eval_history.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -296,9 +320,16 @@ def train(
     else:
         if list_checkpoints(run_dir):
             raise CheckpointError(f"{run_dir} already has checkpoints: use --resume, or another --name")
-        if t.pretrain.teacher is not None and t.pretrain.teacher not in HEURISTICS:
-            raise ValueError(f"train.pretrain.teacher: unknown heuristic '{t.pretrain.teacher}' (known: {', '.join(HEURISTICS)})")
-        write_metadata(run_dir, cfg, {"algorithm": t.algorithm, "device": device})
+        names = {"train.pretrain.teacher": [t.pretrain.teacher] if t.pretrain.teacher not in (None, "auto") else []}
+        names["train.pretrain.candidates"] = t.pretrain.candidates if t.pretrain.teacher == "auto" else []
+        for key, ns in names.items():
+            for n in ns:
+                if n not in HEURISTICS:
+                    raise ValueError(
+                        f"{key}: unknown heuristic '{n}' (known: {', '.join(HEURISTICS)}; the teacher may be 'auto')"
+                    )
+        parts = {p.cfg.name: p.num_envs * p.sim.N for p in getattr(venv, "parts", [venv])}
+        write_metadata(run_dir, cfg, {"algorithm": t.algorithm, "device": device, "training_parts_agents": parts})
         model = new_mappo(cfg, env)
     model.set_logger(configure(str(run_dir / "tb"), ["tensorboard", "csv"]))
     start_steps = model.num_timesteps

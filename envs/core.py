@@ -139,6 +139,7 @@ class BatchedSimulator:
         self.ue_tx_kw = 10 ** (cfg.scenario.channel.ue_tx_dbm / 10) / 1e6  # joules per ms of transmission
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(cfg.seed if seed is None else int(seed))
+        self.arrival_log: list[torch.Tensor] | None = None  # a list: every queued request's arrival is appended
         self.draws = Draws(self.gen, counter=cfg.env.rng == "counter")  # every random draw (envs.draws)
         self.record_requests = False
         self.round_trace: list[torch.Tensor] | None = None  # set to [] to record (env, user, position, gamma, accepted)
@@ -562,6 +563,9 @@ class BatchedSimulator:
         self.requests[bk, uk, slot] = attrs[keep]
         self.arrival_ms[bk, uk, slot] = at
         self.pattern[bk, uk, slot] = pat[keep]
+        if self.arrival_log is not None:  # env, user, arrival [ms], prompt, output, alpha of each queued request
+            cols = [bk.double(), uk.double(), torch.full_like(bk, 0, dtype=torch.float64) + at, attrs[keep].double()]
+            self.arrival_log.append(torch.cat([c.reshape(len(bk), -1) for c in cols], 1))
         self.q_len = self.q_len + ok.long()
         start = (self.phase == IDLE) & ok
         if bool(start.any()):

@@ -40,6 +40,8 @@ class Features:
     srv_verify_ms: Any = None  # [B, M] profile verify time of a round at the current load, times the slowdown
     pred_ms: Any = None  # [B, N, M] latency model's per-token latency at each server, best gamma
     pred_gamma: Any = None  # [B, N, M] that gamma
+    pred_best_ms: Any = None  # [B, N] the lowest of pred_ms over servers
+    pred_best_gamma: Any = None  # [B, N] the gamma at that server
 
     def to(self, device) -> Features:  # torch only
         return Features(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
@@ -54,7 +56,14 @@ class Features:
         users = self.srv_users.clip(min=1)
         self.srv_verify_ms = model.sites.verify_ms(users, users * 5.0) * self.srv_slowdown
         self.pred_ms, self.pred_gamma = model.best(d)
+        at = self.pred_ms.argmin(-1)[..., None]
+        take = np.take_along_axis if isinstance(at, np.ndarray) else _torch_take
+        self.pred_best_ms, self.pred_best_gamma = take(self.pred_ms, at, -1)[..., 0], take(self.pred_gamma, at, -1)[..., 0]
         return self
+
+
+def _torch_take(x, idx, dim):
+    return x.gather(dim, idx)
 
 
 ACCEPTANCE_DECAY = 0.95  # per verified round

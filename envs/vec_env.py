@@ -14,6 +14,7 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv
 
 from marl_sd.config import Config
+from marl_sd.contract import ObsSpec
 from marl_sd.envs.core import BatchedSimulator, summarize
 
 
@@ -42,9 +43,16 @@ class _InProcessVecEnv(VecEnv):
 
 
 class MultiAgentVecEnv(_InProcessVecEnv):
-    def __init__(self, cfg: Config, num_envs: int | None = None, device: str | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        num_envs: int | None = None,
+        device: str | None = None,
+        seed: int | None = None,
+        spec: ObsSpec | None = None,
+    ):
         torch.set_num_threads(cfg.sim.threads)
-        self.sim = BatchedSimulator(cfg, num_envs=num_envs, device=device, seed=seed)
+        self.sim = BatchedSimulator(cfg, num_envs=num_envs, device=device, seed=seed, spec=spec)
         self.cfg = cfg
         self.render_mode = None
         self.obs_dim, self.state_dim = self.sim.obs_dim, self.sim.state_dim
@@ -125,23 +133,32 @@ class MultiAgentVecEnv(_InProcessVecEnv):
         self._next_seed = None
 
 
-SEED_STRIDE = 7919  # part k of a MixedSizeVecEnv draws from seed + k * SEED_STRIDE
+SEED_STRIDE = 7919  # part k of a MixedVecEnv draws from seed + k * SEED_STRIDE
 
 
-class MixedSizeVecEnv(_InProcessVecEnv):
-    """Several `MultiAgentVecEnv`s of different sizes (users, servers) behind one VecEnv, so one
+class MixedVecEnv(_InProcessVecEnv):
+    """Several `MultiAgentVecEnv`s (other sizes, or other physics) behind one VecEnv, so one
     policy trains on all of them in every rollout: slots of part k follow those of part k-1.
-    Every part has the same observation width (`env.max_servers`), and about the same number of
-    agent slots (`agents_per_size`), so no size dominates the gradient."""
+    Every part encodes its observations with the same contract (`cfg`'s constants and
+    `env.max_servers` room), and gets about `agents * weight` agent slots, so no part dominates
+    the gradient by its size."""
 
-    def __init__(self, cfg: Config, sizes: list[tuple[int, int]], agents_per_size: int, seed: int | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        parts: list[Config],
+        labels: list[str],
+        agents: list[float],
+        seed: int | None = None,
+    ):
         base = cfg.seed if seed is None else seed
+        spec = ObsSpec.from_config(cfg)
         self.parts = [
-            MultiAgentVecEnv(cfg.at_size(n, m), num_envs=max(1, round(agents_per_size / n)), seed=base + SEED_STRIDE * k)
-            for k, (n, m) in enumerate(sizes)
+            MultiAgentVecEnv(c, num_envs=max(1, round(a / c.scenario.n_users)), seed=base + SEED_STRIDE * k, spec=spec)
+            for k, (c, a) in enumerate(zip(parts, agents))
         ]
         first = self.parts[0]
-        self.cfg, self.sizes = cfg, [tuple(s) for s in sizes]
+        self.cfg, self.labels = cfg, list(labels)
         self.obs_dim, self.state_dim, self.nvec = first.obs_dim, first.state_dim, first.nvec
         self.render_mode = None
         self.bounds = np.cumsum([0] + [p.num_envs for p in self.parts])
@@ -175,27 +192,57 @@ class MixedSizeVecEnv(_InProcessVecEnv):
         return [int(seed)] * self.num_envs
 
     def pop_metrics(self) -> dict[str, float]:
-        """Headline metrics since the last call, pooled over the sizes."""
+        """Headline metrics since the last call, pooled over the parts, and per part
+        (`<label>/<metric>`) for the latency."""
         total: dict[str, torch.Tensor] = {}
-        for p in self.parts:
-            for k, v in p.pop_raw_metrics().items():
+        out: dict[str, float] = {}
+        for label, p in zip(self.labels, self.parts):
+            raw = p.pop_raw_metrics()
+            if raw:
+                out[f"{label}/latency_per_token_ms"] = summarize(raw)["latency_per_token_ms"]
+            for k, v in raw.items():
                 total[k] = total.get(k, 0) + v.sum()
-        return summarize(total) if total else {}
+        return {**summarize(total), **out} if total else {}
 
     def get_state(self) -> dict:
-        return {"parts": [p.get_state() for p in self.parts], "sizes": self.sizes}
+        return {"parts": [p.get_state() for p in self.parts], "labels": self.labels}
 
     def set_state(self, state: dict) -> None:
-        if [tuple(s) for s in state.get("sizes", [])] != self.sizes:
-            raise ValueError(f"saved state is for sizes {state.get('sizes')}, this env trains on {self.sizes}")
+        if list(state.get("labels", [])) != self.labels:
+            raise ValueError(f"saved state is for parts {state.get('labels')}, this env trains on {self.labels}")
         for p, s in zip(self.parts, state["parts"]):
             p.set_state(s)
 
 
-def training_env(cfg: Config, num_envs: int | None = None) -> MultiAgentVecEnv | MixedSizeVecEnv:
-    """The VecEnv a run trains on: the scenario's size, or every size of `train.sizes` (about
-    `num_envs` x `n_users` agent slots each)."""
+class MixedSizeVecEnv(MixedVecEnv):
+    """One scenario at several sizes (users, servers), about `agents_per_size` agent slots each."""
+
+    def __init__(self, cfg: Config, sizes: list[tuple[int, int]], agents_per_size: int, seed: int | None = None):
+        self.sizes = [tuple(s) for s in sizes]
+        super().__init__(
+            cfg,
+            [cfg.at_size(n, m) for n, m in self.sizes],
+            [f"{n}x{m}" for n, m in self.sizes],
+            [agents_per_size] * len(sizes),
+            seed,
+        )
+
+
+def physics_env(cfg: Config, agents: int, seed: int | None = None) -> MixedVecEnv:
+    """One part per `train.physics` entry, `agents * weight / mean weight` agent slots each."""
+    ph = cfg.train.physics
+    mean_w = sum(p.weight for p in ph) / len(ph)
+    return MixedVecEnv(
+        cfg, [cfg.with_physics(k) for k in range(len(ph))], [p.name for p in ph], [agents * p.weight / mean_w for p in ph], seed
+    )
+
+
+def training_env(cfg: Config, num_envs: int | None = None) -> MultiAgentVecEnv | MixedVecEnv:
+    """The VecEnv a run trains on: the scenario's size, every size of `train.sizes`, or every
+    physics of `train.physics` (about `num_envs` x `n_users` agent slots each)."""
     B = num_envs or cfg.train.num_envs
+    if cfg.train.physics:
+        return physics_env(cfg, B * cfg.scenario.n_users)
     if not cfg.train.sizes:
         return MultiAgentVecEnv(cfg, num_envs=B)
     return MixedSizeVecEnv(cfg, cfg.train.sizes, B * cfg.scenario.n_users)

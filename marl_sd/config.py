@@ -305,13 +305,31 @@ class SimConfig(Strict):
 class PretrainConfig(Strict):
     """Behaviour cloning of a heuristic teacher before PPO (kickstarting), DAgger-style."""
 
-    teacher: str | None = Field(None, description="heuristic to clone first; None: PPO from scratch")
+    teacher: str | None = Field(
+        None,
+        description="heuristic to clone first; 'auto': per training physics, the candidate with the "
+        "lowest all-work ms/token there (simulated); None: PPO from scratch",
+    )
+    candidates: list[str] = Field(
+        default_factory=lambda: ["greedy_latency", "two_phase_matching", "nearest_adaptive", "closed_form_dp", "centralized_ar"],
+        description="heuristics 'auto' chooses among",
+    )
     iterations: int = Field(4, ge=1, description="episode batches: the first driven by the teacher, then by the student")
     epochs: int = Field(4, ge=1, description="passes over all labelled data after each batch")
     batch_size: int = Field(4096, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="keeps the cloned policy stochastic for PPO")
     critic_rounds: int = Field(3, ge=0, description="TD(lambda) target refreshes fitting the critic on the last batch")
+
+
+class PhysicsConfig(Strict):
+    """One physics of a training distribution: a scenario (sites, load, channel, devices, size).
+    In YAML, `{from: suite/light.yaml}` (or just the path) takes the scenario of that config
+    file, relative to the file naming it; the resolved config holds the scenario itself."""
+
+    name: str
+    scenario: ScenarioConfig
+    weight: float = Field(1.0, gt=0, description="share of the training agent slots, relative to the others")
 
 
 class TrainConfig(Strict):
@@ -342,6 +360,12 @@ class TrainConfig(Strict):
         description="[n_users, n_servers] pairs trained on "
         "together (one simulator each, about equal "
         "agent counts); empty: the scenario's size",
+    )
+    physics: list[PhysicsConfig] = Field(
+        default_factory=list,
+        description="train one policy across these scenarios at once (one simulator "
+        "each, agent slots in proportion to their weights), encoded with this "
+        "config's observation contract; empty: the scenario's own physics",
     )
     layer_norm: bool = True
     value_norm: bool = True
@@ -429,6 +453,18 @@ class Config(Strict):
                 raise ValueError(f"train.sizes: [{n}, {m}] needs at least one user and one server")
             if m > room:
                 raise ValueError(f"{m} servers exceed env.max_servers ({room}): raise env.max_servers")
+        from marl_sd.envs.profiles import load_profile
+
+        for k, ph in enumerate(self.train.physics):
+            if ph.scenario.n_servers > room:
+                raise ValueError(
+                    f"train.physics.{k} ({ph.name}): {ph.scenario.n_servers} servers exceed env.max_servers ({room})"
+                )
+            for prof in set(ph.scenario.site_profiles()):
+                try:
+                    load_profile(prof)
+                except ConfigError as e:
+                    raise ValueError(f"train.physics.{k} ({ph.name}): profile {prof!r}: {e}") from None
         return self
 
     @property
@@ -450,6 +486,14 @@ class Config(Strict):
             d["scenario"]["sites"] = [d["scenario"]["sites"][i % len(d["scenario"]["sites"])] for i in range(int(n_servers))]
         d["scenario"]["site_events"] = [e for e in d["scenario"]["site_events"] if e["site"] < int(n_servers)]
         return config_from_dict(d, f"{self.name} at {n_users} users, {n_servers} servers")
+
+    def with_physics(self, k: int) -> Config:
+        """This config with the scenario of `train.physics[k]` (its own name, no distribution)."""
+        d = self.to_dict()
+        ph = d["train"]["physics"][k]
+        d["scenario"], d["name"] = ph["scenario"], ph["name"]
+        d["train"]["physics"] = []
+        return config_from_dict(d, f"{self.name}: train.physics.{k} ({ph['name']})")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -534,6 +578,7 @@ def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
     _profiles_relative_to(loaded, path.parent)
+    _physics_relative_to(loaded, path, seen)
     parents = loaded.pop("extends", []) or []
     if isinstance(parents, str):
         parents = [parents]
@@ -541,6 +586,26 @@ def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     for parent in parents:
         tree = _merge(tree, _read_tree((path.parent / parent), seen + (path.resolve(),)))
     return _merge(tree, loaded)
+
+
+def _physics_relative_to(tree: dict, path: Path, seen: tuple[Path, ...]) -> None:
+    """`train.physics` entries given as a config file (`{from: x.yaml}` or `x.yaml`), relative to
+    the file naming them, are replaced by that file's name and scenario (its `extends` resolved)."""
+    train = tree.get("train")
+    if not isinstance(train, dict) or not isinstance(train.get("physics"), list):
+        return
+    out = []
+    for k, entry in enumerate(train["physics"]):
+        src = entry if isinstance(entry, str) else entry.get("from") if isinstance(entry, dict) else None
+        if src is None:
+            out.append(entry)
+            continue
+        other = _read_tree(path.parent / src, seen + (path.resolve(),))
+        if "scenario" not in other:
+            raise ConfigError(f"{path}: train.physics.{k}: {src} has no scenario section")
+        rest = {x: v for x, v in entry.items() if x != "from"} if isinstance(entry, dict) else {}
+        out.append({"name": other.get("name", Path(src).stem), "scenario": other["scenario"], **rest})
+    train["physics"] = out
 
 
 def _profiles_relative_to(tree: dict, base: Path) -> None:

@@ -63,6 +63,8 @@ LOCAL_FEATURES: tuple[Feature, ...] = (
     Feature("context_tokens", "context_tokens", kind="log1p", scale=9.0, clip=(0.0, None), integer=True),  # 1 ~ 8k
     Feature("pred_ms", "pred_ms", "M", kind="log1p", scale=7.0, clip=(0.0, 1e4)),
     Feature("pred_gamma", "pred_gamma", "M", scale="gamma_max", integer=True),
+    Feature("pred_best_ms", "pred_best_ms", kind="log1p", scale=7.0, clip=(0.0, 1e4)),
+    Feature("pred_best_gamma", "pred_best_gamma", scale="gamma_max", integer=True),
     Feature("srv_verify_ms", "srv_verify_ms", "M", kind="log1p", scale=5.0, clip=(0.0, None), scope="server"),
     Feature("srv_slowdown", "srv_slowdown", "M", kind="log1p", scale=2.0, clip=(0.0, None), scope="server"),
     Feature("server_valid", None, "M", kind="valid", scope="server"),
