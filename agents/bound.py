@@ -21,6 +21,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from marl_sd.agents.evaluate import HEADLINE, METRICS
 from marl_sd.agents.heuristics import make_heuristic
 from marl_sd.agents.policy import Policy, PolicyContext
 from marl_sd.envs.latency_model import LatencyModel
@@ -109,8 +110,6 @@ class SoloBound(Policy):
         return charged, float(rows[:, 4].sum())
 
     def diagnostics(self) -> dict:
-        from marl_sd.agents.evaluate import HEADLINE, METRICS
-
         charged, tokens = self.bound()
         out = {k: math.nan for k in METRICS}
         out[HEADLINE] = charged / tokens if tokens else math.nan

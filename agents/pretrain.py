@@ -21,6 +21,7 @@ import logging
 
 import torch
 
+from marl_sd.agents.evaluate import HEADLINE, run_policy
 from marl_sd.agents.heuristics import make_heuristic
 from marl_sd.agents.mappo import MAPPO
 from marl_sd.agents.policy import PolicyContext
@@ -47,8 +48,6 @@ def smoothed_masked_ce(
 def choose_teachers(cfg: Config, venv: MultiAgentVecEnv, episodes: int = 2) -> list[str]:
     """Per training part (size or physics): the candidate heuristic (`train.pretrain.candidates`)
     with the lowest all-work ms/token there, simulated on `episodes` episodes of its own seed."""
-    from marl_sd.agents.evaluate import HEADLINE, run_policy
-
     out = []
     for k, part in enumerate(venv.parts):
         scores = {}

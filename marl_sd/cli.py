@@ -80,27 +80,50 @@ def _cmd_bench(args) -> int:
 
 
 def _bench_suite(args) -> int:
-    from marl_sd.suite import run_suite, suite_configs, summarize_suite, with_every_heuristic, write_suite
+    from marl_sd.suite import (
+        heuristic_fingerprint,
+        reusable,
+        run_suite,
+        scenario_configs,
+        suite_configs,
+        summarize_suite,
+        with_every_heuristic,
+        write_suite,
+    )
 
     scen = suite_configs(args.scenarios)
     policies, added = with_every_heuristic(args.policies_suite)
     if added:
         console.print(f"also running {', '.join(added)}: the best heuristic is the best of every heuristic")
     seeds = args.seeds or [0, 1, 2, 3, 4, 5]
-    t0 = time.time()
-    with Progress(console=console, transient=True) as prog:
-        task = prog.add_task("suite", total=len(scen) * len(policies) * len(seeds))
-        res = run_suite(
-            scen,
-            policies,
-            seeds,
-            args.episodes,
-            args.set,
-            progress=lambda *cell: prog.advance(task),
-            use_ray=args.ray,
-            address=args.address,
-            learned_run=args.learned,
+    cfgs = scenario_configs(scen, args.set)
+    old = reusable(json.loads(Path(args.reuse).read_text()), cfgs, seeds, args.episodes, args.set) if args.reuse else {}
+    taken = [p for p in policies if old and all(p in old.get(sc, {}) for sc in scen)]
+    if args.reuse:
+        console.print(
+            f"reusing {', '.join(taken)} from {args.reuse}"
+            if taken
+            else f"{args.reuse}: nothing reusable (other seeds, episodes, overrides, scenarios or code): running everything"
         )
+    to_run = [p for p in policies if p not in taken]
+    t0 = time.time()
+    res = {sc: {p: old[sc][p] for p in taken} for sc in scen}
+    if to_run:
+        with Progress(console=console, transient=True) as prog:
+            task = prog.add_task("suite", total=len(scen) * len(to_run) * len(seeds))
+            new = run_suite(
+                scen,
+                to_run,
+                seeds,
+                args.episodes,
+                args.set,
+                progress=lambda *cell: prog.advance(task),
+                use_ray=args.ray,
+                address=args.address,
+                learned_run=args.learned,
+            )
+        for sc in scen:
+            res[sc].update(new[sc])
     summary = summarize_suite(res)
     t = Table(
         title=f"scenario suite: ms/token over all arrived work (mean ± 95 % CI over {len(seeds)} seeds x "
@@ -136,7 +159,15 @@ def _bench_suite(args) -> int:
         res,
         summary,
         Path(args.out or "runs/suite"),
-        {"seeds": seeds, "episodes": args.episodes, "overrides": args.set, "wall_s": time.time() - t0},
+        {
+            "seeds": seeds,
+            "episodes": args.episodes,
+            "overrides": args.set,
+            "wall_s": time.time() - t0,
+            "fingerprint": heuristic_fingerprint(),
+            "scenario_hash": {sc: c.hash() for sc, c in cfgs.items()},
+            "reused": taken,
+        },
     )
     console.print("wrote " + ", ".join(str(p) for p in paths))
     return 0
@@ -703,6 +734,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--episodes", type=int, default=2, help="suite: parallel episodes per seed")
     b.add_argument("--out", help="suite: output directory (default runs/suite)")
+    b.add_argument(
+        "--reuse",
+        metavar="SUITE_JSON",
+        help="suite: take the heuristics' results from an earlier run's suite.json when its seeds, episodes, "
+        "overrides, scenario configs and simulator/heuristic code are the same (else run them)",
+    )
     b.add_argument("--ray", action="store_true", help="suite: every (scenario, policy, seed) as a Ray task")
     b.add_argument("--address", help="with --ray: a Ray cluster to join (default $RAY_ADDRESS, else a local Ray)")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

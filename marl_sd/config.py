@@ -453,18 +453,16 @@ class Config(Strict):
                 raise ValueError(f"train.sizes: [{n}, {m}] needs at least one user and one server")
             if m > room:
                 raise ValueError(f"{m} servers exceed env.max_servers ({room}): raise env.max_servers")
-        from marl_sd.envs.profiles import load_profile
-
         for k, ph in enumerate(self.train.physics):
             if ph.scenario.n_servers > room:
                 raise ValueError(
                     f"train.physics.{k} ({ph.name}): {ph.scenario.n_servers} servers exceed env.max_servers ({room})"
                 )
-            for prof in set(ph.scenario.site_profiles()):
-                try:
-                    load_profile(prof)
-                except ConfigError as e:
-                    raise ValueError(f"train.physics.{k} ({ph.name}): profile {prof!r}: {e}") from None
+            for prof in ph.scenario.site_profiles():
+                p = Path(prof)
+                if not (PROFILE_DIR / f"{prof}.yaml" if not p.suffix else p).is_file():
+                    known = ", ".join(sorted(f.stem for f in PROFILE_DIR.glob("*.yaml")))
+                    raise ValueError(f"train.physics.{k} ({ph.name}): latency profile {prof!r} not found (known: {known})")
         return self
 
     @property

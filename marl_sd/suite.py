@@ -36,6 +36,46 @@ def with_every_heuristic(policies: list[str]) -> tuple[list[str], list[str]]:
     return [*policies, *added], added
 
 
+def heuristic_fingerprint() -> str:
+    """Hash of the code and data that decide a heuristic's figures: the simulator and its channel
+    (`marl_sd.envs`), the heuristics, policy and evaluation modules, the config and contract
+    modules and the shipped latency profiles. Suite results are reused only under the same one."""
+    import hashlib
+
+    from marl_sd import config, contract, envs
+    from marl_sd.agents import evaluate, heuristics, policy
+
+    files = sorted(Path(envs.__file__).parent.rglob("*.py"))
+    files += [Path(m.__file__) for m in (heuristics, policy, evaluate, config, contract)]
+    files += sorted((CONFIG_DIR / "profiles").glob("*.yaml"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def reusable(previous: dict, cfgs: dict, seeds: list[int], episodes: int, overrides: list[str]) -> dict:
+    """{scenario: {heuristic: per-seed results}} of an earlier suite run (its suite.json) that
+    this run may take instead of re-running: heuristics only (learned policies and the search
+    change with their runs), and only if the seeds, episodes, overrides, the scenario's resolved
+    config and `heuristic_fingerprint()` are all the same. Anything else is run again."""
+    meta = previous.get("meta", {})
+    same = (
+        meta.get("seeds") == list(seeds)
+        and meta.get("episodes") == episodes
+        and list(meta.get("overrides", [])) == list(overrides)
+        and meta.get("fingerprint") == heuristic_fingerprint()
+    )
+    if not same:
+        return {}
+    hashes = meta.get("scenario_hash", {})
+    return {
+        scen: {p: v for p, v in previous["per_seed"][scen].items() if p in HEURISTICS}
+        for scen, cfg in cfgs.items()
+        if scen in previous.get("per_seed", {}) and hashes.get(scen) == cfg.hash()
+    }
+
+
 def suite_configs(names: list[str] | None = None) -> dict[str, Path]:
     """Scenario name -> config path of the shipped suite (or the given paths / names)."""
     shipped = {p.stem: p for p in sorted((CONFIG_DIR / "suite").glob("*.yaml"))}
@@ -56,6 +96,12 @@ def make_policy(name: str, cfg, runs_dir: Path, learned_run: Path | None = None)
     return catalog.make_policy(name, cfg, Path(learned_run) if learned_run else runs_dir / cfg.name, learned_name="learned")
 
 
+def scenario_configs(scenarios: dict[str, Path], overrides: list[str]) -> dict:
+    """The suite's resolved configs: counter-based draws (`env.rng=counter`, unless overridden):
+    the clairvoyant oracle needs them, and every policy then faces the same draws."""
+    return {scen: load_config(path, ["env.rng=counter", *overrides]) for scen, path in scenarios.items()}
+
+
 def run_suite(
     scenarios: dict[str, Path],
     policies: list[str],
@@ -72,7 +118,7 @@ def run_suite(
     diagnostics, on identical seeds (with `use_ray`, every (scenario, policy, seed) is a Ray task;
     the results are the same). Counter-based draws (`env.rng=counter`, unless overridden): the
     clairvoyant oracle needs them, and every policy then faces the same draws."""
-    cfgs = {scen: load_config(path, ["env.rng=counter", *overrides]) for scen, path in scenarios.items()}
+    cfgs = scenario_configs(scenarios, overrides)
     grid = eval_grid(
         cfgs,
         lambda name, cfg: make_policy(name, cfg, runs_dir, learned_run),

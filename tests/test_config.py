@@ -78,3 +78,30 @@ def test_shipped_configs_found_by_name_outside_a_checkout(tmp_path, monkeypatch)
         assert load_config(name).name == "smoke"
     with pytest.raises(ConfigError, match="not found"):
         load_config("configs/nope.yaml")
+
+
+def test_physics_from_config_files_resolve_into_the_run_config(tmp_path):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"name": "site_a", "scenario": {"n_users": 5, "profile": "llama31_8b_h100"}}))
+    p = write(tmp_path, {"env": {"max_servers": 4}, "train": {"physics": ["a.yaml", {"from": "a.yaml", "weight": 2.0}]}})
+    cfg = load_config(p)
+    assert [(ph.name, ph.scenario.n_users, ph.weight) for ph in cfg.train.physics] == [("site_a", 5, 1.0), ("site_a", 5, 2.0)]
+    part = cfg.with_physics(1)
+    assert part.scenario.profile == "llama31_8b_h100" and part.train.physics == [] and part.max_servers == 4
+    dump_config(cfg, tmp_path / "run.yaml")  # the resolved config holds the scenarios: it loads anywhere
+    assert load_config(tmp_path / "run.yaml").train.physics == cfg.train.physics
+
+
+@pytest.mark.parametrize(
+    ("scenario", "words"),
+    [
+        ({"profile": "no_such_gpu"}, ["train.physics.0", "no_such_gpu", "not found"]),
+        ({"workload": {"arrival_rate_per_s": -1.0}}, ["train.physics.0.scenario.workload.arrival_rate_per_s"]),
+        ({"n_servers": 5}, ["train.physics.0", "5 servers exceed env.max_servers (3)"]),
+    ],
+)
+def test_bad_physics_names_the_key_and_the_file(tmp_path, scenario, words):
+    p = write(tmp_path, {"train": {"physics": [{"name": "bad", "scenario": scenario}]}})
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    for w in [*words, str(p)]:
+        assert w in str(e.value)
