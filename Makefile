@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEMO_RUN ?= runs/demo
 
-.PHONY: setup demo test lint test-rest test-all wheel-check bench train-suite suite clean
+.PHONY: setup demo test lint test-rest test-all wheel-check bench train-suite suite train-generalist generalist-suite clean
 
 setup: $(VENV)/.installed
 
@@ -59,6 +59,16 @@ train-suite: setup
 
 suite: setup
 	$(VENV)/bin/marl-sd bench suite --seeds 0 1 2 3 4 5 --out runs/suite
+
+# One policy for every site: trained across seven suite scenarios' physics (vehicular and
+# datacenter_h100 held out), resumable (`RESUME=--resume`); then every suite scenario with it, the
+# bound and every heuristic (the heuristics reused from runs/suite when the code is the same).
+train-generalist: setup
+	$(VENV)/bin/marl-sd train configs/generalist.yaml --no-progress $(RESUME)
+
+generalist-suite: setup
+	$(VENV)/bin/marl-sd bench suite --learned runs/generalist --suite-policies learned bound --seeds 0 1 2 3 4 5 \
+		--reuse runs/suite/suite.json --out runs/suite_generalist
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -97,7 +97,8 @@ def _bench_suite(args) -> int:
         console.print(f"also running {', '.join(added)}: the best heuristic is the best of every heuristic")
     seeds = args.seeds or [0, 1, 2, 3, 4, 5]
     cfgs = scenario_configs(scen, args.set)
-    old = reusable(json.loads(Path(args.reuse).read_text()), cfgs, seeds, args.episodes, args.set) if args.reuse else {}
+    found = bool(args.reuse) and Path(args.reuse).is_file()
+    old = reusable(json.loads(Path(args.reuse).read_text()), cfgs, seeds, args.episodes, args.set) if found else {}
     taken = [p for p in policies if old and all(p in old.get(sc, {}) for sc in scen)]
     if args.reuse:
         console.print(

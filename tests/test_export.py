@@ -57,3 +57,16 @@ def test_wrong_or_broken_bundle_rejected(bundle, tmp_path):
         load_bundle(broken, cfg)
     m = json.loads((out / "manifest.json").read_text())
     assert m["config_hash"] == cfg.hash() and m["scenario"]["n_users"] == cfg.scenario.n_users
+
+
+def test_a_bundle_of_an_older_manifest_version_says_to_export_again(bundle, tmp_path):
+    """Version 3 bundles predate the physics features: their actors expect another observation."""
+    _, _, out, _ = bundle
+    old = tmp_path / "old"
+    old.mkdir()
+    m = json.loads((out / "manifest.json").read_text())
+    m["manifest_version"] = 3
+    (old / "manifest.json").write_text(json.dumps(m))
+    (old / "actor.onnx").write_bytes((out / "actor.onnx").read_bytes())
+    with pytest.raises(BundleError, match="unsupported manifest version 3 .* export the run again"):
+        load_bundle(old)
