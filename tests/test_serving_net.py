@@ -220,9 +220,8 @@ def test_paced_verifier_and_drafter_emulate_the_profile(target):
     d.start([1, 2, 3])
     stop = threading.Event()
     threading.Timer(0.06, stop.set).start()
-    t0 = time.monotonic()
     d.extend(10, stop)
-    assert len(d.drafts) == 1 and time.monotonic() - t0 < 0.2
+    assert len(d.drafts) == 1  # of 10 asked for: the one finished before the stop, the one in progress dropped
 
 
 def test_clients_join_and_leave_while_the_controller_decides(servers, target, tmp_path):
