@@ -319,6 +319,10 @@ def _cmd_eval(args) -> int:
     episodes = args.episodes or cfg.eval.episodes
     seeds = args.seeds or cfg.eval.seeds
     out_dir = run_dir / "eval"
+    if args.learned:  # another run's policy on this scenario (e.g. one trained across physics)
+        run_dir = Path(args.learned)
+        if not (run_dir / "config.yaml").exists():
+            raise ConfigError(f"--learned {run_dir}: not a run directory (no config.yaml)")
     if args.capacity:
         return _capacity(
             cfg,
@@ -416,6 +420,7 @@ def _cmd_serve(args) -> int:
             faults=not args.no_faults,
             attackers=not args.no_attackers,
             out=args.out,
+            only=args.attackers,
         )
         console.print_json(json.dumps(res))
         return 0
@@ -620,10 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds", type=int, nargs="+")
     e.add_argument("--policies", nargs="+", help="subset: learned and/or heuristic names")
     e.add_argument("--sweep", help="load sweep, e.g. users=4,8,16,32")
+    e.add_argument("--learned", metavar="RUN", help="evaluate this run's policy as `learned` (on the target's scenario)")
     e.add_argument(
         "--capacity",
         action="store_true",
-        help="users served with >= --slo-target of requests within both SLOs (bisection over n_users; heuristics)",
+        help="users served with >= --slo-target of requests within both SLOs (bisection over n_users)",
     )
     e.add_argument("--slo-target", type=float, default=0.9)
     e.add_argument("--ray", action="store_true", help="every (policy, seed) as a Ray task (same results)")
@@ -685,6 +691,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--insecure", action="store_true", help="chaos: plain text instead of mutual TLS")
     sv.add_argument("--no-faults", action="store_true", help="chaos: load only (no kills, freezes or restarts)")
     sv.add_argument("--no-attackers", action="store_true", help="chaos: honest clients only")
+    sv.add_argument(
+        "--attackers",
+        nargs="+",
+        help="chaos: just these attackers, each its own client identity: poisoner squatter bad_reporter no_reader "
+        "churner context_hog (default: poisoner squatter bad_reporter)",
+    )
     sv.add_argument(
         "--repeats",
         type=int,

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import grpc
 import numpy as np
@@ -461,3 +462,58 @@ def test_decision_fields_are_the_contracts_sub_actions_in_any_order(monkeypatch)
     monkeypatch.setattr(P, "SUB_ACTIONS", order)
     assert P.Decision.from_action([row[k] for k in order], share=0.25, slot=7) == want
     assert want.server == 2 and want.uplink_bid == 3 and want.verify_priority == 1 and want.gamma == 5
+
+
+# ---------------------------------------------------------------- fair share
+def test_a_client_that_never_reads_loses_its_session_and_kv_within_the_send_timeout():
+    """VERIFY after VERIFY and no reads: flow control stalls the stream (the server's replies or
+    the client's writes, whichever backs up first), and the send deadline (2 s) or the idle
+    timeout (3 s) ends the session and frees its KV while the client still holds the stream open
+    (the client gives up after 45 s)."""
+    verify = P.encode_verify(
+        P.VerifyMsg(0, 1, np.array([5, 6, 7], np.int32), np.zeros((3, 0), np.int32), np.zeros((3, 0), np.float32))
+    )
+    prompt = P.encode_open(P.OpenMsg(0, np.arange(1, 200, dtype=np.int32)))
+
+    async def hog(addr):
+        opts = [*P.grpc_options(), ("grpc.http2.bdp_probe", 0)]  # the default 64 KiB window: replies back up
+        async with grpc.aio.insecure_channel(addr, options=opts) as ch:
+            call = ch.stream_stream(f"/{P.VERIFIER_SERVICE}/Session")()
+            await call.write(prompt)
+
+            async def flood():
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    while not call.done():
+                        await call.write(verify)
+                        await asyncio.sleep(0)
+
+            writer = asyncio.ensure_future(flood())
+            held, t0 = 0, time.monotonic()
+            while time.monotonic() - t0 < 45:
+                await asyncio.sleep(0.2)
+                st = await server_status_async(addr)
+                held = max(held, st["kv_tokens"])
+                if held and st["open_sessions"] == 0:
+                    break
+            writer.cancel()
+            return held, await server_status_async(addr), time.monotonic() - t0
+
+    with local_servers("tiny:0", 1, extra=["--send-timeout", "2", "--idle-timeout", "3"]) as (_, (addr,)):
+        held, st, took = asyncio.run(hog(addr))
+    assert held > 199  # the hog held its context and grew it while it was served
+    assert st["open_sessions"] == 0 and st["kv_tokens"] == 0
+    assert st["sessions_opened"] == st["sessions_closed"] == 1
+    assert took < 45  # freed while the hog still held the stream, not when it gave up
+
+
+def test_chaos_with_fair_share_attackers_stays_lossless():
+    """Two honest clients beside a client that never reads its replies and one that opens and
+    closes sessions as fast as it can (each its own certificate): every honest request completes
+    losslessly, and the attackers were refused or ended by the verifiers."""
+    from marl_sd.serving.chaos import run_chaos
+
+    res = run_chaos(clients=2, duration_s=25, faults=False, only=["no_reader", "churner"])
+    assert res["requests_completed"] > 0 and res["requests_wrong_tokens"] == 0 and res["requests_failed"] == 0
+    a = res["attackers"]
+    assert a["noread_opened"] > 0 and a["churn_opened"] > 0
+    assert a["noread_ended_by_server"] > 0 or a.get("churn_resource_exhausted", 0) > 0

@@ -130,22 +130,81 @@ async def poisoner(servers: list[str], sec: Security, t_end: float, stats: dict)
         await asyncio.sleep(0.2)
 
 
-async def squatter(servers: list[str], sec: Security, t_end: float, stats: dict) -> None:
-    """Opens as many idle sessions as it is allowed and keeps them."""
+def _count(stats: dict, key: str) -> None:
+    stats[key] = stats.get(key, 0) + 1
+
+
+async def _holder(servers: list[str], sec: Security, t_end: float, stats: dict, prompt, per_server: int, tag: str) -> None:
+    """Opens `per_server` sessions with `prompt` on every verifier and keeps them until the server
+    closes them, over and over."""
 
     async def hold(addr):
         try:
             async with sec.channel(addr, "verifier", options=P.grpc_options()) as ch:
                 call = ch.stream_stream(f"/{P.VERIFIER_SERVICE}/Session")()
-                await call.write(P.encode_open(P.OpenMsg(0, np.array([1, 2], np.int32))))
+                await call.write(P.encode_open(P.OpenMsg(0, np.asarray(prompt, np.int32))))
                 await call.read()
-                stats["squat_opened"] += 1
+                stats[f"{tag}_opened"] += 1
                 await call.read()  # until the server closes it
         except grpc.aio.AioRpcError as e:
-            stats[f"squat_{e.code().name.lower()}"] = stats.get(f"squat_{e.code().name.lower()}", 0) + 1
+            _count(stats, f"{tag}_{e.code().name.lower()}")
+            await asyncio.sleep(0.2)
 
     while time.monotonic() < t_end:
-        await asyncio.gather(*(hold(a) for a in servers for _ in range(24)))
+        await asyncio.gather(*(hold(a) for a in servers for _ in range(per_server)))
+
+
+async def squatter(servers: list[str], sec: Security, t_end: float, stats: dict) -> None:
+    """Opens as many idle sessions as it is allowed and keeps them."""
+    await _holder(servers, sec, t_end, stats, [1, 2], 24, "squat")
+
+
+async def no_reader(servers: list[str], sec: Security, t_end: float, stats: dict) -> None:
+    """Opens sessions and sends round after round without ever reading a reply."""
+    verify = P.encode_verify(
+        P.VerifyMsg(0, 1, np.array([5, 6, 7], np.int32), np.zeros((3, 0), np.int32), np.zeros((3, 0), np.float32))
+    )
+
+    async def one(addr):
+        try:
+            async with sec.channel(addr, "verifier", options=[*P.grpc_options(), ("grpc.http2.bdp_probe", 0)]) as ch:
+                call = ch.stream_stream(f"/{P.VERIFIER_SERVICE}/Session")()
+                await call.write(P.encode_open(P.OpenMsg(0, np.arange(1, 400, dtype=np.int32))))
+                stats["noread_opened"] += 1
+                while not call.done() and time.monotonic() < t_end:
+                    await asyncio.wait_for(call.write(verify), max(0.1, t_end - time.monotonic()))
+                    await asyncio.sleep(0)
+                stats["noread_ended_by_server"] += call.done()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
+            stats["noread_ended_by_server"] += 1
+
+    while time.monotonic() < t_end:
+        await asyncio.gather(*(one(a) for a in servers for _ in range(4)))
+
+
+async def churner(servers: list[str], sec: Security, t_end: float, stats: dict) -> None:
+    """Opens and closes sessions as fast as it can."""
+    while time.monotonic() < t_end:
+        addr = random.choice(servers)
+        try:
+            async with sec.channel(addr, "verifier", options=P.grpc_options()) as ch:
+                while time.monotonic() < t_end:
+                    call = ch.stream_stream(f"/{P.VERIFIER_SERVICE}/Session")(timeout=5)
+                    await call.write(P.encode_open(P.OpenMsg(0, np.array([1, 2, 3], np.int32))))
+                    await call.read()
+                    await call.done_writing()
+                    stats["churn_opened"] += 1
+        except grpc.aio.AioRpcError as e:
+            _count(stats, f"churn_{e.code().name.lower()}")
+            await asyncio.sleep(0.01)
+
+
+async def context_hog(servers: list[str], sec: Security, t_end: float, stats: dict) -> None:
+    """Keeps long-prompt sessions open (prefill of ~4k tokens each) on every verifier."""
+    await _holder(servers, sec, t_end, stats, np.arange(4000) % 500 + 1, 16, "hog")
+
+
+ATTACKERS = {"poisoner": poisoner, "squatter": squatter, "no_reader": no_reader, "churner": churner, "context_hog": context_hog}
 
 
 async def bad_reporter(ctrl: str, sec: Security, t_end: float, stats: dict, victim: int) -> None:
@@ -175,7 +234,7 @@ async def bad_reporter(ctrl: str, sec: Security, t_end: float, stats: dict, vict
                         await rpc(json.dumps(b).encode(), timeout=1)
                         stats["reports_accepted"] += 1
                     except grpc.aio.AioRpcError as e:
-                        stats[f"reports_{e.code().name.lower()}"] = stats.get(f"reports_{e.code().name.lower()}", 0) + 1
+                        _count(stats, f"reports_{e.code().name.lower()}")
         except grpc.aio.AioRpcError:
             pass
         await asyncio.sleep(0.005)
@@ -188,9 +247,12 @@ def run_chaos(
     faults: bool = True,
     attackers: bool = True,
     out: Path | None = None,
+    only: list[str] | None = None,
 ) -> dict:
+    """Honest clients with the faults and attackers on; `only`: just these attackers (names of
+    `ATTACKERS`, plus `bad_reporter`), each under its own client identity."""
     torch.set_num_threads(1)
-    M, bad_roles = 3, 4
+    M, bad_roles = 3, 6
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         roles = ["verifier", "controller", "operator", *(f"client-{u}" for u in range(clients + bad_roles))]
@@ -241,7 +303,23 @@ def run_chaos(
         logs: list[dict] = []
         failovers: list[tuple[float, str]] = []
         missed: list[float] = []
-        stats = {k: 0 for k in ("poison_accepted", "poison_refused", "squat_opened", "reports_accepted")}
+        stats = {
+            k: 0
+            for k in (
+                "poison_accepted",
+                "poison_refused",
+                "squat_opened",
+                "reports_accepted",
+                "noread_opened",
+                "noread_ended_by_server",
+                "churn_opened",
+                "hog_opened",
+            )
+        }
+        chosen = only if only is not None else ["poisoner", "squatter", "bad_reporter"]
+        unknown = [n for n in chosen if n not in ATTACKERS and n != "bad_reporter"]
+        if unknown:
+            raise ValueError(f"unknown attackers {unknown} (known: {', '.join([*ATTACKERS, 'bad_reporter'])})")
 
         async def chaos(t0: float):
             if not faults:
@@ -282,15 +360,13 @@ def run_chaos(
                 honest_client(u, addrs, ctrl.addr, sec.as_role(f"client-{u}"), M, t_end, logs, failovers, u, missed)
                 for u in range(clients)
             ]
-            bad = (
-                [
-                    poisoner(addrs, sec.as_role(f"client-{clients}"), t_end, stats),
-                    squatter(addrs, sec.as_role(f"client-{clients + 1}"), t_end, stats),
-                    bad_reporter(ctrl.addr, sec.as_role(f"client-{clients + 2}"), t_end, stats, victim=0),
-                ]
-                if attackers
-                else []
-            )
+            bad = []
+            for k, name in enumerate(chosen if attackers else []):
+                role = sec.as_role(f"client-{clients + k}")
+                if name == "bad_reporter":
+                    bad.append(bad_reporter(ctrl.addr, role, t_end, stats, victim=0))
+                else:
+                    bad.append(ATTACKERS[name](addrs, role, t_end, stats))
             bad_tasks = [asyncio.ensure_future(b) for b in bad]
             await asyncio.gather(*hs, chaos(t0))
             for b in bad_tasks:
@@ -326,6 +402,8 @@ def run_chaos(
         "requests_wrong_tokens": int(wrong),
         "tpot_p50_ms": float(np.percentile(tpot, 50)),
         "tpot_p99_ms": float(np.percentile(tpot, 99)),
+        "requests_per_s": len(done) / duration_s,
+        "attacker_set": chosen if attackers else [],
         "failovers": len(failovers),
         "faults": faults_log,
         "attackers": stats,

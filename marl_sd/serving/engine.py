@@ -29,6 +29,7 @@ class Session:
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     accepted: int = 0
     rejected: int = 0
+    owner: str | None = None  # the identity that opened it (KV accounting per identity)
 
 
 @dataclass
@@ -59,11 +60,44 @@ def check_rollback_support(config) -> None:
         raise UnsupportedModel(f"{type(config).__name__} has sliding-attention layers: its cache cannot be rolled back")
 
 
+def kv_bytes_per_token(config) -> int:
+    """Bytes of KV cache one context token takes in `config`'s model (keys and values, every layer)."""
+    heads = getattr(config, "num_attention_heads", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    dtype = getattr(config, "dtype", None) or torch.float32
+    size = torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 4
+    return int(2 * config.num_hidden_layers * kv_heads * head_dim * size)
+
+
+def default_kv_budget(config, memory_bytes: int | None = None, fraction: float = 0.5) -> int:
+    """Context tokens the KV cache may hold over all sessions: `fraction` of the device's free
+    memory (the GPU's when CUDA is up, else the machine's available RAM) over the bytes per token."""
+    if memory_bytes is None:
+        if torch.cuda.is_available():
+            memory_bytes = torch.cuda.mem_get_info()[0]
+        else:
+            import os
+
+            memory_bytes = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(1, int(fraction * memory_bytes / kv_bytes_per_token(config)))
+
+
 class VerifierEngine:
     """Sessions and batched verification, within limits: `max_sessions`, `max_context` tokens per
-    session (at most the model's positions), `kv_budget_tokens` of context over all sessions."""
+    session (at most the model's positions), `kv_budget_tokens` of context over all sessions
+    (default: half the free memory's worth, `default_kv_budget`; 0: unlimited), of which one
+    identity may hold `kv_share`. Both are checked when a session opens and at every step that
+    grows a context."""
 
-    def __init__(self, model, max_sessions: int = 256, max_context: int | None = None, kv_budget_tokens: int | None = None):
+    def __init__(
+        self,
+        model,
+        max_sessions: int = 256,
+        max_context: int | None = None,
+        kv_budget_tokens: int | None = None,
+        kv_share: float = 1.0,
+    ):
         check_rollback_support(model.config)
         self.model = model
         self.vocab = model.config.vocab_size
@@ -71,14 +105,34 @@ class VerifierEngine:
         self.max_sessions = max_sessions
         limit = getattr(model.config, "max_position_embeddings", None) or 1 << 30
         self.max_context = min(max_context or limit, limit)
-        self.kv_budget = kv_budget_tokens
+        budget = default_kv_budget(model.config) if kv_budget_tokens is None else kv_budget_tokens
+        self.kv_budget = budget or None
+        if not 0 < kv_share <= 1:
+            raise ValueError(f"kv_share must be in (0, 1], got {kv_share}")
+        self.kv_share = kv_share
 
     @property
     def kv_tokens(self) -> int:
         return sum(len(s.seq) for s in self.sessions.values())
 
+    def kv_of(self, owner: str | None) -> int:
+        """Context tokens held by `owner`'s sessions."""
+        return sum(len(s.seq) for s in self.sessions.values() if s.owner == owner)
+
+    def check_growth(self, owner: str | None, grow: int) -> None:
+        """ServerFull unless the KV cache may grow by `grow` tokens for `owner` (its share and the total)."""
+        if self.kv_budget is None:
+            return
+        if self.kv_tokens + grow > self.kv_budget:
+            raise ServerFull(f"server full (KV budget {self.kv_budget} tokens, {self.kv_tokens} in use)")
+        share = int(self.kv_share * self.kv_budget)
+        if owner is not None and self.kv_of(owner) + grow > share:
+            raise ServerFull(f"KV share used up: {owner} holds {self.kv_of(owner)} of its {share} tokens")
+
     # ---- sessions
-    def admit(self, sid: int, tokens: list[int], greedy: bool = True, temperature: float = 1.0, seed: int = 0) -> Session:
+    def admit(
+        self, sid: int, tokens: list[int], greedy: bool = True, temperature: float = 1.0, seed: int = 0, owner: str | None = None
+    ) -> Session:
         """Check limits and reserve the session (its cache is filled by `prefill_chunk`)."""
         if sid in self.sessions:
             raise ValueError(f"session {sid} already open")
@@ -88,9 +142,16 @@ class VerifierEngine:
             raise ValueError(f"prompt of {len(tokens)} tokens exceeds the context limit ({self.max_context})")
         if len(self.sessions) >= self.max_sessions:
             raise ServerFull(f"server full ({self.max_sessions} sessions)")
-        if self.kv_budget is not None and self.kv_tokens + len(tokens) > self.kv_budget:
-            raise ServerFull(f"server full (KV budget {self.kv_budget} tokens, {self.kv_tokens} in use)")
-        s = Session(sid, list(tokens), DynamicCache(config=self.model.config), greedy, temperature, np.random.default_rng(seed))
+        self.check_growth(owner, len(tokens))
+        s = Session(
+            sid,
+            list(tokens),
+            DynamicCache(config=self.model.config),
+            greedy,
+            temperature,
+            np.random.default_rng(seed),
+            owner=owner,
+        )
         self.sessions[sid] = s
         return s
 

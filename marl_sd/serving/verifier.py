@@ -31,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from marl_sd.envs.profiles import load_profile
 from marl_sd.serving import protocol as P
 from marl_sd.serving.engine import ServerFull, VerifierEngine, VerifyItem
+from marl_sd.serving.fairness import IdentityLimiter, SummaryLog, fair_cut
 from marl_sd.serving.models import load_model
 from marl_sd.serving.security import Security, add_security_args, caller_role, client_user, security_from_args
 
@@ -45,6 +46,12 @@ class Limits:
     idle_timeout_s: float = 60.0  # a session with no message for this long is closed
     max_ar_steps: int = 64  # tokens one gamma = 0 message may ask the server to decode
     prefill_chunk: int = 256  # prompt tokens per prefill forward; verify batches run in between
+    send_timeout_s: float | None = None  # a reply the client does not read for this long ends the session (None: idle_timeout_s)
+    opens_per_s: float = 10.0  # session opens per identity per second (token bucket)
+    open_burst: int = 40
+    refusals_per_s: float = 10.0  # an identity refused more often than this (bursts of refusal_burst) ...
+    refusal_burst: int = 50
+    cooloff_s: float = 10.0  # ... has its opens refused for this long
 
 
 class Metrics:
@@ -61,7 +68,26 @@ class Metrics:
         )
         self.tokens = prom.Counter("marlsd_verifier_tokens_emitted", "tokens sent back to clients", registry=r)
         self.drafts = prom.Counter("marlsd_verifier_drafts", "drafts verified", ["outcome"], registry=r)
-        self.rejected = prom.Counter("marlsd_verifier_rejected", "requests refused", ["reason"], registry=r)
+        self.rejected = prom.Counter("marlsd_verifier_rejected", "requests refused", ["reason", "identity"], registry=r)
+        self.identity_kv = prom.Gauge(
+            "marlsd_verifier_identity_kv_tokens", "context tokens held per identity", ["identity"], registry=r
+        )
+
+
+def _entry_tokens(entry) -> int:
+    """Tokens a queued verify entry (priority, time, seq, item, future, time) adds to a batch."""
+    return len(entry[3].drafts) + 1
+
+
+async def _within(task: asyncio.Future, timeout_s: float) -> bool:
+    """Whether `task` finishes within `timeout_s`. Unlike `asyncio.wait_for`, a task still running
+    is left alone (its outcome collected when it ends) instead of awaited after cancelling: a
+    stream read or write held by HTTP/2 flow control does not end when cancelled."""
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        task.cancel()
+        task.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return bool(done)
 
 
 class Verifier:
@@ -78,6 +104,10 @@ class Verifier:
         self.limits = limits or Limits()
         self.metrics = Metrics()
         self.per_client: dict[str, int] = {}
+        lim = self.limits
+        self.limiter = IdentityLimiter(lim.opens_per_s, lim.open_burst, lim.refusals_per_s, lim.refusal_burst, lim.cooloff_s)
+        self.refusal_log = SummaryLog(log)
+        self.prefill_locks: dict[str, asyncio.Lock] = {}  # one prefill chunk in flight per identity
         self.priorities: dict[int, int] = {}  # user -> verify priority, as the controller last set it
         # emulated hardware: a TargetProfile whose T(b, K) and prefill cost each forward is padded to
         self.pace = pace
@@ -118,22 +148,25 @@ class Verifier:
     async def batcher(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [(await self.queue.get())[3:]]
-            self.queued_tokens -= len(batch[0][0].drafts) + 1
+            entries = [await self.queue.get()]
             t_first = time.monotonic()
-            tokens = len(batch[0][0].drafts) + 1
+            tokens = _entry_tokens(entries[0])
             deadline = loop.time() + self.window
-            while len(batch) < self.max_batch and tokens < self.token_budget:
+            while len(entries) < self.max_batch and tokens < self.token_budget:
                 left = deadline - loop.time()
                 if left <= 0:
                     break
                 try:
-                    item = (await asyncio.wait_for(self.queue.get(), left))[3:]
+                    entries.append(await asyncio.wait_for(self.queue.get(), left))
                 except TimeoutError:
                     break
-                batch.append(item)
-                tokens += len(item[0].drafts) + 1
-                self.queued_tokens -= len(item[0].drafts) + 1
+                tokens += _entry_tokens(entries[-1])
+            # a full batch is shared between identities; their extra rows wait for the next one
+            entries, later = fair_cut(entries, self._entry_owner, _entry_tokens, self.token_budget, self.max_batch)
+            for e in later:
+                self.queue.put_nowait(e)
+            self.queued_tokens -= sum(_entry_tokens(e) for e in entries)
+            batch = [e[3:] for e in entries]
             live = [(it, fut, t) for it, fut, t in batch if not fut.done() and it.sid in self.engine.sessions]
             if not live:
                 continue
@@ -159,22 +192,43 @@ class Verifier:
                 self.metrics.tokens.inc(len(new))
                 fut.set_result((res, dt * 1000, (t0 - tq) * 1000, len(live)))
 
-    async def _refuse(self, context, code: grpc.StatusCode, reason: str, text: str):
-        self.metrics.rejected.labels(reason).inc()
-        await context.abort(code, text)
+    def _entry_owner(self, entry) -> str | None:
+        sess = self.engine.sessions.get(entry[3].sid)
+        return sess.owner if sess is not None else None
+
+    async def _refuse(self, context, code: grpc.StatusCode, reason: str, text: str, who: str | None = None, retry_after_s=None):
+        """End the call with `code`: counted by reason and identity, logged in summary, and counted
+        against the identity's refusal budget (over it, its opens are cut off for a while)."""
+        who = who or caller_role(context) or context.peer()
+        self.metrics.rejected.labels(reason, who).inc()
+        self.refusal_log.event(f"{reason}:{who}", f"refused {who}: {reason}: {text}")
+        if self.limiter.refused(who):
+            self.refusal_log.event(
+                f"cut:{who}", f"{who} refused too often: its sessions are refused for {self.limits.cooloff_s:.0f} s"
+            )
+        if retry_after_s is not None:
+            context.set_trailing_metadata((("retry-after", f"{retry_after_s:.1f}"),))
+            text = f"{text} (retry after {retry_after_s:.1f} s)"
+        abort = asyncio.ensure_future(context.abort(code, text))
+        if await _within(abort, 5.0):
+            abort.result()  # raises: the call ends with `code`
+        # the status cannot be sent (the stream is held by flow control): end the handler anyway,
+        # so the session's resources are freed now, not when the connection dies
+        raise asyncio.CancelledError(f"{reason}: {text}")
 
     async def _next(self, it, context):
         """The session's next message, or None at the end of the stream; idle sessions are closed."""
-        try:
-            return await asyncio.wait_for(it.__anext__(), self.limits.idle_timeout_s)
-        except StopAsyncIteration:
-            return None
-        except TimeoutError:
+        nxt = asyncio.ensure_future(it.__anext__())
+        if not await _within(nxt, self.limits.idle_timeout_s):
             await self._refuse(
                 context, grpc.StatusCode.DEADLINE_EXCEEDED, "idle", f"session idle for {self.limits.idle_timeout_s:.0f} s: closed"
             )
+        try:
+            return nxt.result()
+        except StopAsyncIteration:
+            return None
 
-    async def _open(self, msg: P.OpenMsg, context) -> int:
+    async def _open(self, msg: P.OpenMsg, context, who: str) -> int:
         if msg.vocab and msg.vocab != self.engine.vocab:
             await self._refuse(
                 context,
@@ -185,16 +239,20 @@ class Verifier:
             )
         sid = next(self.ids)
         try:
-            self.engine.admit(sid, msg.tokens.tolist(), msg.greedy, msg.temperature, msg.seed)
+            self.engine.admit(sid, msg.tokens.tolist(), msg.greedy, msg.temperature, msg.seed, owner=who)
         except ServerFull as e:
-            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "full", str(e))
+            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "full", str(e), who)
         except ValueError as e:
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_open", str(e))
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_open", str(e), who)
         n, chunk = len(msg.tokens), self.limits.prefill_chunk
-        for upto in range(min(chunk, n), n + chunk, chunk):  # chunked: other sessions' batches run in between
-            await self.run_model(
-                self.engine.prefill_chunk, sid, upto, pace_ms=self.prefill_pace_ms(min(upto, n) - max(0, upto - chunk))
-            )
+        lock = self.prefill_locks.setdefault(who, asyncio.Lock())
+        for upto in range(min(chunk, n), n + chunk, chunk):
+            # chunked, one chunk per identity at a time: other sessions' batches and other
+            # identities' prefills run in between, so one identity's long prompts queue behind each other
+            async with lock:
+                await self.run_model(
+                    self.engine.prefill_chunk, sid, upto, pace_ms=self.prefill_pace_ms(min(upto, n) - max(0, upto - chunk))
+                )
         self.stats["sessions_opened"] += 1
         return sid
 
@@ -240,6 +298,10 @@ class Verifier:
                 "bad_verify",
                 f"{steps} tokens in one autoregressive message (at most {self.limits.max_ar_steps})",
             )
+        try:  # every step that grows a context is checked against the KV budget and the identity's share
+            self.engine.check_growth(self.engine.sessions[sid].owner, max(len(item.drafts) + 1, steps))
+        except ServerFull as e:
+            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "kv", str(e))
         new, vms, qms, b, n = [], 0.0, 0.0, 0, 0
         for _ in range(steps):
             fut = asyncio.get_running_loop().create_future()
@@ -257,22 +319,38 @@ class Verifier:
             vms, qms = vms + v_ms, qms + q_ms
         return P.encode_result(P.ResultMsg(sid, msg.round, n, np.asarray(new, np.int32), vms, qms, b))
 
-    async def _refuse_stream(self, it, context, code: grpc.StatusCode, reason: str, text: str):
+    async def _refuse_stream(self, it, context, code: grpc.StatusCode, reason: str, text: str, **kw):
         """Refuse a session stream before serving it, once its first message has arrived (or after
         1 s): a status sent while the client's first write is in flight reaches the client as
         INTERNAL instead of `code` (grpcio's aio client, grpc/grpc#36066)."""
         with contextlib.suppress(asyncio.TimeoutError, StopAsyncIteration):
             await asyncio.wait_for(it.__anext__(), 1.0)
-        await self._refuse(context, code, reason, text)
+        await self._refuse(context, code, reason, text, **kw)
 
-    async def session(self, requests, context: grpc.aio.ServicerContext):
+    async def _send(self, context, msg: bytes) -> None:
+        """Write one reply; a client that does not read it (HTTP/2 flow control holds the write)
+        within the send timeout loses the session, and its KV cache with it."""
+        t = self.limits.send_timeout_s or self.limits.idle_timeout_s
+        write = asyncio.ensure_future(context.write(msg))
+        if not await _within(write, t):
+            await self._refuse(
+                context, grpc.StatusCode.DEADLINE_EXCEEDED, "no_read", f"reply not read for {t:.0f} s: session closed"
+            )
+        write.result()
+
+    async def session(self, requests, context: grpc.aio.ServicerContext) -> None:
         role = caller_role(context)
         it = requests.__aiter__()
+        who = role or context.peer()
         if role is not None and not role.startswith("client-"):
             await self._refuse_stream(
                 it, context, grpc.StatusCode.PERMISSION_DENIED, "role", f"role {role!r} may not open sessions"
             )
-        who = role or context.peer()
+        wait = self.limiter.open_wait(who)
+        if wait > 0:
+            await self._refuse_stream(
+                it, context, grpc.StatusCode.RESOURCE_EXHAUSTED, "rate", f"{who} opens sessions too fast", retry_after_s=wait
+            )
         if self.per_client.get(who, 0) >= self.limits.sessions_per_client:
             await self._refuse_stream(
                 it,
@@ -294,12 +372,12 @@ class Verifier:
                         await self._refuse(
                             context, grpc.StatusCode.FAILED_PRECONDITION, "protocol", "session already open on this stream"
                         )
-                    sid = await self._open(msg, context)
-                    yield P.encode_result(P.ResultMsg(sid, 0, 0, np.zeros(0, np.int32)))
+                    sid = await self._open(msg, context, who)
+                    await self._send(context, P.encode_result(P.ResultMsg(sid, 0, 0, np.zeros(0, np.int32))))
                 elif isinstance(msg, P.VerifyMsg):
                     if sid is None:
                         await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "protocol", "VERIFY before OPEN")
-                    yield await self._verify(sid, msg, context, client_user(role))
+                    await self._send(context, await self._verify(sid, msg, context, client_user(role)))
                 else:
                     await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "protocol", "clients send OPEN or VERIFY")
         finally:
@@ -332,6 +410,12 @@ class Verifier:
         return json.dumps(s).encode()
 
     def update_gauges(self) -> None:
+        held: dict[str, int] = {}
+        for x in self.engine.sessions.values():
+            held[x.owner or "-"] = held.get(x.owner or "-", 0) + len(x.seq)
+        self.metrics.identity_kv.clear()
+        for who, n in held.items():
+            self.metrics.identity_kv.labels(who).set(n)
         self.metrics.sessions.set(len(self.engine.sessions))
         self.metrics.kv_tokens.set(self.engine.kv_tokens)
         self.metrics.queued.set(self.queued_tokens)
@@ -400,7 +484,15 @@ def main(argv=None) -> int:
     )
     p.add_argument("--max-sessions", type=int, default=256)
     p.add_argument("--max-context", type=int, default=None, help="tokens per session (default: the model's limit)")
-    p.add_argument("--kv-budget", type=int, default=None, help="context tokens over all sessions (default: no limit)")
+    p.add_argument(
+        "--kv-budget",
+        type=int,
+        default=None,
+        help="context tokens over all sessions (default: half the free memory's worth for this model; 0: no limit)",
+    )
+    p.add_argument("--kv-share", type=float, default=0.25, help="share of the KV budget one client identity may hold")
+    p.add_argument("--send-timeout", type=float, default=None, help="seconds a reply may wait unread (default: the idle timeout)")
+    p.add_argument("--opens-per-s", type=float, default=Limits.opens_per_s, help="session opens per identity per second")
     p.add_argument("--sessions-per-client", type=int, default=Limits.sessions_per_client)
     p.add_argument("--idle-timeout", type=float, default=Limits.idle_timeout_s, help="seconds")
     p.add_argument("--max-ar-steps", type=int, default=Limits.max_ar_steps)
@@ -415,7 +507,14 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     pace = load_profile(a.pace_profile).target if a.pace_profile else None
-    limits = Limits(a.sessions_per_client, a.idle_timeout, a.max_ar_steps, a.prefill_chunk)
+    limits = Limits(
+        a.sessions_per_client,
+        a.idle_timeout,
+        a.max_ar_steps,
+        a.prefill_chunk,
+        send_timeout_s=a.send_timeout,
+        opens_per_s=a.opens_per_s,
+    )
     asyncio.run(
         serve(
             a.model,
@@ -425,7 +524,12 @@ def main(argv=None) -> int:
             ready=lambda port: print(f"READY {port}", flush=True),
             security=security,
             metrics_port=a.metrics_port,
-            engine_kw={"max_sessions": a.max_sessions, "max_context": a.max_context, "kv_budget_tokens": a.kv_budget},
+            engine_kw={
+                "max_sessions": a.max_sessions,
+                "max_context": a.max_context,
+                "kv_budget_tokens": a.kv_budget,
+                "kv_share": a.kv_share,
+            },
             window_ms=a.window_ms,
             max_batch=a.max_batch,
             token_budget=a.token_budget,

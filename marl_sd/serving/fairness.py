@@ -1,0 +1,119 @@
+"""Per-identity rate limits of a verifier: token buckets on session opens and on refusals, a
+cool-off for identities that keep being refused, and log lines that summarize instead of repeat.
+
+An identity is a client certificate's role (e.g. `client-3`), else the connection's peer. Every
+check takes the current time, so the logic is tested with a fake clock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenBucket:
+    """`rate` tokens per second up to `burst`; `take()` spends one if there is one."""
+
+    rate: float
+    burst: float
+    tokens: float = field(default=-1.0)
+    at: float = 0.0
+
+    def take(self, now: float) -> float:
+        """0 if a token was spent, else the seconds until one is there (nothing spent)."""
+        if self.tokens < 0:
+            self.tokens, self.at = self.burst, now
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+class IdentityLimiter:
+    """Session opens at most `opens_per_s` per identity (bursts of `open_burst`); an identity
+    refused more than `refusals_per_s` per second on average (bursts of `refusal_burst`) is cut
+    off for `cooloff_s`: its opens are refused at once, with the time left to wait."""
+
+    def __init__(
+        self,
+        opens_per_s: float = 5.0,
+        open_burst: int = 20,
+        refusals_per_s: float = 5.0,
+        refusal_burst: int = 20,
+        cooloff_s: float = 10.0,
+        clock=time.monotonic,
+    ):
+        self.opens_per_s, self.open_burst = opens_per_s, open_burst
+        self.refusals_per_s, self.refusal_burst = refusals_per_s, refusal_burst
+        self.cooloff_s, self.clock = cooloff_s, clock
+        self.opens: dict[str, TokenBucket] = {}
+        self.refusals: dict[str, TokenBucket] = {}
+        self.cut_until: dict[str, float] = {}
+
+    def open_wait(self, who: str) -> float:
+        """0 if `who` may open a session now, else the seconds to wait (retry-after)."""
+        now = self.clock()
+        until = self.cut_until.get(who, 0.0)
+        if now < until:
+            return until - now
+        b = self.opens.setdefault(who, TokenBucket(self.opens_per_s, self.open_burst))
+        return b.take(now)
+
+    def refused(self, who: str) -> bool:
+        """Count a refusal of `who`; True when that cuts it off for `cooloff_s`."""
+        now = self.clock()
+        b = self.refusals.setdefault(who, TokenBucket(self.refusals_per_s, self.refusal_burst))
+        if b.take(now) > 0 and now >= self.cut_until.get(who, 0.0):
+            self.cut_until[who] = now + self.cooloff_s
+            return True
+        return False
+
+
+class SummaryLog:
+    """Logs the first event of each key, then at most one line per `every_s` saying how many
+    followed: log volume stays bounded under a flood of refusals."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0, clock=time.monotonic):
+        self.log, self.every_s, self.clock = logger, every_s, clock
+        self.last: dict[str, float] = {}
+        self.count: dict[str, int] = {}
+
+    def event(self, key: str, text: str) -> bool:
+        """Record one event; True if it was written."""
+        now = self.clock()
+        self.count[key] = self.count.get(key, 0) + 1
+        if key in self.last and now - self.last[key] < self.every_s:
+            return False
+        n = self.count.pop(key)
+        self.last[key] = now
+        self.log.warning("%s%s", text, f" ({n - 1} more like it since the last line)" if n > 1 else "")
+        return True
+
+
+def fair_cut(entries: list, owner, tokens, token_budget: int, max_batch: int) -> tuple[list, list]:
+    """Split a batch that came out full (`entries` in priority order) into what runs now and what
+    waits for the next batch, so that no identity takes more than an equal share of the rows and
+    tokens while others have work in it: each identity keeps its entries up to
+    `token_budget / identities` tokens and `max_batch / identities` rows (always at least one).
+    A batch with room to spare, or of one identity, runs whole."""
+    ids = {owner(e) for e in entries}
+    full = sum(tokens(e) for e in entries) >= token_budget or len(entries) >= max_batch
+    if len(ids) < 2 or not full:
+        return list(entries), []
+    tok_share, row_share = token_budget / len(ids), max(1, max_batch // len(ids))
+    used_tok: dict = {}
+    used_rows: dict = {}
+    keep, wait = [], []
+    for e in entries:
+        o, k = owner(e), tokens(e)
+        if used_rows.get(o, 0) and (used_tok.get(o, 0) + k > tok_share or used_rows[o] >= row_share):
+            wait.append(e)
+            continue
+        keep.append(e)
+        used_tok[o] = used_tok.get(o, 0) + k
+        used_rows[o] = used_rows.get(o, 0) + 1
+    return keep, wait
