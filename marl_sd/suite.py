@@ -6,6 +6,7 @@ heatmap."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from marl_sd.agents import catalog
+from marl_sd import config, contract, envs
+from marl_sd.agents import catalog, evaluate, heuristics, policy
 from marl_sd.agents.evaluate import HEADLINE, mean_ci
 from marl_sd.agents.heuristics import HEURISTICS
 from marl_sd.config import CONFIG_DIR, load_config
@@ -40,11 +42,6 @@ def heuristic_fingerprint() -> str:
     """Hash of the code and data that decide a heuristic's figures: the simulator and its channel
     (`marl_sd.envs`), the heuristics, policy and evaluation modules, the config and contract
     modules and the shipped latency profiles. Suite results are reused only under the same one."""
-    import hashlib
-
-    from marl_sd import config, contract, envs
-    from marl_sd.agents import evaluate, heuristics, policy
-
     files = sorted(Path(envs.__file__).parent.rglob("*.py"))
     files += [Path(m.__file__) for m in (heuristics, policy, evaluate, config, contract)]
     files += sorted((CONFIG_DIR / "profiles").glob("*.yaml"))

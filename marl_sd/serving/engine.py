@@ -9,6 +9,7 @@ sliced back to its accepted prefix (rollback).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,8 +78,6 @@ def default_kv_budget(config, memory_bytes: int | None = None, fraction: float =
         if torch.cuda.is_available():
             memory_bytes = torch.cuda.mem_get_info()[0]
         else:
-            import os
-
             memory_bytes = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return max(1, int(fraction * memory_bytes / kv_bytes_per_token(config)))
 
