@@ -158,7 +158,7 @@ class ControlAgent:
                     d = self.checked(reply) if reply else None
                     if d is not None:
                         self.decision = d
-                        self.client.associate_if_idle(d.server)
+                        self.client.apply_plan_if_idle(self.plan_now())
                 except grpc.aio.AioRpcError:
                     self.missed += 1  # controller late or unreachable: keep the last decision
                     self.missed_at.append(time.monotonic())
@@ -178,6 +178,10 @@ class ControlAgent:
 
     async def plan(self, client: DraftClient) -> RoundPlan | None:
         """The latest decision as the plan for the next round (None before the first one)."""
+        return self.plan_now()
+
+    def plan_now(self) -> RoundPlan | None:
+        """The latest decision as a round plan: what every path applies (`DraftClient.apply_plan`)."""
         d = self.decision
         if d is None:
             return None

@@ -218,9 +218,15 @@ class DraftClient:
     def server(self) -> int:
         return self.server_idx % len(self.servers)
 
-    def associate_if_idle(self, server: int) -> None:
-        """An idle device (no session to hand over) moves to `server` at once, for free."""
+    def apply_plan_if_idle(self, plan: RoundPlan | None) -> None:
+        """A plan reaching an idle device (no session to hand over) applies at once, and its
+        server is taken for free."""
         if not self.active:
+            self._move(self.apply_plan(plan))
+
+    def _move(self, server: int | None) -> None:
+        """Serve from `server` from now on (None: stay); the one place the server changes."""
+        if server is not None:
             self.server_idx = int(server) % len(self.servers)
 
     def apply_plan(self, plan: RoundPlan | None) -> int | None:
@@ -296,16 +302,14 @@ class DraftClient:
         await self._in_pool(d.start, list(prompt))
         req = _Request(prompt, max_new_tokens, greedy, seed, eos_id, t0)
         self.meas["remaining"] = req.left(d)  # reported from the start, not only once rounds run
-        moved = await self._plan()
-        if moved is not None:  # an idle device joins the server chosen for it: no handover
-            self.server_idx = moved
+        self._move(await self._plan())  # an idle device joins the server chosen for it: no handover
         while not req.done(d):
             addr = self.servers[self.server]
             try:
                 await self._session(addr, req)
             except Handover as h:
                 self.meas["handovers"] += 1
-                self.server_idx = h.server
+                self._move(h.server)
             except (TimeoutError, grpc.aio.AioRpcError, ConnectionError, asyncio.InvalidStateError) as e:
                 await self._fail_over(addr, e, req)
         out = d.seq[len(prompt) : len(prompt) + max_new_tokens]
