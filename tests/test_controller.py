@@ -154,3 +154,19 @@ def test_simulator_runs_the_bundle_as_the_controller_does(manifest_and_actor):
     ref = ActionLayout(m["nvec"]).masked_argmax(logits, sim.mask.reshape(-1, sim.mask.shape[-1]).numpy())
     np.testing.assert_array_equal(a.reshape(-1, 4).numpy(), ref)
     assert type(sim_policy("nearest_g4", cfg)).__name__ == "NearestPolicy"
+
+
+def test_one_identity_reported_by_two_processes_is_refused_until_the_first_falls_silent(manifest_and_actor):
+    cfg, m, actor, _, _ = manifest_and_actor
+    core = ControllerCore(
+        m, bundle_policy(actor, m), slot_ms=20.0, stale_slots=2, latency_model=LatencyModel.of(cfg, measured=True, numpy=True)
+    )
+    base = dict(snr_db=[10.0, 0.0, -3.0], ul_mbps=[20.0, 5.0, 1.0], server=0, draft_ms=17.0, power_w=4.5, max_gamma=6)
+    assert core.owner_of(0, "ipv4:127.0.0.1:1000") is None
+    core.report_user(UserReport(user=0, **base))
+    assert core.owner_of(0, "ipv4:127.0.0.1:2000") == "ipv4:127.0.0.1:1000"  # the first still reports
+    assert core.owner_of(0, "ipv4:127.0.0.1:1000") is None
+    core.users[0].at -= 1.0  # the first process has been silent longer than two slots
+    assert core.owner_of(0, "ipv4:127.0.0.1:2000") is None  # a restarted client takes the identity over
+    core.report_user(UserReport(user=0, **base))
+    assert core.owner_of(0, "ipv4:127.0.0.1:1000") == "ipv4:127.0.0.1:2000"

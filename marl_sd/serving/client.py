@@ -25,6 +25,7 @@ import torch
 from marl_sd.envs.observation import smooth_token_latency
 from marl_sd.serving import protocol as P
 from marl_sd.serving.draft_client import DraftClient, Drafter, RoundPlan
+from marl_sd.serving.fairness import SummaryLog
 from marl_sd.serving.links import Link
 from marl_sd.serving.models import load_model, load_tokenizer
 from marl_sd.serving.protocol import CONTROLLER_SERVICE
@@ -98,6 +99,7 @@ class ControlAgent:
         self.t0 = time.monotonic()
         self.missed = 0
         self.missed_at: list[float] = []  # when reports went unanswered (controller late or down)
+        self.refusals = SummaryLog(log)  # one line per kind of refusal per 10 s, with the count
         client.on_round = self.plan
 
     def _slot(self) -> int:
@@ -159,9 +161,15 @@ class ControlAgent:
                     if d is not None:
                         self.decision = d
                         self.client.apply_plan_if_idle(self.plan_now())
-                except grpc.aio.AioRpcError:
+                except grpc.aio.AioRpcError as e:
                     self.missed += 1  # controller late or unreachable: keep the last decision
                     self.missed_at.append(time.monotonic())
+                    if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # refused, or not authenticated: say so
+                        self.refusals.event(
+                            e.code().name,
+                            f"user {self.user}: the controller at {self.addr} refused the report or could not be "
+                            f"reached securely ({e.code().name}: {e.details()}); keeping the last decision",
+                        )
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     self.ignored += 1
                 await asyncio.sleep(self.slot_s)

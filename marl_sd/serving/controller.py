@@ -31,6 +31,7 @@ from marl_sd.config import load_config
 from marl_sd.contract import SUB_ACTIONS, ActionLayout, ObsSpec, features_from_manifest, manifest_contract
 from marl_sd.envs.latency_model import LatencyModel
 from marl_sd.envs.observation import Features, ObservationBuilder
+from marl_sd.serving.fairness import SummaryLog
 from marl_sd.serving.protocol import CONTROLLER_SERVICE, VERIFIER_SERVICE, Decision, grpc_options
 from marl_sd.serving.security import Security, add_security_args, caller_role, client_user, security_from_args
 
@@ -193,6 +194,7 @@ class ControllerCore:
         self.slot_s, self.stale_s, self.horizon = slot_ms / 1000.0, stale_slots * slot_ms / 1000.0, horizon
         self.coverage = coverage_snr_db
         self.users: dict[int, UserReport] = {}
+        self.peers: dict[int, str] = {}  # user -> the peer address that reports as it
         self.servers: dict[int, ServerReport] = {}
         self.decisions: dict[int, Decision] = {}
         self.slot = 0
@@ -232,12 +234,24 @@ class ControllerCore:
         self.unreachable.discard(r.user)
         return self.decisions.get(r.user)
 
+    def owner_of(self, user: int, peer: str) -> str | None:
+        """The other process (its peer address) that reports as `user` and is still live, if
+        `peer` is not it: one certificate used by two processes is refused, not merged. A peer
+        silent for the stale time gives the identity up (a restarted client takes it over)."""
+        last = self.users.get(user)
+        owner = self.peers.get(user)
+        if owner is None or owner == peer or last is None or time.monotonic() - last.at > self.stale_s:
+            self.peers[user] = peer
+            return None
+        return owner
+
     def report_server(self, r: ServerReport) -> None:
         r.at = time.monotonic()
         self.servers[r.server] = r
 
     def leave(self, user: int) -> None:
         """A user leaves now (its decision is dropped)."""
+        self.peers.pop(user, None)
         if self.users.pop(user, None) is not None:
             self.left += 1
             log.info("user %d left (%d users)", user, len(self.users))
@@ -407,13 +421,16 @@ async def serve_controller(
     security = security or Security.insecure()
     M = core.n_servers
 
+    refusals = SummaryLog(log)
+
     async def report(request: bytes, context) -> bytes:
         role = caller_role(context)
+        who = role or context.peer()
         try:
             r = parse_report(request, M)
         except ReportError as e:
             core.reject("invalid")
-            log.warning("report refused (%s): %s", role or context.peer(), e)
+            refusals.event(f"invalid:{who}", f"report refused ({who}): {e}")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad report: {e}")
         if isinstance(r, ServerReport):
             if role not in (None, "operator"):
@@ -425,12 +442,25 @@ async def serve_controller(
             if role not in (None, "operator") and client_user(role) != r.user:
                 core.reject("spoofed")
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"role {role!r} may only remove its own user id")
+            if core.owner_of(r.user, context.peer()) is not None:
+                core.reject("shared_identity")
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"user {r.user} is served to another process")
             core.leave(r.user)
             return b"{}"
         if role is not None and client_user(role) != r.user:
             core.reject("spoofed")
-            log.warning("role %r reported as user %d: refused", role, r.user)
+            refusals.event(f"spoofed:{who}", f"role {role!r} reported as user {r.user}: refused")
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"role {role!r} may only report for its own user id")
+        other = core.owner_of(r.user, context.peer())
+        if other is not None:
+            core.reject("shared_identity")
+            refusals.event(
+                f"shared:{r.user}", f"user {r.user} reported from {context.peer()} while {other} still reports: refused"
+            )
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"user {r.user} is already reported by another process ({other}): one identity per process",
+            )
         try:
             d = core.report_user(r)
         except ReportError as e:
