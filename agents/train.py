@@ -328,7 +328,7 @@ def train(
                     raise ValueError(
                         f"{key}: unknown heuristic '{n}' (known: {', '.join(HEURISTICS)}; the teacher may be 'auto')"
                     )
-        parts = {p.cfg.name: p.num_envs * p.sim.N for p in getattr(venv, "parts", [venv])}
+        parts = {p.cfg.name: p.num_envs for p in getattr(venv, "parts", [venv])}  # agent slots (environments x users)
         write_metadata(run_dir, cfg, {"algorithm": t.algorithm, "device": device, "training_parts_agents": parts})
         model = new_mappo(cfg, env)
     model.set_logger(configure(str(run_dir / "tb"), ["tensorboard", "csv"]))

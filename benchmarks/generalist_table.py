@@ -28,7 +28,9 @@ def main() -> None:
     d = json.load(open(a.suite_json))
     S, per = d["summary"], d["per_seed"]
     heur = [h for h in HEURISTICS if h != "random"]
-    print("| scenario | best heuristic | learned | learned / best | p (paired) | best fixed heuristic / learned, min over heuristics | bound | best / bound |")
+    print(
+        "| scenario | best heuristic | learned | learned / best | p (paired) | best fixed heuristic / learned, min over heuristics | bound | best / bound |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for scen, s in S.items():
         b = s["best_heuristic"]

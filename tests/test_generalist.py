@@ -75,7 +75,8 @@ def test_training_across_physics_chooses_teachers_evaluates_each_and_resumes_exa
     history = [json.loads(x) for x in (tmp_path / "full" / "eval_history.jsonl").read_text().splitlines()]
     assert all(f"{n}/latency_per_token_all_ms" in history[-1] for n in ("fast_sites", "slow_sites"))
     meta = json.loads((tmp_path / "full" / "meta.json").read_text())
-    assert set(meta["training_parts_agents"]) == {"fast_sites", "slow_sites"}
+    venv = training_env(cfg)
+    assert meta["training_parts_agents"] == {p.cfg.name: p.sim.B * p.sim.N for p in venv.parts}
     train(cfg, tmp_path / "part", progress=False, total_timesteps=2 * per_rollout)
     resumed = train(cfg, tmp_path / "part", resume=True, progress=False, total_timesteps=4 * per_rollout)
     assert resumed.num_timesteps == full.num_timesteps
