@@ -25,6 +25,7 @@ from marl_sd.agents.evaluate import HEADLINE, METRICS
 from marl_sd.agents.heuristics import make_heuristic
 from marl_sd.agents.policy import Policy, PolicyContext
 from marl_sd.envs.latency_model import LatencyModel
+from marl_sd.envs.state import ARRIVAL_LOG_COLUMNS
 
 
 class SoloBound(Policy):
@@ -84,22 +85,25 @@ class SoloBound(Policy):
         sim = self.sim
         if not sim.arrival_log:
             return 0.0, 0.0
-        rows = torch.cat(sim.arrival_log).double().numpy()  # env, user, at, prompt, output, alpha
-        env, user = rows[:, 0].astype(int), rows[:, 1].astype(int)
+        rows = torch.cat(sim.arrival_log).double().numpy()
+        col = {k: rows[:, i] for i, k in enumerate(ARRIVAL_LOG_COLUMNS)}
+        env, user = col["env"].astype(int), col["user"].astype(int)
         dev_ms, dev_g = sim.draft_ms.cpu().numpy(), sim.max_gamma.cpu().numpy()
         total, pace, open_ms = (
             x.numpy().astype(float)
-            for x in self.service_ms(rows[:, 3], rows[:, 4], rows[:, 5], dev_ms[env, user], dev_g[env, user])
+            for x in self.service_ms(
+                col["prompt_tokens"], col["output_tokens"], col["alpha"], dev_ms[env, user], dev_g[env, user]
+            )
         )
         end = sim.horizon * self.ctx.cfg.env.slot_ms
         queues = defaultdict(list)
-        for i in np.argsort(rows[:, 2], kind="stable"):
+        for i in np.argsort(col["arrival_ms"], kind="stable"):
             queues[(env[i], user[i])].append(i)
         charged = 0.0
         for reqs in queues.values():
             free = 0.0
             for i in reqs:
-                at, out = rows[i, 2], rows[i, 4]
+                at, out = col["arrival_ms"][i], col["output_tokens"][i]
                 start = max(at, free)
                 free = start + total[i]
                 if free <= end:
@@ -107,7 +111,7 @@ class SoloBound(Policy):
                 else:
                     done = np.clip((end - start - open_ms[i]) / pace[i], 0.0, out)
                     charged += (end - at) + (out - done) * pace[i]
-        return charged, float(rows[:, 4].sum())
+        return charged, float(col["output_tokens"].sum())
 
     def diagnostics(self) -> dict:
         charged, tokens = self.bound()

@@ -13,6 +13,7 @@ import math
 import torch
 
 from marl_sd.agents.policy import Policy, PolicyContext
+from marl_sd.contract import assemble_actions
 from marl_sd.envs.latency_model import LatencyModel as BaseLatencyModel
 from marl_sd.envs.observation import decode_local
 
@@ -91,7 +92,7 @@ def _mask_lat(lat: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _assemble(server, bid, prio, gamma):
-    return torch.stack([server.long(), bid.long(), prio.long(), gamma.long()], -1)
+    return assemble_actions(server=server, uplink_bid=bid, verify_priority=prio, gamma=gamma)
 
 
 class RandomPolicy(Policy):

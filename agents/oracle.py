@@ -31,6 +31,7 @@ import torch
 from marl_sd.agents.heuristics import make_heuristic
 from marl_sd.agents.policy import Policy, PolicyContext
 from marl_sd.config import OracleConfig
+from marl_sd.contract import ACT
 from marl_sd.envs.core import BatchedSimulator
 
 SCRATCH_BUCKET = 8  # distinct candidates are padded to a multiple of this
@@ -165,8 +166,8 @@ class SearchOracle(Policy):
         out = best.unsqueeze(1).repeat(1, n, 1, 1)
         bi = torch.arange(B).unsqueeze(1).expand(B, n)
         ci = torch.arange(n).unsqueeze(0).expand(B, n)
-        out[bi, ci, pick[..., 0], 0] = pick[..., 1]
-        out[bi, ci, pick[..., 0], 3] = gams[pick[..., 2]]
+        out[bi, ci, pick[..., 0], ACT["server"]] = pick[..., 1]
+        out[bi, ci, pick[..., 0], ACT["gamma"]] = gams[pick[..., 2]]
         ok = self.ctx.actions.allowed(out, mask.unsqueeze(1).expand(B, n, N, -1)).all(-1).all(-1)
         return torch.where(ok[..., None, None], out, best.unsqueeze(1))
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from marl_sd.config import Config
-from marl_sd.contract import SUB_ACTIONS, ActionLayout, ObsSpec
+from marl_sd.contract import ACT, SUB_ACTIONS, ActionLayout, ObsSpec
 from marl_sd.envs.channel import LinkBudget, link_rates, make_channel
 from marl_sd.envs.costs import MessageCosts, SiteCosts, drafts_after_round
 from marl_sd.envs.draws import Draws
@@ -324,10 +324,10 @@ class BatchedSimulator:
         a = a.to(self.device).long()
         if self.cfg.env.check_actions:
             self.check_actions(a)
-        self.target = a[..., 0]
-        self.bid_w = self.bid_table[a[..., 1]]
-        self.prio_w = self.prio_table[a[..., 2]]
-        self.gamma_next = a[..., 3]
+        self.target = a[..., ACT["server"]]
+        self.bid_w = self.bid_table[a[..., ACT["uplink_bid"]]]
+        self.prio_w = self.prio_table[a[..., ACT["verify_priority"]]]
+        self.gamma_next = a[..., ACT["gamma"]]
         idle = self.phase == IDLE
         self.server = torch.where(idle, self.target, self.server)
 
@@ -563,7 +563,7 @@ class BatchedSimulator:
         self.requests[bk, uk, slot] = attrs[keep]
         self.arrival_ms[bk, uk, slot] = at
         self.pattern[bk, uk, slot] = pat[keep]
-        if self.arrival_log is not None:  # env, user, arrival [ms], prompt, output, alpha of each queued request
+        if self.arrival_log is not None:  # rows of ARRIVAL_LOG_COLUMNS
             cols = [bk.double(), uk.double(), torch.full_like(bk, 0, dtype=torch.float64) + at, attrs[keep].double()]
             self.arrival_log.append(torch.cat([c.reshape(len(bk), -1) for c in cols], 1))
         self.q_len = self.q_len + ok.long()

@@ -17,6 +17,8 @@ REQUEST_FIELDS = ("prompt_tokens", "output_tokens", "alpha")
 REQ = {k: i for i, k in enumerate(REQUEST_FIELDS)}
 # columns of the finished-request log rows [n, 6] (`BatchedSimulator.request_log`)
 REQUEST_LOG_COLUMNS = ("env", "user", "latency_ms", "output_tokens", "ttft_ms", "tpot_ms")
+# columns of the arrival log rows [n, 6] (`BatchedSimulator.arrival_log`): every queued request as it arrived
+ARRIVAL_LOG_COLUMNS = ("env", "user", "arrival_ms", *REQUEST_FIELDS)
 
 # "time" is float64: absolute times of the simulated clock stay exact to well under a microsecond for
 # days of simulated time (float32 drifts by 6 % per 0.1 ms tick at 150 s); durations stay float32

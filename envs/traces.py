@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from marl_sd.config import Config
+from marl_sd.contract import ACT, SUB_ACTIONS
 from marl_sd.envs.core import BatchedSimulator
 
 
@@ -31,10 +32,10 @@ def rate_traces(cfg: Config, slots: int, seed: int = 0, drop: int | None = None)
         sim.reset()
     ul, dl, srv, dist, ulf, dlf, snr = [], [], [], [], [], [], []
     for _ in range(slots):
-        a = torch.zeros(1, sim.N, 4, dtype=torch.long)
-        a[..., 0] = sim.rates["snr_db"].argmax(-1)
+        a = torch.zeros(1, sim.N, len(SUB_ACTIONS), dtype=torch.long)
+        a[..., ACT["server"]] = sim.rates["snr_db"].argmax(-1)
         sim.apply_actions(a)
-        sim.set_association(a[..., 0])
+        sim.set_association(a[..., ACT["server"]])
         ul.append((sim.ul_rate[0] * 8 / 1000).cpu().numpy())
         dl.append((sim.dl_rate[0] * 8 / 1000).cpu().numpy())
         srv.append(sim.server[0].cpu().numpy())
@@ -83,10 +84,10 @@ def rate_cdf_plot(cfg: Config, out: Path, drops: int = 64, seed: int = 0) -> dic
     import matplotlib.pyplot as plt
 
     sim = BatchedSimulator(cfg, num_envs=drops, seed=seed)
-    a = torch.zeros(drops, sim.N, 4, dtype=torch.long)
-    a[..., 0] = sim.rates["snr_db"].argmax(-1)
+    a = torch.zeros(drops, sim.N, len(SUB_ACTIONS), dtype=torch.long)
+    a[..., ACT["server"]] = sim.rates["snr_db"].argmax(-1)
     sim.apply_actions(a)
-    sim.set_association(a[..., 0], ul_activity=0.2)  # other cells' users transmit 20 % of the time
+    sim.set_association(a[..., ACT["server"]], ul_activity=0.2)  # other cells' users transmit 20 % of the time
     ul = (sim.ul_rate * 8 / 1000).flatten().cpu().numpy()
     d = (sim.pos.unsqueeze(2) - sim.scn.bs_xy).norm(dim=-1).min(-1).values.flatten().cpu().numpy()
     r = sim.scn.cell_radius

@@ -19,6 +19,16 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 SUB_ACTIONS = ("server", "uplink_bid", "verify_priority", "gamma")
+ACT = {name: i for i, name in enumerate(SUB_ACTIONS)}  # a sub-action's column in an action row [..., 4]
+
+
+def assemble_actions(**columns):
+    """An action tensor [..., 4] from its sub-actions by name (every one of `SUB_ACTIONS`)."""
+    import torch
+
+    if set(columns) != set(SUB_ACTIONS):
+        raise ValueError(f"an action needs exactly {SUB_ACTIONS}, got {sorted(columns)}")
+    return torch.stack([columns[n].long() for n in SUB_ACTIONS], -1)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from marl_sd.agents.catalog import make_policy
 from marl_sd.agents.evaluate import HEADLINE, run_policy
 from marl_sd.agents.heuristics import HEURISTICS
 from marl_sd.config import load_config
+from marl_sd.envs.state import ARRIVAL_LOG_COLUMNS
 
 pytestmark = pytest.mark.sim
 
@@ -33,7 +34,8 @@ def test_the_bound_counts_every_arrival_the_run_queued():
     log = pol.sim.arrival_log
     assert sum(len(x) for x in log) == s["arrived"]
     _, tokens = pol.bound()
-    assert tokens == pytest.approx(sum(float(x[:, 4].sum()) for x in log))
+    out = ARRIVAL_LOG_COLUMNS.index("output_tokens")
+    assert tokens == pytest.approx(sum(float(x[:, out].sum()) for x in log))
     assert tokens > 0
 
 
