@@ -6,6 +6,7 @@ request is checked against the target's greedy output afterwards (tokens lost or
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import grpc
@@ -28,7 +30,7 @@ from marl_sd.serving import protocol as P
 from marl_sd.serving.client import ControlAgent
 from marl_sd.serving.draft_client import DraftClient, Drafter
 from marl_sd.serving.models import load_model
-from marl_sd.serving.security import Security, create_pki
+from marl_sd.serving.security import Security, add_security_args, create_pki, security_from_args
 
 TARGET, DRAFT = "tiny:0", "tiny-draft:0:0.15"
 
@@ -360,18 +362,34 @@ def run_chaos(
                 honest_client(u, addrs, ctrl.addr, sec.as_role(f"client-{u}"), M, t_end, logs, failovers, u, missed)
                 for u in range(clients)
             ]
-            bad = []
-            for k, name in enumerate(chosen if attackers else []):
-                role = sec.as_role(f"client-{clients + k}")
-                if name == "bad_reporter":
-                    bad.append(bad_reporter(ctrl.addr, role, t_end, stats, victim=0))
-                else:
-                    bad.append(ATTACKERS[name](addrs, role, t_end, stats))
-            bad_tasks = [asyncio.ensure_future(b) for b in bad]
+            # each attacker in a process of its own, so its CPU use does not slow the honest
+            # clients' own process: what it costs them is what it costs the servers
+            bad = [
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "marl_sd.serving.chaos",
+                        name,
+                        "--servers",
+                        ",".join(addrs),
+                        "--controller",
+                        ctrl.addr,
+                        "--duration",
+                        str(duration_s),
+                        *sec.as_role(f"client-{clients + k}").cli_args(),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                )
+                for k, name in enumerate(chosen if attackers else [])
+            ]
             await asyncio.gather(*hs, chaos(t0))
-            for b in bad_tasks:
-                b.cancel()
-            await asyncio.gather(*bad_tasks, return_exceptions=True)
+            for b in bad:
+                out, _ = await asyncio.get_running_loop().run_in_executor(None, b.communicate)
+                for key, v in (json.loads(out) if out.strip() else {}).items():
+                    stats[key] = stats.get(key, 0) + v
 
         try:
             asyncio.run(main())
@@ -412,3 +430,36 @@ def run_chaos(
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(res, indent=1))
     return res
+
+
+def attacker_main(argv=None) -> int:
+    """One attacker as its own process: `python -m marl_sd.serving.chaos NAME --servers ...`;
+    prints its counters as JSON at the end."""
+    p = argparse.ArgumentParser(description="one chaos attacker")
+    p.add_argument("name", choices=[*ATTACKERS, "bad_reporter"])
+    p.add_argument("--servers", required=True)
+    p.add_argument("--controller", required=True)
+    p.add_argument("--duration", type=float, required=True)
+    add_security_args(p)
+    a = p.parse_args(argv)
+    sec = security_from_args(a, "client-0")
+    stats: dict = defaultdict(int)
+    t_end = time.monotonic() + a.duration
+    if a.name == "bad_reporter":
+        run = bad_reporter(a.controller, sec, t_end, stats, victim=0)
+    else:
+        run = ATTACKERS[a.name](a.servers.split(","), sec, t_end, stats)
+
+    async def main():
+        task = asyncio.ensure_future(run)
+        await asyncio.sleep(a.duration)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+    print(json.dumps(stats), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(attacker_main())
