@@ -106,6 +106,7 @@ async def honest_client(
             await asyncio.sleep(rng.uniform(0.0, 0.5))
     finally:
         reporter.cancel()
+        await agent.close()
         missed.extend(agent.missed_at)
         failovers.extend(client.failed_at)
         await client.close()

@@ -101,6 +101,14 @@ class ControlAgent:
         self.missed_at: list[float] = []  # when reports went unanswered (controller late or down)
         self.refusals = SummaryLog(log)  # one line per kind of refusal per 10 s, with the count
         client.on_round = self.plan
+        self._channel: grpc.aio.Channel | None = None  # one connection for reports and the leave
+
+    def _report_rpc(self):
+        """The Report RPC on this agent's one connection to the controller: reports and the leave
+        come from the same peer, so the controller knows them for one process."""
+        if self._channel is None:
+            self._channel = self.security.channel(self.addr, "controller", options=P.grpc_options())
+        return self._channel.unary_unary(f"/{CONTROLLER_SERVICE}/Report")
 
     def _slot(self) -> int:
         return int((time.monotonic() - self.t0) / self.slot_s)
@@ -152,37 +160,41 @@ class ControlAgent:
             return None
 
     async def run(self) -> None:
-        async with self.security.channel(self.addr, "controller", options=P.grpc_options()) as ch:
-            rpc = ch.unary_unary(f"/{CONTROLLER_SERVICE}/Report")
-            while True:
-                try:
-                    reply = json.loads(await rpc(json.dumps(self.report()).encode(), timeout=self.slot_s))
-                    d = self.checked(reply) if reply else None
-                    if d is not None:
-                        self.decision = d
-                        self.client.apply_plan_if_idle(self.plan_now())
-                except grpc.aio.AioRpcError as e:
-                    self.missed += 1  # controller late or unreachable: keep the last decision
-                    self.missed_at.append(time.monotonic())
-                    if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # refused, or not authenticated: say so
-                        self.refusals.event(
-                            e.code().name,
-                            f"user {self.user}: the controller at {self.addr} refused the report or could not be "
-                            f"reached securely ({e.code().name}: {e.details()}); keeping the last decision",
-                        )
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    self.ignored += 1
-                await asyncio.sleep(self.slot_s)
+        rpc = self._report_rpc()
+        while True:
+            try:
+                reply = json.loads(await rpc(json.dumps(self.report()).encode(), timeout=self.slot_s))
+                d = self.checked(reply) if reply else None
+                if d is not None:
+                    self.decision = d
+                    self.client.apply_plan_if_idle(self.plan_now())
+            except grpc.aio.AioRpcError as e:
+                self.missed += 1  # controller late or unreachable: keep the last decision
+                self.missed_at.append(time.monotonic())
+                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:  # refused, or not authenticated: say so
+                    self.refusals.event(
+                        e.code().name,
+                        f"user {self.user}: the controller at {self.addr} refused the report or could not be "
+                        f"reached securely ({e.code().name}: {e.details()}); keeping the last decision",
+                    )
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                self.ignored += 1
+            await asyncio.sleep(self.slot_s)
 
     async def leave(self) -> None:
         """Tell the controller this user leaves now (best effort: otherwise it expires)."""
         try:
-            async with self.security.channel(self.addr, "controller", options=P.grpc_options()) as ch:
-                await ch.unary_unary(f"/{CONTROLLER_SERVICE}/Report")(
-                    json.dumps({"kind": "leave", "user": self.user}).encode(), timeout=max(self.slot_s, 1.0)
-                )
+            await self._report_rpc()(json.dumps({"kind": "leave", "user": self.user}).encode(), timeout=max(self.slot_s, 1.0))
         except grpc.aio.AioRpcError as e:
             log.warning("user %d: leave not acknowledged (%s); the controller will expire it", self.user, e.code())
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        """Close the connection to the controller (a later report opens a new one)."""
+        if self._channel is not None:
+            ch, self._channel = self._channel, None
+            await ch.close()
 
     async def plan(self, client: DraftClient) -> RoundPlan | None:
         """The latest decision as the plan for the next round (None before the first one)."""
