@@ -35,6 +35,12 @@ def _xp(x):
     return np
 
 
+def take_last(x, idx):
+    """`x[..., idx]` along the last axis, per element (`idx` has x's shape with a last axis of 1):
+    torch's take_along_dim or numpy's take_along_axis."""
+    return np.take_along_axis(x, idx, -1) if isinstance(x, np.ndarray) else x.gather(-1, idx)
+
+
 class LatencyModel:
     """Predicts per-token latencies; `f` maps `Features` field names to arrays in physical units
     (user quantities [B, N], per-(user, server) and per-server quantities [B, N, M] or
@@ -133,5 +139,4 @@ class LatencyModel:
         ok = xp.arange(self.G) <= f["max_gamma"][..., None, None]
         lat = xp.where(ok, lat, float("inf"))
         gamma = lat.argmin(-1)
-        best = xp.take_along_dim(lat, gamma[..., None], -1) if xp is not np else np.take_along_axis(lat, gamma[..., None], -1)
-        return best[..., 0], gamma
+        return take_last(lat, gamma[..., None])[..., 0], gamma

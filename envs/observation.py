@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from marl_sd.contract import LOCAL_FEATURES, STATE_USER_BLOCKS, Feature, ObsSpec
+from marl_sd.envs.latency_model import take_last
 
 
 @dataclass
@@ -57,13 +58,8 @@ class Features:
         self.srv_verify_ms = model.sites.verify_ms(users, users * 5.0) * self.srv_slowdown
         self.pred_ms, self.pred_gamma = model.best(d)
         at = self.pred_ms.argmin(-1)[..., None]
-        take = np.take_along_axis if isinstance(at, np.ndarray) else _torch_take
-        self.pred_best_ms, self.pred_best_gamma = take(self.pred_ms, at, -1)[..., 0], take(self.pred_gamma, at, -1)[..., 0]
+        self.pred_best_ms, self.pred_best_gamma = take_last(self.pred_ms, at)[..., 0], take_last(self.pred_gamma, at)[..., 0]
         return self
-
-
-def _torch_take(x, idx, dim):
-    return x.gather(dim, idx)
 
 
 ACCEPTANCE_DECAY = 0.95  # per verified round
