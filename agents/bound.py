@@ -5,7 +5,7 @@ batching partners (batch of one), no queue at the server, no handover, free band
 fixed per-message latency), at whichever site and gamma give it the lowest per-token latency,
 with its own device's draft cost and its own acceptance rate. A user's own requests still run
 one after another, as they do in the simulator. No policy can do better on the same requests, in
-expectation over the acceptance draws under the latency model (`marl_sd.envs.latency_model`).
+expectation over the acceptance draws under the latency model (`marl_sd.model.latency_model`).
 Scored like the simulator scores a policy: finished requests by their latency, unfinished ones
 by their wait so far plus their tokens left at their pace.
 
@@ -24,8 +24,8 @@ import torch
 from marl_sd.agents.evaluate import HEADLINE, METRICS
 from marl_sd.agents.heuristics import make_heuristic
 from marl_sd.agents.policy import Policy, PolicyContext
-from marl_sd.envs.latency_model import LatencyModel
 from marl_sd.envs.state import ARRIVAL_LOG_COLUMNS
+from marl_sd.model.latency_model import LatencyModel
 
 
 class SoloBound(Policy):

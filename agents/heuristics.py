@@ -14,14 +14,14 @@ import torch
 
 from marl_sd.agents.policy import Policy, PolicyContext
 from marl_sd.contract import assemble_actions
-from marl_sd.envs.latency_model import LatencyModel as BaseLatencyModel
-from marl_sd.envs.observation import decode_local
+from marl_sd.model.latency_model import LatencyModel as BaseLatencyModel
+from marl_sd.model.observation import decode_local
 
 INF = float("inf")
 
 
 class LatencyModel(BaseLatencyModel):
-    """The latency model (`marl_sd.envs.latency_model`) with static knowledge of the scenario
+    """The latency model (`marl_sd.model.latency_model`) with static knowledge of the scenario
     only, plus what the centralized heuristics ask of it: latencies under another association,
     and bandwidth bids."""
 

@@ -15,8 +15,8 @@ import torch
 
 from marl_sd.config import Config
 from marl_sd.contract import ActionLayout, ObsSpec
-from marl_sd.envs.observation import ObservationBuilder, reencode
-from marl_sd.envs.profiles import LatencyProfile, load_profile
+from marl_sd.model.observation import ObservationBuilder, reencode
+from marl_sd.model.profiles import LatencyProfile, load_profile
 
 
 @dataclass

@@ -12,11 +12,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 base=configs/profiles/llama31_8b_h100.yaml
-python3 -m marl_sd.profiler --arch llama-3.1-8b --draft-arch llama-3.2-1b qwen2.5-0.5b smollm2-135m \
+python3 -m marl_sd.app.profiler --arch llama-3.1-8b --draft-arch llama-3.2-1b qwen2.5-0.5b smollm2-135m \
   --name llama31_8b_h100_hf --devices-from $base --out "$OUT/llama31_8b_h100_hf.yaml" 2>&1 | tail -2
-python3 -m marl_sd.profiler --arch qwen2.5-7b --name qwen25_7b_h100_hf --devices-from $base \
+python3 -m marl_sd.app.profiler --arch qwen2.5-7b --name qwen25_7b_h100_hf --devices-from $base \
   --out "$OUT/qwen25_7b_h100_hf.yaml" 2>&1 | tail -2
-python3 -m marl_sd.profiler --arch llama-2-13b --name llama2_13b_h100_hf --devices-from $base \
+python3 -m marl_sd.app.profiler --arch llama-2-13b --name llama2_13b_h100_hf --devices-from $base \
   --out "$OUT/llama2_13b_h100_hf.yaml" 2>&1 | tail -2
 if python3 -c "import sb3_contrib, pettingzoo, pydantic" 2>/dev/null; then
   python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site_pkg . >/dev/null 2>&1 && export PYTHONPATH=/tmp/site_pkg:${PYTHONPATH:-}
@@ -24,7 +24,7 @@ if python3 -c "import sb3_contrib, pettingzoo, pydantic" 2>/dev/null; then
 import time, torch
 from pathlib import Path
 from marl_sd.config import load_config
-from marl_sd.bench import bench_sim
+from marl_sd.app.bench import bench_sim
 from marl_sd.agents.train import train
 cfg = load_config("configs/default.yaml")
 for dev in ("cpu", "cuda"):

@@ -20,12 +20,7 @@ import numpy as np
 import torch
 
 from marl_sd.agents.policy import DelayedPolicy
-from marl_sd.config import load_config
-from marl_sd.contract import SUB_ACTIONS
-from marl_sd.envs.core import BatchedSimulator
-from marl_sd.envs.profiles import load_profile
-from marl_sd.envs.traces import live_drop
-from marl_sd.serving.calibrate import (
+from marl_sd.app.calibrate import (
     fit_served_profile,
     measured_acceptance,
     replay_overrides,
@@ -33,8 +28,13 @@ from marl_sd.serving.calibrate import (
     text_patterns,
     write_profile,
 )
-from marl_sd.serving.controller_policy import sim_policy
-from marl_sd.serving.launcher import device_classes, run_live
+from marl_sd.app.controller_policy import sim_policy
+from marl_sd.app.launcher import device_classes, run_live
+from marl_sd.config import load_config
+from marl_sd.contract import SUB_ACTIONS
+from marl_sd.envs.core import BatchedSimulator
+from marl_sd.envs.traces import live_drop
+from marl_sd.model.profiles import load_profile
 
 FEATURES = (
     "draft_ms",

@@ -16,8 +16,8 @@ from marl_sd.agents.evaluate import HEADLINE, run_policy
 from marl_sd.agents.heuristics import make_heuristic
 from marl_sd.agents.oracle import SearchOracle
 from marl_sd.agents.policy import PolicyContext
+from marl_sd.app.suite import suite_configs
 from marl_sd.config import load_config
-from marl_sd.suite import suite_configs
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from marl_sd.distributed import init_ray, sweep, train_trial, trial_points
+from marl_sd.app.distributed import init_ray, sweep, train_trial, trial_points
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from marl_sd.agents.catalog import make_policy
 from marl_sd.agents.evaluate import HEADLINE, evaluate
-from marl_sd.cli import parse_sizes
+from marl_sd.app.cli import parse_sizes
 from marl_sd.config import load_config
 
 

@@ -42,19 +42,19 @@ import torch
 from marl_sd.config import Config
 from marl_sd.contract import ACT, SUB_ACTIONS, ActionLayout, ObsSpec
 from marl_sd.envs.channel import LinkBudget, link_rates, make_channel
-from marl_sd.envs.costs import MessageCosts, SiteCosts, drafts_after_round
 from marl_sd.envs.draws import Draws
-from marl_sd.envs.latency_model import LatencyModel
-from marl_sd.envs.observation import (
+from marl_sd.envs.scenario import Scenario
+from marl_sd.envs.state import REQ, REQUEST_LOG_COLUMNS, STATE, SimState, allocate, check_state
+from marl_sd.model.costs import MessageCosts, SiteCosts, drafts_after_round
+from marl_sd.model.latency_model import LatencyModel
+from marl_sd.model.observation import (
     Features,
     ObservationBuilder,
     acceptance_estimate,
     smooth_token_latency,
     update_acceptance,
 )
-from marl_sd.envs.profiles import load_profile
-from marl_sd.envs.scenario import Scenario
-from marl_sd.envs.state import REQ, REQUEST_LOG_COLUMNS, STATE, allocate, check_state
+from marl_sd.model.profiles import load_profile
 
 IDLE, DRAFT, UPLINK, QUEUED, VERIFY, DOWNLINK = range(6)
 PHASES = ("idle", "draft", "uplink", "queued", "verify", "downlink")
@@ -87,7 +87,7 @@ class ActionError(ValueError):
     """An action is out of range or violates the action mask."""
 
 
-class BatchedSimulator:
+class BatchedSimulator(SimState):
     """The physics of the multi-user edge SD system, batched over `num_envs` environments."""
 
     def __init__(
@@ -160,8 +160,7 @@ class BatchedSimulator:
     def reset(self) -> None:
         """Start a new episode in every environment (fresh drop, devices, channel, queues)."""
         B, N, g, s = self.B, self.N, self.draws, self.scn
-        for k, v in allocate(self.sizes, self.device).items():
-            setattr(self, k, v)
+        SimState.__init__(self, **allocate(self.sizes, self.device))
         if g.counter:
             keys = g.fresh_keys(B)
             g.set_keys(keys if self.pinned_key is None else torch.full_like(keys, self.pinned_key))
@@ -208,8 +207,7 @@ class BatchedSimulator:
     def set_state(self, st: dict, rng: bool = True) -> None:
         """Restore a `get_state` (with `rng` False, this simulator keeps its own random stream)."""
         check_state(st, self.sizes)
-        for k in STATE:
-            setattr(self, k, st[k].clone().to(self.device))
+        SimState.__init__(self, **{k: st[k].clone().to(self.device) for k in STATE})
         self._derive()
         self.channel.set_state(st["channel"])
         if rng:

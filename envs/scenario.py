@@ -13,7 +13,7 @@ import torch
 
 from marl_sd.config import ConfigError, ScenarioConfig
 from marl_sd.envs.draws import as_draws
-from marl_sd.envs.profiles import LatencyProfile
+from marl_sd.model.profiles import LatencyProfile
 
 
 def hex_sites(n: int, isd: float) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 `LOCAL_FEATURES` is the local observation, block by block: which measured quantity it encodes,
 its width, and how it is normalized (clip, then transform, then divide by the scale). The
-observation size and layout, the encoder (`marl_sd.envs.observation.ObservationBuilder`), the
+observation size and layout, the encoder (`marl_sd.model.observation.ObservationBuilder`), the
 decoder the heuristics use, and the policy bundle's manifest all derive from this table.
 `ActionLayout` is the MultiDiscrete action: its sub-actions, their sizes, the mask rules, and
 the mask operations (split, masked argmax, masked sample, random valid sample) for numpy

@@ -16,10 +16,10 @@ from marl_sd.bundle import bundle_policy, load_bundle
 from marl_sd.config import ConfigError, load_config
 from marl_sd.contract import LOCAL_FEATURES, ObsSpec
 from marl_sd.envs.core import BatchedSimulator
-from marl_sd.envs.latency_model import LatencyModel
-from marl_sd.envs.observation import Features, ObservationBuilder
 from marl_sd.envs.vec_env import MixedSizeVecEnv, MultiAgentVecEnv, training_env
 from marl_sd.export import export_bundle
+from marl_sd.model.latency_model import LatencyModel
+from marl_sd.model.observation import Features, ObservationBuilder
 from marl_sd.serving.controller import ControllerCore, Leave, parse_report, reports_from_features
 
 pytestmark = pytest.mark.train
@@ -189,7 +189,7 @@ def test_a_bundle_runs_in_a_simulator_with_less_room(policy, tmp_path):
     """`serve up --compare-sim` simulates a bundle with the live config, whose room may be
     smaller than the bundle's: observations are re-encoded and masks widened to the bundle's
     room, so the actions equal the torch policy's on the padded observation."""
-    from marl_sd.serving.controller_policy import sim_policy
+    from marl_sd.app.controller_policy import sim_policy
 
     cfg, pol = policy
     export_bundle(pol, cfg, tmp_path, n_parity=50)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from marl_sd.envs.profiles import LatencyProfile, load_profile
-from marl_sd.serving.calibrate import fit_served_profile, write_profile
+from marl_sd.app.calibrate import fit_served_profile, write_profile
+from marl_sd.model.profiles import LatencyProfile, load_profile
 
 pytestmark = pytest.mark.train
 
@@ -131,7 +131,7 @@ def test_simulator_replays_a_live_workload():
 
 def test_live_summary_uses_the_simulator_definitions():
     """Latency per token = summed latency / summed tokens; handovers counted once per client."""
-    from marl_sd.serving.launcher import handovers, latency_per_token
+    from marl_sd.app.launcher import handovers, latency_per_token
 
     rows = [
         {"client": 0, "latency_ms": 100.0, "tokens": 10, "handovers": 1},
@@ -173,7 +173,7 @@ def test_delayed_policy_applies_stale_decisions_within_the_mask():
 
 
 def test_spread_over_repeats_reports_mean_sd_and_gap():
-    from marl_sd.serving.calibrate import spread_over_repeats
+    from marl_sd.app.calibrate import spread_over_repeats
 
     live = [
         [{"policy": "a", "latency_per_token_ms": v}, {"policy": "b", "latency_per_token_ms": w}]
@@ -192,9 +192,9 @@ def test_simulator_pins_the_live_clients_device_classes():
     episode (drawn classes would pair a heavy user with another device)."""
     import torch
 
+    from marl_sd.app.launcher import device_classes
     from marl_sd.config import load_config
     from marl_sd.envs.core import BatchedSimulator
-    from marl_sd.serving.launcher import device_classes
 
     cfg = load_config("configs/live.yaml", ["env.horizon=5"])
     classes = device_classes(cfg)
@@ -249,7 +249,7 @@ def test_text_patterns_are_the_drafts_greedy_matches_along_the_target_text():
     everywhere."""
     import torch
 
-    from marl_sd.serving.calibrate import text_patterns
+    from marl_sd.app.calibrate import text_patterns
     from marl_sd.serving.models import load_model
 
     target = load_model("tiny:0")

@@ -4,8 +4,8 @@ import pytest
 
 import marl_sd.agents.capacity as cap
 from marl_sd.agents.heuristics import HEURISTICS, make_heuristic
+from marl_sd.app.suite import run_suite, suite_configs, summarize_suite, with_every_heuristic
 from marl_sd.config import load_config
-from marl_sd.suite import run_suite, suite_configs, summarize_suite, with_every_heuristic
 
 pytestmark = pytest.mark.train
 

@@ -62,7 +62,7 @@ def test_hex_layout_and_drops_inside_cells():
     d = (xy[1:] - xy[0]).norm(dim=-1)
     torch.testing.assert_close(d, torch.full((6,), 200.0))
     cfg = load_config()
-    from marl_sd.envs.profiles import load_profile
+    from marl_sd.model.profiles import load_profile
 
     scn = Scenario(cfg.scenario, load_profile(cfg.scenario.profile))
     pts = scn.sample_points((2000,), torch.Generator().manual_seed(0))

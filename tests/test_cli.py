@@ -2,7 +2,7 @@
 
 import pytest
 
-from marl_sd.cli import main
+from marl_sd.app.cli import main
 
 pytestmark = pytest.mark.sim
 

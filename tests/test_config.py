@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 from marl_sd.config import ConfigError, dump_config, load_config
-from marl_sd.envs.profiles import load_profile
+from marl_sd.model.profiles import load_profile
 
 pytestmark = pytest.mark.unit
 

@@ -10,8 +10,8 @@ from conftest import stepped_sim
 
 from marl_sd.config import load_config
 from marl_sd.contract import LOCAL_FEATURES, ActionLayout, ObsSpec, features_from_manifest, manifest_contract
-from marl_sd.envs.latency_model import LatencyModel
-from marl_sd.envs.observation import ObservationBuilder, decode_local
+from marl_sd.model.latency_model import LatencyModel
+from marl_sd.model.observation import ObservationBuilder, decode_local
 from marl_sd.serving.controller import ControllerCore, reports_from_features
 
 pytestmark = pytest.mark.unit
@@ -134,7 +134,7 @@ def test_reencode_with_other_constants_equals_encoding_with_them(sim):
     controller gives it: observations encoded with the bundle's own table."""
     from dataclasses import replace
 
-    from marl_sd.envs.observation import reencode
+    from marl_sd.model.observation import reencode
 
     other = replace(sim.spec, max_output_tokens=3 * sim.spec.max_output_tokens)
     want = ObservationBuilder(other).local(sim.features())

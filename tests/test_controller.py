@@ -12,7 +12,7 @@ from marl_sd.bundle import bundle_policy
 from marl_sd.config import load_config
 from marl_sd.contract import ActionLayout
 from marl_sd.envs.core import BatchedSimulator
-from marl_sd.envs.latency_model import LatencyModel
+from marl_sd.model.latency_model import LatencyModel
 from marl_sd.serving.controller import ControllerCore, UserReport, reports_from_features
 
 pytestmark = pytest.mark.train
@@ -96,7 +96,7 @@ def test_controller_records_decisions_that_miss_their_slot(manifest_and_actor):
 def test_heuristic_controller_decides_every_slot_at_32_users(name):
     """The heavy centralized heuristics run in the controller at N = 32 (large scenario) and
     decide every slot; their decision time is a figure of `marl-sd bench controller`, not a test."""
-    from marl_sd.bench import bench_controller
+    from marl_sd.app.bench import bench_controller
 
     (st,) = bench_controller(load_config("configs/large.yaml"), slots=5, policy=name)
     assert st["slots"] == 5 and st["users"] == 32 and st["step_errors"] == 0 and not st["rejected_reports"]
@@ -130,7 +130,7 @@ from marl_sd.bundle import bundle_policy, load_bundle
 from marl_sd.serving.controller import ControllerCore, UserReport
 m, actor = load_bundle({str(out)!r})
 from marl_sd.config import load_config
-from marl_sd.envs.latency_model import LatencyModel
+from marl_sd.model.latency_model import LatencyModel
 core = ControllerCore(m, bundle_policy(actor, m), latency_model=LatencyModel.of(load_config(), measured=True, numpy=True))
 core.report_user(UserReport(user=0, snr_db=[5.0, 1.0, 0.0], ul_mbps=[10, 3, 1], server=0, draft_ms=17, power_w=4, max_gamma=6))
 d = core.step()
@@ -144,7 +144,7 @@ print("ok", core.latency_stats()["p50_ms"])
 
 
 def test_simulator_runs_the_bundle_as_the_controller_does(manifest_and_actor):
-    from marl_sd.serving.controller_policy import sim_policy
+    from marl_sd.app.controller_policy import sim_policy
 
     cfg, m, _, out, model = manifest_and_actor
     sim = BatchedSimulator(cfg, num_envs=2, seed=9)

@@ -14,8 +14,7 @@ from marl_sd.agents.evaluate import HEADLINE
 from marl_sd.agents.heuristics import make_heuristic
 from marl_sd.agents.policy import PolicyContext
 from marl_sd.agents.train import load_policy
-from marl_sd.config import load_config
-from marl_sd.distributed import (
+from marl_sd.app.distributed import (
     eval_grid,
     init_ray,
     parse_grid,
@@ -26,6 +25,7 @@ from marl_sd.distributed import (
     trial_name,
     trial_points,
 )
+from marl_sd.config import load_config
 
 pytestmark = pytest.mark.ray
 

@@ -6,8 +6,8 @@ import torch
 
 from marl_sd.config import ConfigError, load_config
 from marl_sd.envs.core import BatchedSimulator
-from marl_sd.envs.costs import SiteCosts
-from marl_sd.envs.profiles import load_profile
+from marl_sd.model.costs import SiteCosts
+from marl_sd.model.profiles import load_profile
 
 pytestmark = pytest.mark.sim
 

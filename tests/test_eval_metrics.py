@@ -9,10 +9,10 @@ import torch
 from marl_sd.agents.evaluate import HEADLINE, evaluate, run_policy
 from marl_sd.agents.heuristics import make_heuristic
 from marl_sd.agents.policy import PolicyContext
+from marl_sd.app.report import results_table
 from marl_sd.config import load_config
 from marl_sd.envs.core import BatchedSimulator
 from marl_sd.envs.state import REQ
-from marl_sd.report import results_table
 
 pytestmark = pytest.mark.sim
 

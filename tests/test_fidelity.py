@@ -10,7 +10,7 @@ from fixed_links import DL, UL, FixedLinks
 
 from marl_sd.config import load_config
 from marl_sd.envs.core import BatchedSimulator
-from marl_sd.envs.costs import drafts_after_round
+from marl_sd.model.costs import drafts_after_round
 
 pytestmark = pytest.mark.sim
 

@@ -7,8 +7,8 @@ from marl_sd.agents.heuristics import HEURISTICS, make_heuristic
 from marl_sd.agents.policy import PolicyContext
 from marl_sd.config import load_config
 from marl_sd.envs.core import BatchedSimulator
-from marl_sd.envs.latency_model import LatencyModel
-from marl_sd.envs.observation import Features, ObservationBuilder
+from marl_sd.model.latency_model import LatencyModel
+from marl_sd.model.observation import Features, ObservationBuilder
 
 pytestmark = pytest.mark.sim
 

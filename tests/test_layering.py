@@ -25,32 +25,20 @@ PACKAGES = package_map()
 
 # bottom to top; a module may import its own layer and the ones below
 LAYERS = [
-    ("foundation", ("marl_sd", "marl_sd.config", "marl_sd.contract", "marl_sd.runs")),
+    ("foundation", ("marl_sd", "marl_sd.config", "marl_sd.contract", "marl_sd.runs", "marl_sd.model")),
     ("envs", ("marl_sd.envs",)),
     ("agents", ("marl_sd.agents",)),
     ("export", ("marl_sd.bundle", "marl_sd.export")),
     ("serving", ("marl_sd.serving",)),
-    (
-        "application",
-        (
-            "marl_sd.cli",
-            "marl_sd.bench",
-            "marl_sd.report",
-            "marl_sd.profiler",
-            "marl_sd.suite",
-            "marl_sd.distributed",
-            "marl_sd.serving.calibrate",
-            "marl_sd.serving.launcher",
-            "marl_sd.serving.chaos",
-        ),
-    ),
+    ("application", ("marl_sd.app",)),
     ("scripts", ("benchmarks",)),
 ]
 # imported inside functions on purpose: optional extras, or heavy imports a caller may not need
 LAZY_OK = {"sionna", "matplotlib", "transformers", "onnxruntime", "scipy", "torch", "tensorflow", "ray"}
 # the few package-internal lazy imports, each with its reason
 LAZY_INTERNAL_OK = {
-    "marl_sd.cli": "each subcommand imports its own stack, so `marl-sd --help` starts in a second",
+    "marl_sd.app.cli": "each subcommand imports its own stack, so `marl-sd --help` starts in a second",
+    "marl_sd.agents.train": "the BenchMARL backend is an optional extra, imported only when a config selects it",
     "marl_sd.serving.controller": "heuristics are torch code; the bundle path of the controller stays torch-free",
 }
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from marl_sd.serving.calibrate import compare_with_sim
-from marl_sd.serving.launcher import run_live
+from marl_sd.app.calibrate import compare_with_sim
+from marl_sd.app.launcher import run_live
 
 pytestmark = pytest.mark.net
 

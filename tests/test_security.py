@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import torch
 
+from marl_sd.app.launcher import local_servers, server_status
 from marl_sd.config import load_config
 from marl_sd.contract import manifest_contract
-from marl_sd.envs.latency_model import LatencyModel
+from marl_sd.model.latency_model import LatencyModel
 from marl_sd.serving import protocol as P
 from marl_sd.serving.client import ControlAgent
 from marl_sd.serving.controller import ControllerCore, ReportError, parse_report, serve_controller
 from marl_sd.serving.draft_client import DraftClient, Drafter
 from marl_sd.serving.engine import UnsupportedModel, VerifierEngine, VerifyItem, check_rollback_support
-from marl_sd.serving.launcher import local_servers, server_status
 from marl_sd.serving.models import load_model
 from marl_sd.serving.security import Security, SecurityError, create_pki
 
@@ -510,7 +510,7 @@ def test_chaos_with_fair_share_attackers_stays_lossless():
     """Two honest clients beside a client that never reads its replies and one that opens and
     closes sessions as fast as it can (each its own certificate): every honest request completes
     losslessly, and the attackers were refused or ended by the verifiers."""
-    from marl_sd.serving.chaos import run_chaos
+    from marl_sd.app.chaos import run_chaos
 
     res = run_chaos(clients=2, duration_s=25, faults=False, only=["no_reader", "churner"])
     assert res["requests_completed"] > 0 and res["requests_wrong_tokens"] == 0 and res["requests_failed"] == 0

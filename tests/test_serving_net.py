@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from marl_sd.envs.latency_model import LatencyModel
+from marl_sd.app.launcher import local_servers
+from marl_sd.model.latency_model import LatencyModel
 from marl_sd.serving import protocol as P
 from marl_sd.serving.draft_client import DraftClient, Drafter, RoundPlan
-from marl_sd.serving.launcher import local_servers
 from marl_sd.serving.links import Link
 from marl_sd.serving.models import load_model
 from marl_sd.serving.protocol import VERIFIER_SERVICE as SERVICE
@@ -200,8 +200,8 @@ def test_paced_verifier_and_drafter_emulate_the_profile(target):
     take at least the device time, output stays lossless, and pre-drafting stops at the result."""
     import threading
 
-    from marl_sd.envs.profiles import load_profile
-    from marl_sd.serving.launcher import server_status
+    from marl_sd.app.launcher import server_status
+    from marl_sd.model.profiles import load_profile
 
     verify = load_profile("llama31_8b_a10g_roofline").target.verify
     with local_servers("tiny:0", 1, extra=["--pace-profile", "llama31_8b_a10g_roofline"]) as (_, (addr,)):

@@ -1,11 +1,14 @@
 """The simulator state is declared once (marl_sd.envs.state): the simulator holds exactly the
 declared tensors plus a known set of derived ones, and save/restore goes through the table."""
 
+import typing
+
 import pytest
 import torch
 from conftest import stepped_sim
 
-from marl_sd.envs.state import REQUEST_LOG_COLUMNS, STATE, STATE_VARS, check_state
+from marl_sd.envs.core import BatchedSimulator
+from marl_sd.envs.state import REQUEST_LOG_COLUMNS, STATE, STATE_VARS, SimState, check_state
 
 pytestmark = pytest.mark.unit
 
@@ -37,6 +40,15 @@ def test_every_tensor_is_declared_or_derived(sim):
     tensors = {k for k, v in vars(sim).items() if isinstance(v, torch.Tensor)}
     assert tensors - set(STATE) == DERIVED, "a new simulator tensor must be declared in envs/state.py"
     assert set(STATE) <= tensors
+
+
+def test_the_state_is_typed_fields_of_the_simulator():
+    """What an IDE or a type checker reads: every declared variable is an annotated tensor
+    attribute of `BatchedSimulator`, and the constructor refuses an undeclared one."""
+    hints = typing.get_type_hints(BatchedSimulator)
+    assert [k for k in STATE if hints.get(k) is not torch.Tensor] == []
+    with pytest.raises(TypeError, match="not_a_state_var"):
+        SimState(**dict.fromkeys(STATE, torch.zeros(1)), not_a_state_var=torch.zeros(1))
 
 
 def test_declared_shapes_and_dtypes_hold_after_steps(sim):

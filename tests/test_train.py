@@ -78,7 +78,7 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
 def test_learned_policy_runs_at_other_sizes_within_its_room(tmp_path, capsys):
     """A trained policy evaluates at another number of users and at fewer servers; more servers
     than it has room for is a clear error naming both, not a torch traceback."""
-    from marl_sd.cli import main
+    from marl_sd.app.cli import main
 
     cfg = load_config(overrides=TINY)
     train(cfg, tmp_path / "run", progress=False, total_timesteps=8 * 4 * 3)

@@ -21,8 +21,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
+from pydantic import ValidationError
 
-from marl_sd.envs.observation import smooth_token_latency
+from marl_sd.model.observation import smooth_token_latency
 from marl_sd.serving import protocol as P
 from marl_sd.serving.draft_client import DraftClient, Drafter, RoundPlan
 from marl_sd.serving.fairness import SummaryLog
@@ -125,29 +126,29 @@ class ControlAgent:
         now = time.monotonic()
         return sum(1 for a in self.arrivals if a <= now) - self.finished
 
-    def report(self) -> dict:
+    def report(self) -> P.UserReport:
+        """This slot's measurements, validated as the controller will (`protocol.UserReport`)."""
         t = self._slot()
         q = self.queue()
         snr = self._row("snr_db", t) if self.trace else [20.0] * self.M
         full = self._row("ul_full_mbps", t) if self.trace else [50.0] * self.M
         c = self.client
-        return {
-            "kind": "user",
-            "user": self.user,
-            "snr_db": snr,
-            "ul_mbps": full,
-            "ul_full_mbps": full,
-            "server": c.server,
-            "draft_ms": c.drafter.ms_per_token or 1.0,
-            "power_w": self.power_w,
-            "max_gamma": self.max_gamma,
-            "queue": q,
-            "remaining": int(c.meas["remaining"]) if c.active else 0,
-            "acceptance": c.acceptance,
-            "outstanding": float(q),
-            "token_latency_ms": self.tok_latency,
-            "context_tokens": len(c.drafter.seq) if c.active else 0,
-        }
+        return P.UserReport(
+            user=self.user,
+            snr_db=snr,
+            ul_mbps=full,
+            ul_full_mbps=full,
+            server=c.server,
+            draft_ms=c.drafter.ms_per_token or 1.0,
+            power_w=self.power_w,
+            max_gamma=self.max_gamma,
+            queue=q,
+            remaining=int(c.meas["remaining"]) if c.active else 0,
+            acceptance=c.acceptance,
+            outstanding=float(q),
+            token_latency_ms=self.tok_latency,
+            context_tokens=len(c.drafter.seq) if c.active else 0,
+        )
 
     def checked(self, reply) -> P.Decision | None:
         """The controller's decision validated (`protocol.Decision.parse`: schema, server range,
@@ -163,7 +164,13 @@ class ControlAgent:
         rpc = self._report_rpc()
         while True:
             try:
-                reply = json.loads(await rpc(json.dumps(self.report()).encode(), timeout=self.slot_s))
+                report = self.report()
+            except ValidationError as e:  # a measurement out of its range: the controller would refuse it too
+                self.refusals.event("invalid report", f"user {self.user}: not reporting this slot ({e.errors()[0]['msg']})")
+                await asyncio.sleep(self.slot_s)
+                continue
+            try:
+                reply = json.loads(await rpc(report.model_dump_json().encode(), timeout=self.slot_s))
                 d = self.checked(reply) if reply else None
                 if d is not None:
                     self.decision = d
@@ -184,7 +191,7 @@ class ControlAgent:
     async def leave(self) -> None:
         """Tell the controller this user leaves now (best effort: otherwise it expires)."""
         try:
-            await self._report_rpc()(json.dumps({"kind": "leave", "user": self.user}).encode(), timeout=max(self.slot_s, 1.0))
+            await self._report_rpc()(P.Leave(user=self.user).model_dump_json().encode(), timeout=max(self.slot_s, 1.0))
         except grpc.aio.AioRpcError as e:
             log.warning("user %d: leave not acknowledged (%s); the controller will expire it", self.user, e.code())
         finally:

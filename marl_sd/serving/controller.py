@@ -18,90 +18,31 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Annotated, Literal
 
 import grpc
 import numpy as np
 import prometheus_client as prom
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictInt, ValidationError
+from pydantic import ValidationError
 
 from marl_sd.bundle import bundle_policy, load_bundle
 from marl_sd.config import load_config
 from marl_sd.contract import SUB_ACTIONS, ActionLayout, ObsSpec, features_from_manifest, manifest_contract
-from marl_sd.envs.latency_model import LatencyModel
-from marl_sd.envs.observation import Features, ObservationBuilder
+from marl_sd.model.latency_model import LatencyModel
+from marl_sd.model.observation import Features, ObservationBuilder
 from marl_sd.serving.fairness import SummaryLog
-from marl_sd.serving.protocol import CONTROLLER_SERVICE, VERIFIER_SERVICE, Decision, grpc_options
+from marl_sd.serving.protocol import (
+    CONTROLLER_SERVICE,
+    REPORTS,
+    VERIFIER_SERVICE,
+    Decision,
+    Leave,
+    ServerReport,
+    UserReport,
+    grpc_options,
+)
 from marl_sd.serving.security import Security, add_security_args, caller_role, client_user, security_from_args
 
 log = logging.getLogger("marl_sd.controller")
-
-
-@dataclass
-class UserReport:
-    """What a client measures (or knows about its device)."""
-
-    user: int
-    snr_db: list[float]
-    ul_mbps: list[float]
-    server: int
-    draft_ms: float
-    power_w: float
-    max_gamma: int
-    queue: int = 0
-    remaining: int = 0
-    acceptance: float = 0.5
-    outstanding: float = 0.0
-    token_latency_ms: float = 0.0
-    context_tokens: int = 0  # context of the active session (prompt + generated)
-    ul_full_mbps: list[float] | None = None  # whole-band rate per server: the controller applies shares
-    at: float = field(default_factory=time.monotonic)
-
-
-class _UserReportIn(BaseModel):
-    """Schema of a user report on the wire: finite numbers in physical ranges, no unknown keys."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["user"] = "user"
-    user: StrictInt = Field(ge=0)
-    snr_db: list[Annotated[FiniteFloat, Field(ge=-300, le=200)]]  # dB: the simulator floors at -300
-    ul_mbps: list[Annotated[FiniteFloat, Field(ge=0, le=1e5)]]
-    server: StrictInt = Field(ge=0)
-    draft_ms: FiniteFloat = Field(gt=0, le=1e4)
-    power_w: FiniteFloat = Field(ge=0, le=1e3)
-    max_gamma: StrictInt = Field(ge=0, le=64)
-    queue: StrictInt = Field(0, ge=0, le=1 << 20)
-    remaining: StrictInt = Field(0, ge=0, le=1 << 24)
-    acceptance: FiniteFloat = Field(0.5, ge=0, le=1)
-    outstanding: FiniteFloat = Field(0.0, ge=0, le=1 << 20)
-    token_latency_ms: FiniteFloat = Field(0.0, ge=0, le=1e7)
-    context_tokens: StrictInt = Field(0, ge=0, le=1 << 24)
-    ul_full_mbps: list[Annotated[FiniteFloat, Field(ge=0, le=1e5)]] | None = None
-
-
-class _ServerReportIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["server"]
-    server: StrictInt = Field(ge=0)
-    users: StrictInt = Field(0, ge=0, le=1 << 20)
-    queued_tokens: FiniteFloat = Field(0.0, ge=0, le=1e9)
-    busy: FiniteFloat = Field(0.0, ge=0, le=1)
-    kv: FiniteFloat = Field(0.0, ge=0, le=1)
-    slowdown: FiniteFloat = Field(1.0, ge=0.01, le=1e3)
-
-
-class _LeaveIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["leave"]
-    user: StrictInt = Field(ge=0)
-
-
-@dataclass
-class Leave:
-    """A user announces it leaves (its last request is done)."""
-
-    user: int
 
 
 class ReportError(ValueError):
@@ -112,44 +53,33 @@ MAX_USER_ID = 1 << 20
 
 
 def parse_report(raw: bytes, n_servers: int) -> UserReport | ServerReport | Leave:
-    """Validate one report (JSON): schema, finite numbers, server ids and list lengths within the
-    scenario's servers. Any number of users may report (ids below `MAX_USER_ID`)."""
+    """Validate one report (JSON, one of `protocol.REPORTS` by its `kind`): schema, finite numbers,
+    server ids and list lengths within the scenario's servers. Any number of users may report
+    (ids below `MAX_USER_ID`)."""
     try:
         msg = json.loads(raw)
         if not isinstance(msg, dict):
             raise ReportError("a report is a JSON object")
-        if msg.get("kind") == "server":
-            r = _ServerReportIn(**msg)
-            if r.server >= n_servers:
-                raise ReportError(f"server {r.server} out of range [0, {n_servers})")
-            return ServerReport(r.server, r.users, r.queued_tokens, r.busy, r.kv, r.slowdown)
-        if msg.get("kind") == "leave":
-            return Leave(_LeaveIn(**msg).user)
-        r = _UserReportIn(**msg)
+        msg.pop("at", None)  # the controller stamps receipt itself
+        kind = msg.setdefault("kind", "user")
+        if kind not in REPORTS:
+            raise ReportError(f"unknown report kind {kind!r} (one of {sorted(REPORTS)})")
+        r = REPORTS[kind].model_validate(msg)
     except ValidationError as e:
         raise ReportError("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()[:3])) from None
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
         raise ReportError(f"not a JSON report: {e}") from None
-    if r.user >= MAX_USER_ID:
+    if isinstance(r, Leave):
+        return r
+    if isinstance(r, UserReport) and r.user >= MAX_USER_ID:
         raise ReportError(f"user id {r.user} out of range [0, {MAX_USER_ID})")
     if r.server >= n_servers:
         raise ReportError(f"server {r.server} out of range [0, {n_servers})")
     for k in ("snr_db", "ul_mbps", "ul_full_mbps"):
-        v = getattr(r, k)
+        v = getattr(r, k, None)
         if v is not None and len(v) != n_servers:
             raise ReportError(f"{k} has {len(v)} entries, expected one per server ({n_servers})")
-    return UserReport(**r.model_dump(exclude={"kind"}))
-
-
-@dataclass
-class ServerReport:
-    server: int
-    users: int = 0
-    queued_tokens: float = 0.0
-    busy: float = 0.0
-    kv: float = 0.0  # KV-cache occupancy (0 when the server has no KV budget)
-    slowdown: float = 1.0  # measured batch time over the profile's (1: not measured, or as profiled)
-    at: float = field(default_factory=time.monotonic)
+    return r
 
 
 class ControllerCore:
@@ -539,11 +469,11 @@ async def poll_servers(core: ControllerCore, addrs: list[str], security: Securit
                 kv = st.get("kv_tokens", 0) / st["kv_budget"] if st.get("kv_budget") else 0.0
                 core.report_server(
                     ServerReport(
-                        i,
-                        int(st["open_sessions"]),
-                        float(st.get("queued_tokens", 0.0)),
-                        float(min(max(busy, 0.0), 1.0)),
-                        float(min(kv, 1.0)),
+                        server=i,
+                        users=int(st["open_sessions"]),
+                        queued_tokens=float(st.get("queued_tokens", 0.0)),
+                        busy=float(min(max(busy, 0.0), 1.0)),
+                        kv=float(min(kv, 1.0)),
                     )
                 )
             await asyncio.sleep(core.slot_s)
@@ -575,6 +505,23 @@ def controller_metrics(core: ControllerCore) -> prom.CollectorRegistry:
     return reg
 
 
+def heuristic_policy(name: str, cfg):
+    """A heuristic by name as a numpy callable (obs, mask) -> actions, for the live controller
+    (one torch thread: the controller shares the machine with clients and servers)."""
+    import torch  # only the bundle path is torch-free
+
+    from marl_sd.agents.heuristics import make_heuristic
+    from marl_sd.agents.policy import PolicyContext
+
+    torch.set_num_threads(1)
+    pol = make_heuristic(name, PolicyContext.from_config(cfg))
+
+    def act(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return pol.act(torch.as_tensor(obs), torch.as_tensor(mask)).numpy()
+
+    return act
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="live controller: measured state -> policy -> decisions")
     p.add_argument("--config", required=True, help="scenario config (sizes, slot length, coverage rule)")
@@ -601,8 +548,6 @@ def main(argv=None) -> int:
         manifest, actor = load_bundle(a.bundle, cfg)
         policy = bundle_policy(actor, manifest)
     else:
-        from marl_sd.serving.controller_policy import heuristic_policy  # torch: only the bundle path is torch-free
-
         manifest = manifest_contract(cfg)
         policy = heuristic_policy(a.heuristic, cfg)
     core = ControllerCore.for_config(manifest, policy, cfg)

@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 import torch
 
-from marl_sd.envs.observation import acceptance_estimate, update_acceptance
+from marl_sd.model.observation import acceptance_estimate, update_acceptance
 from marl_sd.serving import protocol as P
 from marl_sd.serving.links import Link
 from marl_sd.serving.models import prefill, rollback

@@ -9,10 +9,12 @@ RESULT  server -> client  accepted count and the new tokens (accepted drafts + o
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictInt
 
 from marl_sd.contract import SUB_ACTIONS
 
@@ -59,6 +61,61 @@ class Decision(BaseModel):
         if d.server >= n_servers:
             raise ValueError(f"server {d.server} out of range [0, {n_servers})")
         return d.model_copy(update={"gamma": min(d.gamma, max_gamma), "verify_priority": min(d.verify_priority, MAX_PRIORITY)})
+
+
+Mbps = Annotated[FiniteFloat, Field(ge=0, le=1e5)]
+
+
+class _Report(BaseModel):
+    """A report on the controller's wire (JSON). `at` is when the controller received it: set on
+    receipt, never sent."""
+
+    model_config = ConfigDict(extra="forbid")
+    at: float = Field(default_factory=time.monotonic, exclude=True)
+
+
+class UserReport(_Report):
+    """What a client measures (or knows about its device), once per slot: finite numbers in
+    physical ranges, no unknown keys. The one declaration the client sends and the controller
+    validates."""
+
+    kind: Literal["user"] = "user"
+    user: StrictInt = Field(ge=0)
+    snr_db: list[Annotated[FiniteFloat, Field(ge=-300, le=200)]]  # dB: the simulator floors at -300
+    ul_mbps: list[Mbps]
+    server: StrictInt = Field(ge=0)
+    draft_ms: FiniteFloat = Field(gt=0, le=1e4)
+    power_w: FiniteFloat = Field(ge=0, le=1e3)
+    max_gamma: StrictInt = Field(ge=0, le=MAX_GAMMA)
+    queue: StrictInt = Field(0, ge=0, le=1 << 20)
+    remaining: StrictInt = Field(0, ge=0, le=1 << 24)
+    acceptance: FiniteFloat = Field(0.5, ge=0, le=1)
+    outstanding: FiniteFloat = Field(0.0, ge=0, le=1 << 20)
+    token_latency_ms: FiniteFloat = Field(0.0, ge=0, le=1e7)
+    context_tokens: StrictInt = Field(0, ge=0, le=1 << 24)  # context of the active session (prompt + generated)
+    ul_full_mbps: list[Mbps] | None = None  # whole-band rate per server: the controller applies shares
+
+
+class ServerReport(_Report):
+    """A verifier's load, as the controller's poller (or a server itself) reports it."""
+
+    kind: Literal["server"] = "server"
+    server: StrictInt = Field(ge=0)
+    users: StrictInt = Field(0, ge=0, le=1 << 20)
+    queued_tokens: FiniteFloat = Field(0.0, ge=0, le=1e9)
+    busy: FiniteFloat = Field(0.0, ge=0, le=1)
+    kv: FiniteFloat = Field(0.0, ge=0, le=1)  # KV-cache occupancy (0 when the server has no KV budget)
+    slowdown: FiniteFloat = Field(1.0, ge=0.01, le=1e3)  # measured batch time over the profile's (1: as profiled)
+
+
+class Leave(_Report):
+    """A user announces it leaves (its last request is done)."""
+
+    kind: Literal["leave"] = "leave"
+    user: StrictInt = Field(ge=0)
+
+
+REPORTS = {m.model_fields["kind"].default: m for m in (UserReport, ServerReport, Leave)}
 
 
 def grpc_options(max_message: int = MAX_MESSAGE, server: bool = False) -> list[tuple[str, int]]:

@@ -28,7 +28,7 @@ import prometheus_client as prom
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from marl_sd.envs.profiles import load_profile
+from marl_sd.model.profiles import load_profile
 from marl_sd.serving import protocol as P
 from marl_sd.serving.engine import ServerFull, VerifierEngine, VerifyItem
 from marl_sd.serving.fairness import IdentityLimiter, SummaryLog, fair_cut

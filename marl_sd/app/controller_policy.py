@@ -1,30 +1,17 @@
-"""Torch policies in the live controller's numpy interface, and the policy a live run used as a
-simulator policy (for `serve up --compare-sim`)."""
+"""The policy a live run used, as a simulator policy (for `serve up --compare-sim` and the
+live-gap benchmark)."""
 
 from __future__ import annotations
 
 import os
 
-import numpy as np
 import torch
 
 from marl_sd.agents.heuristics import make_heuristic
 from marl_sd.agents.policy import OwnContract, Policy, PolicyContext
 from marl_sd.bundle import bundle_policy, load_bundle, normalization_differences
 from marl_sd.contract import ObsSpec, features_from_manifest, manifest_contract
-from marl_sd.envs.observation import ObservationBuilder
-
-
-def heuristic_policy(name: str, cfg):
-    """A heuristic by name as a numpy callable (obs, mask) -> actions, for the live controller
-    (one torch thread: the controller shares the machine with clients and servers)."""
-    torch.set_num_threads(1)
-    pol = make_heuristic(name, PolicyContext.from_config(cfg))
-
-    def act(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return pol.act(torch.as_tensor(obs), torch.as_tensor(mask)).numpy()
-
-    return act
+from marl_sd.model.observation import ObservationBuilder
 
 
 def sim_policy(policy: str, cfg) -> Policy:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from marl_sd.config import Config
-from marl_sd.envs.profiles import LatencyProfile, load_profile
+from marl_sd.model.profiles import LatencyProfile, load_profile
 
 if TYPE_CHECKING:
     import torch

@@ -370,7 +370,7 @@ def run_chaos(
                     [
                         sys.executable,
                         "-m",
-                        "marl_sd.serving.chaos",
+                        "marl_sd.app.chaos",
                         name,
                         "--servers",
                         ",".join(addrs),
@@ -434,7 +434,7 @@ def run_chaos(
 
 
 def attacker_main(argv=None) -> int:
-    """One attacker as its own process: `python -m marl_sd.serving.chaos NAME --servers ...`;
+    """One attacker as its own process: `python -m marl_sd.app.chaos NAME --servers ...`;
     prints its counters as JSON at the end."""
     p = argparse.ArgumentParser(description="one chaos attacker")
     p.add_argument("name", choices=[*ATTACKERS, "bad_reporter"])

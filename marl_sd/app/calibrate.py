@@ -33,12 +33,12 @@ import yaml
 
 from marl_sd.agents.evaluate import run_policy
 from marl_sd.agents.policy import DelayedPolicy
+from marl_sd.app.controller_policy import sim_policy
+from marl_sd.app.launcher import device_classes
+from marl_sd.app.profiler import fit_verify
 from marl_sd.config import load_config
-from marl_sd.envs.profiles import LatencyProfile, load_profile
 from marl_sd.envs.traces import live_drop
-from marl_sd.profiler import fit_verify
-from marl_sd.serving.controller_policy import sim_policy
-from marl_sd.serving.launcher import device_classes
+from marl_sd.model.profiles import LatencyProfile, load_profile
 from marl_sd.serving.models import load_model
 
 

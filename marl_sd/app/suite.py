@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from marl_sd import config, contract, envs
+from marl_sd import config, contract, envs, model
 from marl_sd.agents import catalog, evaluate, heuristics, policy
 from marl_sd.agents.evaluate import HEADLINE, mean_ci
 from marl_sd.agents.heuristics import HEURISTICS
+from marl_sd.app.distributed import eval_grid
 from marl_sd.config import CONFIG_DIR, load_config
-from marl_sd.distributed import eval_grid
 
 METRIC = HEADLINE  # ranks the suite: all arrived work counts (see `agents.evaluate.HEADLINE`)
 PER_SEED = {
@@ -40,9 +40,10 @@ def with_every_heuristic(policies: list[str]) -> tuple[list[str], list[str]]:
 
 def heuristic_fingerprint() -> str:
     """Hash of the code and data that decide a heuristic's figures: the simulator and its channel
-    (`marl_sd.envs`), the heuristics, policy and evaluation modules, the config and contract
-    modules and the shipped latency profiles. Suite results are reused only under the same one."""
-    files = sorted(Path(envs.__file__).parent.rglob("*.py"))
+    (`marl_sd.envs`), the system model (`marl_sd.model`), the heuristics, policy and evaluation
+    modules, the config and contract modules and the shipped latency profiles. Suite results are
+    reused only under the same one."""
+    files = sorted(Path(envs.__file__).parent.rglob("*.py")) + sorted(Path(model.__file__).parent.glob("*.py"))
     files += [Path(m.__file__) for m in (heuristics, policy, evaluate, config, contract)]
     files += sorted((CONFIG_DIR / "profiles").glob("*.yaml"))
     h = hashlib.sha256()

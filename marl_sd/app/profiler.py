@@ -1,6 +1,6 @@
 """Measure draft/verify latency of real model architectures and fit the simulator's profile.
 
-`python -m marl_sd.profiler --arch llama-3.1-8b --device cuda --out profile.yaml` builds the
+`python -m marl_sd.app.profiler --arch llama-3.1-8b --device cuda --out profile.yaml` builds the
 published architecture with random weights (timing does not depend on the weights), measures
 batched verification T(b, K) over a grid of batch sizes and tokens per row on a fixed context,
 the prefill cost per prompt token and the one-token decode cost of a draft architecture, fits
@@ -236,7 +236,7 @@ def run(args) -> dict:
     for d in args.draft_model or []:  # real loaded models (e.g. smollm2-int8), timed as the drafter runs them
         draft[d] = round(measure_decode(load_model(d), args.device, args.context, args.reps, args.warmup), 4)
     how = (
-        f"marl_sd.profiler: {args.arch} random weights, {args.dtype}, transformers eager (sdpa), "
+        f"marl_sd.app.profiler: {args.arch} random weights, {args.dtype}, transformers eager (sdpa), "
         f"context {args.context} tokens, median of {args.reps} after {args.warmup} warm-up, {machine_description(args.device)}"
     )
     profile = {

@@ -16,8 +16,7 @@ from marl_sd.envs.core import BatchedSimulator
 from marl_sd.envs.pettingzoo_env import MECSpecDecEnv
 from marl_sd.envs.vec_env import MultiAgentVecEnv
 from marl_sd.export import export_bundle
-from marl_sd.serving.controller import ControllerCore, reports_from_features
-from marl_sd.serving.controller_policy import heuristic_policy
+from marl_sd.serving.controller import ControllerCore, heuristic_policy, reports_from_features
 
 
 def bench_sim(cfg: Config, num_envs: int, steps: int, warmup: int = 3) -> dict:

@@ -2,7 +2,7 @@
 every user, from what a user can measure and the sites' profiles.
 
 Round = draft (minus the drafts the client's pre-drafting rule keeps, in expectation) + uplink +
-queueing + T(b, K) + downlink, with the simulator's own message costs (`marl_sd.envs.costs`);
+queueing + T(b, K) + downlink, with the simulator's own message costs (`marl_sd.model.costs`);
 per token = round / E[N], E[N] = (1 - a^(g+1)) / (1 - a). gamma = 0 is one server decode step
 (plus queueing) per token.
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from marl_sd.config import Config
-from marl_sd.envs.costs import MessageCosts, SiteCosts, expected_predraft_kept, expected_tokens_per_round
-from marl_sd.envs.profiles import load_profile
+from marl_sd.model.costs import MessageCosts, SiteCosts, expected_predraft_kept, expected_tokens_per_round
+from marl_sd.model.profiles import load_profile
 
 
 def _xp(x):

@@ -31,7 +31,7 @@ def parse_sizes(texts: list[str], option: str) -> list[tuple[int, int]]:
 
 
 def _cmd_bench(args) -> int:
-    from marl_sd.bench import bench_pettingzoo, bench_sim
+    from marl_sd.app.bench import bench_pettingzoo, bench_sim
 
     cfg = load_config(args.config, args.set)
     if args.what == "env":
@@ -57,7 +57,7 @@ def _cmd_bench(args) -> int:
     elif args.what == "suite":
         return _bench_suite(args)
     elif args.what == "controller":
-        from marl_sd.bench import bench_controller
+        from marl_sd.app.bench import bench_controller
 
         configs = [args.config] if args.config else ["configs/default.yaml", "configs/large.yaml"]
         policies = [None if p == "mappo" else p for p in args.policies]
@@ -80,7 +80,7 @@ def _cmd_bench(args) -> int:
 
 
 def _bench_suite(args) -> int:
-    from marl_sd.suite import (
+    from marl_sd.app.suite import (
         heuristic_fingerprint,
         reusable,
         run_suite,
@@ -175,7 +175,7 @@ def _bench_suite(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from marl_sd.distributed import parse_grid, parse_seeds, summarize_sweep, sweep
+    from marl_sd.app.distributed import parse_grid, parse_seeds, summarize_sweep, sweep
 
     seeds, grid = parse_seeds(args.seeds), parse_grid(args.grid)
     name = args.name or f"sweep_{load_config(args.config, args.set).name}"
@@ -291,7 +291,7 @@ def _evaluate_ray(cfg, run_dir, policies, seeds, episodes, address):
     """`evaluate` with every (policy, seed) as a Ray task (the same results)."""
     from marl_sd.agents.evaluate import PolicyResult
     from marl_sd.agents.policy import LearnedPolicy
-    from marl_sd.distributed import eval_grid
+    from marl_sd.app.distributed import eval_grid
 
     names = {
         p.name: ("learned" if isinstance(p, LearnedPolicy) else "oracle" if p.name == "oracle" else p.name) for p in policies
@@ -313,7 +313,7 @@ def _evaluate_ray(cfg, run_dir, policies, seeds, episodes, address):
 
 def _cmd_eval(args) -> int:
     from marl_sd.agents.evaluate import HEADLINE, evaluate
-    from marl_sd.report import plot_results, plot_sweep, results_table, write_results, write_sweep
+    from marl_sd.app.report import plot_results, plot_sweep, results_table, write_results, write_sweep
 
     cfg, run_dir = _load_run_or_config(args.target, args.set)
     episodes = args.episodes or cfg.eval.episodes
@@ -406,12 +406,12 @@ def _cmd_traces(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from marl_sd.serving.launcher import run_live, run_local
+    from marl_sd.app.launcher import run_live, run_local
 
     if args.action == "up":
         return _serve_up(args, run_live)
     if args.action == "chaos":
-        from marl_sd.serving.chaos import run_chaos
+        from marl_sd.app.chaos import run_chaos
 
         res = run_chaos(
             args.clients[0],
@@ -456,7 +456,7 @@ def _cmd_serve(args) -> int:
     console.print(t)
     summary = [{k: v for k, v in r.items() if k != "rows"} for r in rows]
     if args.action == "bench":
-        from marl_sd.serving.launcher import verify_speedup
+        from marl_sd.app.launcher import verify_speedup
 
         v = verify_speedup(args.target, batch=max(args.clients + [8]), gamma=args.gamma)
         console.print(
@@ -496,7 +496,7 @@ def _print_spread(args, stats: dict) -> int:
 
 
 def _serve_up(args, run_live) -> int:
-    from marl_sd.serving.calibrate import compare_with_sim, spread_over_repeats
+    from marl_sd.app.calibrate import compare_with_sim, spread_over_repeats
 
     policies = args.policy or ["nearest_g4"]
     out_dir = Path(args.out).parent if args.out else Path("runs") / "live"
@@ -598,7 +598,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_profile(args) -> int:
-    from marl_sd.profiler import main as profiler_main
+    from marl_sd.app.profiler import main as profiler_main
 
     return profiler_main(args.rest)
 

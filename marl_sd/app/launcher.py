@@ -21,9 +21,9 @@ import numpy as np
 
 from marl_sd.agents.heuristics import HEURISTICS
 from marl_sd.config import ConfigError, load_config
-from marl_sd.envs.profiles import load_profile
 from marl_sd.envs.scenario import Scenario, poisson_schedule
 from marl_sd.envs.traces import export_traces, live_drop
+from marl_sd.model.profiles import load_profile
 from marl_sd.serving.engine import VerifierEngine, VerifyItem
 from marl_sd.serving.models import load_model
 from marl_sd.serving.protocol import VERIFIER_SERVICE

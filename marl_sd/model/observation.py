@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from marl_sd.contract import LOCAL_FEATURES, STATE_USER_BLOCKS, Feature, ObsSpec
-from marl_sd.envs.latency_model import take_last
+from marl_sd.model.latency_model import take_last
 
 
 @dataclass
@@ -49,7 +49,7 @@ class Features:
 
     def with_predictions(self, model) -> Features:
         """These features with the physics ones filled in by `model` (a measured
-        `marl_sd.envs.latency_model.LatencyModel`): each site's verify time at its load, and the
+        `marl_sd.model.latency_model.LatencyModel`): each site's verify time at its load, and the
         predicted latency of every (user, server) candidate. Torch or numpy alike."""
         server_scope = ("srv_users", "srv_queued_tokens", "srv_busy", "srv_slowdown")
         d = {f.name: getattr(self, f.name) for f in fields(self)}
