@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev]"
+	# BenchMARL (train.backend=benchmarl) without the torchvision, av and hydra it declares and
+	# does not use here: the torchvision this index resolves pulls in a CUDA torch, and one built
+	# for another torch breaks the import of transformers (`pip install .[benchmarl]` takes all)
+	$(PY) -m pip install -q --no-deps "benchmarl==1.5.2"
 	touch $@
 
 # The whole chain on the embedded default (about 13 minutes on 2 CPU cores): train MAPPO,

@@ -18,6 +18,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from gymnasium import spaces
@@ -136,6 +138,24 @@ class SplitMlpExtractor(nn.Module):
         return self.value_net(x)
 
 
+class MaxMarginal(nn.Module):
+    """Joint-action scores [..., prod(nvec)] (server slowest, as `itertools.product` orders them)
+    -> per sub-action max-marginals [..., sum(nvec)]: each choice's best joint score. Its masked
+    argmax per sub-action is the masked joint argmax whenever the best joint action is allowed."""
+
+    def __init__(self, nvec: list[int]):
+        super().__init__()
+        self.nvec = [int(n) for n in nvec]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        j = x.unflatten(-1, self.nvec)
+        K, out = len(self.nvec), []
+        for k in range(K):
+            other = [K - i for i in range(K) if i != k]  # dims counted from the end
+            out.append(j.amax(dim=[-d for d in other]))
+        return torch.cat(out, -1)
+
+
 class ValueNorm(nn.Module):
     """Debiased EMA of the return mean / mean-square (float64 buffers), as an output layer."""
 
@@ -182,13 +202,19 @@ class MAPPOPolicy(MaskableActorCriticPolicy):
         value_norm_beta: float = 0.999,
         actor: str = "mlp",
         set_layout: tuple | None = None,
+        joint_head: bool = False,
         **kwargs,
     ):
+        """`joint_head`: the MLP actor's output layer scores every joint action and the policy's
+        logits are its max-marginals per sub-action (`MaxMarginal`: actors trained on the joint
+        action, e.g. BenchMARL's MASAC and QMIX)."""
         self.obs_dim, self.state_dim, self.critic_input = obs_dim, state_dim, critic_input
         self.layer_norm, self.value_norm, self.value_norm_beta = layer_norm, value_norm, value_norm_beta
         if actor == "set" and set_layout is None:
             raise ValueError("actor='set' needs set_layout (ObsSpec.blocks and the server_valid column)")
-        self.actor, self.set_layout = actor, set_layout
+        self.actor, self.set_layout, self.joint_head = actor, set_layout, joint_head
+        if joint_head and actor != "mlp":
+            raise ValueError("joint_head needs actor='mlp'")
         kwargs.setdefault("activation_fn", nn.ReLU)
         kwargs.setdefault("net_arch", dict(pi=[64, 64], vf=[64, 64]))
         super().__init__(*args, **kwargs)
@@ -220,6 +246,9 @@ class MAPPOPolicy(MaskableActorCriticPolicy):
             if self.ortho_init:
                 for layer in self.mlp_extractor.policy_net.output_layers():
                     self.init_weights(layer, gain=0.01)
+        if self.joint_head:
+            nvec = [int(n) for n in self.action_space.nvec]
+            self.action_net = nn.Sequential(nn.Linear(self.mlp_extractor.latent_dim_pi, math.prod(nvec)), MaxMarginal(nvec))
         if self.value_norm:
             self.value_net = nn.Sequential(self.value_net, ValueNorm(self.value_norm_beta))
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
@@ -253,6 +282,7 @@ class MAPPOPolicy(MaskableActorCriticPolicy):
             value_norm_beta=self.value_norm_beta,
             actor=self.actor,
             set_layout=self.set_layout,
+            joint_head=self.joint_head,
         )
         return d
 

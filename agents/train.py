@@ -298,12 +298,26 @@ def _pretrain(cfg: Config, model: MAPPO, venv: MultiAgentVecEnv, run_dir: Path, 
         )
 
 
+def _train_benchmarl(cfg: Config, run_dir: Path, resume: bool, progress: bool, total_timesteps: int | None):
+    """`train.backend: benchmarl`; a clear message when the optional extra is missing."""
+    try:
+        from marl_sd.agents import benchmarl_backend
+    except ImportError as e:
+        raise ImportError(f"train.backend=benchmarl needs BenchMARL ({e.name or e}): pip install 'marl-sd[benchmarl]'") from e
+    stats = benchmarl_backend.train(cfg, run_dir, resume=resume, progress=progress, total_timesteps=total_timesteps)
+    model = _load_model(run_dir / "final.zip", "cpu")
+    model.train_stats = stats | {"interrupted": False}
+    return model
+
+
 def train(
     cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True, total_timesteps: int | None = None, on_eval=None
 ) -> MAPPO:
     """Train (or resume) a run; returns the model. Writes everything under `run_dir`;
     `on_eval(row)` gets every evaluation (e.g. a sweep reporting to Ray Tune)."""
     run_dir = Path(run_dir)
+    if cfg.train.backend == "benchmarl":
+        return _train_benchmarl(cfg, run_dir, resume, progress, total_timesteps)
     torch.set_num_threads(cfg.sim.threads)
     t = cfg.train
     venv = training_env(cfg, t.num_envs)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_DIR = Path(str(files("marl_sd.configs")))  # the shipped YAML (package data), in a wheel or a checkout
 PROFILE_DIR = CONFIG_DIR / "profiles"
@@ -332,8 +332,18 @@ class PhysicsConfig(Strict):
     weight: float = Field(1.0, gt=0, description="share of the training agent slots, relative to the others")
 
 
+# what each training backend can run on this environment's discrete (MultiDiscrete) action
+ALGORITHMS = {"sb3": ("mappo", "ippo"), "benchmarl": ("mappo", "ippo", "masac", "qmix")}
+CONTINUOUS_ONLY = ("maddpg", "iddpg")  # BenchMARL algorithms that need continuous actions
+
+
 class TrainConfig(Strict):
-    algorithm: Literal["mappo", "ippo"] = "mappo"
+    backend: Literal["sb3", "benchmarl"] = Field(
+        "sb3",
+        description="sb3: the project's MAPPO on sb3-contrib; benchmarl: BenchMARL's algorithms on the "
+        "TorchRL view of the simulator (`pip install marl-sd[benchmarl]`)",
+    )
+    algorithm: str = Field("mappo", description="sb3: mappo, ippo; benchmarl: mappo, ippo, masac, qmix")
     total_timesteps: int = Field(2_000_000, ge=1, description="agent-steps")
     num_envs: int = Field(32, ge=1)
     n_steps: int = Field(32, ge=1)
@@ -374,6 +384,40 @@ class TrainConfig(Strict):
     eval_episodes: int = Field(8, ge=1)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     pretrain: PretrainConfig = PretrainConfig()
+
+    @field_validator("algorithm", mode="before")
+    @classmethod
+    def _lower(cls, v):
+        return v.lower() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _algorithm(self) -> TrainConfig:
+        algo = self.algorithm
+        if algo in CONTINUOUS_ONLY:
+            raise ValueError(
+                f"train.algorithm: {algo} needs continuous actions; this environment's actions are discrete "
+                f"(server, uplink bid, verify priority, gamma): use one of {', '.join(ALGORITHMS['benchmarl'])}"
+            )
+        if algo not in ALGORITHMS[self.backend]:
+            other = [b for b, algos in ALGORITHMS.items() if algo in algos]
+            hint = f" (it runs with train.backend={other[0]})" if other else ""
+            raise ValueError(
+                f"train.algorithm: {algo!r} is not one of {', '.join(ALGORITHMS[self.backend])} "
+                f"for train.backend={self.backend}{hint}"
+            )
+        if self.backend == "benchmarl":
+            unsupported = {
+                "train.pretrain.teacher": self.pretrain.teacher is not None,
+                "train.physics": bool(self.physics),
+                "train.sizes": bool(self.sizes),
+            }
+            bad = [k for k, used in unsupported.items() if used]
+            if bad:
+                raise ValueError(
+                    f"train.backend=benchmarl does not support {', '.join(bad)} (the sb3 backend does): unset "
+                    "them (e.g. --set train.pretrain.teacher=null), or start from configs/benchmarl.yaml"
+                )
+        return self
 
 
 class OracleConfig(Strict):

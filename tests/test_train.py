@@ -157,3 +157,14 @@ def test_kickstart_clones_the_teacher(tmp_path):
     mask = torch.tensor([[True, True, False]])
     assert float(smoothed_masked_ce(logits, mask, torch.tensor([[0]]), [3], 0.0)) < 1e-6
     assert float(smoothed_masked_ce(logits, mask, torch.tensor([[1]]), [3], 0.0)) > 10
+
+
+def test_benchmarl_backend_names_the_extra_when_it_is_missing(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "benchmarl", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "marl_sd.agents.benchmarl_backend", raising=False)
+    cfg = load_config("configs/benchmarl.yaml", TINY)
+    with pytest.raises(ImportError, match=r"pip install 'marl-sd\[benchmarl\]'"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
