@@ -25,9 +25,9 @@ class LatencyModel(BaseLatencyModel):
     only, plus what the centralized heuristics ask of it: latencies under another association,
     and bandwidth bids."""
 
-    def __init__(self, ctx: PolicyContext, handover_cost: bool = True):
+    def __init__(self, ctx: PolicyContext, handover_cost: bool = True, measured: bool = False):
         m = BaseLatencyModel.of(ctx.cfg, handover_cost)
-        super().__init__(m.sites, m.costs, m.G - 1, m.mean_prompt, m.mean_output, handover_cost)
+        super().__init__(m.sites, m.costs, m.G - 1, m.mean_prompt, m.mean_output, handover_cost, measured)
         self.ctx = ctx
 
     def predict_assigned(self, f: dict, assign: torch.Tensor, hysteresis: float = 0.0) -> torch.Tensor:
@@ -186,16 +186,21 @@ class GreedyLatencyPolicy(Damped, Policy):
     """Each user alone picks the (server, gamma) with the lowest predicted per-token latency
     given the current loads; leaving the current server mid-request must look 25 % better than
     staying, counting the re-prefill of its context, and then about one user per server moves per
-    slot (`Damped`: probability 1 / the users at its server)."""
+    slot (`Damped`: probability 1 / the users at its server). `measured`: the latency model scales
+    each site's verify and prefill times by its measured slowdown and counts the user's real
+    context (`greedy_latency_measured`), so it follows sites that slow down while it runs."""
 
     name = "greedy_latency"
     description = "per-user argmin of predicted per-token latency over (server, gamma), current loads"
 
-    def __init__(self, ctx, hysteresis: float = 0.25):
+    def __init__(self, ctx, hysteresis: float = 0.25, measured: bool = False):
         Damped.__init__(self)
         Policy.__init__(self, ctx)
-        self.model = LatencyModel(ctx)
+        self.model = LatencyModel(ctx, measured=measured)
         self.hyst = hysteresis
+        if measured:
+            self.name = "greedy_latency_measured"
+            self.description = "greedy latency on measured site slowdowns and the user's real context length"
 
     def act(self, obs, mask):
         f = decode_local(obs, self.ctx.spec)
@@ -372,6 +377,7 @@ HEURISTICS = {
     "nearest_adaptive": AdaptiveGammaPolicy,
     "least_loaded": LeastLoadedPolicy,
     "greedy_latency": GreedyLatencyPolicy,
+    "greedy_latency_measured": lambda ctx: GreedyLatencyPolicy(ctx, measured=True),
     "two_phase_matching": TwoPhaseMatchingPolicy,
     "two_phase_matching_uniform": lambda ctx: TwoPhaseMatchingPolicy(ctx, uniform_cap=True, handover_cost=False),
     "closed_form_dp": ClosedFormDPPolicy,

@@ -90,3 +90,15 @@ def test_queued_rounds_move_off_a_site_that_goes_down():
 def test_bad_site_events_are_config_errors(events, msg):
     with pytest.raises(ConfigError, match=msg):
         load_config(overrides=TWO + [f"scenario.site_events={events}"])
+
+
+def test_the_measured_greedy_latency_leaves_a_site_that_slows_down():
+    """Site 0 runs 8x slower for the whole episode (another tenant): the latency model that reads
+    the measured slowdown sends fewer users' rounds there, and serves faster, than the one that
+    trusts the profile."""
+    events = "[{site: 0, start_s: 0, end_s: 25, slowdown: 8}]"
+    blind = run(events, "greedy_latency")
+    seen = run(events, "greedy_latency_measured")
+    assert seen["arrived"] == blind["arrived"] > 20
+    assert sum(seen["busy"]) > sum(blind["busy"])  # the other site (1) carries more of the work
+    assert seen["lat"] / seen["tok"] < blind["lat"] / blind["tok"]
