@@ -1,44 +1,85 @@
-"""Training throughput (agent-steps/s, PPO learning included, no kickstart or evaluation) of the
-flat MLP actor and the permutation-invariant set actor, measured in the same run, at the
-default scenario's size and at a mixed-size set-up.
+"""Training throughput (agent-steps/s, learning included, no kickstart or evaluation) in one run:
+the SB3 backend's flat MLP actor and permutation-invariant set actor at the default size and at
+a mixed-size set-up, and BenchMARL's MAPPO and MASAC (`train.backend=benchmarl`, if installed).
 
-    python benchmarks/train_throughput.py [--steps 262144]
+For the SB3 rows it also splits the wall time into collection (simulator + policy forward) and
+learning (PPO epochs), and prints the ceiling that overlapping the two on two cores could reach:
+(collect + learn) / max(collect, learn).
+
+    python benchmarks/train_throughput.py [--steps 262144] [--no-benchmarl]
 """
 
 import argparse
+import importlib.util
 import tempfile
 import time
 from pathlib import Path
 
+from marl_sd.agents.mappo import MAPPO
 from marl_sd.agents.train import train
 from marl_sd.config import load_config
 
 
-def rate(config: str, overrides: list[str], steps: int) -> float:
+class Split:
+    """Wall time inside MAPPO.collect_rollouts and MAPPO.train, by wrapping them."""
+
+    def __init__(self):
+        self.s = {"collect_rollouts": 0.0, "train": 0.0}
+        self.orig = {k: getattr(MAPPO, k) for k in self.s}
+
+    def __enter__(self):
+        for k, f in self.orig.items():
+            setattr(MAPPO, k, self._timed(k, f))
+        return self
+
+    def __exit__(self, *exc):
+        for k, f in self.orig.items():
+            setattr(MAPPO, k, f)
+
+    def _timed(self, key, f):
+        def g(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **kw)
+            finally:
+                self.s[key] += time.perf_counter() - t0
+
+        return g
+
+
+def rate(config: str, overrides: list[str], steps: int) -> tuple[float, Split]:
     cfg = load_config(
         config, ["train.pretrain.teacher=null", "train.eval_every=100000", "train.checkpoint_every=100000", *overrides]
     )
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, Split() as split:
         t0 = time.time()
         model = train(cfg, Path(tmp) / "run", progress=False, total_timesteps=steps)
-        return model.num_timesteps / (time.time() - t0)
+        return model.num_timesteps / (time.time() - t0), split
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=262144)
+    p.add_argument("--no-benchmarl", action="store_true")
     a = p.parse_args()
     rows = [
-        ("default 8x3, mlp actor", "configs/default.yaml", ["train.actor=mlp"]),
-        ("default 8x3, set actor", "configs/default.yaml", ["train.actor=set"]),
-        ("default 8x3, set actor, max_servers 8", "configs/default.yaml", ["train.actor=set", "env.max_servers=8"]),
-        ("any_size (4 sizes, max_servers 8), set actor", "configs/any_size.yaml", []),
+        ("sb3 default 8x3, mlp actor", "configs/default.yaml", ["train.actor=mlp"]),
+        ("sb3 default 8x3, set actor", "configs/default.yaml", ["train.actor=set"]),
+        ("sb3 default 8x3, set actor, max_servers 8", "configs/default.yaml", ["train.actor=set", "env.max_servers=8"]),
+        ("sb3 any_size (4 sizes, max_servers 8), set", "configs/any_size.yaml", []),
     ]
+    if not a.no_benchmarl and importlib.util.find_spec("benchmarl"):
+        for algo in ("mappo", "masac"):
+            rows.append((f"benchmarl {algo} default 8x3", "configs/benchmarl.yaml", [f"train.algorithm={algo}"]))
     base = None
     for name, config, over in rows:
-        r = rate(config, over, a.steps)
+        r, split = rate(config, over, a.steps)
         base = base or r
-        print(f"{name:48s} {r:8.0f} agent-steps/s  ({r / base:.2f}x the mlp actor)", flush=True)
+        line = f"{name:44s} {r:8.0f} agent-steps/s  ({r / base:.2f}x the first row)"
+        c, t = split.s["collect_rollouts"], split.s["train"]
+        if c + t > 0:
+            line += f"  collect {c:6.1f} s, learn {t:6.1f} s, overlap ceiling {(c + t) / max(c, t):.2f}x"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

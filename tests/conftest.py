@@ -36,3 +36,19 @@ def pytest_collection_modifyitems(config, items):
     bad = [f"{it.nodeid}: {tiers or 'none'}" for it in items if len(tiers := [t for t in TIERS if it.get_closest_marker(t)]) != 1]
     if bad:
         raise pytest.UsageError("tests need exactly one tier marker of " + ", ".join(TIERS) + ":\n  " + "\n  ".join(bad))
+
+
+# a training run of a few seconds: 3 users, 2 servers, 16-slot episodes, 4 environments
+TINY_TRAIN = [
+    "scenario.n_users=3",
+    "scenario.n_servers=2",
+    "env.horizon=16",
+    "train.num_envs=4",
+    "train.n_steps=8",
+    "train.num_mini_batch=2",
+    "train.n_epochs=2",
+    "train.checkpoint_every=2",
+    "train.eval_every=100",
+    "train.eval_episodes=2",
+    "train.hidden=[32, 32]",
+]

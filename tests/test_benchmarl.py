@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_TRAIN
 
 pytest.importorskip("benchmarl", reason="the benchmarl extra is not installed")
 
@@ -13,17 +14,7 @@ from marl_sd.config import ConfigError, load_config
 
 pytestmark = pytest.mark.train
 
-TINY = [
-    "scenario.n_users=3",
-    "scenario.n_servers=2",
-    "env.horizon=16",
-    "train.num_envs=4",
-    "train.n_steps=8",
-    "train.num_mini_batch=2",
-    "train.n_epochs=2",
-    "train.checkpoint_every=1",
-    "train.hidden=[32, 32]",
-]
+TINY = [*TINY_TRAIN, "train.checkpoint_every=1"]
 PER_ITER = 8 * 4 * 3  # agent-steps per iteration: n_steps x num_envs x users
 
 

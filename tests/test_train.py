@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAIN
 
 from marl_sd.agents.evaluate import run_policy
 from marl_sd.agents.heuristics import RandomPolicy
@@ -12,27 +13,13 @@ from marl_sd.config import load_config
 
 pytestmark = pytest.mark.train
 
-TINY = [
-    "scenario.n_users=3",
-    "scenario.n_servers=2",
-    "env.horizon=16",
-    "train.num_envs=4",
-    "train.n_steps=8",
-    "train.num_mini_batch=2",
-    "train.n_epochs=2",
-    "train.checkpoint_every=2",
-    "train.eval_every=100",
-    "train.eval_episodes=2",
-    "train.hidden=[32, 32]",
-]
-
 
 def params(model):
     return torch.cat([p.detach().flatten() for p in model.policy.parameters()])
 
 
 def test_resume_is_exact(tmp_path):
-    cfg = load_config(overrides=TINY)
+    cfg = load_config(overrides=TINY_TRAIN)
     per_rollout = 8 * 4 * 3
     full = train(cfg, tmp_path / "full", progress=False, total_timesteps=4 * per_rollout)
     part = train(cfg, tmp_path / "part", progress=False, total_timesteps=2 * per_rollout)
@@ -55,10 +42,10 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_bad_checkpoints_fail_clearly(tmp_path):
-    cfg = load_config(overrides=TINY)
+    cfg = load_config(overrides=TINY_TRAIN)
     train(cfg, tmp_path / "a", progress=False, total_timesteps=2 * 8 * 4 * 3)
     with pytest.raises(CheckpointError, match="another configuration"):
-        train(load_config(overrides=TINY + ["scenario.n_users=4"]), tmp_path / "a", resume=True, progress=False)
+        train(load_config(overrides=TINY_TRAIN + ["scenario.n_users=4"]), tmp_path / "a", resume=True, progress=False)
     with pytest.raises(CheckpointError, match="already has checkpoints"):
         train(cfg, tmp_path / "a", progress=False)
     with pytest.raises(CheckpointError, match="no checkpoint"):
@@ -80,7 +67,7 @@ def test_learned_policy_runs_at_other_sizes_within_its_room(tmp_path, capsys):
     than it has room for is a clear error naming both, not a torch traceback."""
     from marl_sd.app.cli import main
 
-    cfg = load_config(overrides=TINY)
+    cfg = load_config(overrides=TINY_TRAIN)
     train(cfg, tmp_path / "run", progress=False, total_timesteps=8 * 4 * 3)
     room = cfg.scenario.n_servers
     for size in (["scenario.n_users=5"], ["scenario.n_users=11", "--set", f"scenario.n_servers={room - 1}"]):
@@ -125,7 +112,7 @@ def test_kickstart_clones_the_teacher(tmp_path):
     from marl_sd.agents.heuristics import make_heuristic
     from marl_sd.agents.pretrain import smoothed_masked_ce
 
-    over = TINY + [
+    over = TINY_TRAIN + [
         "train.pretrain.teacher=nearest_adaptive",
         "train.pretrain.iterations=3",
         "train.pretrain.epochs=20",
@@ -150,7 +137,7 @@ def test_kickstart_clones_the_teacher(tmp_path):
     ]
     assert float(torch.stack(same).mean()) > 0.85
     with pytest.raises(ValueError, match="unknown heuristic 'oracle'"):
-        train(load_config(overrides=TINY + ["train.pretrain.teacher=oracle"]), tmp_path / "bad", progress=False)
+        train(load_config(overrides=TINY_TRAIN + ["train.pretrain.teacher=oracle"]), tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad" / "meta.json").exists()
     # the loss: zero smoothing on a confident correct logit -> ~0; masked-out actions never count
     logits = torch.tensor([[10.0, -10.0, 50.0]])
@@ -162,9 +149,11 @@ def test_kickstart_clones_the_teacher(tmp_path):
 def test_benchmarl_backend_names_the_extra_when_it_is_missing(tmp_path, monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "benchmarl", None)  # as if not installed
+    for name in ["benchmarl", *[m for m in sys.modules if m.startswith("benchmarl.")]]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
     monkeypatch.delitem(sys.modules, "marl_sd.agents.benchmarl_backend", raising=False)
-    cfg = load_config("configs/benchmarl.yaml", TINY)
+    monkeypatch.delattr("marl_sd.agents.benchmarl_backend", raising=False)
+    cfg = load_config("configs/benchmarl.yaml", TINY_TRAIN)
     with pytest.raises(ImportError, match=r"pip install 'marl-sd\[benchmarl\]'"):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
