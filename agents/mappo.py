@@ -263,6 +263,10 @@ class MAPPOPolicy(MaskableActorCriticPolicy):
     def value_normalizer(self) -> ValueNorm | None:
         return self.value_net[1] if self.value_norm else None
 
+    def joint_scores(self, local_obs: torch.Tensor) -> torch.Tensor:
+        """A joint head's scores over every joint action [batch, prod(nvec)] (`joint_head` only)."""
+        return self.action_net[0](self.mlp_extractor.policy_net(local_obs))
+
     def actor_logits(self, local_obs: torch.Tensor) -> torch.Tensor:
         """Raw concatenated logits [batch, sum(nvec)] from local observations (what export ships)."""
         return self.action_net(self.mlp_extractor.policy_net(local_obs))

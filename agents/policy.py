@@ -79,7 +79,9 @@ class OwnContract:
 
 
 class LearnedPolicy(Policy):
-    """A trained MAPPO/IPPO actor (torch); deterministic = masked argmax of the logits.
+    """A trained MAPPO/IPPO actor (torch); deterministic = masked argmax of the logits (of a joint
+    head: the best allowed joint action, as it was trained; its exported bundle ships the
+    max-marginals instead).
 
     `own_spec`: the contract the actor was trained with (its room for servers and its
     normalization constants), when it differs from the scenario's: observations are re-encoded
@@ -110,8 +112,12 @@ class LearnedPolicy(Policy):
             obs, mask = self.own(obs, mask)
             act = self.own.actions
         dev = self.policy.device
-        logits = self.policy.actor_logits(obs.to(dev).reshape(-1, obs.shape[-1]).float()).cpu()
+        x = obs.to(dev).reshape(-1, obs.shape[-1]).float()
         m = mask.reshape(-1, mask.shape[-1])
+        if getattr(self.policy, "joint_head", False) and self.deterministic:  # the joint policy itself
+            a = act.joint_masked_argmax(self.policy.joint_scores(x).cpu(), m)
+            return a.view(*obs.shape[:-1], len(act.nvec))
+        logits = self.policy.actor_logits(x).cpu()
         a = act.masked_argmax(logits, m) if self.deterministic else act.masked_sample(logits, m, self.gen)
         return a.view(*obs.shape[:-1], len(act.nvec))
 

@@ -140,3 +140,25 @@ def test_reencode_with_other_constants_equals_encoding_with_them(sim):
     want = ObservationBuilder(other).local(sim.features())
     got = reencode(sim.observations(), sim.spec, ObservationBuilder(other))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_joint_masked_argmax_is_the_best_allowed_joint_action():
+    """Against brute force over every joint action (server slowest, as the TorchRL flat view)."""
+    import itertools
+
+    import torch
+
+    from marl_sd.contract import ActionLayout
+
+    layout = ActionLayout([3, 2, 2, 4])
+    gen = torch.Generator().manual_seed(0)
+    joint = torch.tensor(list(itertools.product(*[range(n) for n in layout.nvec])))
+    scores = torch.randn(64, len(joint), generator=gen)
+    mask = torch.rand(64, layout.mask_dim, generator=gen) < 0.6
+    for m in layout.split(mask):
+        m[:, 0] |= ~m.any(-1)  # every sub-action keeps one allowed choice
+    got = layout.joint_masked_argmax(scores, mask)
+    for i in range(len(scores)):
+        ok = [bool(layout.allowed(j, mask[i]).all()) for j in joint]
+        best = max((s, k) for k, s in enumerate(scores[i].tolist()) if ok[k])[1]
+        assert got[i].tolist() == joint[best].tolist()
