@@ -13,7 +13,7 @@ from marl_sd.agents.oracle import SearchOracle
 from marl_sd.agents.policy import LearnedPolicy, Policy, PolicyContext
 from marl_sd.agents.train import load_policy, policy_checkpoint
 from marl_sd.config import Config, ConfigError, load_config
-from marl_sd.contract import ObsSpec
+from marl_sd.contract import ActionLayout, ObsSpec
 
 
 def check_policy_fits(policy, own: ObsSpec, ctx: PolicyContext, source) -> None:
@@ -32,10 +32,11 @@ def check_policy_fits(policy, own: ObsSpec, ctx: PolicyContext, source) -> None:
             f"{source} expects a {policy.obs_dim}-wide observation; its run's config describes "
             f"{own.obs_dim} (a run of another package version: retrain)"
         )
-    if list(policy.action_space.nvec)[1:] != ctx.nvec[1:]:
+    theirs = {k: v for k, v in ActionLayout(policy.action_space.nvec).sizes().items() if k != "server"}
+    ours = {k: v for k, v in ctx.actions.sizes().items() if k != "server"}
+    if theirs != ours:
         raise ConfigError(
-            f"{source} chooses bids, priorities and gamma from {list(policy.action_space.nvec)[1:]}; "
-            f"this config has {ctx.nvec[1:]} (other bid levels or gamma_max)"
+            f"{source} chooses bids, priorities and gamma from {theirs}; this config has {ours} (other bid levels or gamma_max)"
         )
 
 

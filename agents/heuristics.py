@@ -87,7 +87,7 @@ def _at_server(lat: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def _mask_lat(lat: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
-    ok = masks[0].unsqueeze(-1) & masks[3].unsqueeze(-2)
+    ok = masks["server"].unsqueeze(-1) & masks["gamma"].unsqueeze(-2)
     return torch.where(ok, lat, INF)
 
 
@@ -122,7 +122,7 @@ class NearestPolicy(Policy):
         self.description = f"max-SINR server + equal split + fixed gamma={gamma}"
 
     def _server(self, f, masks):
-        return torch.where(masks[0], f["snr_db"], -INF).argmax(-1)
+        return torch.where(masks["server"], f["snr_db"], -INF).argmax(-1)
 
     def act(self, obs, mask):
         f = decode_local(obs, self.ctx.spec)
@@ -150,10 +150,10 @@ class LeastLoadedPolicy(Damped, NearestPolicy):
         active = (f["queue"] > 0).float().unsqueeze(-1)
         load = load + self.margin * (1 - at) * active
         score = -load * 1000.0 + f["snr_db"].clamp(-50, 50)
-        want = torch.where(masks[0], score, -INF).argmax(-1)
+        want = torch.where(masks["server"], score, -INF).argmax(-1)
         own = _at(load, f["server"])
         gap = (own - _at(load, want)).clamp(min=0)
-        return self.stay_unless_drawn(want, f, (gap > 0) / (own + 1), masks[0])
+        return self.stay_unless_drawn(want, f, (gap > 0) / (own + 1), masks["server"])
 
 
 class CentralizedARPolicy(NearestPolicy):
@@ -209,7 +209,7 @@ class GreedyLatencyPolicy(Damped, Policy):
         flat = lat.flatten(-2).argmin(-1)
         want = flat // lat.shape[-1]
         users = _at(f["srv_users"], f["server"]).clamp(min=1)
-        s = self.stay_unless_drawn(want, f, 1.0 / users, masks[0])
+        s = self.stay_unless_drawn(want, f, 1.0 / users, masks["server"])
         g = _at_server(lat, s).argmin(-1)
         z = torch.zeros_like(s)
         return _assemble(s, z, z, g)
@@ -276,7 +276,7 @@ class TwoPhaseMatchingPolicy(Policy):
             prop = torch.where(free, prop, assign)
             # each server keeps its `cap` strongest proposers (holding ones included)
             score = _at(snr, prop)
-            valid = _at(masks[0], prop)
+            valid = _at(masks["server"], prop)
             same = (prop.unsqueeze(2) == prop.unsqueeze(1)) & valid.unsqueeze(1)
             stronger = (score.unsqueeze(1) > score.unsqueeze(2)) | (
                 (score.unsqueeze(1) == score.unsqueeze(2)) & (torch.arange(N) < torch.arange(N).unsqueeze(1))
@@ -284,7 +284,7 @@ class TwoPhaseMatchingPolicy(Policy):
             rank = (same & stronger).sum(-1)
             assign = torch.where((rank < cap[prop]) & valid, prop, -1)
             nxt = torch.where(assign < 0, nxt + 1, nxt)
-        fallback = torch.where(masks[0], snr, -INF).argmax(-1)
+        fallback = torch.where(masks["server"], snr, -INF).argmax(-1)
         assign = torch.where(assign < 0, fallback, assign)
         for _ in range(self.swaps):
             lat, _ = self._latency(f, masks, assign)
@@ -332,7 +332,7 @@ class ClosedFormDPPolicy(Policy):
         masks = ctx.split(mask)
         B, N = f["server"].shape
         M, G = ctx.spec.n_servers, self.model.G
-        s = torch.where(masks[0], f["snr_db"], -INF).argmax(-1)
+        s = torch.where(masks["server"], f["snr_db"], -INF).argmax(-1)
         onehot = torch.nn.functional.one_hot(s, M).float()
         lat = _at_server(_mask_lat(self.model.predict_assigned(f, s), masks), s)  # [B, N, G]
         budget = int(ctx.cfg.scenario.verify_token_budget)

@@ -31,7 +31,7 @@ from stable_baselines3.common.utils import obs_as_tensor
 from torch import nn
 
 from marl_sd.config import TrainConfig
-from marl_sd.contract import LOCAL_FEATURES, ObsSpec
+from marl_sd.contract import LOCAL_FEATURES, ActionLayout, ObsSpec
 
 
 def _mlp(in_dim: int, arch: list[int], activation, layer_norm: bool) -> tuple[nn.Sequential, int]:
@@ -79,7 +79,10 @@ class SetActor(nn.Module):
         self.cand_rest = nn.Sequential(activation(), *([nn.LayerNorm(arch[0])] if layer_norm else []))
         self.score_own, self.score_ctx = nn.Linear(arch[0], H), nn.Linear(arch[0], H, bias=False)
         self.score_out = nn.Sequential(activation(), nn.Linear(H, 1))
-        self.heads = nn.Sequential(nn.Linear(H + arch[0], H), activation(), nn.Linear(H, sum(nvec[1:])))
+        layout = ActionLayout(nvec)
+        self.others = {n: k for n, k in layout.sizes().items() if n != "server"}  # the heads, in contract order
+        self.heads = nn.Sequential(nn.Linear(H + arch[0], H), activation(), nn.Linear(H, sum(self.others.values())))
+        self.layout = layout
 
     def output_layers(self) -> list[nn.Linear]:
         return [self.score_out[-1], self.heads[-1]]
@@ -93,7 +96,8 @@ class SetActor(nn.Module):
         g = (e * w).sum(-2) / w.sum(-2).clamp(min=1.0)  # [B, H] mean over valid servers
         s = self.score_out(self.score_own(e) + self.score_ctx(g).unsqueeze(-2)).squeeze(-1)
         s = torch.where(valid, s, torch.full_like(s, -1e4))
-        return torch.cat([s, self.heads(torch.cat([self.user_net(u), g], -1))], -1)
+        heads = self.heads(torch.cat([self.user_net(u), g], -1)).split(list(self.others.values()), -1)
+        return self.layout.join({"server": s, **dict(zip(self.others, heads, strict=True))})
 
 
 class SplitMlpExtractor(nn.Module):
@@ -273,7 +277,7 @@ class MAPPOPolicy(MaskableActorCriticPolicy):
 
     @property
     def max_servers(self) -> int:
-        return int(self.action_space.nvec[0])
+        return ActionLayout(self.action_space.nvec).size("server")
 
     def _get_constructor_parameters(self):
         d = super()._get_constructor_parameters()

@@ -39,11 +39,11 @@ class PolicyContext:
     def nvec(self) -> list[int]:
         return self.actions.nvec
 
-    def split(self, mask: torch.Tensor) -> list[torch.Tensor]:
-        """Per sub-action bool masks, the server mask cut to the scenario's servers (the action
-        has room for `max_servers`; heuristics reason about the servers that exist)."""
-        parts = self.actions.split(mask.bool())
-        parts[0] = parts[0][..., : self.spec.n_servers]
+    def split(self, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per sub-action bool masks by name, the server mask cut to the scenario's servers (the
+        action has room for `max_servers`; heuristics reason about the servers that exist)."""
+        parts = self.actions.named(mask.bool())
+        parts["server"] = parts["server"][..., : self.spec.n_servers]
         return parts
 
 
@@ -70,12 +70,14 @@ class OwnContract:
 
     def __init__(self, ctx: PolicyContext, builder: ObservationBuilder):
         self.ctx, self.builder = ctx, builder
-        self.actions = ActionLayout([builder.spec.max_servers, *ctx.actions.nvec[1:]])
+        self.actions = ctx.actions.with_size(server=builder.spec.max_servers)
 
     def __call__(self, obs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = self.ctx.actions.split(mask)
-        pad = torch.zeros(*mask.shape[:-1], self.actions.nvec[0] - parts[0].shape[-1], dtype=mask.dtype)
-        return reencode(obs, self.ctx.spec, self.builder), torch.cat([parts[0], pad, *parts[1:]], -1)
+        parts = self.ctx.actions.named(mask)
+        srv = parts["server"]
+        pad = torch.zeros(*mask.shape[:-1], self.actions.size("server") - srv.shape[-1], dtype=mask.dtype)
+        parts["server"] = torch.cat([srv, pad], -1)
+        return reencode(obs, self.ctx.spec, self.builder), self.actions.join(parts)
 
 
 class LearnedPolicy(Policy):

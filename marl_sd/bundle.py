@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marl_sd.contract import ActionLayout, manifest_contract
+from marl_sd.contract import SUB_ACTIONS, ActionLayout, manifest_contract
 
 MANIFEST_VERSION = 4
 CHECKED_KEYS = ("obs_dim", "nvec", "obs_layout", "bid_weights", "priority_weights")
@@ -81,6 +81,11 @@ def load_bundle(bundle_dir: Path, cfg=None) -> tuple[dict, OnnxActor]:
         raise BundleError(
             f"{mf}: unsupported manifest version {manifest.get('manifest_version')} (this package reads "
             f"version {MANIFEST_VERSION}: export the run again)"
+        )
+    if manifest.get("sub_actions") != list(SUB_ACTIONS):
+        raise BundleError(
+            f"{mf}: the actor's logits are laid out as {manifest.get('sub_actions')}, this package's "
+            f"actions as {list(SUB_ACTIONS)}: export the run again"
         )
     if cfg is not None:
         room = int(manifest.get("obs_spec", {}).get("max_servers", 0))

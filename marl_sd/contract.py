@@ -195,19 +195,58 @@ def _is_torch(x) -> bool:
 
 
 class ActionLayout:
-    """The MultiDiscrete action [server, uplink bid, verify priority, gamma] and its flat mask
-    [..., sum(nvec)] (True = allowed). Methods accept numpy arrays or torch tensors."""
-
-    names = SUB_ACTIONS
+    """The MultiDiscrete action (sub-actions in `SUB_ACTIONS` order) and its flat mask
+    [..., sum(nvec)] (True = allowed). Methods accept numpy arrays or torch tensors. Read a
+    sub-action by name (`size`, `named`, `ACT`), never by position."""
 
     def __init__(self, nvec):
         self.nvec = [int(n) for n in nvec]
         self.offsets = [int(x) for x in np.cumsum([0, *self.nvec[:-1]])]
 
     @classmethod
+    def of(cls, **sizes: int) -> ActionLayout:
+        """A layout from each sub-action's number of choices, by name, in `SUB_ACTIONS` order."""
+        if set(sizes) != set(SUB_ACTIONS):
+            raise ValueError(f"an action layout needs exactly {SUB_ACTIONS}, got {sorted(sizes)}")
+        return cls([sizes[n] for n in SUB_ACTIONS])
+
+    @classmethod
     def from_config(cls, cfg) -> ActionLayout:
         e = cfg.env
-        return cls([cfg.max_servers, len(e.bid_weights), len(e.priority_weights), e.gamma_max + 1])
+        return cls.of(
+            server=cfg.max_servers,
+            uplink_bid=len(e.bid_weights),
+            verify_priority=len(e.priority_weights),
+            gamma=e.gamma_max + 1,
+        )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return SUB_ACTIONS
+
+    def size(self, name: str) -> int:
+        """Choices of the sub-action `name`."""
+        return self.nvec[ACT[name]]
+
+    def sizes(self) -> dict[str, int]:
+        return {n: self.nvec[ACT[n]] for n in SUB_ACTIONS}
+
+    def with_size(self, **sizes: int) -> ActionLayout:
+        """This layout with some sub-actions' choices changed (e.g. another room for servers)."""
+        return ActionLayout.of(**(self.sizes() | sizes))
+
+    def named(self, x) -> dict:
+        """`split` by name: {sub-action: its slice of a flat [..., sum(nvec)] array}."""
+        return dict(zip(SUB_ACTIONS, self.split(x), strict=True))
+
+    def join(self, parts: dict):
+        """The inverse of `named`: per sub-action slices -> one flat array, in `SUB_ACTIONS` order."""
+        xs = [parts[n] for n in SUB_ACTIONS]
+        if _is_torch(xs[0]):
+            import torch
+
+            return torch.cat(xs, -1)
+        return np.concatenate(xs, -1)
 
     @property
     def mask_dim(self) -> int:
@@ -299,23 +338,31 @@ class ActionLayout:
         """The mask rules: servers whose wideband UL SNR reaches `coverage_snr_db` (the best one
         always), every bid and priority level, gamma up to the device's limit. `snr_db` has one
         column per existing server; the server action's room past them is masked."""
-        n_srv, n_bid, n_prio, n_gam = self.nvec
+        n_srv, n_gam = self.size("server"), self.size("gamma")
         M = snr_db.shape[-1]
         if M > n_srv:
             raise ValueError(f"{M} servers exceed the server action's {n_srv} choices")
+        lead = tuple(snr_db.shape[:-1])
         if _is_torch(snr_db):
             import torch
 
             best = torch.nn.functional.one_hot(snr_db.argmax(-1), M) > 0
-            pad = torch.zeros(tuple(snr_db.shape[:-1]) + (n_srv - M,), dtype=torch.bool, device=snr_db.device)
-            bids = torch.ones(tuple(snr_db.shape[:-1]) + (n_bid + n_prio,), dtype=torch.bool, device=snr_db.device)
-            gam = torch.arange(n_gam, device=snr_db.device) <= max_gamma[..., None]
-            return torch.cat([(snr_db >= coverage_snr_db) | best, pad, bids, gam], -1)
+            pad = torch.zeros(lead + (n_srv - M,), dtype=torch.bool, device=snr_db.device)
+            parts = {
+                "server": torch.cat([(snr_db >= coverage_snr_db) | best, pad], -1),
+                "gamma": torch.arange(n_gam, device=snr_db.device) <= max_gamma[..., None],
+            }
+            for n in ("uplink_bid", "verify_priority"):
+                parts[n] = torch.ones(lead + (self.size(n),), dtype=torch.bool, device=snr_db.device)
+            return self.join(parts)
         best = snr_db.argmax(-1)[..., None] == np.arange(M)
-        pad = np.zeros(tuple(snr_db.shape[:-1]) + (n_srv - M,), bool)
-        bids = np.ones(tuple(snr_db.shape[:-1]) + (n_bid + n_prio,), bool)
-        gam = np.arange(n_gam) <= np.asarray(max_gamma)[..., None]
-        return np.concatenate([(snr_db >= coverage_snr_db) | best, pad, bids, gam], -1)
+        parts = {
+            "server": np.concatenate([(snr_db >= coverage_snr_db) | best, np.zeros(lead + (n_srv - M,), bool)], -1),
+            "gamma": np.arange(n_gam) <= np.asarray(max_gamma)[..., None],
+        }
+        for n in ("uplink_bid", "verify_priority"):
+            parts[n] = np.ones(lead + (self.size(n),), bool)
+        return self.join(parts)
 
     MASK_RULES = {
         "server": "wideband UL SNR >= coverage_snr_db (the best server always allowed)",
