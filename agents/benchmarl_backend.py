@@ -366,7 +366,7 @@ def _mlp_actor(exp: Experiment) -> torch.nn.Sequential:
     policy = exp.policy if policy is None else policy
     mlps = [m for m in policy.modules() if type(m).__name__ == "MultiAgentMLP"]
     if len(mlps) != 1:
-        raise RuntimeError(f"expected one MultiAgentMLP in the {exp.algorithm_name} policy, found {len(mlps)}")
+        raise RuntimeError(f"expected one MultiAgentMLP in the {type(exp.algorithm).__name__} policy, found {len(mlps)}")
     mlp = mlps[0]
     net = mlp._empty_net
     params = mlp.params[0] if mlp.params.batch_size and mlp.params.batch_size[0] > 1 else mlp.params
