@@ -42,9 +42,10 @@ from benchmarl.models.common import ModelConfig
 from benchmarl.models.mlp import MlpConfig
 from tensordict.nn import TensorDictModule
 from torchrl.data import Composite, MultiCategorical, Unbounded
+from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import ProbabilisticActor
 
-from marl_sd.agents.mappo import MAPPO, MAPPOPolicy, MaxMarginal, mappo_kwargs
+from marl_sd.agents.mappo import MAPPO, MAPPOPolicy, mappo_kwargs
 from marl_sd.config import Config
 from marl_sd.contract import ObsSpec
 from marl_sd.envs.core import BatchedSimulator
@@ -397,16 +398,20 @@ def to_project_policy(cfg: Config, actor: torch.nn.Module, joint: bool) -> MAPPO
     return model
 
 
-def copy_error(model: MAPPO, actor: torch.nn.Module, cfg: Config, joint: bool, seed: int = 0) -> float:
-    """Largest |logit| difference between the BenchMARL actor and the project policy holding it,
-    on simulator observations (the max-marginals of the actor's joint scores for a joint head)."""
+def copy_error(model: MAPPO, exp: Experiment, cfg: Config, joint: bool, seed: int = 0) -> float:
+    """Largest |score| difference over allowed choices, on simulator observations, between
+    BenchMARL's own trained policy (its logits, or QMIX's action values) and the project policy
+    made from it (for a joint head: its joint scores)."""
     env = SimulatorEnv(cfg, num_envs=4, action_mode="flat" if joint else "multi", seed=seed)
-    obs = env.sim.observations()
-    with torch.no_grad():
-        ref = actor(obs)
-        if joint:
-            ref = MaxMarginal(list(env.nvec))(ref)
-        return float((model.policy.actor_logits(obs) - ref).abs().max())
+    td = env.reset()
+    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        out = exp.policy(td.clone())
+        key = (GROUP, "logits") if (GROUP, "logits") in out.keys(True) else (GROUP, "action_value")
+        ref = out.get(key)
+        obs = td.get((GROUP, "observation")).reshape(-1, env.sim.obs_dim)
+        mine = model.policy.joint_scores(obs) if joint else model.policy.actor_logits(obs)
+        allowed = td.get((GROUP, "action_mask")).reshape(mine.shape)  # QMIX reports masked values as the lowest float
+    return float((mine - ref.reshape(mine.shape))[allowed].abs().max())
 
 
 def joint_agreement(model: MAPPO, cfg: Config, n: int = 2000, seed: int = 0) -> float:
@@ -483,7 +488,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         "agent_steps_per_s": (exp.total_frames - start_frames) * N / max(wall, 1e-9),
         "benchmarl_folder": str(Path(exp.folder_name).relative_to(run_dir)),
     }
-    stats["actor_copy_max_abs_diff"] = copy_error(model, actor, cfg, joint)
+    stats["actor_copy_max_abs_diff"] = copy_error(model, exp, cfg, joint)
     if joint:
         stats["max_marginal_agreement"] = joint_agreement(model, cfg)
     (run_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
