@@ -86,7 +86,7 @@ def _at_server(lat: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return lat.gather(-2, s[..., None, None].expand(*s.shape, 1, lat.shape[-1])).squeeze(-2)
 
 
-def _mask_lat(lat: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+def _mask_lat(lat: torch.Tensor, masks: dict[str, torch.Tensor]) -> torch.Tensor:
     ok = masks["server"].unsqueeze(-1) & masks["gamma"].unsqueeze(-2)
     return torch.where(ok, lat, INF)
 

@@ -143,7 +143,7 @@ class SplitMlpExtractor(nn.Module):
 
 
 class MaxMarginal(nn.Module):
-    """Joint-action scores [..., prod(nvec)] (server slowest, as `itertools.product` orders them)
+    """Joint-action scores [..., prod(nvec)] (in `ActionLayout.joint_actions` order)
     -> per sub-action max-marginals [..., sum(nvec)]: each choice's best joint score. Its masked
     argmax per sub-action is the masked joint argmax whenever the best joint action is allowed."""
 

@@ -3,8 +3,8 @@
 `SimState` declares them as typed fields and `BatchedSimulator` is one: `reset` allocates them from
 the declaration (zeros, then the sampled drop), and `get_state` / `set_state` save and restore
 exactly them; everything else the simulator holds (rates, masks, per-slot accumulators) is derived
-from them. Shapes use the symbols B
-(environments), N (users), M (servers), Q (queue slots), L (match-pattern positions).
+from them. Shapes use the symbols B (environments), N (users), M (servers), Q (queue slots), L
+(match-pattern positions).
 """
 
 from __future__ import annotations

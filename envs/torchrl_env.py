@@ -50,7 +50,7 @@ class SimulatorEnv(EnvBase):
         else:
             n_mask = math.prod(self.nvec)
             act = Categorical(n=n_mask, shape=(B, N), dtype=torch.long, device=dev)
-            self._joint = torch.cartesian_prod(*[torch.arange(n, device=dev) for n in self.nvec])  # [K, 4], server slowest
+            self._joint = self.sim.actions.joint_actions(dev)  # [K, 4]: joint index -> action
         self.full_observation_spec = Composite(
             {
                 GROUP: Composite(
@@ -73,11 +73,7 @@ class SimulatorEnv(EnvBase):
     def _mask(self) -> torch.Tensor:
         if self.action_mode == "multi":
             return self.sim.mask
-        heads = self.sim.actions.split(self.sim.mask)
-        joint = heads[0]
-        for h in heads[1:]:
-            joint = (joint.unsqueeze(-1) & h.unsqueeze(-2)).flatten(-2)
-        return joint
+        return self.sim.actions.joint_mask(self.sim.mask)
 
     def _observe(self) -> TensorDict:
         local, state = self.sim.obs_and_state()

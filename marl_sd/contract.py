@@ -266,20 +266,27 @@ class ActionLayout:
         z = np.where(np.asarray(mask).astype(bool), logits, -np.inf)
         return np.stack([p.argmax(-1) for p in self.split(z)], -1)
 
-    def joint_masked_argmax(self, scores, mask):
-        """[..., 4] the best allowed joint action from scores over every joint action
-        [..., prod(nvec)] (server slowest); allowed = every sub-action allowed by `mask` (torch)."""
+    def joint_actions(self, device=None):
+        """[prod(nvec), 4] every joint action, server slowest: row k is the action of joint index k
+        (torch). The one ordering of the joint action (the TorchRL flat view, `MaxMarginal`)."""
         import torch
 
+        return torch.cartesian_prod(*[torch.arange(n, device=device) for n in self.nvec])
+
+    def joint_mask(self, mask):
+        """[..., prod(nvec)] a joint action is allowed when each of its sub-actions is (torch)."""
         joint = None
         for m in self.split(mask.bool()):
             joint = m if joint is None else (joint.unsqueeze(-1) & m.unsqueeze(-2)).flatten(-2)
-        best = torch.where(joint, scores, torch.finfo(scores.dtype).min).argmax(-1)
-        out = []
-        for n in reversed(self.nvec):
-            out.append(best % n)
-            best = best // n
-        return torch.stack(out[::-1], -1)
+        return joint
+
+    def joint_masked_argmax(self, scores, mask):
+        """[..., 4] the best allowed joint action from scores over every joint action
+        [..., prod(nvec)] (`joint_actions` order) under `mask` (torch)."""
+        import torch
+
+        best = torch.where(self.joint_mask(mask), scores, torch.finfo(scores.dtype).min).argmax(-1)
+        return self.joint_actions(scores.device)[best]
 
     def masked_sample(self, logits, mask, gen=None):
         """[..., 4] a sample of each sub-action's softmax over the allowed choices (torch)."""
