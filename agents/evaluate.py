@@ -21,6 +21,18 @@ log = logging.getLogger(__name__)
 # ones unfinished; this cannot be gamed that way and is never NaN while anything arrived.
 HEADLINE = "latency_per_token_all_ms"
 
+# Every evaluator (`marl-sd eval`, capacity, sweeps, `bench suite`, zero-shot) loads its configs
+# with these overrides first, so one seed is one set of episodes whichever command ran it:
+# counter-based draws make each environment's randomness a function of its own key (the
+# clairvoyant oracle needs that too). Training keeps the faster `stream` draws.
+EVAL_OVERRIDES = ("env.rng=counter",)
+
+
+def evaluation_overrides(overrides: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """`EVAL_OVERRIDES`, then the caller's own (which win: e.g. `env.rng=stream`)."""
+    return [*EVAL_OVERRIDES, *overrides]
+
+
 # metric name -> (label, unit, lower is better)
 METRICS = {
     HEADLINE: ("latency / token, all arrived work", "ms", True),

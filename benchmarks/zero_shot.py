@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from marl_sd.agents.catalog import make_policy
-from marl_sd.agents.evaluate import HEADLINE, evaluate
+from marl_sd.agents.evaluate import HEADLINE, evaluate, evaluation_overrides
 from marl_sd.app.cli import parse_sizes
 from marl_sd.config import load_config
 
@@ -41,7 +41,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     a = p.parse_args()
     run = Path(a.run)
-    base = load_config(run / "config.yaml")
+    base = load_config(run / "config.yaml", evaluation_overrides())
     pairs = [s.split("=", 1) for s in a.specific]
     specific = dict(zip(parse_sizes([k for k, _ in pairs], "--specific"), (Path(v) for _, v in pairs)))
     rows = []
@@ -53,7 +53,7 @@ def main() -> None:
             pols += [make_policy(h, cfg) for h in a.heuristics]
             res = {r.name: r.summary()[HEADLINE] for r in evaluate(cfg, pols, a.seeds, a.episodes)}
             if (n, m) in specific:
-                own = load_config(specific[(n, m)] / "config.yaml")
+                own = load_config(specific[(n, m)] / "config.yaml", evaluation_overrides())
                 r = evaluate(
                     own, [make_policy("learned", own, specific[(n, m)], learned_name="size_specific")], a.seeds, a.episodes
                 )[0]

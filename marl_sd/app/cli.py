@@ -312,13 +312,13 @@ def _evaluate_ray(cfg, run_dir, policies, seeds, episodes, address):
 
 
 def _cmd_eval(args) -> int:
-    from marl_sd.agents.evaluate import HEADLINE, evaluate
+    from marl_sd.agents.evaluate import HEADLINE, evaluate, evaluation_overrides
     from marl_sd.app.report import plot_results, plot_sweep, results_table, write_results, write_sweep
 
-    cfg, run_dir = _load_run_or_config(args.target, args.set)
+    cfg, run_dir = _load_run_or_config(args.target, evaluation_overrides(args.set))
     episodes = args.episodes or cfg.eval.episodes
     seeds = args.seeds or cfg.eval.seeds
-    out_dir = run_dir / "eval"
+    out_dir = Path(args.out) if args.out else run_dir / "eval"
     if args.learned:  # another run's policy on this scenario (e.g. one trained across physics)
         run_dir = Path(args.learned)
         if not (run_dir / "config.yaml").exists():
@@ -362,7 +362,7 @@ def _cmd_eval(args) -> int:
                 continue
             c = load_config(
                 run_dir / "config.yaml" if (run_dir / "config.yaml").exists() else args.target,
-                [*args.set, f"scenario.n_users={v}"],
+                evaluation_overrides([*args.set, f"scenario.n_users={v}"]),
             )  # a learned policy runs at any N
             sweep[v] = evaluate(c, _policies(c, run_dir, names), seeds, episodes)
             console.print(f"  users={v}: " + ", ".join(f"{r.name} {r.summary()[HEADLINE][0]:.1f}" for r in sweep[v]))
@@ -626,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--policies", nargs="+", help="subset: learned and/or heuristic names")
     e.add_argument("--sweep", help="load sweep, e.g. users=4,8,16,32")
     e.add_argument("--learned", metavar="RUN", help="evaluate this run's policy as `learned` (on the target's scenario)")
+    e.add_argument("--out", help="folder for the tables and plots (default: <run>/eval)")
     e.add_argument(
         "--capacity",
         action="store_true",

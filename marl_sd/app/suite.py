@@ -16,7 +16,7 @@ from scipy import stats
 
 from marl_sd import config, contract, envs, model
 from marl_sd.agents import catalog, evaluate, heuristics, policy
-from marl_sd.agents.evaluate import HEADLINE, mean_ci
+from marl_sd.agents.evaluate import HEADLINE, evaluation_overrides, mean_ci
 from marl_sd.agents.heuristics import HEURISTICS
 from marl_sd.app.distributed import eval_grid
 from marl_sd.config import CONFIG_DIR, load_config
@@ -95,9 +95,9 @@ def make_policy(name: str, cfg, runs_dir: Path, learned_run: Path | None = None)
 
 
 def scenario_configs(scenarios: dict[str, Path], overrides: list[str]) -> dict:
-    """The suite's resolved configs: counter-based draws (`env.rng=counter`, unless overridden):
-    the clairvoyant oracle needs them, and every policy then faces the same draws."""
-    return {scen: load_config(path, ["env.rng=counter", *overrides]) for scen, path in scenarios.items()}
+    """The suite's resolved configs, with the evaluation overrides (counter-based draws) that
+    `marl-sd eval` applies too, so a suite cell and an eval of the same seeds are the same episodes."""
+    return {scen: load_config(path, evaluation_overrides(overrides)) for scen, path in scenarios.items()}
 
 
 def run_suite(
