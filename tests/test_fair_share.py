@@ -134,3 +134,61 @@ def test_a_full_batch_is_shared_between_identities_and_one_with_room_runs_whole(
     assert wait == [] and len(keep) == 4  # room to spare: nothing waits
     keep, wait = fair_cut(hog, lambda e: e[0], lambda e: e[1], token_budget=30, max_batch=32)
     assert wait == []  # one identity alone keeps the whole batch
+
+
+def test_compute_share_holds_an_identity_above_an_equal_share_until_the_others_catch_up():
+    from marl_sd.serving.fairness import ComputeShare
+
+    clock = Clock()
+    share = ComputeShare(half_life_s=1.0, slack=1.25, clock=clock)
+    share.charge({"hog": 90.0, "a": 10.0})
+    assert share.over() == {"hog"}  # 90 % of the thread against an equal share of 50 %
+    keep, wait = share.cut([("hog", 1), ("hog", 2), ("a", 1), ("hog", 3)], lambda e: e[0])
+    assert keep == [("hog", 1), ("a", 1)] and wait == [("hog", 2), ("hog", 3)]
+    clock.t += 1.0  # a half-life later the use is halved, not forgotten
+    assert share.shares()["hog"] == pytest.approx(0.9)
+    share.charge({"a": 60.0})
+    assert share.over() == set()  # 45 vs 65: within the slack
+    clock.t += 20.0  # the others idle: the hog alone is not held
+    share.charge({"hog": 50.0})
+    assert share.over() == set()
+    keep, wait = share.cut([("hog", 1), ("hog", 2)], lambda e: e[0])
+    assert wait == []
+
+
+def test_verifier_batches_hold_an_identity_over_its_compute_share_to_one_row():
+    """Batches with room: without the share, the identity with four queued rounds fills the batch
+    beside the honest one; with it, after it has used most of the thread, it gets one row per batch."""
+    import asyncio
+    import time
+
+    from marl_sd.serving.engine import VerifyItem
+    from marl_sd.serving.verifier import Limits, Verifier
+
+    def batch_rows(compute_share: bool) -> tuple[dict, int]:
+        eng = VerifierEngine(load_model("tiny:0"))
+        for sid in range(1, 6):
+            eng.open(sid, [5, 6, 7], owner="a" if sid == 5 else "hog")
+        v = Verifier(eng, window_ms=20.0, limits=Limits(compute_share=compute_share))
+        if v.share is not None:
+            v.share.charge({"hog": 900.0, "a": 100.0})
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            futs = {}
+            for sid in range(1, 6):
+                fut, now = loop.create_future(), time.monotonic()
+                await v.queue.put((0, now, next(v.seq), VerifyItem(sid, [1, 2]), fut, now))
+                futs[sid] = fut
+            task = asyncio.ensure_future(v.batcher())
+            res = {sid: await asyncio.wait_for(f, 30) for sid, f in futs.items()}
+            task.cancel()
+            return {sid: r[3] for sid, r in res.items()}
+
+        return asyncio.run(main()), v.stats["rows_held"]
+
+    rows, held = batch_rows(False)
+    assert rows[5] == 5 and held == 0  # every row in one batch
+    rows, held = batch_rows(True)
+    # the honest row beside the hog's first; the hog's others one per batch while `a` is active
+    assert rows == {1: 2, 5: 2, 2: 1, 3: 1, 4: 1} and held == 3 + 2 + 1

@@ -162,9 +162,11 @@ class VerifierEngine:
         if upto > have:
             prefill(self.model, s.seq[have : upto + 1], s.cache)
 
-    def open(self, sid: int, tokens: list[int], greedy: bool = True, temperature: float = 1.0, seed: int = 0) -> None:
+    def open(
+        self, sid: int, tokens: list[int], greedy: bool = True, temperature: float = 1.0, seed: int = 0, owner: str | None = None
+    ) -> None:
         """Admit and prefill in one go."""
-        self.admit(sid, tokens, greedy, temperature, seed)
+        self.admit(sid, tokens, greedy, temperature, seed, owner)
         self.prefill_chunk(sid, len(tokens))
 
     def close(self, sid: int) -> bool:

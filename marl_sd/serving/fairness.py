@@ -1,5 +1,6 @@
-"""Per-identity rate limits of a verifier: token buckets on session opens and on refusals, a
-cool-off for identities that keep being refused, and log lines that summarize instead of repeat.
+"""Fair share per identity in a verifier: token buckets on session opens and on refusals, a
+cool-off for identities that keep being refused, log lines that summarize instead of repeat,
+full batches shared between identities, and each identity's share of the model thread over time.
 
 An identity is a client certificate's role (e.g. `client-3`), else the connection's peer. Every
 check takes the current time, so the logic is tested with a fake clock.
@@ -8,6 +9,7 @@ check takes the current time, so the logic is tested with a fake clock.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -117,3 +119,65 @@ def fair_cut(entries: list, owner, tokens, token_budget: int, max_batch: int) ->
         used_tok[o] = used_tok.get(o, 0) + k
         used_rows[o] = used_rows.get(o, 0) + 1
     return keep, wait
+
+
+class ComputeShare:
+    """Each identity's use of the model thread over the last few seconds (forward and prefill
+    milliseconds, decayed with `half_life_s`), and who is above an equal share of it.
+
+    Batches shared only when full (`fair_cut`) do not stop an identity that keeps rows in every
+    batch (rounds back to back, many sessions, long prompts) from taking most of the thread
+    while batches have room: every batch it joins is slower for the others in it and for those
+    arriving behind it. An identity whose recent use exceeds `slack` times an equal share of the
+    active identities' total is held to one row per batch and its prefill chunks wait, until the
+    others' use catches up; alone (the others idle), it is not held at all."""
+
+    def __init__(self, half_life_s: float = 1.0, slack: float = 1.25, active_frac: float = 0.02, clock=time.monotonic):
+        self.rate = math.log(2) / half_life_s
+        self.slack, self.active_frac, self.clock = slack, active_frac, clock
+        self.used: dict[str, float] = {}
+        self.at = clock()
+
+    def _decay(self) -> None:
+        now = self.clock()
+        f = math.exp(-self.rate * (now - self.at))
+        self.at = now
+        self.used = {w: u * f for w, u in self.used.items() if u * f > 1e-3}
+
+    def charge(self, costs: dict) -> None:
+        """Add milliseconds of the model thread per identity."""
+        self._decay()
+        for w, ms in costs.items():
+            if w is not None:
+                self.used[w] = self.used.get(w, 0.0) + ms
+
+    def shares(self) -> dict[str, float]:
+        """Each identity's fraction of the recent use."""
+        self._decay()
+        total = sum(self.used.values())
+        return {w: u / total for w, u in self.used.items()} if total > 0 else {}
+
+    def over(self) -> set[str]:
+        """Identities above `slack` equal shares of the active ones (those with at least
+        `active_frac` of the recent use); empty with fewer than two active."""
+        active = {w: s for w, s in self.shares().items() if s >= self.active_frac}
+        if len(active) < 2:
+            return set()
+        return {w for w, s in active.items() if s > self.slack / len(active)}
+
+    def cut(self, entries: list, owner) -> tuple[list, list]:
+        """Split a batch (in priority order) into what runs now and what waits: an identity over
+        its share keeps its first entry only."""
+        over = self.over()
+        if not over:
+            return list(entries), []
+        seen: set = set()
+        keep, wait = [], []
+        for e in entries:
+            o = owner(e)
+            if o in over and o in seen:
+                wait.append(e)
+                continue
+            seen.add(o)
+            keep.append(e)
+        return keep, wait

@@ -31,7 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from marl_sd.model.profiles import load_profile
 from marl_sd.serving import protocol as P
 from marl_sd.serving.engine import ServerFull, VerifierEngine, VerifyItem
-from marl_sd.serving.fairness import IdentityLimiter, SummaryLog, fair_cut
+from marl_sd.serving.fairness import ComputeShare, IdentityLimiter, SummaryLog, fair_cut
 from marl_sd.serving.models import load_model
 from marl_sd.serving.security import Security, add_security_args, caller_role, client_user, security_from_args
 
@@ -52,6 +52,8 @@ class Limits:
     refusals_per_s: float = 10.0  # an identity refused more often than this (bursts of refusal_burst) ...
     refusal_burst: int = 50
     cooloff_s: float = 10.0  # ... has its opens refused for this long
+    compute_share: bool = True  # hold an identity above its share of the model thread over time (fairness.ComputeShare)
+    share_half_life_s: float = 1.0  # how far back that share looks
 
 
 class Metrics:
@@ -108,6 +110,7 @@ class Verifier:
         self.limiter = IdentityLimiter(lim.opens_per_s, lim.open_burst, lim.refusals_per_s, lim.refusal_burst, lim.cooloff_s)
         self.refusal_log = SummaryLog(log)
         self.prefill_locks: dict[str, asyncio.Lock] = {}  # one prefill chunk in flight per identity
+        self.share = ComputeShare(lim.share_half_life_s) if lim.compute_share else None
         self.priorities: dict[int, int] = {}  # user -> verify priority, as the controller last set it
         # emulated hardware: a TargetProfile whose T(b, K) and prefill cost each forward is padded to
         self.pace = pace
@@ -120,7 +123,15 @@ class Verifier:
         self.queued_tokens = 0  # tokens waiting for a batch (the simulator's per-server queue feature)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
         self.ids = itertools.count(1)
-        self.stats = {"batches": 0, "batched_items": 0, "sessions_opened": 0, "sessions_closed": 0, "busy_s": 0.0}
+        self.stats = {
+            "batches": 0,
+            "batched_items": 0,
+            "sessions_opened": 0,
+            "sessions_closed": 0,
+            "busy_s": 0.0,
+            "rows_held": 0,  # rows of identities above their compute share put off to a later batch
+            "prefill_holds": 0,  # polls a prefill chunk waited for the same reason
+        }
         # recent batches (rows, tokens, forward ms, cycle ms = collection window + forward): what a
         # served latency profile is fitted to (`marl-sd serve calibrate`)
         self.samples: deque[tuple[int, int, float, float]] = deque(maxlen=8192)
@@ -163,6 +174,10 @@ class Verifier:
                 tokens += _entry_tokens(entries[-1])
             # a full batch is shared between identities; their extra rows wait for the next one
             entries, later = fair_cut(entries, self._entry_owner, _entry_tokens, self.token_budget, self.max_batch)
+            if self.share is not None:  # and over time: an identity above its share keeps one row
+                entries, held = self.share.cut(entries, self._entry_owner)
+                later += held
+                self.stats["rows_held"] += len(held)
             for e in later:
                 self.queue.put_nowait(e)
             self.queued_tokens -= sum(_entry_tokens(e) for e in entries)
@@ -175,6 +190,12 @@ class Verifier:
             k = sum(len(it.drafts) + 1 for it in items)
             results = await self.run_model(self.engine.verify_isolated, items, pace_ms=self.verify_pace_ms(len(items), k))
             dt = time.monotonic() - t0
+            if self.share is not None:  # the forward's time, split by tokens between the identities in it
+                cost: dict = {}
+                for it in items:
+                    o = self.engine.sessions[it.sid].owner if it.sid in self.engine.sessions else None
+                    cost[o] = cost.get(o, 0.0) + dt * 1000 * (len(it.drafts) + 1) / k
+                self.share.charge(cost)
             self.stats["batches"] += 1
             self.stats["batched_items"] += len(live)
             self.stats["busy_s"] += dt
@@ -250,11 +271,23 @@ class Verifier:
             # chunked, one chunk per identity at a time: other sessions' batches and other
             # identities' prefills run in between, so one identity's long prompts queue behind each other
             async with lock:
+                await self._hold_while_over_share(who)
+                t0 = time.monotonic()
                 await self.run_model(
                     self.engine.prefill_chunk, sid, upto, pace_ms=self.prefill_pace_ms(min(upto, n) - max(0, upto - chunk))
                 )
+                if self.share is not None:
+                    self.share.charge({who: (time.monotonic() - t0) * 1000})
         self.stats["sessions_opened"] += 1
         return sid
+
+    async def _hold_while_over_share(self, who: str, poll_s: float = 0.005, at_most_s: float = 2.0) -> None:
+        """Let other identities' work run first while `who` is above its share of the model thread
+        (at most `at_most_s`: a held prefill still progresses)."""
+        t_end = time.monotonic() + at_most_s
+        while self.share is not None and who in self.share.over() and time.monotonic() < t_end:
+            self.stats["prefill_holds"] += 1
+            await asyncio.sleep(poll_s)
 
     def priority(self, user: int | None, requested: int) -> int:
         """The priority a VERIFY gets: an authenticated client's comes from the controller (what
@@ -404,6 +437,7 @@ class Verifier:
             window_ms=self.window * 1000,
             kv_tokens=self.engine.kv_tokens,
             kv_budget=self.engine.kv_budget,
+            compute_shares=self.share.shares() if self.share is not None else {},
         )
         if request == b"samples":
             s["samples"] = list(self.samples)
@@ -491,6 +525,11 @@ def main(argv=None) -> int:
         help="context tokens over all sessions (default: half the free memory's worth for this model; 0: no limit)",
     )
     p.add_argument("--kv-share", type=float, default=0.25, help="share of the KV budget one client identity may hold")
+    p.add_argument(
+        "--no-compute-share",
+        action="store_true",
+        help="do not hold an identity above its share of the model thread (batches are still shared when full)",
+    )
     p.add_argument("--send-timeout", type=float, default=None, help="seconds a reply may wait unread (default: the idle timeout)")
     p.add_argument("--opens-per-s", type=float, default=Limits.opens_per_s, help="session opens per identity per second")
     p.add_argument("--sessions-per-client", type=int, default=Limits.sessions_per_client)
@@ -514,6 +553,7 @@ def main(argv=None) -> int:
         a.prefill_chunk,
         send_timeout_s=a.send_timeout,
         opens_per_s=a.opens_per_s,
+        compute_share=not a.no_compute_share,
     )
     asyncio.run(
         serve(
