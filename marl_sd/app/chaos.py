@@ -162,6 +162,31 @@ async def squatter(servers: list[str], sec: Security, t_end: float, stats: dict)
     await _holder(servers, sec, t_end, stats, [1, 2], 24, "squat")
 
 
+async def watch_servers(addrs: list[str], sec: Security, t_end: float, held: dict, every_s: float = 0.5) -> None:
+    """Every `every_s`, each verifier's status as the operator: the most of the KV budget each
+    client identity held on any verifier, and its share of the model thread (`compute_shares`),
+    most and mean over the polls where it had one."""
+    while time.monotonic() < t_end:
+        for addr in addrs:
+            try:
+                async with sec.as_role("operator").channel(addr, "verifier") as ch:
+                    st = json.loads(await ch.unary_unary(f"/{P.VERIFIER_SERVICE}/Status")(b"", timeout=2))
+            except (grpc.aio.AioRpcError, TimeoutError):
+                continue  # a verifier being killed or restarted
+            budget = st.get("kv_budget") or 0
+            for w in {*st.get("kv_by_identity", {}), *st.get("compute_shares", {})}:
+                if not w.startswith("client-"):
+                    continue
+                h = held.setdefault(w, {"kv_share_max": 0.0, "compute_share_max": 0.0, "compute_share_mean": 0.0, "polls": 0})
+                if budget:
+                    h["kv_share_max"] = max(h["kv_share_max"], st["kv_by_identity"].get(w, 0) / budget)
+                c = st["compute_shares"].get(w, 0.0)
+                h["polls"] += 1
+                h["compute_share_max"] = max(h["compute_share_max"], c)
+                h["compute_share_mean"] += (c - h["compute_share_mean"]) / h["polls"]
+        await asyncio.sleep(every_s)
+
+
 async def no_reader(servers: list[str], sec: Security, t_end: float, stats: dict) -> None:
     """Opens sessions and sends round after round without ever reading a reply."""
     verify = P.encode_verify(
@@ -251,6 +276,7 @@ def run_chaos(
     attackers: bool = True,
     out: Path | None = None,
     only: list[str] | None = None,
+    compute_share: bool = True,
 ) -> dict:
     """Honest clients with the faults and attackers on; `only`: just these attackers (names of
     `ATTACKERS`, plus `bad_reporter`), each under its own client identity."""
@@ -277,6 +303,7 @@ def run_chaos(
                     "10",
                     "--sessions-per-client",
                     "4",
+                    *([] if compute_share else ["--no-compute-share"]),
                     *sec.as_role("verifier").cli_args(),
                 ],
                 free_port(),
@@ -303,6 +330,7 @@ def run_chaos(
         )
         ctrl.start()
         faults_log: list[dict] = []
+        held: dict[str, dict] = {}  # identity -> the most KV and compute share it held on one verifier
         logs: list[dict] = []
         failovers: list[tuple[float, str]] = []
         missed: list[float] = []
@@ -386,7 +414,9 @@ def run_chaos(
                 )
                 for k, name in enumerate(chosen if attackers else [])
             ]
+            watch = asyncio.ensure_future(watch_servers(addrs, sec, t_end, held))
             await asyncio.gather(*hs, chaos(t0))
+            await watch
             for b in bad:
                 out, _ = await asyncio.get_running_loop().run_in_executor(None, b.communicate)
                 for key, v in (json.loads(out) if out.strip() else {}).items():
@@ -416,6 +446,7 @@ def run_chaos(
         "clients": clients,
         "duration_s": duration_s,
         "tls": not insecure,
+        "compute_share": compute_share,
         "requests_completed": len(done),
         "requests_failed": len(logs) - len(done),
         "requests_wrong_tokens": int(wrong),
@@ -426,6 +457,11 @@ def run_chaos(
         "failovers": len(failovers),
         "faults": faults_log,
         "attackers": stats,
+        "held_by_attackers": {w: v for w, v in held.items() if int(w.split("-")[1]) >= clients},
+        "held_by_honest_max": {
+            k: max((v[k] for w, v in held.items() if int(w.split("-")[1]) < clients), default=0.0)
+            for k in ("kv_share_max", "compute_share_max", "compute_share_mean")
+        },
     }
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -421,6 +421,7 @@ def _cmd_serve(args) -> int:
             attackers=not args.no_attackers,
             out=args.out,
             only=args.attackers,
+            compute_share=not args.no_compute_share,
         )
         console.print_json(json.dumps(res))
         return 0
@@ -692,6 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--insecure", action="store_true", help="chaos: plain text instead of mutual TLS")
     sv.add_argument("--no-faults", action="store_true", help="chaos: load only (no kills, freezes or restarts)")
     sv.add_argument("--no-attackers", action="store_true", help="chaos: honest clients only")
+    sv.add_argument(
+        "--no-compute-share", action="store_true", help="chaos: verifiers without the per-identity share of compute over time"
+    )
     sv.add_argument(
         "--attackers",
         nargs="+",

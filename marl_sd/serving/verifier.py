@@ -437,6 +437,8 @@ class Verifier:
             window_ms=self.window * 1000,
             kv_tokens=self.engine.kv_tokens,
             kv_budget=self.engine.kv_budget,
+            kv_by_identity={o: self.engine.kv_of(o) for o in {x.owner for x in self.engine.sessions.values()} if o is not None},
+            kv_share=self.engine.kv_share,
             compute_shares=self.share.shares() if self.share is not None else {},
         )
         if request == b"samples":
