@@ -140,44 +140,46 @@ def test_compute_share_holds_an_identity_above_an_equal_share_until_the_others_c
     from marl_sd.serving.fairness import ComputeShare
 
     clock = Clock()
-    share = ComputeShare(half_life_s=1.0, slack=1.25, clock=clock)
+    share = ComputeShare(half_life_s=1.0, slack=1.25, active_ms=5.0, clock=clock)
     share.charge({"hog": 90.0, "a": 10.0})
     assert share.over() == {"hog"}  # 90 % of the thread against an equal share of 50 %
-    keep, wait = share.cut([("hog", 1), ("hog", 2), ("a", 1), ("hog", 3)], lambda e: e[0])
-    assert keep == [("hog", 1), ("a", 1)] and wait == [("hog", 2), ("hog", 3)]
-    clock.t += 1.0  # a half-life later the use is halved, not forgotten
+    keep, wait = share.cut([("hog", 1), ("a", 1), ("hog", 2)], lambda e: e[0])
+    assert keep == [("a", 1)] and wait == [("hog", 1), ("hog", 2)]
+    clock.t += 1.0  # a half-life later the use is halved, not forgotten: the shares stay
     assert share.shares()["hog"] == pytest.approx(0.9)
     share.charge({"a": 60.0})
     assert share.over() == set()  # 45 vs 65: within the slack
-    clock.t += 20.0  # the others idle: the hog alone is not held
+    clock.t += 10.0  # the others idle (below 5 ms of decayed use): the hog alone is not held
     share.charge({"hog": 50.0})
-    assert share.over() == set()
-    keep, wait = share.cut([("hog", 1), ("hog", 2)], lambda e: e[0])
-    assert wait == []
+    assert share.shares() == {"hog": 1.0} and share.over() == set()
+    assert share.cut([("hog", 1), ("hog", 2)], lambda e: e[0])[1] == []
 
 
-def test_verifier_batches_hold_an_identity_over_its_compute_share_to_one_row():
+def test_verifier_holds_an_identity_over_its_compute_share_until_the_others_ran():
     """Batches with room: without the share, the identity with four queued rounds fills the batch
-    beside the honest one; with it, after it has used most of the thread, it gets one row per batch."""
+    beside the honest one; with it, after it has used most of the thread, the honest round runs
+    alone first and the hog's once the honest identity has gone idle."""
     import asyncio
     import time
 
     from marl_sd.serving.engine import VerifyItem
     from marl_sd.serving.verifier import Limits, Verifier
 
-    def batch_rows(compute_share: bool) -> tuple[dict, int]:
+    def batches(compute_share: bool) -> tuple[dict, list]:
         eng = VerifierEngine(load_model("tiny:0"))
         for sid in range(1, 6):
             eng.open(sid, [5, 6, 7], owner="a" if sid == 5 else "hog")
-        v = Verifier(eng, window_ms=20.0, limits=Limits(compute_share=compute_share))
+        v = Verifier(eng, window_ms=20.0, limits=Limits(compute_share=compute_share, share_half_life_s=0.2))
         if v.share is not None:
             v.share.charge({"hog": 900.0, "a": 100.0})
+        order = []
 
         async def main():
             loop = asyncio.get_running_loop()
             futs = {}
             for sid in range(1, 6):
                 fut, now = loop.create_future(), time.monotonic()
+                fut.add_done_callback(lambda _, sid=sid: order.append(sid))
                 await v.queue.put((0, now, next(v.seq), VerifyItem(sid, [1, 2]), fut, now))
                 futs[sid] = fut
             task = asyncio.ensure_future(v.batcher())
@@ -185,10 +187,9 @@ def test_verifier_batches_hold_an_identity_over_its_compute_share_to_one_row():
             task.cancel()
             return {sid: r[3] for sid, r in res.items()}
 
-        return asyncio.run(main()), v.stats["rows_held"]
+        return asyncio.run(main()), order
 
-    rows, held = batch_rows(False)
-    assert rows[5] == 5 and held == 0  # every row in one batch
-    rows, held = batch_rows(True)
-    # the honest row beside the hog's first; the hog's others one per batch while `a` is active
-    assert rows == {1: 2, 5: 2, 2: 1, 3: 1, 4: 1} and held == 3 + 2 + 1
+    rows, _ = batches(False)
+    assert rows == {1: 5, 2: 5, 3: 5, 4: 5, 5: 5}  # every row in one batch
+    rows, order = batches(True)
+    assert rows == {5: 1, 1: 4, 2: 4, 3: 4, 4: 4} and order[0] == 5

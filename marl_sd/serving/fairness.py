@@ -126,15 +126,16 @@ class ComputeShare:
     milliseconds, decayed with `half_life_s`), and who is above an equal share of it.
 
     Batches shared only when full (`fair_cut`) do not stop an identity that keeps rows in every
-    batch (rounds back to back, many sessions, long prompts) from taking most of the thread
-    while batches have room: every batch it joins is slower for the others in it and for those
-    arriving behind it. An identity whose recent use exceeds `slack` times an equal share of the
-    active identities' total is held to one row per batch and its prefill chunks wait, until the
-    others' use catches up; alone (the others idle), it is not held at all."""
+    batch (rounds back to back, many sessions, long prompts) from keeping the thread busy while
+    batches have room, so every other identity's round waits behind its work. An identity whose
+    recent use exceeds `slack` times an equal share of the active identities' use (those that
+    used at least `active_ms`, decayed, i.e. ran something in the last few half-lives) waits:
+    its rows and prefill chunks run once the others' use has caught up, even if the thread
+    idles meanwhile. Alone (the others idle), it is not held at all."""
 
-    def __init__(self, half_life_s: float = 1.0, slack: float = 1.25, active_frac: float = 0.02, clock=time.monotonic):
+    def __init__(self, half_life_s: float = 1.0, slack: float = 1.25, active_ms: float = 5.0, clock=time.monotonic):
         self.rate = math.log(2) / half_life_s
-        self.slack, self.active_frac, self.clock = slack, active_frac, clock
+        self.slack, self.active_ms, self.clock = slack, active_ms, clock
         self.used: dict[str, float] = {}
         self.at = clock()
 
@@ -152,32 +153,24 @@ class ComputeShare:
                 self.used[w] = self.used.get(w, 0.0) + ms
 
     def shares(self) -> dict[str, float]:
-        """Each identity's fraction of the recent use."""
+        """Each active identity's fraction of the active identities' recent use."""
         self._decay()
-        total = sum(self.used.values())
-        return {w: u / total for w, u in self.used.items()} if total > 0 else {}
+        active = {w: u for w, u in self.used.items() if u >= self.active_ms}
+        total = sum(active.values())
+        return {w: u / total for w, u in active.items()} if total > 0 else {}
 
     def over(self) -> set[str]:
-        """Identities above `slack` equal shares of the active ones (those with at least
-        `active_frac` of the recent use); empty with fewer than two active."""
-        active = {w: s for w, s in self.shares().items() if s >= self.active_frac}
-        if len(active) < 2:
+        """Identities above `slack` equal shares of the active ones; empty with fewer than two."""
+        sh = self.shares()
+        if len(sh) < 2:
             return set()
-        return {w for w, s in active.items() if s > self.slack / len(active)}
+        return {w for w, s in sh.items() if s > self.slack / len(sh)}
 
     def cut(self, entries: list, owner) -> tuple[list, list]:
-        """Split a batch (in priority order) into what runs now and what waits: an identity over
-        its share keeps its first entry only."""
+        """Split a batch into what runs now and what waits: the entries of identities over
+        their share wait."""
         over = self.over()
         if not over:
             return list(entries), []
-        seen: set = set()
-        keep, wait = [], []
-        for e in entries:
-            o = owner(e)
-            if o in over and o in seen:
-                wait.append(e)
-                continue
-            seen.add(o)
-            keep.append(e)
-        return keep, wait
+        keep = [e for e in entries if owner(e) not in over]
+        return keep, [e for e in entries if owner(e) in over]

@@ -111,6 +111,7 @@ class Verifier:
         self.refusal_log = SummaryLog(log)
         self.prefill_locks: dict[str, asyncio.Lock] = {}  # one prefill chunk in flight per identity
         self.share = ComputeShare(lim.share_half_life_s) if lim.compute_share else None
+        self.hold_poll_s = 0.002  # how often held work looks again whether it may run
         self.priorities: dict[int, int] = {}  # user -> verify priority, as the controller last set it
         # emulated hardware: a TargetProfile whose T(b, K) and prefill cost each forward is padded to
         self.pace = pace
@@ -174,12 +175,15 @@ class Verifier:
                 tokens += _entry_tokens(entries[-1])
             # a full batch is shared between identities; their extra rows wait for the next one
             entries, later = fair_cut(entries, self._entry_owner, _entry_tokens, self.token_budget, self.max_batch)
-            if self.share is not None:  # and over time: an identity above its share keeps one row
+            if self.share is not None:  # and over time: an identity above its share waits
                 entries, held = self.share.cut(entries, self._entry_owner)
                 later += held
                 self.stats["rows_held"] += len(held)
             for e in later:
                 self.queue.put_nowait(e)
+            if not entries:  # only identities over their share are waiting: let the others' work come
+                await asyncio.sleep(self.hold_poll_s)
+                continue
             self.queued_tokens -= sum(_entry_tokens(e) for e in entries)
             batch = [e[3:] for e in entries]
             live = [(it, fut, t) for it, fut, t in batch if not fut.done() and it.sid in self.engine.sessions]
@@ -281,13 +285,11 @@ class Verifier:
         self.stats["sessions_opened"] += 1
         return sid
 
-    async def _hold_while_over_share(self, who: str, poll_s: float = 0.005, at_most_s: float = 2.0) -> None:
-        """Let other identities' work run first while `who` is above its share of the model thread
-        (at most `at_most_s`: a held prefill still progresses)."""
-        t_end = time.monotonic() + at_most_s
-        while self.share is not None and who in self.share.over() and time.monotonic() < t_end:
+    async def _hold_while_over_share(self, who: str) -> None:
+        """Let other identities' work run first while `who` is above its share of the model thread."""
+        while self.share is not None and who in self.share.over():
             self.stats["prefill_holds"] += 1
-            await asyncio.sleep(poll_s)
+            await asyncio.sleep(self.hold_poll_s)
 
     def priority(self, user: int | None, requested: int) -> int:
         """The priority a VERIFY gets: an authenticated client's comes from the controller (what
