@@ -61,16 +61,27 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=262144)
     p.add_argument("--no-benchmarl", action="store_true")
+    p.add_argument("--only", nargs="+", help="rows whose name contains one of these")
     a = p.parse_args()
+    wide = ["train.num_envs=256", "train.n_steps=8"]  # the same samples per update from 4x the environments
     rows = [
         ("sb3 default 8x3, mlp actor", "configs/default.yaml", ["train.actor=mlp"]),
+        ("sb3 default 8x3, mlp actor, 256 envs x 8 steps", "configs/default.yaml", ["train.actor=mlp", *wide]),
         ("sb3 default 8x3, set actor", "configs/default.yaml", ["train.actor=set"]),
+        ("sb3 default 8x3, set actor, 256 envs x 8 steps", "configs/default.yaml", ["train.actor=set", *wide]),
         ("sb3 default 8x3, set actor, max_servers 8", "configs/default.yaml", ["train.actor=set", "env.max_servers=8"]),
         ("sb3 any_size (4 sizes, max_servers 8), set", "configs/any_size.yaml", []),
+        (
+            "sb3 any_size (4 sizes, max_servers 8), set, 4x envs / 4 steps",
+            "configs/any_size.yaml",
+            ["train.num_envs=128", "train.n_steps=8"],
+        ),
     ]
     if not a.no_benchmarl and importlib.util.find_spec("benchmarl"):
         for algo in ("mappo", "masac"):
             rows.append((f"benchmarl {algo} default 8x3", "configs/benchmarl.yaml", [f"train.algorithm={algo}"]))
+    if a.only:
+        rows = [r for r in rows if any(k in r[0] for k in a.only)]
     base = None
     for name, config, over in rows:
         r, split = rate(config, over, a.steps)
