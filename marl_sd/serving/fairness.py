@@ -128,34 +128,38 @@ class ComputeShare:
     Batches shared only when full (`fair_cut`) do not stop an identity that keeps rows in every
     batch (rounds back to back, many sessions, long prompts) from keeping the thread busy while
     batches have room, so every other identity's round waits behind its work. An identity whose
-    recent use exceeds `slack` times an equal share of the active identities' use (those that
-    used at least `active_ms`, decayed, i.e. ran something in the last few half-lives) waits:
-    its rows and prefill chunks run once the others' use has caught up, even if the thread
-    idles meanwhile. Alone (the others idle), it is not held at all."""
+    recent use exceeds `slack` times an equal share of the active identities' use (those whose
+    work ran in the last `active_s`) waits: its rows and prefill chunks run once the others' use
+    has caught up, even if the thread idles meanwhile, or once the others have gone quiet for
+    `active_s`. Alone, it is not held at all."""
 
-    def __init__(self, half_life_s: float = 1.0, slack: float = 1.25, active_ms: float = 5.0, clock=time.monotonic):
+    def __init__(self, half_life_s: float = 1.0, slack: float = 1.25, active_s: float = 0.25, clock=time.monotonic):
         self.rate = math.log(2) / half_life_s
-        self.slack, self.active_ms, self.clock = slack, active_ms, clock
+        self.slack, self.active_s, self.clock = slack, active_s, clock
         self.used: dict[str, float] = {}
+        self.last: dict[str, float] = {}
         self.at = clock()
 
-    def _decay(self) -> None:
+    def _decay(self) -> float:
         now = self.clock()
         f = math.exp(-self.rate * (now - self.at))
         self.at = now
         self.used = {w: u * f for w, u in self.used.items() if u * f > 1e-3}
+        self.last = {w: t for w, t in self.last.items() if w in self.used}
+        return now
 
     def charge(self, costs: dict) -> None:
         """Add milliseconds of the model thread per identity."""
-        self._decay()
+        now = self._decay()
         for w, ms in costs.items():
             if w is not None:
                 self.used[w] = self.used.get(w, 0.0) + ms
+                self.last[w] = now
 
     def shares(self) -> dict[str, float]:
         """Each active identity's fraction of the active identities' recent use."""
-        self._decay()
-        active = {w: u for w, u in self.used.items() if u >= self.active_ms}
+        now = self._decay()
+        active = {w: u for w, u in self.used.items() if now - self.last[w] <= self.active_s}
         total = sum(active.values())
         return {w: u / total for w, u in active.items()} if total > 0 else {}
 
