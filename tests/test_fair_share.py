@@ -172,7 +172,7 @@ def test_verifier_holds_an_identity_over_its_compute_share_until_the_others_ran(
         v = Verifier(eng, window_ms=20.0, limits=Limits(compute_share=compute_share, share_half_life_s=0.2))
         if v.share is not None:
             v.share.charge({"hog": 900.0, "a": 100.0})
-        order = []
+        order, t_start = [], time.monotonic()
 
         async def main():
             loop = asyncio.get_running_loop()
@@ -187,7 +187,10 @@ def test_verifier_holds_an_identity_over_its_compute_share_until_the_others_ran(
             task.cancel()
             return {sid: r[3] for sid, r in res.items()}
 
-        return asyncio.run(main()), order
+        rows = asyncio.run(main())
+        if v.share is not None:  # each forward's model-thread time was charged to its identities
+            assert all(v.share.last[w] > t_start for w in ("a", "hog"))
+        return rows, order
 
     rows, _ = batches(False)
     assert rows == {1: 5, 2: 5, 3: 5, 4: 5, 5: 5}  # every row in one batch

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -166,25 +167,35 @@ async def watch_servers(addrs: list[str], sec: Security, t_end: float, held: dic
     """Every `every_s`, each verifier's status as the operator: the most of the KV budget each
     client identity held on any verifier, and its share of the model thread (`compute_shares`),
     most and mean over the polls where it had one."""
-    while time.monotonic() < t_end:
-        for addr in addrs:
-            try:
-                async with sec.as_role("operator").channel(addr, "verifier") as ch:
-                    st = json.loads(await ch.unary_unary(f"/{P.VERIFIER_SERVICE}/Status")(b"", timeout=2))
-            except (grpc.aio.AioRpcError, TimeoutError):
-                continue  # a verifier being killed or restarted
-            budget = st.get("kv_budget") or 0
-            for w in {*st.get("kv_by_identity", {}), *st.get("compute_shares", {})}:
-                if not w.startswith("client-"):
-                    continue
-                h = held.setdefault(w, {"kv_share_max": 0.0, "compute_share_max": 0.0, "compute_share_mean": 0.0, "polls": 0})
-                if budget:
-                    h["kv_share_max"] = max(h["kv_share_max"], st["kv_by_identity"].get(w, 0) / budget)
-                c = st["compute_shares"].get(w, 0.0)
-                h["polls"] += 1
-                h["compute_share_max"] = max(h["compute_share_max"], c)
-                h["compute_share_mean"] += (c - h["compute_share_mean"]) / h["polls"]
-        await asyncio.sleep(every_s)
+    async with contextlib.AsyncExitStack() as stack:  # one channel per verifier: it reconnects after a restart
+        ops = sec.as_role("operator")
+        rpcs = [
+            (await stack.enter_async_context(ops.channel(a, "verifier"))).unary_unary(f"/{P.VERIFIER_SERVICE}/Status")
+            for a in addrs
+        ]
+        while time.monotonic() < t_end:
+            for rpc in rpcs:
+                try:
+                    st = json.loads(await rpc(b"", timeout=2))
+                except (grpc.aio.AioRpcError, TimeoutError):
+                    continue  # a verifier being killed or restarted
+                _record_holdings(st, held)
+            await asyncio.sleep(every_s)
+
+
+def _record_holdings(st: dict, held: dict) -> None:
+    """Fold one verifier status into `held` (see `watch_servers`)."""
+    budget = st.get("kv_budget") or 0
+    for w in {*st.get("kv_by_identity", {}), *st.get("compute_shares", {})}:
+        if not w.startswith("client-"):
+            continue
+        h = held.setdefault(w, {"kv_share_max": 0.0, "compute_share_max": 0.0, "compute_share_mean": 0.0, "polls": 0})
+        if budget:
+            h["kv_share_max"] = max(h["kv_share_max"], st["kv_by_identity"].get(w, 0) / budget)
+        c = st["compute_shares"].get(w, 0.0)
+        h["polls"] += 1
+        h["compute_share_max"] = max(h["compute_share_max"], c)
+        h["compute_share_mean"] += (c - h["compute_share_mean"]) / h["polls"]
 
 
 async def no_reader(servers: list[str], sec: Security, t_end: float, stats: dict) -> None:

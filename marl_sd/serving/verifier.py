@@ -130,7 +130,7 @@ class Verifier:
             "sessions_opened": 0,
             "sessions_closed": 0,
             "busy_s": 0.0,
-            "rows_held": 0,  # rows of identities above their compute share put off to a later batch
+            "rows_held": 0,  # times a row of an identity above its compute share was put off to a later batch
             "prefill_holds": 0,  # polls a prefill chunk waited for the same reason
         }
         # recent batches (rows, tokens, forward ms, cycle ms = collection window + forward): what a
@@ -138,8 +138,11 @@ class Verifier:
         self.samples: deque[tuple[int, int, float, float]] = deque(maxlen=8192)
         self.t_start = time.monotonic()
 
-    async def run_model(self, fn, *args, pace_ms: float = 0.0):
-        """Run `fn` on the model thread; with pacing, the thread stays busy for at least `pace_ms`."""
+    async def run_model(self, fn, *args, pace_ms: float = 0.0, owners: dict | None = None):
+        """Run `fn` on the model thread; with pacing, the thread stays busy for at least `pace_ms`.
+        The thread's time (not the wait for it) is charged to the compute share of `owners`
+        ({identity: weight}, split by weight)."""
+        busy = []
 
         def call():
             t0 = time.perf_counter()
@@ -147,9 +150,15 @@ class Verifier:
             left = pace_ms / 1000.0 - (time.perf_counter() - t0)
             if left > 0:
                 time.sleep(left)
+            busy.append((time.perf_counter() - t0) * 1000)
             return out
 
-        return await asyncio.get_running_loop().run_in_executor(self.pool, call)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, call)
+        finally:
+            if self.share is not None and owners and busy:
+                total = sum(owners.values())
+                self.share.charge({o: busy[0] * w / total for o, w in owners.items()})
 
     def verify_pace_ms(self, rows: int, tokens: int) -> float:
         return float(self.pace.verify.time_ms(rows, tokens)) if self.pace is not None else 0.0
@@ -192,14 +201,14 @@ class Verifier:
             t0 = time.monotonic()
             items = [it for it, _, _ in live]
             k = sum(len(it.drafts) + 1 for it in items)
-            results = await self.run_model(self.engine.verify_isolated, items, pace_ms=self.verify_pace_ms(len(items), k))
+            owners: dict = {}  # the forward's time is split by tokens between the identities in it
+            for it in items:
+                o = self._owner(it.sid)
+                owners[o] = owners.get(o, 0) + len(it.drafts) + 1
+            results = await self.run_model(
+                self.engine.verify_isolated, items, pace_ms=self.verify_pace_ms(len(items), k), owners=owners
+            )
             dt = time.monotonic() - t0
-            if self.share is not None:  # the forward's time, split by tokens between the identities in it
-                cost: dict = {}
-                for it in items:
-                    o = self.engine.sessions[it.sid].owner if it.sid in self.engine.sessions else None
-                    cost[o] = cost.get(o, 0.0) + dt * 1000 * (len(it.drafts) + 1) / k
-                self.share.charge(cost)
             self.stats["batches"] += 1
             self.stats["batched_items"] += len(live)
             self.stats["busy_s"] += dt
@@ -217,9 +226,12 @@ class Verifier:
                 self.metrics.tokens.inc(len(new))
                 fut.set_result((res, dt * 1000, (t0 - tq) * 1000, len(live)))
 
-    def _entry_owner(self, entry) -> str | None:
-        sess = self.engine.sessions.get(entry[3].sid)
+    def _owner(self, sid: int) -> str | None:
+        sess = self.engine.sessions.get(sid)
         return sess.owner if sess is not None else None
+
+    def _entry_owner(self, entry) -> str | None:
+        return self._owner(entry[3].sid)
 
     async def _refuse(self, context, code: grpc.StatusCode, reason: str, text: str, who: str | None = None, retry_after_s=None):
         """End the call with `code`: counted by reason and identity, logged in summary, and counted
@@ -276,12 +288,13 @@ class Verifier:
             # identities' prefills run in between, so one identity's long prompts queue behind each other
             async with lock:
                 await self._hold_while_over_share(who)
-                t0 = time.monotonic()
                 await self.run_model(
-                    self.engine.prefill_chunk, sid, upto, pace_ms=self.prefill_pace_ms(min(upto, n) - max(0, upto - chunk))
+                    self.engine.prefill_chunk,
+                    sid,
+                    upto,
+                    pace_ms=self.prefill_pace_ms(min(upto, n) - max(0, upto - chunk)),
+                    owners={who: 1},
                 )
-                if self.share is not None:
-                    self.share.charge({who: (time.monotonic() - t0) * 1000})
         self.stats["sessions_opened"] += 1
         return sid
 
