@@ -30,6 +30,7 @@ from sb3_contrib.common.maskable.utils import get_action_masks, is_masking_suppo
 from stable_baselines3.common.utils import obs_as_tensor
 from torch import nn
 
+from marl_sd.agents.overlap import OverlappedVecEnv
 from marl_sd.config import TrainConfig
 from marl_sd.contract import LOCAL_FEATURES, ActionLayout, ObsSpec
 
@@ -312,6 +313,8 @@ class MAPPO(MaskablePPO):
         super().train()
 
     def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps, use_masking=True):
+        if isinstance(env, OverlappedVecEnv):
+            return self._collect_overlapped(env, callback, rollout_buffer)
         assert isinstance(rollout_buffer, (MaskableRolloutBuffer, MaskableDictRolloutBuffer))
         assert self._last_obs is not None, "No previous observation was provided"
         self.policy.set_training_mode(False)
@@ -355,6 +358,44 @@ class MAPPO(MaskablePPO):
         with torch.no_grad():
             values = self.policy.predict_values(obs_as_tensor(new_obs, self.device))
         rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
+        callback.on_rollout_end()
+        return True
+
+    def _values(self, obs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.policy.predict_values(obs_as_tensor(obs, self.device)).flatten().cpu().numpy()
+
+    def _collect_overlapped(self, env: OverlappedVecEnv, callback, rollout_buffer) -> bool:
+        """The rollout the collector process delivered (see `agents/overlap.py`); the collector
+        starts on the next one with the current weights before this one is trained on."""
+        self.policy.set_training_mode(False)
+        if not env.running:
+            env.start(self.policy, self._last_obs, self._last_episode_starts)
+            if env.pending is None:
+                env.collect(self.policy)
+        r = env.wait()
+        callback.on_rollout_start()  # a checkpoint here holds `r` as the pending rollout
+        env.collect(self.policy)
+        T, n = r.rewards.shape
+        values = self._values(r.obs.reshape(T * n, -1)).reshape(T, n)
+        rewards = r.rewards.copy()
+        for t, idx, term in r.truncations:
+            rewards[t, idx] += self.gamma * self._values(term)
+        rb = rollout_buffer
+        rb.reset()
+        rb.observations[:] = r.obs.reshape(rb.observations.shape)
+        rb.actions[:] = r.actions.reshape(rb.actions.shape)
+        rb.rewards[:], rb.episode_starts[:], rb.values[:], rb.log_probs[:] = rewards, r.starts, values, r.log_probs
+        rb.action_masks[:] = r.masks.reshape(rb.action_masks.shape)
+        rb.pos, rb.full = rb.buffer_size, True
+        env.last_metrics = r.metrics
+        self._update_info_buffer([{"episode": e} for e in r.episodes])
+        for _ in range(T):
+            self.num_timesteps += n
+            if not callback.on_step():
+                return False
+        self._last_obs, self._last_episode_starts = r.last_obs, r.dones[-1]
+        rb.compute_returns_and_advantage(last_values=torch.as_tensor(self._values(r.last_obs)), dones=r.dones[-1])
         callback.on_rollout_end()
         return True
 

@@ -28,6 +28,7 @@ from stable_baselines3.common.vec_env import VecMonitor
 from marl_sd.agents.evaluate import HEADLINE, run_policy
 from marl_sd.agents.heuristics import HEURISTICS
 from marl_sd.agents.mappo import MAPPO, MAPPOPolicy, new_mappo, resolve_device
+from marl_sd.agents.overlap import OverlappedVecEnv
 from marl_sd.agents.policy import LearnedPolicy, PolicyContext
 from marl_sd.agents.pretrain import Kickstart
 from marl_sd.config import Config
@@ -321,14 +322,17 @@ def train(
     torch.set_num_threads(cfg.sim.threads)
     t = cfg.train
     venv = training_env(cfg, t.num_envs)
-    env = VecMonitor(venv)
+    if t.overlap:  # rollouts come from a collector process; its state is what checkpoints hold
+        env = state_env = OverlappedVecEnv(venv, cfg, t.num_envs, t.n_steps)
+    else:
+        env, state_env = VecMonitor(venv), venv
     device = resolve_device(t.device)
     total = total_timesteps or t.total_timesteps
     if resume:
         ckpts = list_checkpoints(run_dir)
         if not ckpts:
             raise CheckpointError(f"--resume: no checkpoint in {run_dir / CKPT_DIR}")
-        model = load_exact(ckpts[-1], venv, cfg, device)
+        model = load_exact(ckpts[-1], state_env, cfg, device)
         model.set_env(env, force_reset=False)
         log.info("resumed from %s at %d agent-steps", ckpts[-1], model.num_timesteps)
     else:
@@ -349,7 +353,7 @@ def train(
     start_steps = model.num_timesteps
     remaining = max(0, total - start_steps)
     metrics = EnvMetricsCallback()
-    ckpt = ExactCheckpoint(t.checkpoint_every, run_dir, venv, cfg)
+    ckpt = ExactCheckpoint(t.checkpoint_every, run_dir, state_env, cfg)
     evalcb = EvalCallback(cfg, t.eval_every, run_dir, on_eval)
     bar = RichProgress(total, metrics, enabled=progress)
     main_thread = threading.current_thread() is threading.main_thread()  # signals only there (not in a Ray worker thread)
@@ -369,12 +373,14 @@ def train(
     try:
         if remaining > 0:
             model.learn(remaining, callback=CallbackList([metrics, evalcb, ckpt, bar]), reset_num_timesteps=False)
+        wall = time.time() - start
+        if not ckpt.stopped:
+            ckpt.save()  # the end of learn() is a rollout boundary: an exact resume point
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, old)
-    wall = time.time() - start
+        env.close()
     if not ckpt.stopped:
-        ckpt.save()  # the end of learn() is a rollout boundary: an exact resume point
         model.save(str(run_dir / "final.zip"))
         if not evalcb.history or evalcb.history[-1]["timesteps"] != model.num_timesteps:
             evalcb.run_eval()

@@ -2,9 +2,10 @@
 the SB3 backend's flat MLP actor and permutation-invariant set actor at the default size and at
 a mixed-size set-up, and BenchMARL's MAPPO and MASAC (`train.backend=benchmarl`, if installed).
 
-For the SB3 rows it also splits the wall time into collection (simulator + policy forward) and
-learning (PPO epochs), and prints the ceiling that overlapping the two on two cores could reach:
-(collect + learn) / max(collect, learn).
+For the serial SB3 rows it also splits the wall time into collection (simulator + policy
+forward) and learning (PPO epochs), and prints the ceiling that overlapping the two on two cores
+could reach: (collect + learn) / max(collect, learn). The `overlap` rows run `train.overlap`
+(the collector in a second process); for them "collect" is the learner's wait for a rollout.
 
     python benchmarks/train_throughput.py [--steps 262144] [--no-benchmarl]
 """
@@ -64,17 +65,23 @@ def main() -> None:
     p.add_argument("--only", nargs="+", help="rows whose name contains one of these")
     a = p.parse_args()
     wide = ["train.num_envs=256", "train.n_steps=8"]  # the same samples per update from 4x the environments
+    wide_any = ["train.num_envs=128", "train.n_steps=8"]
+    overlap = ["train.overlap=true"]  # the collector in a second process (agents/overlap.py)
     rows = [
         ("sb3 default 8x3, mlp actor", "configs/default.yaml", ["train.actor=mlp"]),
         ("sb3 default 8x3, mlp actor, 256 envs x 8 steps", "configs/default.yaml", ["train.actor=mlp", *wide]),
         ("sb3 default 8x3, set actor", "configs/default.yaml", ["train.actor=set"]),
         ("sb3 default 8x3, set actor, 256 envs x 8 steps", "configs/default.yaml", ["train.actor=set", *wide]),
+        ("sb3 default 8x3, set actor, overlap", "configs/default.yaml", ["train.actor=set", *overlap]),
+        ("sb3 default 8x3, set actor, 256 envs x 8 steps, overlap", "configs/default.yaml", ["train.actor=set", *wide, *overlap]),
+        ("sb3 default 8x3, mlp actor, 256 envs x 8 steps, overlap", "configs/default.yaml", ["train.actor=mlp", *wide, *overlap]),
         ("sb3 default 8x3, set actor, max_servers 8", "configs/default.yaml", ["train.actor=set", "env.max_servers=8"]),
         ("sb3 any_size (4 sizes, max_servers 8), set", "configs/any_size.yaml", []),
+        ("sb3 any_size (4 sizes, max_servers 8), set, 128 envs x 8 steps", "configs/any_size.yaml", wide_any),
         (
-            "sb3 any_size (4 sizes, max_servers 8), set, 4x envs / 4 steps",
+            "sb3 any_size (4 sizes, max_servers 8), set, 128 envs x 8 steps, overlap",
             "configs/any_size.yaml",
-            ["train.num_envs=128", "train.n_steps=8"],
+            [*wide_any, *overlap],
         ),
     ]
     if not a.no_benchmarl and importlib.util.find_spec("benchmarl"):
@@ -88,7 +95,9 @@ def main() -> None:
         base = base or r
         line = f"{name:44s} {r:8.0f} agent-steps/s  ({r / base:.2f}x the first row)"
         c, t = split.s["collect_rollouts"], split.s["train"]
-        if c + t > 0:
+        if c + t > 0 and "overlap" in name:
+            line += f"  waiting for rollouts {c:6.1f} s, learn {t:6.1f} s"
+        elif c + t > 0:
             line += f"  collect {c:6.1f} s, learn {t:6.1f} s, overlap ceiling {(c + t) / max(c, t):.2f}x"
         print(line, flush=True)
 

@@ -383,6 +383,11 @@ class TrainConfig(Strict):
     eval_every: int = Field(20, ge=1, description="rollouts between evaluations")
     eval_episodes: int = Field(8, ge=1)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    overlap: bool = Field(
+        False,
+        description="sb3: collect the next rollout in a second process while PPO learns on this one "
+        "(two cores busy; the policy that collects is one update behind)",
+    )
     pretrain: PretrainConfig = PretrainConfig()
 
     @field_validator("algorithm", mode="before")
@@ -410,6 +415,7 @@ class TrainConfig(Strict):
                 "train.pretrain.teacher": self.pretrain.teacher is not None,
                 "train.physics": bool(self.physics),
                 "train.sizes": bool(self.sizes),
+                "train.overlap": self.overlap,
             }
             bad = [k for k, used in unsupported.items() if used]
             if bad:
@@ -553,6 +559,8 @@ class Config(Strict):
         d.pop("name")
         for k in ("total_timesteps", "device", "checkpoint_every", "eval_every", "eval_episodes"):
             d["train"].pop(k)
+        if not d["train"]["overlap"]:
+            d["train"].pop("overlap")  # hashes from before the option existed stay valid
         return _digest(d)
 
 
