@@ -205,17 +205,28 @@ async def no_reader(servers: list[str], sec: Security, t_end: float, stats: dict
     )
 
     async def one(addr):
+        t_open = None
         try:
             async with sec.channel(addr, "verifier", options=[*P.grpc_options(), ("grpc.http2.bdp_probe", 0)]) as ch:
                 call = ch.stream_stream(f"/{P.VERIFIER_SERVICE}/Session")()
                 await call.write(P.encode_open(P.OpenMsg(0, np.arange(1, 400, dtype=np.int32))))
+                t_open = time.monotonic()
                 stats["noread_opened"] += 1
                 while not call.done() and time.monotonic() < t_end:
                     await asyncio.wait_for(call.write(verify), max(0.1, t_end - time.monotonic()))
                     await asyncio.sleep(0)
-                stats["noread_ended_by_server"] += call.done()
+                if call.done():
+                    ended(t_open)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
-            stats["noread_ended_by_server"] += 1
+            ended(t_open)
+
+    def ended(t_open: float | None) -> None:
+        """A session the server ended: its life, from open to the end the client saw."""
+        stats["noread_ended_by_server"] += 1
+        if t_open is not None and time.monotonic() < t_end:
+            life = time.monotonic() - t_open
+            stats["noread_life_max_s"] = max(stats.get("noread_life_max_s", 0.0), life)
+            stats["noread_life_sum_s"] = stats.get("noread_life_sum_s", 0.0) + life
 
     while time.monotonic() < t_end:
         await asyncio.gather(*(one(a) for a in servers for _ in range(4)))
@@ -243,7 +254,32 @@ async def context_hog(servers: list[str], sec: Security, t_end: float, stats: di
     await _holder(servers, sec, t_end, stats, np.arange(4000) % 500 + 1, 16, "hog")
 
 
-ATTACKERS = {"poisoner": poisoner, "squatter": squatter, "no_reader": no_reader, "churner": churner, "context_hog": context_hog}
+async def reconnect_flood(servers: list[str], sec: Security, t_end: float, stats: dict, width: int = 8) -> None:
+    """A fresh TLS connection (a full handshake) for every session open, `width` at a time, as
+    fast as the verifiers answer, refusals included."""
+
+    async def one():
+        while time.monotonic() < t_end:
+            try:
+                async with sec.channel(random.choice(servers), "verifier", options=P.grpc_options()) as ch:
+                    call = ch.stream_stream(f"/{P.VERIFIER_SERVICE}/Session")(timeout=5)
+                    await call.write(P.encode_open(P.OpenMsg(0, np.array([1, 2, 3], np.int32))))
+                    await call.read()
+                    stats["reconnect_opened"] += 1
+            except grpc.aio.AioRpcError as e:
+                _count(stats, f"reconnect_{e.code().name.lower()}")
+
+    await asyncio.gather(*(one() for _ in range(width)))
+
+
+ATTACKERS = {
+    "poisoner": poisoner,
+    "squatter": squatter,
+    "no_reader": no_reader,
+    "churner": churner,
+    "context_hog": context_hog,
+    "reconnect_flood": reconnect_flood,
+}
 
 
 async def bad_reporter(ctrl: str, sec: Security, t_end: float, stats: dict, victim: int) -> None:
@@ -279,6 +315,33 @@ async def bad_reporter(ctrl: str, sec: Security, t_end: float, stats: dict, vict
         await asyncio.sleep(0.005)
 
 
+async def twin(ctrl: str, sec: Security, t_end: float, stats: dict, victim: int, n_servers: int) -> None:
+    """A second process with an honest client's own certificate (copied): reports as that user
+    and announces that it leaves, 20 times a second, through one connection."""
+    report = P.UserReport(
+        user=victim, snr_db=[20.0] * n_servers, ul_mbps=[50.0] * n_servers, server=0, draft_ms=5.0, power_w=1.0, max_gamma=8
+    )
+    msgs = {"report": report.model_dump_json().encode(), "leave": P.Leave(user=victim).model_dump_json().encode()}
+    while time.monotonic() < t_end:
+        try:
+            async with sec.channel(ctrl, "controller") as ch:
+                rpc = ch.unary_unary(f"/{P.CONTROLLER_SERVICE}/Report")
+                while time.monotonic() < t_end:
+                    for kind, m in msgs.items():
+                        try:
+                            await rpc(m, timeout=1)
+                            stats[f"twin_{kind}_accepted"] += 1
+                        except grpc.aio.AioRpcError as e:
+                            _count(stats, f"twin_{kind}_{e.code().name.lower()}")
+                    await asyncio.sleep(0.05)
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.05)
+
+
+CONTROLLER_ATTACKERS = ("bad_reporter", "twin")  # they talk to the controller, not the verifiers
+TWIN_VICTIM = 0  # the honest client whose certificate the twin copies
+
+
 def run_chaos(
     clients: int = 32,
     duration_s: float = 300.0,
@@ -290,7 +353,8 @@ def run_chaos(
     compute_share: bool = True,
 ) -> dict:
     """Honest clients with the faults and attackers on; `only`: just these attackers (names of
-    `ATTACKERS`, plus `bad_reporter`), each under its own client identity."""
+    `ATTACKERS`, plus `CONTROLLER_ATTACKERS`), each under its own client identity but the twin,
+    which holds honest client `TWIN_VICTIM`'s."""
     torch.set_num_threads(1)
     M, bad_roles = 3, 6
     with tempfile.TemporaryDirectory() as tmp:
@@ -359,9 +423,9 @@ def run_chaos(
             )
         }
         chosen = only if only is not None else ["poisoner", "squatter", "bad_reporter"]
-        unknown = [n for n in chosen if n not in ATTACKERS and n != "bad_reporter"]
+        unknown = [n for n in chosen if n not in ATTACKERS and n not in CONTROLLER_ATTACKERS]
         if unknown:
-            raise ValueError(f"unknown attackers {unknown} (known: {', '.join([*ATTACKERS, 'bad_reporter'])})")
+            raise ValueError(f"unknown attackers {unknown} (known: {', '.join([*ATTACKERS, *CONTROLLER_ATTACKERS])})")
 
         async def chaos(t0: float):
             if not faults:
@@ -417,7 +481,7 @@ def run_chaos(
                         ctrl.addr,
                         "--duration",
                         str(duration_s),
-                        *sec.as_role(f"client-{clients + k}").cli_args(),
+                        *sec.as_role(f"client-{TWIN_VICTIM if name == 'twin' else clients + k}").cli_args(),
                     ],
                     stdout=subprocess.PIPE,
                     stderr=subprocess.DEVNULL,
@@ -464,6 +528,7 @@ def run_chaos(
         "tpot_p50_ms": float(np.percentile(tpot, 50)),
         "tpot_p99_ms": float(np.percentile(tpot, 99)),
         "requests_per_s": len(done) / duration_s,
+        "requests_completed_per_user_min": min(sum(r["user"] == u for r in done) for u in range(clients)),
         "attacker_set": chosen if attackers else [],
         "failovers": len(failovers),
         "faults": faults_log,
@@ -484,7 +549,7 @@ def attacker_main(argv=None) -> int:
     """One attacker as its own process: `python -m marl_sd.app.chaos NAME --servers ...`;
     prints its counters as JSON at the end."""
     p = argparse.ArgumentParser(description="one chaos attacker")
-    p.add_argument("name", choices=[*ATTACKERS, "bad_reporter"])
+    p.add_argument("name", choices=[*ATTACKERS, *CONTROLLER_ATTACKERS])
     p.add_argument("--servers", required=True)
     p.add_argument("--controller", required=True)
     p.add_argument("--duration", type=float, required=True)
@@ -495,6 +560,8 @@ def attacker_main(argv=None) -> int:
     t_end = time.monotonic() + a.duration
     if a.name == "bad_reporter":
         run = bad_reporter(a.controller, sec, t_end, stats, victim=0)
+    elif a.name == "twin":
+        run = twin(a.controller, sec, t_end, stats, TWIN_VICTIM, len(a.servers.split(",")))
     else:
         run = ATTACKERS[a.name](a.servers.split(","), sec, t_end, stats)
 
