@@ -76,6 +76,8 @@ class SearchOracle(Policy):
             self.description = "clairvoyant rollout search: scored on the real future draws (a loose bound)"
         self.H, self.K, self.moves, self.rounds = horizon, 1 if clairvoyant else samples, moves, rounds
         self.base = make_heuristic(base, ctx)
+        if base not in proposers:  # the guard falls back to the base's own proposal: it must be a candidate
+            proposers = (*proposers, base)
         self.proposers = [make_heuristic(p, ctx) for p in proposers]
         self.gammas = [g for g in gammas if g <= ctx.cfg.env.gamma_max]
         self.gen = torch.Generator().manual_seed(seed)
@@ -214,8 +216,7 @@ class SearchOracle(Policy):
 
     @property
     def _base_index(self) -> int:
-        names = [p.name for p in self.proposers]
-        return names.index(self.base.name) if self.base.name in names else 0
+        return [p.name for p in self.proposers].index(self.base.name)
 
     def _record(self, best_x, base_x, best, base_a) -> None:
         """Running diagnostics: the standard error of the chosen score over the futures, and of

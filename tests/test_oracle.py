@@ -92,6 +92,20 @@ def test_search_keeps_the_base_proposal_unless_the_paired_gain_is_clear():
     assert torch.equal(kept, base_a) and strict._diag["kept_base"] == 1.0
 
 
+def test_a_base_outside_the_proposers_is_the_guards_fallback():
+    """With a base that proposes nothing by default (`greedy_latency_measured`), the guard still
+    falls back to that base's own proposal, not to another heuristic's."""
+    cfg = load_config(overrides=SMALL)
+    ctx = PolicyContext.from_config(cfg)
+    sim = loaded_sim(cfg, slots=20)
+    obs, mask = sim.observations(), sim.mask.bool()
+    o = SearchOracle(ctx, horizon=3, samples=4, moves=8, base="greedy_latency_measured", min_z=1e9)
+    o.attach(sim)
+    assert o.proposers[o._base_index].name == "greedy_latency_measured"
+    kept = o.search(obs, mask, 0)[0]
+    assert torch.equal(kept, make_heuristic("greedy_latency_measured", ctx).act(obs, mask))
+
+
 def test_oracle_runs_as_a_policy_in_evaluation():
     cfg = load_config(overrides=SMALL)
     ctx = PolicyContext.from_config(cfg)
