@@ -157,9 +157,10 @@ class OverlappedVecEnv(VecEnvWrapper):
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
             target=_collector,
-            # a copy: tensors handed to a child move into shared memory, and the learner's own
-            # parameters must not be the ones the collector reads while they are being updated
-            args=(self.cfg, self.B, self.n_steps, copy.deepcopy(policy), self.weights, self.buf, child, start),
+            # a copy on the CPU (the collector steps the simulator there): tensors handed to a child
+            # move into shared memory, and the learner's own parameters must not be the ones the
+            # collector reads while they are being updated
+            args=(self.cfg, self.B, self.n_steps, copy.deepcopy(policy).cpu(), self.weights, self.buf, child, start),
             daemon=True,
             name="marl-sd-collector",
         )

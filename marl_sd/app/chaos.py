@@ -165,21 +165,34 @@ async def squatter(servers: list[str], sec: Security, t_end: float, stats: dict)
 
 async def watch_servers(addrs: list[str], sec: Security, t_end: float, held: dict, every_s: float = 0.5) -> None:
     """Every `every_s`, each verifier's status as the operator: the most of the KV budget each
-    client identity held on any verifier, and its share of the model thread (`compute_shares`),
-    most and mean over the polls where it had one."""
+    client identity held on any verifier, its share of the model thread (`compute_shares`),
+    most and mean over the polls where it had one, and the longest time it held KV without a
+    poll round in which it held none (`kv_held_longest_s`: for a client that never reads, how
+    long its sessions' KV lived)."""
     async with contextlib.AsyncExitStack() as stack:  # one channel per verifier: it reconnects after a restart
         ops = sec.as_role("operator")
         rpcs = [
             (await stack.enter_async_context(ops.channel(a, "verifier"))).unary_unary(f"/{P.VERIFIER_SERVICE}/Status")
             for a in addrs
         ]
+        since: dict[str, float] = {}  # identity -> when its current stretch of holding KV began
         while time.monotonic() < t_end:
+            holding = set()
             for rpc in rpcs:
                 try:
                     st = json.loads(await rpc(b"", timeout=2))
                 except (grpc.aio.AioRpcError, TimeoutError):
                     continue  # a verifier being killed or restarted
                 _record_holdings(st, held)
+                holding |= {w for w, kv in st.get("kv_by_identity", {}).items() if kv > 0 and w in held}
+            now = time.monotonic()
+            for w in holding:
+                since.setdefault(w, now)
+            for w in list(since):
+                longest = now - since[w]
+                held[w]["kv_held_longest_s"] = max(held[w].get("kv_held_longest_s", 0.0), longest)
+                if w not in holding:
+                    del since[w]
             await asyncio.sleep(every_s)
 
 
