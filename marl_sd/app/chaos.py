@@ -121,10 +121,12 @@ async def poisoner(servers: list[str], sec: Security, t_end: float, stats: dict)
             async with sec.channel(addr, "verifier", options=P.grpc_options()) as ch:
                 call = ch.stream_stream(f"/{P.VERIFIER_SERVICE}/Session")(timeout=5)
                 await call.write(P.encode_open(P.OpenMsg(0, np.array([1, 2, 3], np.int32), greedy=False)))
-                await call.read()
+                ack = P.decode(await call.read())
                 await call.write(
                     P.encode_verify(
-                        P.VerifyMsg(0, 1, np.array([5], np.int32), np.array([[6]], np.int32), np.array([[1.0]], np.float32))
+                        P.VerifyMsg(
+                            0, ack.round, np.array([5], np.int32), np.array([[6]], np.int32), np.array([[1.0]], np.float32)
+                        )
                     )
                 )
                 await call.read()
@@ -212,7 +214,8 @@ def _record_holdings(st: dict, held: dict) -> None:
 
 
 async def no_reader(servers: list[str], sec: Security, t_end: float, stats: dict) -> None:
-    """Opens sessions and sends round after round without ever reading a reply."""
+    """Opens sessions and sends round after round without ever reading a reply (so without the
+    ticket each round must answer: the verifier ends the session at its first round)."""
     verify = P.encode_verify(
         P.VerifyMsg(0, 1, np.array([5, 6, 7], np.int32), np.zeros((3, 0), np.int32), np.zeros((3, 0), np.float32))
     )

@@ -331,6 +331,7 @@ class DraftClient:
         await self._link(self.uplink, len(open_msg))
         await call.write(open_msg)
         ack = P.decode(await asyncio.wait_for(call.read(), self.timeout))
+        ticket = ack.round
         await self._link(self.downlink, 16)
         await self._settle_drafting(interrupt=False)
         while not req.done(d):
@@ -339,12 +340,13 @@ class DraftClient:
             if moved is not None:
                 await call.done_writing()
                 raise Handover(moved)
-            res = await self._round(call, ack.session, addr, req)
+            res = await self._round(call, ack.session, ticket, addr, req)
+            ticket = res.round  # the next round answers this result (proof that it was read)
             if req.eos_id is not None and req.eos_id in res.tokens.tolist():
                 break
         await call.done_writing()
 
-    async def _round(self, call, session: int, addr: str, req: _Request):
+    async def _round(self, call, session: int, ticket: int, addr: str, req: _Request):
         """One round: draft gamma, upload, pre-draft while it is verified, commit the result."""
         d, gamma = self.drafter, self.gamma
         td, ahead = time.monotonic(), len(d.drafts)
@@ -356,7 +358,7 @@ class DraftClient:
             ids, pr = np.zeros((0, steps), np.int32), np.zeros((0, steps), np.float32)
         elif req.greedy:
             ids, pr = ids[:, :0], pr[:, :0]
-        msg = P.encode_verify(P.VerifyMsg(session, len(req.rounds) + 1, np.asarray(drafts, np.int32), ids, pr, self.priority))
+        msg = P.encode_verify(P.VerifyMsg(session, ticket, np.asarray(drafts, np.int32), ids, pr, self.priority))
         tr = time.monotonic()
         self._draft_in_background(predraft_limit(gamma) if self.predraft else 0)  # pre-draft until the result
         up_ms = await self._link(self.uplink, len(msg)) * 1000

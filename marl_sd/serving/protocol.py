@@ -4,6 +4,10 @@ OPEN    client -> server  start a session with its context (prompt + committed t
 VERIFY  client -> server  drafts of one round (+ top-k draft probabilities for sampling)
 RESULT  server -> client  accepted count and the new tokens (accepted drafts + one more)
 4 bytes per token id, 8 bytes per (id, prob) pair, as in the simulator's payload model.
+
+A session runs in lockstep and proves that the client reads: every RESULT (the OPEN's ack
+included) carries in `round` a fresh random ticket, and the next VERIFY must carry that ticket
+in its own `round`. A client that does not read its replies cannot send a second round.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictInt
 
 from marl_sd.contract import SUB_ACTIONS
 
-VERSION = 1
+VERSION = 2  # 2: VERIFY.round answers the last RESULT's ticket
 OPEN = struct.Struct("<4sBBxxQIfII")  # magic, version, flags(bit0 greedy), session, seed, temperature, vocab, n
 VERIFY = struct.Struct("<4sBBxxQIHH")  # magic, version, priority, session, round, n drafts, k
 RESULT = struct.Struct("<4sBxxxQIHHffH")  # magic, version, session, round, n accepted, n new, verify ms, queue ms, batch
@@ -186,6 +190,13 @@ def encode_verify(m: VerifyMsg) -> bytes:
         raise ProtocolError("q_ids and q_probs shapes differ")
     k = ids.shape[1] if len(d) else 0
     return VERIFY.pack(b"MSDV", VERSION, m.priority, m.session, m.round, len(d), k) + d.tobytes() + ids.tobytes() + pr.tobytes()
+
+
+def answering(verify: bytes, result: ResultMsg) -> bytes:
+    """An encoded VERIFY re-addressed to answer `result` (its ticket in `round`)."""
+    h = list(_header(verify, VERIFY, b"MSDV"))
+    h[4] = result.round
+    return VERIFY.pack(*h) + verify[VERIFY.size :]
 
 
 def encode_result(m: ResultMsg) -> bytes:

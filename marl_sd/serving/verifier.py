@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import json
 import logging
+import secrets
 import sys
 import time
 from collections import deque
@@ -323,7 +324,8 @@ class Verifier:
         self.priorities = p
         return b"{}"
 
-    async def _verify(self, sid: int, msg: P.VerifyMsg, context, user: int | None = None):
+    async def _verify(self, sid: int, msg: P.VerifyMsg, context, ticket: int, user: int | None = None):
+        """Serve one round; the RESULT carries `ticket`, which the next round must answer."""
         item = VerifyItem(sid, msg.drafts.tolist(), msg.q_ids, msg.q_probs)
         if msg.priority > P.MAX_PRIORITY:
             await self._refuse(
@@ -365,7 +367,7 @@ class Verifier:
                 await self._refuse(context, grpc.StatusCode.INTERNAL, "model_error", f"verification failed: {type(e).__name__}")
             new += tok
             vms, qms = vms + v_ms, qms + q_ms
-        return P.encode_result(P.ResultMsg(sid, msg.round, n, np.asarray(new, np.int32), vms, qms, b))
+        return P.encode_result(P.ResultMsg(sid, ticket, n, np.asarray(new, np.int32), vms, qms, b))
 
     async def _refuse_stream(self, it, context, code: grpc.StatusCode, reason: str, text: str, **kw):
         """Refuse a session stream before serving it, once its first message has arrived (or after
@@ -408,7 +410,7 @@ class Verifier:
                 f"at most {self.limits.sessions_per_client} open sessions per client",
             )
         self.per_client[who] = self.per_client.get(who, 0) + 1
-        sid = None
+        sid = ticket = None
         try:
             while (raw := await self._next(it, context)) is not None:
                 try:
@@ -421,11 +423,20 @@ class Verifier:
                             context, grpc.StatusCode.FAILED_PRECONDITION, "protocol", "session already open on this stream"
                         )
                     sid = await self._open(msg, context, who)
-                    await self._send(context, P.encode_result(P.ResultMsg(sid, 0, 0, np.zeros(0, np.int32))))
+                    ticket = secrets.randbits(32)
+                    await self._send(context, P.encode_result(P.ResultMsg(sid, ticket, 0, np.zeros(0, np.int32))))
                 elif isinstance(msg, P.VerifyMsg):
                     if sid is None:
                         await self._refuse(context, grpc.StatusCode.FAILED_PRECONDITION, "protocol", "VERIFY before OPEN")
-                    await self._send(context, await self._verify(sid, msg, context, client_user(role)))
+                    if msg.round != ticket:
+                        await self._refuse(
+                            context,
+                            grpc.StatusCode.FAILED_PRECONDITION,
+                            "unread",
+                            "VERIFY must carry the round of the last RESULT: read each reply before the next round",
+                        )
+                    ticket = secrets.randbits(32)
+                    await self._send(context, await self._verify(sid, msg, context, ticket, client_user(role)))
                 else:
                     await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "protocol", "clients send OPEN or VERIFY")
         finally:
