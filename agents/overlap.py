@@ -17,7 +17,6 @@ but the learner has not trained on yet; a resumed run continues bit-identically.
 from __future__ import annotations
 
 import copy
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +27,6 @@ from stable_baselines3.common.vec_env import VecEnvWrapper, VecMonitor
 from marl_sd.config import Config
 from marl_sd.envs.vec_env import training_env
 
-log = logging.getLogger(__name__)
 STATE_VERSION = 1
 COLLECTOR_SEED_OFFSET = 1_000_003  # the collector's sampling stream: seed + this
 
