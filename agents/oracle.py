@@ -14,7 +14,7 @@ the best so far. This is the rollout algorithm: one step of policy improvement o
 policy, with a search over the first action. It is NOT a bound: with few futures the best of many
 candidates is picked partly for its luck on those futures (a winner's curse), so the search keeps
 the base policy's own proposal unless the chosen candidate's paired gain over it, re-scored on
-fresh futures, exceeds `min_z` standard errors. `diagnostics` reports the predicted against the realized latency of its decisions.
+fresh futures and rolled out over the longer `guard_horizon`, exceeds `min_z` standard errors. `diagnostics` reports the predicted against the realized latency of its decisions.
 
 The clairvoyant variant (`oracle_clairvoyant`) scores every candidate on the one real future:
 with counter-based draws (`env.rng: counter`) a copy given the real environment's key draws
@@ -67,9 +67,11 @@ class SearchOracle(Policy):
         clairvoyant: bool = False,
         objective: str = _BUDGET.objective,
         min_z: float = _BUDGET.min_z,
+        guard_horizon: int = _BUDGET.guard_horizon,
     ):
         super().__init__(ctx)
         self.objective, self.min_z = objective, min_z
+        self.guard_H = max(guard_horizon, horizon) if guard_horizon else None  # None: to the episode's end
         self.clairvoyant = clairvoyant
         if clairvoyant:
             self.name = "oracle_clairvoyant"
@@ -112,11 +114,18 @@ class SearchOracle(Policy):
             self._scratch[n] = BatchedSimulator(self.ctx.cfg, num_envs=n, device=str(self.sim.device))
         return self._scratch[n]
 
-    def score(self, cands: torch.Tensor, seed: int, state: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(
+        self, cands: torch.Tensor, seed: int, state: dict | None = None, horizon: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cands [B, C, N, 4] valid joint actions for each environment of the attached simulator
         (whose `get_state()` may be passed as `state`) -> (mean score [B, C], its standard error
         [B, C]) over `samples` futures shared by the C candidates of an environment (futures
-        fixed by `seed`). Candidates equal to an earlier one of their environment are scored once."""
+        fixed by `seed`), each rolled out `horizon` slots (default: the search's). Candidates
+        equal to an earlier one of their environment are scored once."""
+        H = self.H if horizon is None else horizon
+        left = int(self.sim.horizon - self.sim.t)  # slots left in the real episode
+        at_end = H >= left
+        H = min(H, max(left, 1))
         B, C, N, _ = cands.shape
         K = self.K
         same = (cands.unsqueeze(2) == cands.unsqueeze(1)).flatten(3).all(-1)  # [B, C, C]
@@ -137,13 +146,13 @@ class SearchOracle(Policy):
             s.draws.set_groups(envs * K + k)  # copy (b, c, k): future k of environment b, the same for every c
         total = torch.zeros(U * K)
         a = cands[bi, ci].repeat_interleave(K, dim=0)  # copies share the real mask
-        for h in range(self.H):
+        for h in range(H):
             r, _ = s.step(a)
             total += r.mean(1) if self.objective == "reward" else slot_latency_score(s)
-            if h + 1 < self.H:
+            if h + 1 < H:
                 a = self.base.act(s.observations(), s.mask)
         horizon = total.clone()
-        total += terminal_value(s)
+        total += episode_end_value(s) if at_end else terminal_value(s)
         per = torch.empty(B, C, K)
         per[bi, ci] = total.view(U, K)
         self._samples = per.gather(1, first.unsqueeze(-1).expand(B, C, K))
@@ -196,11 +205,13 @@ class SearchOracle(Policy):
         base_a = props[:, self._base_index]
         K = best_x.shape[-1]
         if K > 1 and self.min_z > 0:
-            # keep the base proposal unless the gain holds on fresh futures: the best of many
-            # candidates on the selection futures is partly the luckiest one on them
+            # keep the base proposal unless the gain holds on fresh futures (the best of many
+            # candidates on the selection futures is partly the luckiest one on them) and over
+            # the longer guard horizon (a gain now can cost later: a move that fills a site's KV)
             differs = (best != base_a).any(-1).any(-1)  # [B]
             if bool(differs.any()):
-                self.score(torch.stack([best, base_a], 1), seed + 1, state)
+                guard_h = self.guard_H or self.sim.horizon  # rollouts stop at the episode's end
+                self.score(torch.stack([best, base_a], 1), seed + 1, state, horizon=guard_h)
                 d = self._samples[:, 0] - self._samples[:, 1]
             else:
                 d = best_x - base_x
@@ -270,6 +281,13 @@ class SearchOracle(Policy):
 def slot_latency_score(sim: BatchedSimulator) -> torch.Tensor:
     """[B] the last slot's latency on the reward scale: minus the mean outstanding requests."""
     return -sim.cfg.reward.latency_weight * sim.outstanding_last.mean(1)
+
+
+def episode_end_value(sim: BatchedSimulator) -> torch.Tensor:
+    """[B] reward-scale value of the work queued when the episode ends: what the episode's
+    headline charges it beyond its waiting so far (`unfinished_work`: its tokens left at the
+    user's pace), so a rollout that reaches the end scores exactly what the episode will."""
+    return -sim.cfg.reward.latency_weight * sim.unfinished_work()["ahead_ms"] / sim.cfg.env.slot_ms / sim.N
 
 
 def terminal_value(sim: BatchedSimulator) -> torch.Tensor:

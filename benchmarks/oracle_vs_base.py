@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--horizon", type=int, default=b.horizon)
     p.add_argument("--moves", type=int, default=b.moves)
     p.add_argument("--min-z", type=float, default=b.min_z)
+    p.add_argument("--guard-horizon", type=int, default=b.guard_horizon)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--variants", nargs="+", choices=["base", "unguarded", "guarded"], default=["base", "unguarded", "guarded"])
     p.add_argument("--json", help="append one JSON line per variant to this file")
@@ -38,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_config(suite_configs([a.scenario])[a.scenario], evaluation_overrides())
     ctx = PolicyContext.from_config(cfg)
-    budget = dict(horizon=a.horizon, samples=a.samples, moves=a.moves, base=a.base)
+    budget = dict(horizon=a.horizon, samples=a.samples, moves=a.moves, base=a.base, guard_horizon=a.guard_horizon)
     variants = {
         "base": ("base", lambda: make_heuristic(a.base, ctx)),
         "unguarded": ("search, no guard", lambda: SearchOracle(ctx, **budget, min_z=0.0)),

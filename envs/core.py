@@ -595,8 +595,9 @@ class BatchedSimulator(SimState):
         """Every request still in a queue now, charged as if it finished at the user's pace: its
         waiting so far plus its tokens left times the user's running per-token latency (else the
         environment's mean of those, else the pace the request in service has shown). Per
-        environment [B]: `latency_ms` charged, `tokens` (their output lengths), `count`. So a
-        policy that leaves work unfinished is not scored on the easy requests alone."""
+        environment [B]: `latency_ms` charged, `ahead_ms` (its part still ahead: tokens left times
+        pace), `tokens` (their output lengths), `count`. So a policy that leaves work unfinished
+        is not scored on the easy requests alone."""
         q = self.queued_requests()
         wait = (self.now - q["arrival_ms"]).float()
         known = self.tok_latency > 0
@@ -604,8 +605,10 @@ class BatchedSimulator(SimState):
         shown = wait[..., 0] / ((self.out_len - self.remaining).float() + 1)
         pace = torch.where(known, self.tok_latency, torch.where(env_pace > 0, env_pace, shown))
         inq = q["queued"].float()
+        ahead = q["tokens_left"] * pace.unsqueeze(-1) * inq
         return {
-            "latency_ms": ((wait + q["tokens_left"] * pace.unsqueeze(-1)) * inq).sum((1, 2)),
+            "latency_ms": (wait * inq + ahead).sum((1, 2)),
+            "ahead_ms": ahead.sum((1, 2)),
             "tokens": (q["output_tokens"] * inq).sum((1, 2)),
             "count": inq.sum((1, 2)),
         }

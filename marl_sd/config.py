@@ -452,6 +452,14 @@ class OracleConfig(Strict):
         "gain over it, re-scored on fresh sampled futures, exceeds min_z standard errors "
         "(0: always take the best-scoring candidate)",
     )
+    guard_horizon: int = Field(
+        0,
+        ge=0,
+        description="slots the guard's re-scoring of the chosen candidate against the base proposal "
+        "is rolled out (at least `horizon`; a gain within the horizon can cost more after it). "
+        "0: to the episode's end, where the score is the episode's own, so a departure must "
+        "improve the base policy's whole remaining episode",
+    )
 
 
 class EvalConfig(Strict):

@@ -171,3 +171,46 @@ def test_clairvoyant_oracle_scores_the_real_future():
     assert float(v) == pytest.approx(total + float(terminal_value(sim)), rel=1e-5, abs=1e-6)
     with pytest.raises(ValueError, match="env.rng=counter"):
         SearchOracle(ctx, clairvoyant=True).attach(loaded_sim(load_config(overrides=SMALL)))
+
+
+def test_a_rollout_reaching_the_episode_end_scores_what_the_headline_charges():
+    """Three slots before the end, a 10-slot clairvoyant rollout stops at the episode's end and
+    its score is the headline's still-open part: the latency the remaining slots add (finished
+    requests' latency, queued ones' waiting) plus the tokens left at the users' pace."""
+    cfg = load_config(overrides=SMALL + ["env.rng=counter", "scenario.workload.arrival_rate_per_s=4"])
+    ctx = PolicyContext.from_config(cfg)
+    sim = loaded_sim(cfg, slots=cfg.env.horizon - 3)
+    oracle = SearchOracle(ctx, horizon=10, moves=4, clairvoyant=True)
+    oracle.attach(sim)
+    a = make_heuristic("nearest_adaptive", ctx).act(sim.observations(), sim.mask)
+    v, _ = oracle.score(a.unsqueeze(1), seed=99)
+    sunk = float(sim.unfinished_work()["latency_ms"] - sim.unfinished_work()["ahead_ms"])
+    added = 0.0
+    for h in range(3):
+        _, done = sim.step(a if h == 0 else oracle.base.act(sim.observations(), sim.mask))
+        added += float(sim.slot_metrics()["latency_ms"].sum())
+    assert bool(done.all())
+    charged = added + float(sim.unfinished_work()["latency_ms"]) - sunk
+    assert charged > 0
+    scale = cfg.reward.latency_weight / cfg.env.slot_ms / sim.N
+    assert float(v) == pytest.approx(-scale * charged, rel=1e-3)
+
+
+@pytest.mark.parametrize("guard_horizon,expected", [(0, "to the end"), (6, 6)])
+def test_the_guard_rescores_over_its_own_horizon(guard_horizon, expected):
+    """The guard re-scores the chosen candidate against the base proposal over `guard_horizon`
+    slots, by default (0) until the episode ends; the selection uses the shorter `horizon`."""
+    cfg = load_config(overrides=SMALL)
+    ctx = PolicyContext.from_config(cfg)
+    sim = loaded_sim(cfg, slots=20)
+    o = SearchOracle(ctx, horizon=3, samples=4, moves=32, min_z=0.5, guard_horizon=guard_horizon)
+    o.attach(sim)
+    seen, score = [], o.score
+    o.score = lambda *a, horizon=None, **k: seen.append(horizon) or score(*a, horizon=horizon, **k)
+    for seed in range(40):  # until the best candidate differs from the base proposal
+        seen.clear()
+        o.search(sim.observations(), sim.mask.bool(), seed)
+        if len(seen) == 3:  # proposals, one round of moves, the guard
+            break
+    assert seen[:2] == [None, None] and len(seen) == 3, "the search never departed from the base proposal"
+    assert seen[-1] == (cfg.env.horizon if expected == "to the end" else expected)
