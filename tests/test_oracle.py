@@ -184,7 +184,8 @@ def test_a_rollout_reaching_the_episode_end_scores_what_the_headline_charges():
     oracle.attach(sim)
     a = make_heuristic("nearest_adaptive", ctx).act(sim.observations(), sim.mask)
     v, _ = oracle.score(a.unsqueeze(1), seed=99)
-    sunk = float(sim.unfinished_work()["latency_ms"] - sim.unfinished_work()["ahead_ms"])
+    now = sim.unfinished_work()
+    sunk = float(now["latency_ms"] - now["ahead_ms"])  # the queued requests' waiting so far
     added = 0.0
     for h in range(3):
         _, done = sim.step(a if h == 0 else oracle.base.act(sim.observations(), sim.mask))
