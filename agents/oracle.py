@@ -60,7 +60,7 @@ class SearchOracle(Policy):
         samples: int = _BUDGET.samples,
         moves: int = _BUDGET.moves,
         rounds: int = _BUDGET.rounds,
-        base: str = _BUDGET.base,
+        base: str | Policy = _BUDGET.base,
         proposers: tuple[str, ...] = PROPOSERS,
         gammas=(0, 2, 4, 6, 8),
         seed: int = 0,
@@ -77,10 +77,12 @@ class SearchOracle(Policy):
             self.name = "oracle_clairvoyant"
             self.description = "clairvoyant rollout search: scored on the real future draws (a loose bound)"
         self.H, self.K, self.moves, self.rounds = horizon, 1 if clairvoyant else samples, moves, rounds
-        self.base = make_heuristic(base, ctx)
-        if base not in proposers:  # the guard falls back to the base's own proposal: it must be a candidate
-            proposers = (*proposers, base)
+        # the base: a heuristic by name, or any policy (a trained one: one step of policy
+        # iteration over it); the guard falls back to its own proposal, so it is a candidate
+        self.base = make_heuristic(base, ctx) if isinstance(base, str) else base
         self.proposers = [make_heuristic(p, ctx) for p in proposers]
+        if self.base.name not in proposers:
+            self.proposers.append(make_heuristic(base, ctx) if isinstance(base, str) else base)
         self.gammas = [g for g in gammas if g <= ctx.cfg.env.gamma_max]
         self.gen = torch.Generator().manual_seed(seed)
         self.sim: BatchedSimulator | None = None

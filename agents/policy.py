@@ -107,12 +107,14 @@ class LearnedPolicy(Policy):
         if seed is not None:
             self.gen.manual_seed(seed)
 
+    def inputs(self, obs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scenario's observation and mask as the actor reads them (its own contract)."""
+        return self.own(obs, mask) if self.own is not None else (obs, mask)
+
     @torch.no_grad()
     def act(self, obs, mask):
-        act = self.ctx.actions
-        if self.own is not None:
-            obs, mask = self.own(obs, mask)
-            act = self.own.actions
+        act = self.ctx.actions if self.own is None else self.own.actions
+        obs, mask = self.inputs(obs, mask)
         dev = self.policy.device
         x = obs.to(dev).reshape(-1, obs.shape[-1]).float()
         m = mask.reshape(-1, mask.shape[-1])

@@ -322,6 +322,33 @@ class PretrainConfig(Strict):
     critic_rounds: int = Field(3, ge=0, description="TD(lambda) target refreshes fitting the critic on the last batch")
 
 
+class DistillConfig(Strict):
+    """Search distillation of a trained policy (`marl-sd distill`): the rollout search with the
+    policy itself as its base labels the states the policy visits (DAgger), and the actor is
+    fitted to those labels: a step of approximate policy iteration."""
+
+    source: str = Field(description="run directory of the trained policy (its best.zip, else final.zip)")
+    scenarios: list[str] = Field(
+        default_factory=list,
+        description="names of the source run's train.physics entries the search labels (empty: all)",
+    )
+    envs: int = Field(16, ge=1, description="episodes per searched physics and round, run side by side")
+    rounds: int = Field(1, ge=1, description="label-then-fit rounds; each labels the states of the last fitted policy")
+    anchor_envs: int = Field(
+        4, ge=0, description="episodes per other training physics labelled with the policy's own actions, so it keeps them"
+    )
+    epochs: int = Field(8, ge=1, description="passes over all labels after each round")
+    batch_size: int = Field(2048, ge=1)
+    learning_rate: float = Field(3e-4, gt=0)
+    label_smoothing: float = Field(0.02, ge=0, lt=1)
+    departure_weight: int = Field(
+        4, ge=1, description="times per epoch a label that departs from the policy's own action is fitted (they are few)"
+    )
+    eval_episodes: int = Field(8, ge=1, description="episodes per physics scoring the policy before and after (seeds 10,000 + k)")
+    workers: int = Field(2, ge=1, description="processes labelling physics side by side")
+    seed: int = Field(30_000, ge=0, description="simulator seed of the first labelled batch (round r, physics k: + 1000 r + k)")
+
+
 class PhysicsConfig(Strict):
     """One physics of a training distribution: a scenario (sites, load, channel, devices, size).
     In YAML, `{from: suite/light.yaml}` (or just the path) takes the scenario of that config
@@ -389,6 +416,7 @@ class TrainConfig(Strict):
         "(two cores busy; the policy that collects is one update behind)",
     )
     pretrain: PretrainConfig = PretrainConfig()
+    distill: DistillConfig | None = Field(None, description="set by `marl-sd distill` on the run it writes")
 
     @field_validator("algorithm", mode="before")
     @classmethod
@@ -567,8 +595,9 @@ class Config(Strict):
         d.pop("name")
         for k in ("total_timesteps", "device", "checkpoint_every", "eval_every", "eval_episodes"):
             d["train"].pop(k)
-        if not d["train"]["overlap"]:
-            d["train"].pop("overlap")  # hashes from before the option existed stay valid
+        for k in ("overlap", "distill"):
+            if not d["train"][k]:
+                d["train"].pop(k)  # hashes from before the option existed stay valid
         return _digest(d)
 
 
@@ -576,7 +605,7 @@ def _digest(tree: dict) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _set_path(tree: dict, dotted: str, value: Any, source: str) -> None:
+def set_path(tree: dict, dotted: str, value: Any, source: str) -> None:
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
@@ -709,7 +738,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = _read_tree(path)
     for ov in overrides or []:
         key, value = parse_override(ov)
-        _set_path(tree, key, value, f"--set {ov}")
+        set_path(tree, key, value, f"--set {ov}")
     if overrides:
         source += " (with --set " + ", ".join(overrides) + ")"
     return config_from_dict(tree, source)

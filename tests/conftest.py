@@ -27,6 +27,48 @@ def stepped_sim(steps: int, seed: int, num_envs: int = 3, record_requests: bool 
     return s
 
 
+def physics_config(tmp_path, extra=()):
+    """A smoke config trained across two tiny physics (fast and slow sites), written under `tmp_path`."""
+    import yaml
+
+    from marl_sd.config import CONFIG_DIR, load_config
+
+    (tmp_path / "fast.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "name": "fast_sites",
+                "scenario": {
+                    "n_users": 3,
+                    "n_servers": 2,
+                    "profile": "llama31_8b_h100",
+                    "workload": {"arrival_rate_per_s": 1.0, "output_tokens": {"low": 16, "high": 64}},
+                },
+            }
+        )
+    )
+    (tmp_path / "slow.yaml").write_text(
+        yaml.safe_dump(
+            {"name": "slow_sites", "scenario": {"n_users": 5, "n_servers": 3, "workload": {"arrival_rate_per_s": 1.0}}}
+        )
+    )
+    base = {
+        "extends": str(CONFIG_DIR / "smoke.yaml"),
+        "env": {"max_servers": 4, "horizon": 8},
+        "train": {
+            "physics": ["fast.yaml", {"from": "slow.yaml", "weight": 2.0}],
+            "num_envs": 2,
+            "n_steps": 8,
+            "eval_episodes": 2,
+            "checkpoint_every": 1,
+            "eval_every": 2,
+            "pretrain": {"teacher": "auto", "candidates": ["nearest_g4", "greedy_latency"], "iterations": 2},
+        },
+    }
+    p = tmp_path / "gen.yaml"
+    p.write_text(yaml.safe_dump(base))
+    return load_config(p, list(extra))
+
+
 TIERS = ("unit", "sim", "train", "net", "ray")
 
 

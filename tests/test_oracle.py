@@ -9,7 +9,7 @@ import torch
 from marl_sd.agents.evaluate import run_policy
 from marl_sd.agents.heuristics import make_heuristic
 from marl_sd.agents.oracle import SearchOracle, terminal_value
-from marl_sd.agents.policy import PolicyContext
+from marl_sd.agents.policy import Policy, PolicyContext
 from marl_sd.config import load_config
 from marl_sd.envs.core import BatchedSimulator
 
@@ -215,3 +215,34 @@ def test_the_guard_rescores_over_its_own_horizon(guard_horizon, expected):
             break
     assert seen[:2] == [None, None] and len(seen) == 3, "the search never departed from the base proposal"
     assert seen[-1] == (cfg.env.horizon if expected == "to the end" else expected)
+
+
+class _Renamed(Policy):
+    """A heuristic under a name no proposer has: any policy object as the search's base."""
+
+    name = "mine"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.inner = make_heuristic("nearest_g2", ctx)
+
+    def act(self, obs, mask):
+        return self.inner.act(obs, mask)
+
+
+def test_a_policy_object_as_base_is_proposed_rolled_out_and_the_guards_fallback():
+    """A trained policy can be the base (one step of policy iteration over it): it joins the
+    proposers, and a guard that trusts no departure returns exactly its own action."""
+    cfg = load_config(overrides=SMALL)
+    ctx = PolicyContext.from_config(cfg)
+    sim = loaded_sim(cfg, slots=20)
+    obs, mask = sim.observations(), sim.mask.bool()
+    base = _Renamed(ctx)
+    strict = SearchOracle(ctx, horizon=3, samples=4, moves=8, base=base, min_z=1e9)
+    strict.attach(sim)
+    assert strict.proposers[-1] is base and strict.proposers[strict._base_index] is base
+    assert torch.equal(strict.search(obs, mask, 0)[0], base.act(obs, mask))
+    free = SearchOracle(ctx, horizon=3, samples=4, moves=8, base=base, min_z=0.0)
+    free.attach(sim)
+    departed = [not torch.equal(free.search(obs, mask, s)[0], base.act(obs, mask)) for s in range(4)]
+    assert any(departed), "with no guard the search never departed from a fixed gamma of 2"

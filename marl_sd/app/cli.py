@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -222,6 +223,32 @@ def _cmd_train(args) -> int:
         f"done: {st['agent_steps']:,} agent-steps in {st['wall_s']:.0f} s "
         f"({st['agent_steps_per_s']:,.0f} agent-steps/s incl. learning)"
     )
+    return 0
+
+
+def _cmd_distill(args) -> int:
+    from marl_sd.agents.distill import distill
+    from marl_sd.config import DistillConfig, format_validation_error
+
+    given = {
+        "scenarios": args.scenarios,
+        "envs": args.envs,
+        "rounds": args.rounds,
+        "anchor_envs": args.anchor_envs,
+        "epochs": args.epochs,
+        "workers": args.workers,
+    }
+    try:
+        d = DistillConfig(source=args.source, **{k: v for k, v in given.items() if v is not None})
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, "marl-sd distill")) from None
+    out = Path(args.runs_dir) / (args.name or f"{Path(args.source).name}_distilled")
+    console.print(
+        f"distilling [bold]{d.source}[/bold] -> {out}  (search on {', '.join(d.scenarios) or 'every training physics'}, "
+        f"{d.envs} episodes each, {d.rounds} round(s); an interrupted run resumes from its saved batches)"
+    )
+    distill(d, out, args.set, verbose=not args.no_progress)
+    console.print(f"done: {out / 'best.zip'} (scores in {out / 'distill.json'})")
     return 0
 
 
@@ -618,6 +645,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--runs-dir", default="runs")
     t.set_defaults(func=_cmd_train)
+
+    di = sub.add_parser(
+        "distill", help="approximate policy iteration: fit a trained policy to the rollout search over itself (DAgger)"
+    )
+    di.add_argument("source", help="run directory of a policy trained on train.physics")
+    di.add_argument("--scenarios", nargs="+", help="physics names the search labels (default: all of the run's)")
+    di.add_argument("--envs", type=int, help="episodes per searched physics and round")
+    di.add_argument("--rounds", type=int)
+    di.add_argument("--anchor-envs", type=int, help="episodes per other physics labelled with the policy's own actions")
+    di.add_argument("--epochs", type=int)
+    di.add_argument("--workers", type=int, help="labelling processes")
+    di.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. eval.oracle.samples=8")
+    di.add_argument("--name", help="output run name (default: <source>_distilled); rerun to resume")
+    di.add_argument("--no-progress", action="store_true")
+    di.add_argument("--runs-dir", default="runs")
+    di.set_defaults(func=_cmd_distill)
 
     e = sub.add_parser("eval", help="evaluate a run's policy against the heuristics")
     e.add_argument("target", help="a run directory (runs/<name>) or a config file (heuristics only)")

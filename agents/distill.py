@@ -1,0 +1,276 @@
+"""Search distillation: a step of approximate policy iteration on a trained policy.
+
+The rollout search (`agents/oracle.py`) with the trained policy itself as its base returns, at a
+state, the policy's own proposal unless a departure improves the expected latency over the rest
+of the episode (re-scored on fresh futures): its labels differ from the policy exactly where the
+search found an improvement. Each round, the current policy drives `envs` episodes of each
+searched physics and the search labels every state they visit (DAgger: the states the policy
+itself meets); the policy's own actions label `anchor_envs` episodes of every other training
+physics, so fitting does not move it there; then the actor is fitted to all labels so far.
+
+Labels are saved per (round, physics) batch as they are made and each round's fitted policy as
+`round_<r>.zip`, so an interrupted run started again redoes only the unfinished batches. The
+result is a run directory (config.yaml with `train.distill`, meta.json, best.zip, distill.json)
+that `marl-sd eval`, `bench suite --learned` and `export` take like any other run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import torch
+
+from marl_sd.agents.evaluate import HEADLINE, run_policy
+from marl_sd.agents.mappo import MAPPO
+from marl_sd.agents.oracle import SearchOracle
+from marl_sd.agents.policy import LearnedPolicy, PolicyContext
+from marl_sd.agents.pretrain import smoothed_masked_ce
+from marl_sd.agents.train import CheckpointError, load_policy, policy_checkpoint
+from marl_sd.config import Config, ConfigError, DistillConfig, config_from_dict, load_config, parse_override, set_path
+from marl_sd.contract import ObsSpec
+from marl_sd.envs.core import BatchedSimulator
+from marl_sd.runs import write_metadata
+
+log = logging.getLogger(__name__)
+EVAL_SEED = 10_000  # the training runs' evaluation seeds (10,000 + physics index)
+
+
+def physics_config(run_cfg: Config, k: int) -> Config:
+    """The run's physics k as a scenario of its own, with counter-based draws (the search's
+    sampled futures and the evaluation's common random numbers need them)."""
+    d = run_cfg.with_physics(k).to_dict()
+    d["env"]["rng"] = "counter"
+    return config_from_dict(d, f"{run_cfg.name}: train.physics.{k}")
+
+
+def student(cfg: Config, run_cfg: Config, checkpoint: Path) -> LearnedPolicy:
+    """The trained actor acting in scenario `cfg` through its own contract (`run_cfg`'s)."""
+    return LearnedPolicy(
+        PolicyContext.from_config(cfg), load_policy(checkpoint), name="student", own_spec=ObsSpec.from_config(run_cfg)
+    )
+
+
+def label_batch(job: dict) -> dict:
+    """One batch of `envs` episodes of physics `part`, driven by the policy at `checkpoint`; every
+    visited state is labelled by the search over that policy (`search`), else by the policy.
+    Returns the actor's inputs [T, B, N, ...] (own contract), the labels and its own actions."""
+    torch.set_num_threads(1)
+    t0 = time.time()
+    run_cfg = load_config(job["config"])
+    cfg = physics_config(run_cfg, job["part"])
+    pol = student(cfg, run_cfg, Path(job["checkpoint"]))
+    sim = BatchedSimulator(cfg, num_envs=job["envs"], seed=job["seed"])
+    teacher = None
+    if job["search"]:
+        teacher = SearchOracle(pol.ctx, **(cfg.eval.oracle.model_dump() | {"base": pol}), seed=job["seed"])
+        teacher.attach(sim)
+        teacher.reset(job["seed"])
+    pol.reset(job["seed"])
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("obs", "mask", "label", "own")}
+    for t in range(sim.horizon):
+        obs, mask = sim.observations(), sim.mask
+        own = pol.act(obs, mask)
+        label = teacher.act(obs, mask) if teacher is not None else own
+        x, m = pol.inputs(obs, mask)
+        for k, v in (("obs", x), ("mask", m), ("label", label), ("own", own)):
+            rows[k].append(v.cpu())
+        sim.step(own)
+        if job["verbose"] and teacher is not None and (t + 1) % 10 == 0:
+            print(f"  {cfg.name}: slot {t + 1}/{sim.horizon} ({time.time() - t0:.0f} s)", flush=True)
+    out = {k: torch.stack(v) for k, v in rows.items()}
+    changed = (out["label"] != out["own"]).any(-1)  # [T, B, N]
+    out["stats"] = {
+        "physics": cfg.name,
+        "search": job["search"],
+        "labels": int(changed.numel()),
+        "changed_user_actions": float(changed.float().mean()),
+        "changed_decisions": float(changed.any(-1).float().mean()),
+        "wall_s": time.time() - t0,
+    }
+    return out
+
+
+def fit_actor(model: MAPPO, data: list[dict], d: DistillConfig, gen: torch.Generator) -> dict:
+    """Fit the actor to every label so far (label-smoothed masked cross-entropy per
+    sub-action); returns the loss and how often its greedy action then equals the label, on
+    the labels that differ from the policy's own action when labelled and on the others."""
+    pol = model.policy
+    nvec = [int(n) for n in pol.action_space.nvec]
+    obs = torch.cat([x["obs"].reshape(-1, x["obs"].shape[-1]) for x in data]).float()
+    mask = torch.cat([x["mask"].reshape(-1, x["mask"].shape[-1]) for x in data])
+    label = torch.cat([x["label"].reshape(-1, len(nvec)) for x in data])
+    changed = torch.cat([(x["label"] != x["own"]).any(-1).reshape(-1) for x in data])
+    params = pol.actor_parameters()
+    opt = torch.optim.Adam(params, lr=d.learning_rate)
+    pol.set_training_mode(True)
+    loss = torch.zeros(())
+    # departures are a few % of the labels: each is seen `departure_weight` times per epoch
+    rows = torch.cat([torch.arange(len(obs)), changed.nonzero().flatten().repeat(d.departure_weight - 1)])
+    for _ in range(d.epochs):
+        for idx in rows[torch.randperm(len(rows), generator=gen)].split(d.batch_size):
+            loss = smoothed_masked_ce(pol.actor_logits(obs[idx]), mask[idx], label[idx], nvec, d.label_smoothing)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 0.5)
+            opt.step()
+    pol.set_training_mode(False)
+    with torch.no_grad():
+        greedy = torch.cat([_greedy(pol, obs[i], mask[i], nvec) for i in torch.arange(len(obs)).split(8192)])
+    agree = (greedy == label).all(-1)
+    return {
+        "loss": float(loss.detach()),
+        "rows": len(obs),
+        "changed_rows": int(changed.sum()),
+        "agreement_changed": float(agree[changed].float().mean()) if changed.any() else float("nan"),
+        "agreement_unchanged": float(agree[~changed].float().mean()),
+    }
+
+
+def _greedy(pol, obs: torch.Tensor, mask: torch.Tensor, nvec: list[int]) -> torch.Tensor:
+    logits = pol.actor_logits(obs)
+    out = []
+    for z, m in zip(torch.split(logits, nvec, -1), torch.split(mask.bool(), nvec, -1)):
+        out.append(torch.where(m, z, torch.finfo(z.dtype).min).argmax(-1))
+    return torch.stack(out, -1)
+
+
+def score(run_cfg: Config, checkpoint: Path, parts: list[int], episodes: int) -> dict[str, float]:
+    """All-work ms/token of the policy on each physics, `episodes` episodes at seed 10,000 + k."""
+    out = {}
+    for k in parts:
+        cfg = physics_config(run_cfg, k)
+        s, _ = run_policy(cfg, student(cfg, run_cfg, checkpoint), EVAL_SEED + k, episodes)
+        out[cfg.name] = s[HEADLINE]
+    return out
+
+
+def resolve(d: DistillConfig) -> tuple[Config, Path, list[int]]:
+    """The source run's config, its checkpoint, and the physics indices the search labels;
+    clear errors for a run that is not a physics-trained policy or an unknown physics name."""
+    src = Path(d.source)
+    if not (src / "config.yaml").exists():
+        raise ConfigError(f"train.distill.source: {src} is not a run directory (no config.yaml)")
+    run_cfg = load_config(src / "config.yaml")
+    ckpt = policy_checkpoint(src)
+    if ckpt is None:
+        raise CheckpointError(f"train.distill.source: {src} has no best.zip or final.zip")
+    names = [p.name for p in run_cfg.train.physics]
+    if not names:
+        raise ConfigError(f"train.distill.source: {src} was not trained on train.physics (distillation labels its physics)")
+    unknown = [s for s in d.scenarios if s not in names]
+    if unknown:
+        raise ConfigError(f"train.distill.scenarios: unknown physics {unknown} (the source run's: {', '.join(names)})")
+    return run_cfg, ckpt, [k for k, n in enumerate(names) if not d.scenarios or n in d.scenarios]
+
+
+def distill(d: DistillConfig, out: Path, overrides: list[str] | tuple[str, ...] = (), verbose: bool = True) -> dict:
+    """Run (or resume) a distillation into `out`; returns what it measured (also distill.json).
+    `overrides` (`a.b=c`) apply to the source run's config for the labelling and scoring: the
+    search budget (`eval.oracle.*`), or `env.horizon` for a quick check."""
+    src_cfg, ckpt, searched = resolve(d)
+    out = Path(out)
+    labels_dir = out / "labels"
+    labels_dir.mkdir(parents=True, exist_ok=True)
+    tree = src_cfg.to_dict()
+    tree["name"], tree["train"]["distill"] = out.name, d.model_dump()
+    for ov in overrides:
+        key, value = parse_override(ov)
+        set_path(tree, key, value, f"--set {ov}")
+    run_cfg = config_from_dict(tree, f"distillation of {d.source}")
+    d = run_cfg.train.distill
+    cfg_path = out / "config.yaml"
+    write_metadata(
+        out, run_cfg, {"distilled_from": str(ckpt), "searched_physics": [run_cfg.train.physics[k].name for k in searched]}
+    )
+    every = range(len(run_cfg.train.physics))
+    before = score(run_cfg, ckpt, list(every), d.eval_episodes)
+    gen = torch.Generator().manual_seed(d.seed)
+    stats: dict = {"source": str(ckpt), "rounds": [], "before": before}
+    current = ckpt
+    for r in range(d.rounds):
+        fitted = out / f"round_{r}.zip"
+        jobs = [
+            {
+                "config": str(cfg_path),
+                "part": k,
+                "envs": d.envs if k in searched else d.anchor_envs,
+                "seed": d.seed + 1000 * r + k,
+                "search": k in searched,
+                "checkpoint": str(current),
+                "verbose": verbose,
+                "file": labels_dir / f"r{r}_{run_cfg.train.physics[k].name}.pt",
+            }
+            for k in every
+            if k in searched or d.anchor_envs > 0
+        ]
+        batches = _label(jobs, d.workers, verbose)
+        if not fitted.exists():
+            data = [
+                torch.load(f, weights_only=False) for f in sorted(labels_dir.glob("r*.pt")) if int(f.name[1:].split("_")[0]) <= r
+            ]
+            model = MAPPO.load(str(current), device="cpu")
+            fit = fit_actor(model, data, d, gen)
+            model.save(str(fitted))
+            (out / f"round_{r}.json").write_text(json.dumps(fit, indent=2))
+        fit = json.loads((out / f"round_{r}.json").read_text())
+        stats["rounds"].append({"round": r, "batches": batches, "fit": fit})
+        if verbose:
+            print(
+                f"round {r}: fitted on {fit['rows']} labels ({fit['changed_rows']} departures from the policy); "
+                f"agreement {fit['agreement_changed']:.3f} on departures, {fit['agreement_unchanged']:.3f} elsewhere",
+                flush=True,
+            )
+        current = fitted
+    shutil.copyfile(current, out / "best.zip")
+    stats["after"] = score(run_cfg, out / "best.zip", list(every), d.eval_episodes)
+    (out / "distill.json").write_text(json.dumps(stats, indent=2))
+    if verbose:
+        for name in before:
+            b, a = before[name], stats["after"][name]
+            print(f"  {name:24s} {b:7.2f} -> {a:7.2f} ms/token ({a / b - 1:+.1%})")
+    return stats
+
+
+def _label(jobs: list[dict], workers: int, verbose: bool) -> list[dict]:
+    """Run the labelling jobs whose file is missing (in `workers` processes), saving each batch
+    as it completes; returns every job's stats."""
+    pending = [j for j in jobs if not j["file"].exists()]
+    if pending and verbose:
+        print(
+            f"labelling {len(pending)} batches ({sum(j['search'] for j in pending)} searched) in {workers} processes", flush=True
+        )
+    if workers > 1 and len(pending) > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            futs = {pool.submit(label_batch, _picklable(j)): j for j in pending}
+            for f in as_completed(futs):
+                _save(futs[f], f.result(), verbose)
+    else:
+        for j in pending:
+            _save(j, label_batch(_picklable(j)), verbose)
+    return [torch.load(j["file"], weights_only=False)["stats"] for j in jobs]
+
+
+def _picklable(job: dict) -> dict:
+    return {k: v for k, v in job.items() if k != "file"}
+
+
+def _save(job: dict, batch: dict, verbose: bool) -> None:
+    tmp = job["file"].with_suffix(".tmp")
+    torch.save(batch, tmp)
+    tmp.replace(job["file"])  # a batch file exists only complete
+    if verbose:
+        s = batch["stats"]
+        print(
+            f"labelled {s['physics']}: {s['labels']} user-slots, {s['changed_decisions']:.1%} of decisions changed "
+            f"by the search ({s['wall_s']:.0f} s)"
+            if s["search"]
+            else f"anchored {s['physics']} ({s['wall_s']:.0f} s)",
+            flush=True,
+        )

@@ -1,0 +1,79 @@
+"""Search distillation (`marl-sd distill`): the rollout search over a trained policy labels the
+states that policy visits, the actor is fitted to them, and an interrupted run resumes from its
+saved batches with the same result."""
+
+import json
+
+import pytest
+import torch
+from conftest import physics_config
+
+from marl_sd.agents.catalog import make_policy
+from marl_sd.agents.distill import distill
+from marl_sd.agents.train import load_policy, train
+from marl_sd.config import ConfigError, DistillConfig, load_config
+from marl_sd.envs.vec_env import training_env
+
+pytestmark = pytest.mark.train
+
+QUICK = ["eval.oracle.samples=4", "eval.oracle.moves=6", "eval.oracle.horizon=3", "eval.oracle.min_z=0"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A policy trained (briefly) across two physics."""
+    tmp = tmp_path_factory.mktemp("source")
+    cfg = physics_config(tmp)
+    train(cfg, tmp / "run", progress=False, total_timesteps=2 * training_env(cfg).num_envs * cfg.train.n_steps)
+    return tmp / "run"
+
+
+def test_the_search_labels_the_policys_states_and_the_fit_follows_its_departures(source, tmp_path):
+    d = DistillConfig(
+        source=str(source), scenarios=["slow_sites"], envs=2, anchor_envs=1, epochs=30, departure_weight=8, workers=1
+    )
+    out = tmp_path / "distilled"
+    stats = distill(d, out, QUICK, verbose=False)
+    searched = torch.load(out / "labels" / "r0_slow_sites.pt", weights_only=False)
+    anchored = torch.load(out / "labels" / "r0_fast_sites.pt", weights_only=False)
+    assert torch.equal(anchored["label"], anchored["own"]), "the other physics keeps the policy's own actions"
+    departs = (searched["label"] != searched["own"]).any(-1)
+    assert departs.any(), "with no guard the search never departed from a briefly trained policy"
+    assert searched["stats"]["changed_user_actions"] == pytest.approx(float(departs.float().mean()))
+    fit = stats["rounds"][0]["fit"]
+    assert fit["changed_rows"] == int(departs.sum())
+    assert fit["agreement_changed"] > 0, "the fitted actor follows none of the search's departures"
+    assert set(stats["before"]) == set(stats["after"]) == {"fast_sites", "slow_sites"}
+    cfg = load_config(out / "config.yaml")
+    assert cfg.train.distill.scenarios == ["slow_sites"] and cfg.eval.oracle.min_z == 0
+    policy = make_policy("learned", cfg.with_physics(1), out)  # the result is a run like any other
+    assert policy is not None and policy.name == cfg.train.algorithm
+
+
+def test_an_interrupted_distillation_resumes_from_its_saved_batches(source, tmp_path):
+    d = DistillConfig(source=str(source), envs=1, anchor_envs=0, workers=1)
+    full = tmp_path / "full"
+    distill(d, full, QUICK, verbose=False)
+    part = tmp_path / "part"
+    distill(d, part, QUICK, verbose=False)
+    (part / "round_0.zip").unlink()  # stopped after labelling one physics, before the fit
+    (part / "round_0.json").unlink()
+    (part / "labels" / "r0_slow_sites.pt").unlink()
+    kept = (part / "labels" / "r0_fast_sites.pt").stat().st_mtime_ns
+    distill(d, part, QUICK, verbose=False)
+    assert (part / "labels" / "r0_fast_sites.pt").stat().st_mtime_ns == kept, "a saved batch was labelled again"
+    for name in ("r0_fast_sites.pt", "r0_slow_sites.pt"):
+        a, b = (torch.load(x / "labels" / name, weights_only=False) for x in (full, part))
+        assert torch.equal(a["label"], b["label"]) and torch.equal(a["obs"], b["obs"])
+    for x, y in zip(load_policy(full / "best.zip").parameters(), load_policy(part / "best.zip").parameters()):
+        assert torch.equal(x, y)
+    assert json.loads((full / "distill.json").read_text())["after"] == json.loads((part / "distill.json").read_text())["after"]
+
+
+def test_bad_distillation_inputs_name_the_key(source, tmp_path):
+    with pytest.raises(ConfigError, match=r"train.distill.scenarios: unknown physics \['nowhere'\]"):
+        distill(DistillConfig(source=str(source), scenarios=["nowhere"]), tmp_path / "x", verbose=False)
+    with pytest.raises(ConfigError, match="not a run directory"):
+        distill(DistillConfig(source=str(tmp_path)), tmp_path / "y", verbose=False)
+    with pytest.raises(ConfigError, match="eval.oracle.nope"):
+        distill(DistillConfig(source=str(source)), tmp_path / "z", ["eval.oracle.nope=1"], verbose=False)
