@@ -33,7 +33,7 @@ from marl_sd.agents.policy import LearnedPolicy, PolicyContext
 from marl_sd.agents.pretrain import smoothed_masked_ce
 from marl_sd.agents.train import CheckpointError, load_policy, policy_checkpoint
 from marl_sd.config import Config, ConfigError, DistillConfig, config_from_dict, load_config, parse_override, set_path
-from marl_sd.contract import ObsSpec
+from marl_sd.contract import ActionLayout, ObsSpec
 from marl_sd.envs.core import BatchedSimulator
 from marl_sd.runs import write_metadata
 
@@ -121,7 +121,8 @@ def fit_actor(model: MAPPO, data: list[dict], d: DistillConfig, gen: torch.Gener
             opt.step()
     pol.set_training_mode(False)
     with torch.no_grad():
-        greedy = torch.cat([_greedy(pol, obs[i], mask[i], nvec) for i in torch.arange(len(obs)).split(8192)])
+        layout = ActionLayout(nvec)
+        greedy = torch.cat([layout.masked_argmax(pol.actor_logits(obs[i]), mask[i]) for i in torch.arange(len(obs)).split(8192)])
     agree = (greedy == label).all(-1)
     return {
         "loss": float(loss.detach()),
@@ -130,14 +131,6 @@ def fit_actor(model: MAPPO, data: list[dict], d: DistillConfig, gen: torch.Gener
         "agreement_changed": float(agree[changed].float().mean()) if changed.any() else float("nan"),
         "agreement_unchanged": float(agree[~changed].float().mean()),
     }
-
-
-def _greedy(pol, obs: torch.Tensor, mask: torch.Tensor, nvec: list[int]) -> torch.Tensor:
-    logits = pol.actor_logits(obs)
-    out = []
-    for z, m in zip(torch.split(logits, nvec, -1), torch.split(mask.bool(), nvec, -1)):
-        out.append(torch.where(m, z, torch.finfo(z.dtype).min).argmax(-1))
-    return torch.stack(out, -1)
 
 
 def score(run_cfg: Config, checkpoint: Path, parts: list[int], episodes: int) -> dict[str, float]:
