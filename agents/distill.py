@@ -30,7 +30,6 @@ from marl_sd.agents.evaluate import HEADLINE, run_policy
 from marl_sd.agents.mappo import MAPPO
 from marl_sd.agents.oracle import SearchOracle
 from marl_sd.agents.policy import LearnedPolicy, PolicyContext
-from marl_sd.agents.pretrain import smoothed_masked_ce
 from marl_sd.agents.train import CheckpointError, load_policy, policy_checkpoint
 from marl_sd.config import Config, ConfigError, DistillConfig, config_from_dict, load_config, parse_override, set_path
 from marl_sd.contract import ActionLayout, ObsSpec
@@ -97,24 +96,34 @@ def label_batch(job: dict) -> dict:
 
 
 def fit_actor(model: MAPPO, data: list[dict], d: DistillConfig, gen: torch.Generator) -> dict:
-    """Fit the actor to every label so far (label-smoothed masked cross-entropy per
-    sub-action); returns the loss and how often its greedy action then equals the label, on
-    the labels that differ from the policy's own action when labelled and on the others."""
+    """Fit the actor to every label so far; returns the loss and how often its greedy action
+    then equals the label, on the labels that depart from the policy's own action when labelled
+    and on the others.
+
+    Per sub-action the target is the policy's own distribution where the label keeps its
+    action and a label-smoothed one-hot where the label departs from it, so the loss is already
+    minimal at the policy itself except on the departures: fitting them moves nothing else
+    (a one-hot target everywhere sharpens every near-tie of a stochastic policy, and flips
+    some)."""
     pol = model.policy
     nvec = [int(n) for n in pol.action_space.nvec]
     obs = torch.cat([x["obs"].reshape(-1, x["obs"].shape[-1]) for x in data]).float()
-    mask = torch.cat([x["mask"].reshape(-1, x["mask"].shape[-1]) for x in data])
+    mask = torch.cat([x["mask"].reshape(-1, x["mask"].shape[-1]) for x in data]).bool()
     label = torch.cat([x["label"].reshape(-1, len(nvec)) for x in data])
-    changed = torch.cat([(x["label"] != x["own"]).any(-1).reshape(-1) for x in data])
+    departs = torch.cat([(x["label"] != x["own"]).reshape(-1, len(nvec)) for x in data])  # per sub-action
+    changed = departs.any(-1)
+    with torch.no_grad():
+        logits = torch.cat([pol.actor_logits(obs[i]) for i in torch.arange(len(obs)).split(8192)])
+    target = own_targets(logits, mask, label, departs, nvec, d.label_smoothing)
     params = pol.actor_parameters()
-    opt = torch.optim.Adam(params, lr=d.learning_rate)
+    opt = torch.optim.Adam(params, lr=d.learning_rate, eps=d.adam_eps)
     pol.set_training_mode(True)
     loss = torch.zeros(())
     # departures are a few % of the labels: each is seen `departure_weight` times per epoch
     rows = torch.cat([torch.arange(len(obs)), changed.nonzero().flatten().repeat(d.departure_weight - 1)])
     for _ in range(d.epochs):
         for idx in rows[torch.randperm(len(rows), generator=gen)].split(d.batch_size):
-            loss = smoothed_masked_ce(pol.actor_logits(obs[idx]), mask[idx], label[idx], nvec, d.label_smoothing)
+            loss = masked_ce(pol.actor_logits(obs[idx]), mask[idx], target[idx], nvec)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 0.5)
@@ -131,6 +140,29 @@ def fit_actor(model: MAPPO, data: list[dict], d: DistillConfig, gen: torch.Gener
         "agreement_changed": float(agree[changed].float().mean()) if changed.any() else float("nan"),
         "agreement_unchanged": float(agree[~changed].float().mean()),
     }
+
+
+def own_targets(
+    logits: torch.Tensor, mask: torch.Tensor, label: torch.Tensor, departs: torch.Tensor, nvec: list[int], smoothing: float
+) -> torch.Tensor:
+    """[rows, sum(nvec)] per sub-action: the policy's own masked distribution, or where the
+    label departs from its action (`departs` [rows, 4]) (1-s) one-hot + s uniform over the valid."""
+    out = []
+    for z, m, a, dep in zip(torch.split(logits, nvec, -1), torch.split(mask, nvec, -1), label.unbind(-1), departs.unbind(-1)):
+        own = torch.softmax(torch.where(m, z, torch.finfo(z.dtype).min), -1)
+        uniform = m.float() / m.float().sum(-1, keepdim=True).clamp(min=1)
+        hard = (1 - smoothing) * torch.nn.functional.one_hot(a, z.shape[-1]).float() + smoothing * uniform
+        out.append(torch.where(dep.unsqueeze(-1), hard, own))
+    return torch.cat(out, -1)
+
+
+def masked_ce(logits: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, nvec: list[int]) -> torch.Tensor:
+    """Mean over rows and sub-actions of the cross-entropy of the masked softmax to `target`."""
+    total = logits.new_zeros(())
+    for z, m, q in zip(torch.split(logits, nvec, -1), torch.split(mask, nvec, -1), torch.split(target, nvec, -1)):
+        logp = torch.where(m, torch.log_softmax(torch.where(m, z, torch.finfo(z.dtype).min), -1), 0.0)
+        total = total - (q * logp).sum(-1).mean()
+    return total / len(nvec)
 
 
 def score(run_cfg: Config, checkpoint: Path, parts: list[int], episodes: int) -> dict[str, float]:

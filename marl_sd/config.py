@@ -341,6 +341,12 @@ class DistillConfig(Strict):
     batch_size: int = Field(2048, ge=1)
     learning_rate: float = Field(3e-4, gt=0)
     label_smoothing: float = Field(0.02, ge=0, lt=1)
+    adam_eps: float = Field(
+        1e-5,
+        gt=0,
+        description="Adam's epsilon: above the rounding noise of a gradient that is zero where labels keep the "
+        "policy's actions (Adam scales any gradient to a step of the learning rate)",
+    )
     departure_weight: int = Field(
         4, ge=1, description="times per epoch a label that departs from the policy's own action is fitted (they are few)"
     )

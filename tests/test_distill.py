@@ -9,7 +9,8 @@ import torch
 from conftest import physics_config
 
 from marl_sd.agents.catalog import make_policy
-from marl_sd.agents.distill import distill
+from marl_sd.agents.distill import distill, fit_actor, label_batch
+from marl_sd.agents.mappo import MAPPO
 from marl_sd.agents.train import load_policy, train
 from marl_sd.config import ConfigError, DistillConfig, load_config
 from marl_sd.envs.vec_env import training_env
@@ -77,3 +78,25 @@ def test_bad_distillation_inputs_name_the_key(source, tmp_path):
         distill(DistillConfig(source=str(tmp_path)), tmp_path / "y", verbose=False)
     with pytest.raises(ConfigError, match="eval.oracle.nope"):
         distill(DistillConfig(source=str(source)), tmp_path / "z", ["eval.oracle.nope=1"], verbose=False)
+
+
+def test_labels_that_keep_the_policys_actions_leave_it_unchanged(source):
+    """The fit's target is the policy's own distribution wherever the label keeps its action, so
+    without departures it has nothing to move: the same greedy action on every row, action
+    probabilities within Adam's jitter (a one-hot target would sharpen every near-tie)."""
+    job = {"config": str(source / "config.yaml"), "part": 1, "envs": 2, "seed": 5, "search": False, "verbose": False}
+    batch = label_batch(job | {"checkpoint": str(source / "best.zip")})
+    model = MAPPO.load(str(source / "best.zip"), device="cpu")
+    x = batch["obs"].reshape(-1, batch["obs"].shape[-1]).float()
+    valid = batch["mask"].reshape(-1, batch["mask"].shape[-1]).bool()
+    nvec = [int(n) for n in model.policy.action_space.nvec]
+
+    def probs():
+        with torch.no_grad():
+            z = torch.where(valid, model.policy.actor_logits(x), -1e9)
+            return torch.cat([torch.softmax(p, -1) for p in torch.split(z, nvec, -1)], -1)[valid]
+
+    before = probs()
+    fit = fit_actor(model, [batch], DistillConfig(source=str(source), epochs=3), torch.Generator().manual_seed(0))
+    assert fit["changed_rows"] == 0 and fit["agreement_unchanged"] == 1.0
+    assert float((probs() - before).abs().max()) < 1e-2  # a percentage point
