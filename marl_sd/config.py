@@ -335,7 +335,7 @@ class DistillConfig(Strict):
     envs: int = Field(16, ge=1, description="episodes per searched physics and round, run side by side")
     rounds: int = Field(1, ge=1, description="label-then-fit rounds; each labels the states of the last fitted policy")
     anchor_envs: int = Field(
-        4, ge=0, description="episodes per other training physics labelled with the policy's own actions, so it keeps them"
+        16, ge=0, description="episodes per other training physics labelled with the policy's own actions, so it keeps them"
     )
     epochs: int = Field(8, ge=1, description="passes over all labels after each round")
     batch_size: int = Field(2048, ge=1)
