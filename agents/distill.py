@@ -30,6 +30,7 @@ from marl_sd.agents.evaluate import HEADLINE, run_policy
 from marl_sd.agents.mappo import MAPPO
 from marl_sd.agents.oracle import SearchOracle
 from marl_sd.agents.policy import LearnedPolicy, PolicyContext
+from marl_sd.agents.pretrain import masked_ce, smoothed_onehot
 from marl_sd.agents.train import CheckpointError, load_policy, policy_checkpoint
 from marl_sd.config import Config, ConfigError, DistillConfig, config_from_dict, load_config, parse_override, set_path
 from marl_sd.contract import ActionLayout, ObsSpec
@@ -150,19 +151,8 @@ def own_targets(
     out = []
     for z, m, a, dep in zip(torch.split(logits, nvec, -1), torch.split(mask, nvec, -1), label.unbind(-1), departs.unbind(-1)):
         own = torch.softmax(torch.where(m, z, torch.finfo(z.dtype).min), -1)
-        uniform = m.float() / m.float().sum(-1, keepdim=True).clamp(min=1)
-        hard = (1 - smoothing) * torch.nn.functional.one_hot(a, z.shape[-1]).float() + smoothing * uniform
-        out.append(torch.where(dep.unsqueeze(-1), hard, own))
+        out.append(torch.where(dep.unsqueeze(-1), smoothed_onehot(a, m, smoothing), own))
     return torch.cat(out, -1)
-
-
-def masked_ce(logits: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, nvec: list[int]) -> torch.Tensor:
-    """Mean over rows and sub-actions of the cross-entropy of the masked softmax to `target`."""
-    total = logits.new_zeros(())
-    for z, m, q in zip(torch.split(logits, nvec, -1), torch.split(mask, nvec, -1), torch.split(target, nvec, -1)):
-        logp = torch.where(m, torch.log_softmax(torch.where(m, z, torch.finfo(z.dtype).min), -1), 0.0)
-        total = total - (q * logp).sum(-1).mean()
-    return total / len(nvec)
 
 
 def score(run_cfg: Config, checkpoint: Path, parts: list[int], episodes: int) -> dict[str, float]:

@@ -31,18 +31,28 @@ from marl_sd.envs.vec_env import MultiAgentVecEnv
 log = logging.getLogger(__name__)
 
 
+def smoothed_onehot(a: torch.Tensor, m: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """One sub-action's target: (1-s) one-hot of `a` + s uniform over the valid choices `m`."""
+    uniform = m.float() / m.float().sum(-1, keepdim=True).clamp(min=1)
+    return (1 - smoothing) * torch.nn.functional.one_hot(a, m.shape[-1]).float() + smoothing * uniform
+
+
+def masked_ce(logits: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, nvec: list[int]) -> torch.Tensor:
+    """Mean over rows and sub-actions of the cross-entropy of the masked softmax to `target`
+    (a distribution over each sub-action's choices)."""
+    total = logits.new_zeros(())
+    for z, m, q in zip(torch.split(logits, nvec, -1), torch.split(mask.bool(), nvec, -1), torch.split(target, nvec, -1)):
+        logp = torch.where(m, torch.log_softmax(torch.where(m, z, torch.finfo(z.dtype).min), -1), 0.0)
+        total = total - (q * logp).sum(-1).mean()
+    return total / len(nvec)
+
+
 def smoothed_masked_ce(
     logits: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, nvec: list[int], smoothing: float
 ) -> torch.Tensor:
     """Mean over rows and sub-actions of the cross-entropy to (1-s)*onehot + s*uniform(valid)."""
-    total = logits.new_zeros(())
-    for z, m, a in zip(torch.split(logits, nvec, -1), torch.split(mask.bool(), nvec, -1), target.unbind(-1)):
-        logp = torch.log_softmax(torch.where(m, z, torch.finfo(z.dtype).min), -1)
-        logp = torch.where(m, logp, 0.0)
-        uniform = m.float() / m.float().sum(-1, keepdim=True).clamp(min=1)
-        q = (1 - smoothing) * torch.nn.functional.one_hot(a, z.shape[-1]).float() + smoothing * uniform
-        total = total - (q * logp).sum(-1).mean()
-    return total / len(nvec)
+    q = [smoothed_onehot(a, m, smoothing) for m, a in zip(torch.split(mask.bool(), nvec, -1), target.unbind(-1))]
+    return masked_ce(logits, mask, torch.cat(q, -1), nvec)
 
 
 def choose_teachers(cfg: Config, venv: MultiAgentVecEnv, episodes: int = 2) -> list[str]:
