@@ -208,6 +208,7 @@ def distill(d: DistillConfig, out: Path, overrides: list[str] | tuple[str, ...] 
     gen = torch.Generator().manual_seed(d.seed)
     stats: dict = {"source": str(ckpt), "rounds": [], "before": before}
     current = ckpt
+    loaded: dict[Path, dict] = {}  # every batch so far, by file (the fit takes them in file-name order)
     for r in range(d.rounds):
         fitted = out / f"round_{r}.zip"
         jobs = [
@@ -224,13 +225,12 @@ def distill(d: DistillConfig, out: Path, overrides: list[str] | tuple[str, ...] 
             for k in every
             if k in searched or d.anchor_envs > 0
         ]
-        batches = _label(jobs, d.workers, verbose)
+        _label(jobs, d.workers, verbose)
+        loaded |= {j["file"]: torch.load(j["file"], weights_only=False) for j in jobs}
+        batches = [loaded[j["file"]]["stats"] for j in jobs]
         if not fitted.exists():
-            data = [
-                torch.load(f, weights_only=False) for f in sorted(labels_dir.glob("r*.pt")) if int(f.name[1:].split("_")[0]) <= r
-            ]
             model = MAPPO.load(str(current), device="cpu")
-            fit = fit_actor(model, data, d, gen)
+            fit = fit_actor(model, [loaded[f] for f in sorted(loaded)], d, gen)
             model.save(str(fitted))
             (out / f"round_{r}.json").write_text(json.dumps(fit, indent=2))
         fit = json.loads((out / f"round_{r}.json").read_text())
@@ -252,9 +252,9 @@ def distill(d: DistillConfig, out: Path, overrides: list[str] | tuple[str, ...] 
     return stats
 
 
-def _label(jobs: list[dict], workers: int, verbose: bool) -> list[dict]:
+def _label(jobs: list[dict], workers: int, verbose: bool) -> None:
     """Run the labelling jobs whose file is missing (in `workers` processes), saving each batch
-    as it completes; returns every job's stats."""
+    as it completes."""
     pending = [j for j in jobs if not j["file"].exists()]
     if pending and verbose:
         print(
@@ -269,7 +269,6 @@ def _label(jobs: list[dict], workers: int, verbose: bool) -> list[dict]:
     else:
         for j in pending:
             _save(j, label_batch(_picklable(j)), verbose)
-    return [torch.load(j["file"], weights_only=False)["stats"] for j in jobs]
 
 
 def _picklable(job: dict) -> dict:
