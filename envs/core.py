@@ -8,7 +8,10 @@ with a fine tick (`tick_ms`, default 1 ms). Per user, a phase machine runs the S
     DRAFT (gamma tokens) -> UPLINK (draft ids + top-k probs) -> QUEUED -> VERIFY -> DOWNLINK -> ...
 
 gamma = 0 means autoregressive decoding on the server: the user re-queues right after each
-verify step (tokens stream down) until the last token, which is sent on the downlink.
+verify step (tokens stream down, the policy's next choices apply from the next step) until the
+last token, which is sent on the downlink; with `env.ar_chunk` = n > 0, each message asks for n
+tokens and is a round of its own (uplink, n steps, downlink), at whose end the policy's choices
+apply, as the live client sends them.
 Servers batch every queued user whenever they are free (continuous batching) under a verify
 token budget, admitting higher priority bids first, and a batch takes T(b, K) + prefill from the
 latency profile.
@@ -120,6 +123,7 @@ class BatchedSimulator(SimState):
         self._g_range = torch.arange(self.G, device=self.device)
         self.L = w.output_tokens.high + self.G  # match-pattern positions: output + a full draft past its end
         self.predraft_on = e.predraft
+        self.ar_chunk = e.ar_chunk
         self.spec = ObsSpec.from_config(cfg) if spec is None else spec.at(cfg.scenario.n_servers)
         self.obs_builder = ObservationBuilder(self.spec)
         self.obs_dim, self.state_dim = self.spec.obs_dim, self.spec.state_dim
@@ -762,6 +766,12 @@ class BatchedSimulator(SimState):
         self.keep_predraft = torch.where(users, spec & all_and_bonus, self.keep_predraft)
         self.prefill = torch.where(users, 0.0, self.prefill)
         stream = users & ~first & (g == 0) & (self.remaining > 0)
+        if self.ar_chunk:  # the server decodes on within a message; its last step's result goes down
+            self.ar_left = torch.where(users & ~first & (g == 0), self.ar_left - 1, self.ar_left)
+            more = stream & (self.ar_left > 0)
+            self.phase = torch.where(more, QUEUED, self.phase)
+            self.queued_at = torch.where(more, self.now - spent.double(), self.queued_at)
+            users, stream = users & ~more, torch.zeros_like(stream)
         down = users & ~stream
         self.phase = torch.where(down, DOWNLINK, self.phase)
         self._begin_transfer(down, self.costs.ids_bytes(emitted.float()), spent, self.dl_rate)
@@ -810,6 +820,9 @@ class BatchedSimulator(SimState):
         drafting = cont & (gamma > 0)
         ar_up = cont & (gamma == 0) & ho
         ar_q = cont & (gamma == 0) & ~ho
+        if self.ar_chunk:  # every autoregressive message is uploaded, as the client sends it
+            ar_up, ar_q = cont & (gamma == 0), torch.zeros_like(ar_q)
+            self.ar_left = torch.where(ar_up, self.ar_chunk, self.ar_left)
         self.phase = torch.where(drafting, DRAFT, self.phase)
         self.timer = torch.where(drafting, need - spent, self.timer)
         self.phase = torch.where(ar_up, UPLINK, self.phase)

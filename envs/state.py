@@ -79,6 +79,7 @@ class SimState:
     cur_pattern: torch.Tensor = var((*BN, "L"), "bool", "match pattern of the request in service")
     first_tok: torch.Tensor = var(BN, "time", "time of the first token of the request in service [ms]")
     prefill: torch.Tensor = var(BN, "float", "prompt tokens to prefill at the session open")
+    ar_left: torch.Tensor = var(BN, "long", "tokens left of the autoregressive message in service (env.ar_chunk > 0)")
     first_round: torch.Tensor = var(BN, "bool", "the next round opens the session")
     handover_bytes: torch.Tensor = var(BN, "float", "context bytes to move to the new server after a handover")
     # client pre-drafting

@@ -266,6 +266,17 @@ class EnvConfig(Strict):
         description="devices keep drafting while a round is in flight (the client's "
         "default; false matches `serve client --no-predraft`)",
     )
+    ar_chunk: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="tokens one autoregressive (gamma = 0) message asks the server to decode. "
+        "0: an ideal stream, no message between steps (each token streams down and the "
+        "policy's next choices apply from the next step, at no transport cost); n > 0: n "
+        "tokens per message, each a round of its own (uplink, n batched steps, downlink) at "
+        "whose end the policy's choices apply, as the live clients send them "
+        "(`serve client --ar-chunk n`, which `serve up` sets from this; they send 8 when it is 0)",
+    )
     max_servers: int | None = Field(
         None,
         ge=1,

@@ -108,3 +108,44 @@ def test_rate_profile_and_moving_hotspot():
     hot, cold = float(per_user[:2].mean()), float(per_user[2:].mean())
     assert hot / cold == pytest.approx(3.0, rel=0.25)
     assert cold / (64 * 2.0) == pytest.approx(0.5 * 2.0, rel=0.2)  # per user per s at the doubled rate
+
+
+def test_autoregressive_messages_of_ar_chunk_tokens():
+    """gamma = 0 at the only server, one 40-token request: with env.ar_chunk = 8 it takes five
+    messages, each a round trip of its own (an uplink and a downlink, each at least the
+    per-message latency) where chunk 0 streams the rest of the request after one; a chunk as long
+    as the request is one message, so it costs at most one more uplink than chunk 0. Same tokens
+    and the same server steps in every case."""
+    schedule = [[(0.0, 100, 40)], []]
+    runs = {}
+    for chunk in (0, 8, 40):
+        log, sim = served([*ONE_SITE, f"env.ar_chunk={chunk}"], schedule, gamma=0)
+        assert len(log) == 1
+        runs[chunk] = log[0][1]
+    msg = sim.costs.message_ms
+    assert runs[8] - runs[0] >= 4 * 2 * msg  # four more round trips
+    assert 0 <= runs[40] - runs[0] <= msg + 2.0  # one uplink of a few bytes
+
+
+def test_a_new_gamma_applies_at_the_end_of_an_autoregressive_message():
+    """A policy switching from gamma = 0 to gamma = 4 mid-request: streamed (chunk 0), the switch
+    applies at the next step; in one message for the whole request (chunk 40) the request never
+    runs a speculative round."""
+    spec = {}
+    for chunk in (0, 40):
+        sim = BatchedSimulator(load_config(overrides=[*ONE_SITE, f"env.ar_chunk={chunk}"]), num_envs=1, seed=0)
+        sim.replay_workload([[(0.0, 100, 40)], []])
+        sim.reset()
+        a = torch.zeros(1, sim.N, 4, dtype=torch.long)
+        total = 0.0
+        for t in range(sim.horizon):
+            a[..., 3] = 0 if t < 5 else torch.minimum(sim.max_gamma, torch.tensor(4))
+            sim.step(a)
+            total += float(sim.slot_metrics()["spec_rounds"].sum())
+        spec[chunk] = total
+    assert spec[0] > 0 and spec[40] == 0
+
+
+def test_ar_chunk_out_of_range_is_a_config_error():
+    with pytest.raises(ConfigError, match="ar_chunk"):
+        load_config(overrides=["env.ar_chunk=65"])

@@ -46,3 +46,7 @@ def test_live_run_serves_the_workload_and_the_simulator_replays_it(tmp_path):
     assert not s["held_out"] and (tmp_path / "profiles" / "served.yaml").exists()
     assert s["sim_requests"] == scheduled
     assert math.isfinite(s["sim_ms_per_token"]) and 0.5 < live["latency_per_token_ms"] / s["sim_ms_per_token"] < 2.0
+    # another repeat's runs fit the profile instead (here: the same run again, so the same fit)
+    pooled = compare_with_sim(str(cfg), [live], tmp_path / "pooled", duration_s=3.0, drain_s=5.0, pool=[live])["nearest_g4"]
+    assert pooled["held_out"] and "1 runs of other repeats" in Path(pooled["profile"]).read_text()
+    assert pooled["sim_ms_per_token"] == s["sim_ms_per_token"]

@@ -138,3 +138,19 @@ def test_verify_priority_admitted_first_under_budget(target):
 
     sizes = asyncio.run(main())
     assert sizes == {2: 2, 3: 2, 1: 1}  # priorities 5 and 1 fill the 2-token budget; 0 waits
+
+
+def test_autoregressive_messages_and_their_deadline():
+    """A gamma = 0 message of n tokens may take n server steps: its deadline scales with n (5x the
+    running mean per step, within [min_deadline_s, timeout_s]); a chunk outside what a verifier
+    accepts is refused at construction."""
+    from marl_sd.serving import protocol as P
+    from marl_sd.serving.draft_client import DraftClient
+
+    for bad in (0, P.MAX_AR_STEPS + 1):
+        with pytest.raises(ValueError, match="ar_chunk"):
+            DraftClient(None, ["127.0.0.1:1"], ar_chunk=bad)
+    c = DraftClient(None, ["127.0.0.1:1"], ar_chunk=8, min_deadline_s=2.0, timeout_s=30.0)
+    assert c.ar_chunk == 8 and c.round_deadline(8) == 30.0  # no rounds yet: the ceiling
+    c.round_mean_s = 0.1
+    assert c.round_deadline(1) == 2.0 and c.round_deadline(8) == pytest.approx(4.0) and c.round_deadline(64) == 30.0

@@ -166,10 +166,18 @@ def replay_overrides(cfg, profile: str, duration_s: float, drain_s: float = 20.0
 
 
 def compare_with_sim(
-    cfg_path: str, live: list[dict], profile_dir, duration_s: float, drain_s: float = 20.0, draft: str | None = None
+    cfg_path: str,
+    live: list[dict],
+    profile_dir,
+    duration_s: float,
+    drain_s: float = 20.0,
+    draft: str | None = None,
+    pool: list[dict] | None = None,
 ) -> dict[str, dict]:
     """Simulate each live run's policy on the same scenario with a served profile fitted to the
-    *other* live runs (held out; its own run only when there is a single one), and with the
+    *other* live runs (held out; its own run only when there is a single one) and to the runs
+    of `pool` (other repeats of the same live protocol: more batches and rounds for the fit,
+    none of them the run being simulated), and with the
     scenario's own profile for reference. The simulated episodes follow the live protocol: the
     run's own workload (arrival times and lengths) replayed, the live drop (positions, mobility
     and fading of the rate traces the clients' links replayed, `live_drop`), each user with its
@@ -220,12 +228,16 @@ def compare_with_sim(
     names = [Path(r["policy"]).name for r in live]
     out = {}
     for i, r in enumerate(live):
-        others = [x for j, x in enumerate(live) if j != i]
+        others = [x for j, x in enumerate(live) if j != i] + list(pool or [])
         held_out = bool(others)
+        mates = [names[j] for j in range(len(live)) if j != i]
         path = fit(
             others or [r],
             f"served_without_{names[i]}" if held_out else f"served_{names[i]}",
-            ("policies " + ", ".join(names[j] for j in range(len(live)) if j != i))
+            (
+                ("policies " + ", ".join(mates) if mates else "")
+                + (f"{'; ' if mates else ''}{len(pool)} runs of other repeats" if pool else "")
+            )
             if held_out
             else f"policy {names[i]}, in-sample",
         )

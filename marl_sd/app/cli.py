@@ -528,17 +528,23 @@ def _serve_up(args, run_live) -> int:
 
     policies = args.policy or ["nearest_g4"]
     out_dir = Path(args.out).parent if args.out else Path("runs") / "live"
-    repeats = []
+    runs = []
     for rep in range(max(1, args.repeats)):
         rows = []
         for pol in policies:
             console.print(f"[dim]live run {rep + 1}/{args.repeats}: policy {pol}, {args.duration:.0f} s of arrivals ...[/dim]")
             rows.append(run_live(args.config, pol, args.duration, args.target, args.draft, args.gamma, detail=args.compare_sim))
+        runs.append(rows)
+    repeats = []
+    for rep, rows in enumerate(runs):
         detail = {}
         if args.compare_sim:
-            console.print("[dim]simulating each policy with a served profile fitted to the other live runs ...[/dim]")
+            console.print(
+                f"[dim]repeat {rep + 1}: simulating each policy with a served profile fitted to every other live run ...[/dim]"
+            )
             prof_dir = out_dir / "profiles" / (f"run{rep + 1}" if args.repeats > 1 else "")
-            detail = compare_with_sim(args.config, rows, prof_dir, duration_s=args.duration, draft=args.draft)
+            pool = [x for j, other in enumerate(runs) if j != rep for x in other]
+            detail = compare_with_sim(args.config, rows, prof_dir, duration_s=args.duration, draft=args.draft, pool=pool)
         repeats.append((rows, detail))
     if args.repeats > 1:
         return _print_spread(args, spread_over_repeats(repeats))

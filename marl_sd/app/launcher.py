@@ -204,6 +204,8 @@ def user_devices(cfg) -> list[list[str]]:
             args += ["--pace-draft-ms", str(d.draft_ms_per_token)]
         if not cfg.env.predraft:  # the simulator's switch, applied to the real clients
             args.append("--no-predraft")
+        if cfg.env.ar_chunk:
+            args += ["--ar-chunk", str(cfg.env.ar_chunk)]
         out.append(args)
     return out
 

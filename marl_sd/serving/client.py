@@ -252,6 +252,7 @@ async def run_workload(args) -> list[dict]:
         security=args.security,
         timeout_s=args.round_timeout,
         min_deadline_s=args.min_round_deadline,
+        ar_chunk=args.ar_chunk,
     )
     agent = None
     if args.controller:
@@ -343,6 +344,13 @@ def main(argv=None) -> int:
     p.add_argument("--downlink-mbps", type=float, default=0.0)
     p.add_argument("--base-ms", type=float, default=4.0)
     p.add_argument("--no-predraft", action="store_true")
+    p.add_argument(
+        "--ar-chunk",
+        type=int,
+        default=8,
+        help="tokens per autoregressive (gamma = 0) message, each a round at whose end the "
+        "controller's plan applies (the simulator's env.ar_chunk)",
+    )
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--detail", action="store_true", help="store per-round timings")
     p.add_argument("--threads", type=int, default=1)

@@ -192,7 +192,10 @@ class DraftClient:
         security: Security | None = None,
         retries_per_server: int = 2,
         min_deadline_s: float = 2.0,
+        ar_chunk: int = 8,
     ):
+        """`ar_chunk`: tokens per autoregressive (gamma = 0) message (at most
+        `protocol.MAX_AR_STEPS`), simulated by `env.ar_chunk`."""
         if not servers:
             raise ValueError("need at least one server address")
         self.drafter, self.servers, self.gamma = drafter, list(servers), gamma
@@ -208,7 +211,9 @@ class DraftClient:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft")
         self.on_round = None
         self.priority = 0
-        self.ar_chunk = 8  # gamma = 0: tokens decoded per message by the server
+        if not 1 <= ar_chunk <= P.MAX_AR_STEPS:
+            raise ValueError(f"ar_chunk must be in [1, {P.MAX_AR_STEPS}], got {ar_chunk}")
+        self.ar_chunk = ar_chunk
         self.meas = {"acc_hits": 0.0, "acc_trials": 0.0, "remaining": 0, "handovers": 0}
         self._inflight: tuple[threading.Event, asyncio.Future] | None = None  # drafting in the background
         self.channels: dict[str, grpc.aio.Channel] = {}
@@ -353,6 +358,7 @@ class DraftClient:
         drafts, ids, pr = await self._in_pool(d.round, gamma)
         draft_ms = (time.monotonic() - td) * 1000
         drafted = max(0, len(d.drafts) - ahead)
+        steps = 1
         if gamma == 0:  # autoregressive on the server: several tokens per message (streamed)
             steps = max(1, min(self.ar_chunk, req.left(d)))
             ids, pr = np.zeros((0, steps), np.int32), np.zeros((0, steps), np.float32)
@@ -363,12 +369,13 @@ class DraftClient:
         self._draft_in_background(predraft_limit(gamma) if self.predraft else 0)  # pre-draft until the result
         up_ms = await self._link(self.uplink, len(msg)) * 1000
         await call.write(msg)
-        raw = await asyncio.wait_for(call.read(), self.round_deadline())
+        raw = await asyncio.wait_for(call.read(), self.round_deadline(steps))
         if raw == grpc.aio.EOF:
             raise ConnectionError("server closed the stream")
         res = P.decode(raw)
         took = time.monotonic() - tr
-        self.round_mean_s = took if self.round_mean_s is None else 0.8 * self.round_mean_s + 0.2 * took
+        per_step = took / steps  # an autoregressive message is `steps` server steps
+        self.round_mean_s = per_step if self.round_mean_s is None else 0.8 * self.round_mean_s + 0.2 * per_step
         dn_ms = await self._link(self.downlink, len(raw)) * 1000
         await self._settle_drafting(interrupt=True)
         kept = d.commit(gamma, res.accepted, res.tokens.tolist())
@@ -393,10 +400,13 @@ class DraftClient:
         )
         return res
 
-    def round_deadline(self) -> float:
+    def round_deadline(self, steps: int = 1) -> float:
+        """How long a round of `steps` server steps (1, or the tokens of an autoregressive
+        message) may take: 5x the running mean per step times `steps`, within
+        [`min_deadline_s`, `timeout_s`]."""
         if self.round_mean_s is None:
             return self.timeout
-        return min(self.timeout, max(self.min_deadline_s, 5.0 * self.round_mean_s))
+        return min(self.timeout, max(self.min_deadline_s, 5.0 * self.round_mean_s * steps))
 
     async def _fail_over(self, addr: str, e: Exception, req: _Request) -> None:
         """Move to the next server; the interrupted round's drafts are re-drafted there."""
