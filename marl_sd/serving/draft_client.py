@@ -385,6 +385,7 @@ class DraftClient:
         req.rounds.append(
             {
                 "gamma": gamma,
+                "steps": steps,
                 "accepted": res.accepted,
                 "draft_ms": draft_ms,
                 "drafted": drafted,
