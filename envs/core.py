@@ -124,6 +124,7 @@ class BatchedSimulator(SimState):
         self.L = w.output_tokens.high + self.G  # match-pattern positions: output + a full draft past its end
         self.predraft_on = e.predraft
         self.ar_chunk = e.ar_chunk
+        self.batch_window = float(e.batch_window_ms)
         self.spec = ObsSpec.from_config(cfg) if spec is None else spec.at(cfg.scenario.n_servers)
         self.obs_builder = ObservationBuilder(self.spec)
         self.obs_dim, self.state_dim = self.spec.obs_dim, self.spec.state_dim
@@ -682,7 +683,12 @@ class BatchedSimulator(SimState):
         inf = torch.full((self.B, self.M), math.inf, dtype=torch.float64, device=self.device)
         first = inf.scatter_reduce(1, self.server, torch.where(elig, self.queued_at, math.inf), "amin")
         begin = torch.maximum(first, self.srv_free_at)  # [B, M]; inf where nobody is eligible
-        elig = elig & (self.queued_at <= begin.gather(1, self.server))
+        if self.batch_window > 0:  # the batch forms once its window has passed, with all queued within it
+            close = begin + self.batch_window
+            ready = (close <= self.now).gather(1, self.server)
+            elig = elig & ready & (self.queued_at <= close.gather(1, self.server))
+        else:
+            elig = elig & (self.queued_at <= begin.gather(1, self.server))
         admit, af = elig, elig.float()
         kk = zeros.scatter_add(1, self.server, af * k_tok)  # tokens asked for, per server
         if bool((kk > budget).any()):

@@ -277,6 +277,15 @@ class EnvConfig(Strict):
         "whose end the policy's choices apply, as the live clients send them "
         "(`serve client --ar-chunk n`, which `serve up` sets from this; they send 8 when it is 0)",
     )
+    batch_window_ms: float = Field(
+        0.0,
+        ge=0,
+        description="a verifier's collection window: a batch takes every round queued within "
+        "this long of its first; 0: only those queued by the moment the first is. Either way "
+        "the window's time is inside T(b, K) (a served profile fits T to the verifier's cycle, "
+        "window + forward). A replay of a live run (`--compare-sim`) sets it to "
+        "`serving.batch_window_ms`",
+    )
     max_servers: int | None = Field(
         None,
         ge=1,

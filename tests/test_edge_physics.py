@@ -149,3 +149,28 @@ def test_a_new_gamma_applies_at_the_end_of_an_autoregressive_message():
 def test_ar_chunk_out_of_range_is_a_config_error():
     with pytest.raises(ConfigError, match="ar_chunk"):
         load_config(overrides=["env.ar_chunk=65"])
+
+
+def test_collection_window_batches_rounds_that_arrive_just_after_the_first():
+    """Two users open their sessions together at the only site, gamma = 0 in 8-token messages.
+    Without a window, a round queued a moment after a batch started waits for the next batch, and
+    the two users' steps can fall out of phase; with the verifier's 2 ms window they share every
+    batch: the same latency for both, and fewer batches for the same tokens."""
+    runs = {}
+    for window in (0.0, 2.0):
+        sim = BatchedSimulator(
+            load_config(overrides=[*ONE_SITE, "env.ar_chunk=8", f"env.batch_window_ms={window}"]), num_envs=1, seed=0
+        )
+        sim.replay_workload([[(0.0, 100, 40)], [(0.0, 100, 40)]])
+        sim.reset()
+        sim.record_requests = True
+        a = torch.zeros(1, sim.N, 4, dtype=torch.long)
+        batches = 0.0
+        for _ in range(sim.horizon):
+            sim.step(a)
+            batches += float(sim.slot_metrics()["server_batches"].sum())
+        runs[window] = (sorted(sim.finished_requests()["latency_ms"].tolist()), batches)
+    (lat0, b0), (lat2, b2) = runs[0.0], runs[2.0]
+    assert len(lat0) == len(lat2) == 2
+    assert lat2[0] == pytest.approx(lat2[1]) and b2 < b0
+    assert max(lat2) < max(lat0)

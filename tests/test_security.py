@@ -552,3 +552,21 @@ def test_chaos_with_fair_share_attackers_stays_lossless():
     assert a["noread_ended_by_server"] > 0 or a.get("churn_resource_exhausted", 0) > 0
     # the verifiers' status, polled through the run: no attacker held more than its KV share
     assert res["held_by_attackers"] and all(v["kv_share_max"] <= 0.25 for v in res["held_by_attackers"].values())
+
+
+def test_autoregressive_messages_are_lossless(servers, target):
+    """gamma = 0 in messages of 5 tokens: the text equals the target's greedy text, and each
+    round reports the steps its message asked the verifier for."""
+    ((_, addr),) = servers(1)
+    prompt = list(range(40, 52))
+
+    async def main():
+        c = DraftClient(Drafter(load_model("tiny-draft:0:0.15")), [addr], gamma=0, ar_chunk=5)
+        try:
+            return await c.generate(prompt, 20)
+        finally:
+            await c.close()
+
+    r = asyncio.run(main())
+    assert r.tokens == reference(target, prompt, 20)
+    assert [x["steps"] for x in r.rounds] == [5, 5, 5, 5] and all(x["gamma"] == 0 for x in r.rounds)

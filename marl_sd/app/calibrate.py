@@ -152,13 +152,14 @@ def write_profile(prof: dict, path) -> None:
 def replay_overrides(cfg, profile: str, duration_s: float, drain_s: float = 20.0, alpha: float | None = None) -> list[str]:
     """Config overrides that simulate a live run's protocol: the served `profile`, arrivals for
     `duration_s` then `drain_s` to drain, counter draws (so that the live drop can be pinned,
-    `live_drop`) and (if given) the served pair's acceptance."""
+    `live_drop`), the verifiers' collection window and (if given) the served pair's acceptance."""
     horizon = math.ceil((duration_s + drain_s) * 1000 / cfg.env.slot_ms)
     over = [
         f"scenario.profile={profile}",
         f"env.horizon={horizon}",
         f"scenario.workload.arrivals_for_s={duration_s}",
         "env.rng=counter",
+        f"env.batch_window_ms={cfg.serving.batch_window_ms}",
     ]
     if alpha is not None:
         over.append(f"scenario.tasks=[{{name: served_pair, alpha: {alpha:.4f}, share: 1.0}}]")
