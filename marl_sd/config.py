@@ -535,6 +535,11 @@ class ServingConfig(Strict):
         "device class's draft time",
     )
     batch_window_ms: float = Field(2.0, ge=0, description="verifier micro-batching window")
+    compute_share: bool = Field(
+        True,
+        description="verifiers hold an identity above its share of the model thread over time "
+        "(`serve verifier --no-compute-share` turns it off); the simulator has no such share",
+    )
     decision_delay_slots: int = Field(
         1,
         ge=0,

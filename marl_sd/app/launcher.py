@@ -210,6 +210,17 @@ def user_devices(cfg) -> list[list[str]]:
     return out
 
 
+def verifier_args(cfg) -> list[str]:
+    """Verifier arguments of a live run: the batching window, the per-identity compute share and,
+    with `serving.pace`, the profile whose T(b, K) and prefill times the forwards are padded to."""
+    args = ["--window-ms", str(cfg.serving.batch_window_ms)]
+    if not cfg.serving.compute_share:
+        args.append("--no-compute-share")
+    if cfg.serving.pace:
+        args += ["--pace-profile", cfg.scenario.profile]
+    return args
+
+
 def latency_per_token(rows: list[dict]) -> float:
     """Request latency (arrival to last token) summed over requests / tokens summed: the
     simulator's definition of mean latency per token."""
@@ -262,11 +273,8 @@ def run_live(
         schedule = poisson_schedule(w, N, duration_s, cfg.seed)
         for c, reqs in enumerate(schedule):
             (Path(tmp) / f"schedule{c}.json").write_text(json.dumps(reqs))
-        server_extra = ["--window-ms", str(cfg.serving.batch_window_ms)]
-        if cfg.serving.pace:
-            server_extra += ["--pace-profile", cfg.scenario.profile]
         devices = user_devices(cfg)
-        with local_servers(target, M, extra=server_extra, security=sec) as (_, addrs):
+        with local_servers(target, M, extra=verifier_args(cfg), security=sec) as (_, addrs):
             pol = ["--bundle", policy] if os.path.isdir(policy) else ["--heuristic", policy]
             ctrl_out = Path(tmp) / "controller.json"
             ctrl_log = open(Path(tmp) / "controller.log", "w+")
