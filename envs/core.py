@@ -824,10 +824,10 @@ class BatchedSimulator(SimState):
         self.keep_predraft = self.keep_predraft & ~cont
         self.gamma_cur = torch.where(cont, gamma, self.gamma_cur)
         drafting = cont & (gamma > 0)
-        ar_up = cont & (gamma == 0) & ho
-        ar_q = cont & (gamma == 0) & ~ho
-        if self.ar_chunk:  # every autoregressive message is uploaded, as the client sends it
-            ar_up, ar_q = cont & (gamma == 0), torch.zeros_like(ar_q)
+        upload = ho | bool(self.ar_chunk)  # in messages, every autoregressive message is uploaded
+        ar_up = cont & (gamma == 0) & upload
+        ar_q = cont & (gamma == 0) & ~upload
+        if self.ar_chunk:
             self.ar_left = torch.where(ar_up, self.ar_chunk, self.ar_left)
         self.phase = torch.where(drafting, DRAFT, self.phase)
         self.timer = torch.where(drafting, need - spent, self.timer)

@@ -253,6 +253,10 @@ class ScenarioConfig(Strict):
         return [(s.kv_capacity_tokens or self.kv_capacity_tokens) for s in self._site_list()]
 
 
+MAX_AR_STEPS = 64  # tokens one autoregressive (gamma = 0) message may ask a verifier to decode, by default
+LIVE_AR_CHUNK = 8  # tokens per autoregressive message of a live client unless told otherwise
+
+
 class EnvConfig(Strict):
     slot_ms: float = Field(100.0, gt=0)
     tick_ms: float = Field(1.0, gt=0)
@@ -269,7 +273,7 @@ class EnvConfig(Strict):
     ar_chunk: int = Field(
         0,
         ge=0,
-        le=64,
+        le=MAX_AR_STEPS,
         description="tokens one autoregressive (gamma = 0) message asks the server to decode. "
         "0: an ideal stream, no message between steps (each token streams down and the "
         "policy's next choices apply from the next step, at no transport cost); n > 0: n "

@@ -144,10 +144,10 @@ def test_autoregressive_messages_and_their_deadline():
     """A gamma = 0 message of n tokens may take n server steps: its deadline scales with n (5x the
     running mean per step, within [min_deadline_s, timeout_s]); a chunk outside what a verifier
     accepts is refused at construction."""
-    from marl_sd.serving import protocol as P
+    from marl_sd.config import MAX_AR_STEPS
     from marl_sd.serving.draft_client import DraftClient
 
-    for bad in (0, P.MAX_AR_STEPS + 1):
+    for bad in (0, MAX_AR_STEPS + 1):
         with pytest.raises(ValueError, match="ar_chunk"):
             DraftClient(None, ["127.0.0.1:1"], ar_chunk=bad)
     c = DraftClient(None, ["127.0.0.1:1"], ar_chunk=8, min_deadline_s=2.0, timeout_s=30.0)

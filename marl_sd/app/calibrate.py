@@ -232,15 +232,11 @@ def compare_with_sim(
         others = [x for j, x in enumerate(live) if j != i] + list(pool or [])
         held_out = bool(others)
         mates = [names[j] for j in range(len(live)) if j != i]
+        sources = (["policies " + ", ".join(mates)] if mates else []) + ([f"{len(pool)} runs of other repeats"] if pool else [])
         path = fit(
             others or [r],
             f"served_without_{names[i]}" if held_out else f"served_{names[i]}",
-            (
-                ("policies " + ", ".join(mates) if mates else "")
-                + (f"{'; ' if mates else ''}{len(pool)} runs of other repeats" if pool else "")
-            )
-            if held_out
-            else f"policy {names[i]}, in-sample",
+            "; ".join(sources) if held_out else f"policy {names[i]}, in-sample",
         )
         alpha = measured_acceptance([x for o in (others or [r]) for x in o["rows"]])
         pats = text_patterns(r["rows"], draft, cfg.scenario.n_users) if draft else None

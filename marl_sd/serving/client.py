@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
+from marl_sd.config import LIVE_AR_CHUNK
 from marl_sd.model.observation import smooth_token_latency
 from marl_sd.serving import protocol as P
 from marl_sd.serving.draft_client import DraftClient, Drafter, RoundPlan
@@ -347,7 +348,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--ar-chunk",
         type=int,
-        default=8,
+        default=LIVE_AR_CHUNK,
         help="tokens per autoregressive (gamma = 0) message, each a round at whose end the "
         "controller's plan applies (the simulator's env.ar_chunk)",
     )

@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 import torch
 
+from marl_sd.config import LIVE_AR_CHUNK, MAX_AR_STEPS
 from marl_sd.model.observation import acceptance_estimate, update_acceptance
 from marl_sd.serving import protocol as P
 from marl_sd.serving.links import Link
@@ -192,10 +193,10 @@ class DraftClient:
         security: Security | None = None,
         retries_per_server: int = 2,
         min_deadline_s: float = 2.0,
-        ar_chunk: int = 8,
+        ar_chunk: int = LIVE_AR_CHUNK,
     ):
         """`ar_chunk`: tokens per autoregressive (gamma = 0) message (at most
-        `protocol.MAX_AR_STEPS`), simulated by `env.ar_chunk`."""
+        `config.MAX_AR_STEPS`), simulated by `env.ar_chunk`."""
         if not servers:
             raise ValueError("need at least one server address")
         self.drafter, self.servers, self.gamma = drafter, list(servers), gamma
@@ -211,8 +212,8 @@ class DraftClient:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft")
         self.on_round = None
         self.priority = 0
-        if not 1 <= ar_chunk <= P.MAX_AR_STEPS:
-            raise ValueError(f"ar_chunk must be in [1, {P.MAX_AR_STEPS}], got {ar_chunk}")
+        if not 1 <= ar_chunk <= MAX_AR_STEPS:
+            raise ValueError(f"ar_chunk must be in [1, {MAX_AR_STEPS}], got {ar_chunk}")
         self.ar_chunk = ar_chunk
         self.meas = {"acc_hits": 0.0, "acc_trials": 0.0, "remaining": 0, "handovers": 0}
         self._inflight: tuple[threading.Event, asyncio.Future] | None = None  # drafting in the background

@@ -34,7 +34,6 @@ VERIFIER_SERVICE = "marlsd.Verifier"
 CONTROLLER_SERVICE = "marlsd.Controller"
 MAX_MESSAGE = 1 << 20
 MAX_PRIORITY = 15  # verify-priority levels a VERIFY may carry
-MAX_AR_STEPS = 64  # tokens one autoregressive (gamma = 0) VERIFY may ask a verifier to decode, by default
 KEEPALIVE_MS = 1000  # HTTP/2 pings: a hung peer is detected within ~2 keepalive periods
 MAX_GAMMA = 64
 

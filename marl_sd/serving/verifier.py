@@ -29,6 +29,7 @@ import prometheus_client as prom
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from marl_sd.config import MAX_AR_STEPS
 from marl_sd.model.profiles import load_profile
 from marl_sd.serving import protocol as P
 from marl_sd.serving.engine import ServerFull, VerifierEngine, VerifyItem
@@ -45,7 +46,7 @@ class Limits:
 
     sessions_per_client: int = 16  # open sessions per client identity (certificate role, else connection)
     idle_timeout_s: float = 60.0  # a session with no message for this long is closed
-    max_ar_steps: int = P.MAX_AR_STEPS  # tokens one gamma = 0 message may ask the server to decode
+    max_ar_steps: int = MAX_AR_STEPS  # tokens one gamma = 0 message may ask the server to decode
     prefill_chunk: int = 256  # prompt tokens per prefill forward; verify batches run in between
     send_timeout_s: float | None = None  # a reply the client does not read for this long ends the session (None: idle_timeout_s)
     opens_per_s: float = 10.0  # session opens per identity per second (token bucket)
