@@ -40,10 +40,20 @@ def check_policy_fits(policy, own: ObsSpec, ctx: PolicyContext, source) -> None:
         )
 
 
+POLICY_NAMES = ("bound", "oracle", "oracle_clairvoyant", "learned")
+
+
+def check_policy_name(name: str) -> None:
+    """A clear error for a policy name that is neither a heuristic nor one of `POLICY_NAMES`."""
+    if name not in HEURISTICS and name not in POLICY_NAMES:
+        raise ConfigError(f"unknown policy '{name}' (heuristics: {', '.join(HEURISTICS)}; or {', '.join(POLICY_NAMES)})")
+
+
 def make_policy(name: str, cfg: Config, run_dir: Path | None = None, learned_name: str | None = None) -> Policy | None:
     """The policy `name` for scenario `cfg`; `learned` is None when `run_dir` has no checkpoint,
     and a clear error when its checkpoint was trained for other sizes."""
     ctx = PolicyContext.from_config(cfg)
+    check_policy_name(name)
     if name == "bound":
         return SoloBound(ctx)
     if name in ("oracle", "oracle_clairvoyant"):
@@ -57,6 +67,4 @@ def make_policy(name: str, cfg: Config, run_dir: Path | None = None, learned_nam
         own = ObsSpec.from_config(load_config(run_cfg)) if run_cfg.exists() else ctx.spec
         check_policy_fits(policy, own, ctx, ckpt)
         return LearnedPolicy(ctx, policy, name=learned_name or cfg.train.algorithm, own_spec=own)
-    if name not in HEURISTICS:
-        raise KeyError(f"unknown policy '{name}' (heuristics: {', '.join(HEURISTICS)}; or oracle, oracle_clairvoyant, learned)")
     return make_heuristic(name, ctx)

@@ -18,6 +18,14 @@ def test_malformed_sizes_are_a_clear_error(capsys):
         assert f"--sizes {bad}: expected USERSxSERVERS" in " ".join(capsys.readouterr().out.split())
 
 
+def test_unknown_policy_is_a_clear_error_before_any_work(capsys):
+    for extra in ([], ["--capacity"]):  # capacity checks every name before its first bisection
+        args = ["eval", "configs/smoke.yaml", "--policies", "nearest_g4", "no_such_policy", "--seeds", "0", "--episodes", "1"]
+        assert main([*args, *extra]) == 2
+        out = " ".join(capsys.readouterr().out.split())
+        assert "unknown policy 'no_such_policy'" in out and "greedy_latency" in out and "users ->" not in out
+
+
 def test_bench_env_runs(capsys):
     assert main(["bench", "env", "--num-envs", "2", "--steps", "2", "--no-compare-fidelity"]) == 0
     assert "agent-steps/s" in capsys.readouterr().out

@@ -272,9 +272,11 @@ def _policies(cfg, run_dir, names):
 
 def _capacity(cfg, run_dir, names, seeds, episodes, target, out_dir) -> int:
     from marl_sd.agents.capacity import capacity
-    from marl_sd.agents.catalog import make_policy
+    from marl_sd.agents.catalog import check_policy_name, make_policy
     from marl_sd.agents.train import policy_checkpoint
 
+    for n in names:  # before the first bisection, not after an hour of them
+        check_policy_name(n)
     rows = {}
     for n in names:
         if n == "learned" and policy_checkpoint(run_dir) is None:
