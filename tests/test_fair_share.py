@@ -155,17 +155,32 @@ def test_compute_share_holds_an_identity_above_an_equal_share_until_the_others_c
     assert share.cut([("hog", 1), ("hog", 2)], lambda e: e[0])[1] == []
 
 
-def test_verifier_holds_an_identity_over_its_compute_share_until_the_others_ran():
+def test_compute_share_is_work_conserving():
+    """An identity over its share waits only while another identity's work waits: with none,
+    the thread runs it instead of idling."""
+    from marl_sd.serving.fairness import ComputeShare
+
+    share = ComputeShare(half_life_s=1.0, slack=1.25, active_s=0.25, clock=Clock())
+    share.charge({"hog": 90.0, "a": 10.0})
+    hog_only = [("hog", 1), ("hog", 2)]
+    assert share.cut(hog_only, lambda e: e[0]) == (hog_only, [])
+    assert share.cut(hog_only, lambda e: e[0], waiting={"hog"}) == (hog_only, [])
+    assert share.cut(hog_only, lambda e: e[0], waiting={"a"}) == ([], hog_only)  # a's work runs first
+    assert share.holds("hog", {"a"}) and not share.holds("hog", set()) and not share.holds("a", {"hog"})
+
+
+def test_verifier_holds_an_identity_over_its_compute_share_only_while_others_wait():
     """Batches with room: without the share, the identity with four queued rounds fills the batch
     beside the honest one; with it, after it has used most of the thread, the honest round runs
-    alone first and the hog's once the honest identity has gone idle."""
+    alone first and the hog's right after. With no honest round waiting, the hog's rounds are not
+    held (holding them would only idle the thread), although the honest identity is still active."""
     import asyncio
     import time
 
     from marl_sd.serving.engine import VerifyItem
     from marl_sd.serving.verifier import Limits, Verifier
 
-    def batches(compute_share: bool) -> tuple[dict, list]:
+    def batches(compute_share: bool, sids=range(1, 6)) -> tuple[dict, list, int]:
         eng = VerifierEngine(load_model("tiny:0"))
         for sid in range(1, 6):
             eng.open(sid, [5, 6, 7], owner="a" if sid == 5 else "hog")
@@ -177,10 +192,10 @@ def test_verifier_holds_an_identity_over_its_compute_share_until_the_others_ran(
         async def main():
             loop = asyncio.get_running_loop()
             futs = {}
-            for sid in range(1, 6):
-                fut, now = loop.create_future(), time.monotonic()
+            for sid in sids:
+                fut = loop.create_future()
                 fut.add_done_callback(lambda _, sid=sid: order.append(sid))
-                await v.queue.put((0, now, next(v.seq), VerifyItem(sid, [1, 2]), fut, now))
+                v.enqueue(VerifyItem(sid, [1, 2]), fut)
                 futs[sid] = fut
             task = asyncio.ensure_future(v.batcher())
             res = {sid: await asyncio.wait_for(f, 30) for sid, f in futs.items()}
@@ -188,11 +203,14 @@ def test_verifier_holds_an_identity_over_its_compute_share_until_the_others_ran(
             return {sid: r[3] for sid, r in res.items()}
 
         rows = asyncio.run(main())
-        if v.share is not None:  # each forward's model-thread time was charged to its identities
+        if v.share is not None and 5 in sids:  # each forward's model-thread time was charged to its identities
             assert all(v.share.last[w] > t_start for w in ("a", "hog"))
-        return rows, order
+        assert sum(v.waiting.values()) == 0  # every queued row was counted out when batched
+        return rows, order, v.stats["rows_held"]
 
-    rows, _ = batches(False)
-    assert rows == {1: 5, 2: 5, 3: 5, 4: 5, 5: 5}  # every row in one batch
-    rows, order = batches(True)
-    assert rows == {5: 1, 1: 4, 2: 4, 3: 4, 4: 4} and order[0] == 5
+    rows, _, held = batches(False)
+    assert rows == {1: 5, 2: 5, 3: 5, 4: 5, 5: 5} and held == 0  # every row in one batch
+    rows, order, held = batches(True)
+    assert rows == {5: 1, 1: 4, 2: 4, 3: 4, 4: 4} and order[0] == 5 and held == 4
+    rows, _, held = batches(True, sids=range(1, 5))
+    assert rows == {1: 4, 2: 4, 3: 4, 4: 4} and held == 0

@@ -114,7 +114,6 @@ def test_bad_inputs(target):
 
 def test_verify_priority_admitted_first_under_budget(target):
     import asyncio
-    import time
 
     from marl_sd.serving.verifier import Verifier
 
@@ -128,8 +127,7 @@ def test_verify_priority_admitted_first_under_budget(target):
         futs = {}
         for sid, prio in ((1, 0), (2, 5), (3, 1)):
             fut = loop.create_future()
-            now = time.monotonic()
-            await v.queue.put((-prio, now, next(v.seq), VerifyItem(sid, []), fut, now))
+            v.enqueue(VerifyItem(sid, []), fut, prio)
             futs[sid] = fut
         task = asyncio.ensure_future(v.batcher())
         res = {sid: await asyncio.wait_for(f, 30) for sid, f in futs.items()}

@@ -19,7 +19,7 @@ import logging
 import secrets
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -79,7 +79,7 @@ class Metrics:
 
 
 def _entry_tokens(entry) -> int:
-    """Tokens a queued verify entry (priority, time, seq, item, future, time) adds to a batch."""
+    """Tokens a queued verify entry (priority, time, seq, item, future, time, owner) adds to a batch."""
     return len(entry[3].drafts) + 1
 
 
@@ -124,6 +124,7 @@ class Verifier:
         self.queue: asyncio.PriorityQueue = asyncio.PriorityQueue()
         self.seq = itertools.count()
         self.queued_tokens = 0  # tokens waiting for a batch (the simulator's per-server queue feature)
+        self.waiting: Counter = Counter()  # per identity: rows queued and prefill chunks wanting the model thread
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
         self.ids = itertools.count(1)
         self.stats = {
@@ -171,7 +172,7 @@ class Verifier:
     async def batcher(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            entries = [await self.queue.get()]
+            entries = [self._took(await self.queue.get())]
             t_first = time.monotonic()
             tokens = _entry_tokens(entries[0])
             deadline = loop.time() + self.window
@@ -180,23 +181,23 @@ class Verifier:
                 if left <= 0:
                     break
                 try:
-                    entries.append(await asyncio.wait_for(self.queue.get(), left))
+                    entries.append(self._took(await asyncio.wait_for(self.queue.get(), left)))
                 except TimeoutError:
                     break
                 tokens += _entry_tokens(entries[-1])
             # a full batch is shared between identities; their extra rows wait for the next one
             entries, later = fair_cut(entries, self._entry_owner, _entry_tokens, self.token_budget, self.max_batch)
-            if self.share is not None:  # and over time: an identity above its share waits
-                entries, held = self.share.cut(entries, self._entry_owner)
+            if self.share is not None:  # and over time: an identity above its share waits for the others' work
+                entries, held = self.share.cut(entries, self._entry_owner, self._waiting_identities())
                 later += held
                 self.stats["rows_held"] += len(held)
             for e in later:
-                self.queue.put_nowait(e)
+                self._requeue(e)
             if not entries:  # only identities over their share are waiting: let the others' work come
                 await asyncio.sleep(self.hold_poll_s)
                 continue
             self.queued_tokens -= sum(_entry_tokens(e) for e in entries)
-            batch = [e[3:] for e in entries]
+            batch = [e[3:6] for e in entries]
             live = [(it, fut, t) for it, fut, t in batch if not fut.done() and it.sid in self.engine.sessions]
             if not live:
                 continue
@@ -232,8 +233,28 @@ class Verifier:
         sess = self.engine.sessions.get(sid)
         return sess.owner if sess is not None else None
 
-    def _entry_owner(self, entry) -> str | None:
-        return self._owner(entry[3].sid)
+    @staticmethod
+    def _entry_owner(entry) -> str | None:
+        return entry[6]
+
+    def enqueue(self, item, fut: asyncio.Future, priority: int = 0) -> None:
+        """Queue one verify row for the batcher, higher `priority` first. Its owner is taken now:
+        the session may close before the row is batched."""
+        now = time.monotonic()
+        self.queued_tokens += len(item.drafts) + 1
+        self._requeue((-priority, now, next(self.seq), item, fut, now, self._owner(item.sid)))
+
+    def _requeue(self, entry) -> None:
+        self.waiting[self._entry_owner(entry)] += 1
+        self.queue.put_nowait(entry)
+
+    def _took(self, entry):
+        self.waiting[self._entry_owner(entry)] -= 1
+        return entry
+
+    def _waiting_identities(self) -> set:
+        """Identities with work queued for the model thread now."""
+        return {w for w, n in self.waiting.items() if n > 0}
 
     async def _refuse(self, context, code: grpc.StatusCode, reason: str, text: str, who: str | None = None, retry_after_s=None):
         """End the call with `code`: counted by reason and identity, logged in summary, and counted
@@ -288,21 +309,25 @@ class Verifier:
         for upto in range(min(chunk, n), n + chunk, chunk):
             # chunked, one chunk per identity at a time: other sessions' batches and other
             # identities' prefills run in between, so one identity's long prompts queue behind each other
-            async with lock:
-                await self._hold_while_over_share(who)
-                await self.run_model(
-                    self.engine.prefill_chunk,
-                    sid,
-                    upto,
-                    pace_ms=self.prefill_pace_ms(min(upto, n) - max(0, upto - chunk)),
-                    owners={who: 1},
-                )
+            self.waiting[who] += 1
+            try:
+                async with lock:
+                    await self._hold_while_over_share(who)
+                    await self.run_model(
+                        self.engine.prefill_chunk,
+                        sid,
+                        upto,
+                        pace_ms=self.prefill_pace_ms(min(upto, n) - max(0, upto - chunk)),
+                        owners={who: 1},
+                    )
+            finally:
+                self.waiting[who] -= 1
         self.stats["sessions_opened"] += 1
         return sid
 
     async def _hold_while_over_share(self, who: str) -> None:
-        """Let other identities' work run first while `who` is above its share of the model thread."""
-        while self.share is not None and who in self.share.over():
+        """Let other identities' waiting work run first while `who` is above its share of the model thread."""
+        while self.share is not None and self.share.holds(who, self._waiting_identities() - {who}):
             self.stats["prefill_holds"] += 1
             await asyncio.sleep(self.hold_poll_s)
 
@@ -356,9 +381,7 @@ class Verifier:
         new, vms, qms, b, n = [], 0.0, 0.0, 0, 0
         for _ in range(steps):
             fut = asyncio.get_running_loop().create_future()
-            now = time.monotonic()
-            self.queued_tokens += len(item.drafts) + 1
-            await self.queue.put((-self.priority(user, msg.priority), now, next(self.seq), item, fut, now))
+            self.enqueue(item, fut, self.priority(user, msg.priority))
             try:
                 (n, tok), v_ms, q_ms, b = await fut
             except ValueError as e:
