@@ -712,7 +712,9 @@ def _read_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 def _physics_relative_to(tree: dict, path: Path, seen: tuple[Path, ...]) -> None:
     """`train.physics` entries given as a config file (`{from: x.yaml}` or `x.yaml`), relative to
-    the file naming them, are replaced by that file's name and scenario (its `extends` resolved)."""
+    the file naming them, are replaced by that file's name and scenario (its `extends` resolved);
+    an entry's own `scenario` keys are merged over that scenario (e.g. the same sites at another
+    load: `{from: x.yaml, name: x_low, scenario: {n_users: 6}}`)."""
     train = tree.get("train")
     if not isinstance(train, dict) or not isinstance(train.get("physics"), list):
         return
@@ -726,7 +728,8 @@ def _physics_relative_to(tree: dict, path: Path, seen: tuple[Path, ...]) -> None
         if "scenario" not in other:
             raise ConfigError(f"{path}: train.physics.{k}: {src} has no scenario section")
         rest = {x: v for x, v in entry.items() if x != "from"} if isinstance(entry, dict) else {}
-        out.append({"name": other.get("name", Path(src).stem), "scenario": other["scenario"], **rest})
+        scenario = _merge(other["scenario"], rest.pop("scenario", None) or {})
+        out.append({"name": other.get("name", Path(src).stem), "scenario": scenario, **rest})
     train["physics"] = out
 
 

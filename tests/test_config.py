@@ -82,9 +82,15 @@ def test_shipped_configs_found_by_name_outside_a_checkout(tmp_path, monkeypatch)
 
 def test_physics_from_config_files_resolve_into_the_run_config(tmp_path):
     (tmp_path / "a.yaml").write_text(yaml.safe_dump({"name": "site_a", "scenario": {"n_users": 5, "profile": "llama31_8b_h100"}}))
-    p = write(tmp_path, {"env": {"max_servers": 4}, "train": {"physics": ["a.yaml", {"from": "a.yaml", "weight": 2.0}]}})
+    low = {"from": "a.yaml", "name": "site_a_low", "scenario": {"n_users": 2}}  # the same sites at another load
+    p = write(tmp_path, {"env": {"max_servers": 4}, "train": {"physics": ["a.yaml", {"from": "a.yaml", "weight": 2.0}, low]}})
     cfg = load_config(p)
-    assert [(ph.name, ph.scenario.n_users, ph.weight) for ph in cfg.train.physics] == [("site_a", 5, 1.0), ("site_a", 5, 2.0)]
+    assert [(ph.name, ph.scenario.n_users, ph.weight) for ph in cfg.train.physics] == [
+        ("site_a", 5, 1.0),
+        ("site_a", 5, 2.0),
+        ("site_a_low", 2, 1.0),
+    ]
+    assert cfg.train.physics[2].scenario.profile == "llama31_8b_h100"  # merged over the file's scenario
     part = cfg.with_physics(1)
     assert part.scenario.profile == "llama31_8b_h100" and part.train.physics == [] and part.max_servers == 4
     dump_config(cfg, tmp_path / "run.yaml")  # the resolved config holds the scenarios: it loads anywhere
