@@ -136,81 +136,78 @@ def test_a_full_batch_is_shared_between_identities_and_one_with_room_runs_whole(
     assert wait == []  # one identity alone keeps the whole batch
 
 
-def test_compute_share_holds_an_identity_above_an_equal_share_until_the_others_catch_up():
+def test_compute_share_holds_a_batch_of_over_share_rows_alone_while_others_work_waits():
+    """Over its share, an identity's batch alone waits while another identity's work is queued;
+    its rows ride along in a batch with others' rows; with nobody else's work queued they run
+    (work-conserving); alone, an identity is never over its share."""
     from marl_sd.serving.fairness import ComputeShare
 
     clock = Clock()
     share = ComputeShare(half_life_s=1.0, slack=1.25, active_s=0.25, clock=clock)
     share.charge({"hog": 90.0, "a": 10.0})
     assert share.over() == {"hog"}  # 90 % of the thread against an equal share of 50 %
-    keep, wait = share.cut([("hog", 1), ("a", 1), ("hog", 2)], lambda e: e[0])
-    assert keep == [("a", 1)] and wait == [("hog", 1), ("hog", 2)]
-    clock.t += 0.2  # use decays, shares stay: the hog still waits while `a` is active
+    hog_only, mixed = [("hog", 1), ("hog", 2)], [("hog", 1), ("a", 1), ("hog", 2)]
+
+    def who(e):
+        return e[0]
+
+    assert share.cut(hog_only, who, waiting={"a"}) == ([], hog_only)  # a's queued work runs first
+    assert share.cut(hog_only, who, waiting={"hog"}) == (hog_only, [])
+    assert share.cut(hog_only, who) == (hog_only, [])  # nobody else waits: no idle thread
+    assert share.cut(mixed, who, waiting={"a"}) == (mixed, [])  # riding along costs a's batch little
+    assert share.holds({"hog"}, {"a"}) and not share.holds({"hog"}, set()) and not share.holds({"a"}, {"hog"})
+    clock.t += 0.2  # use decays, shares stay: the hog is still over while `a` is active
     assert share.shares()["hog"] == pytest.approx(0.9) and share.over() == {"hog"}
     share.charge({"a": 70.0})
     assert share.over() == set()  # about 78 vs 79: within the slack
     clock.t += 0.3  # `a` quiet for longer than active_s: the hog alone is not held
     share.charge({"hog": 50.0})
     assert share.shares() == {"hog": 1.0} and share.over() == set()
-    assert share.cut([("hog", 1), ("hog", 2)], lambda e: e[0])[1] == []
+    assert share.cut(hog_only, who, waiting={"a"}) == (hog_only, [])
 
 
-def test_compute_share_is_work_conserving():
-    """An identity over its share waits only while another identity's work waits: with none,
-    the thread runs it instead of idling."""
-    from marl_sd.serving.fairness import ComputeShare
-
-    share = ComputeShare(half_life_s=1.0, slack=1.25, active_s=0.25, clock=Clock())
-    share.charge({"hog": 90.0, "a": 10.0})
-    hog_only = [("hog", 1), ("hog", 2)]
-    assert share.cut(hog_only, lambda e: e[0]) == (hog_only, [])
-    assert share.cut(hog_only, lambda e: e[0], waiting={"hog"}) == (hog_only, [])
-    assert share.cut(hog_only, lambda e: e[0], waiting={"a"}) == ([], hog_only)  # a's work runs first
-    assert share.holds("hog", {"a"}) and not share.holds("hog", set()) and not share.holds("a", {"hog"})
-
-
-def test_verifier_holds_an_identity_over_its_compute_share_only_while_others_wait():
-    """Batches with room: without the share, the identity with four queued rounds fills the batch
-    beside the honest one; with it, after it has used most of the thread, the honest round runs
-    alone first and the hog's right after. With no honest round waiting, the hog's rounds are not
-    held (holding them would only idle the thread), although the honest identity is still active."""
+def test_verifier_holds_an_over_share_batch_only_while_other_work_waits():
+    """After the hog has used most of the model thread: its four queued rounds ride along in one
+    batch with the honest round; alone, they run at once when nobody else's work is queued, and
+    wait while the honest identity has a prefill chunk queued, then run once it has gone."""
     import asyncio
     import time
 
     from marl_sd.serving.engine import VerifyItem
     from marl_sd.serving.verifier import Limits, Verifier
 
-    def batches(compute_share: bool, sids=range(1, 6)) -> tuple[dict, list, int]:
+    def batches(sids, honest_prefill_queued: bool = False) -> tuple[dict, int]:
         eng = VerifierEngine(load_model("tiny:0"))
         for sid in range(1, 6):
             eng.open(sid, [5, 6, 7], owner="a" if sid == 5 else "hog")
-        v = Verifier(eng, window_ms=20.0, limits=Limits(compute_share=compute_share, share_half_life_s=0.2))
-        if v.share is not None:
-            v.share.charge({"hog": 900.0, "a": 100.0})
-        order, t_start = [], time.monotonic()
+        v = Verifier(eng, window_ms=20.0, limits=Limits(share_half_life_s=5.0))
+        v.share.charge({"hog": 900.0, "a": 100.0})
+        v.share.active_s = 60.0  # `a` stays active: what is tested is the queued work, not the clock
+        t_start = time.monotonic()
 
         async def main():
             loop = asyncio.get_running_loop()
             futs = {}
+            if honest_prefill_queued:
+                v.waiting["a"] += 1  # as `a`'s prefill chunk does while it wants the thread
             for sid in sids:
-                fut = loop.create_future()
-                fut.add_done_callback(lambda _, sid=sid: order.append(sid))
-                v.enqueue(VerifyItem(sid, [1, 2]), fut)
-                futs[sid] = fut
+                futs[sid] = loop.create_future()
+                v.enqueue(VerifyItem(sid, [1, 2]), futs[sid])
             task = asyncio.ensure_future(v.batcher())
+            if honest_prefill_queued:
+                await asyncio.sleep(0.2)
+                assert not any(f.done() for f in futs.values()) and v.stats["rows_held"] > 0
+                v.waiting["a"] -= 1
             res = {sid: await asyncio.wait_for(f, 30) for sid, f in futs.items()}
             task.cancel()
             return {sid: r[3] for sid, r in res.items()}
 
         rows = asyncio.run(main())
-        if v.share is not None and 5 in sids:  # each forward's model-thread time was charged to its identities
-            assert all(v.share.last[w] > t_start for w in ("a", "hog"))
+        assert v.share.last["hog"] > t_start  # each forward's model-thread time was charged to its identities
         assert sum(v.waiting.values()) == 0  # every queued row was counted out when batched
-        return rows, order, v.stats["rows_held"]
+        return rows, v.stats["rows_held"]
 
-    rows, _, held = batches(False)
-    assert rows == {1: 5, 2: 5, 3: 5, 4: 5, 5: 5} and held == 0  # every row in one batch
-    rows, order, held = batches(True)
-    assert rows == {5: 1, 1: 4, 2: 4, 3: 4, 4: 4} and order[0] == 5 and held == 4
-    rows, _, held = batches(True, sids=range(1, 5))
-    assert rows == {1: 4, 2: 4, 3: 4, 4: 4} and held == 0
+    assert batches(range(1, 6)) == ({1: 5, 2: 5, 3: 5, 4: 5, 5: 5}, 0)  # one batch, nothing held
+    assert batches(range(1, 5)) == ({1: 4, 2: 4, 3: 4, 4: 4}, 0)
+    rows, held = batches(range(1, 5), honest_prefill_queued=True)
+    assert rows == {1: 4, 2: 4, 3: 4, 4: 4} and held > 0

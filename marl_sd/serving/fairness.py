@@ -129,11 +129,18 @@ class ComputeShare:
     batch (rounds back to back, many sessions, long prompts) from keeping the thread busy while
     batches have room, so every other identity's round waits behind its work. An identity whose
     recent use exceeds `slack` times an equal share of the active identities' use (those whose
-    work ran in the last `active_s`) waits while an identity within its share has work waiting:
-    its rows and prefill chunks run once that work has run. Work-conserving: with nobody else's
-    work waiting it runs, since holding it would only idle the thread (holding it regardless
-    slowed honest clients whose autoregressive steps use much of the thread by 22-38 %). Alone,
-    it is not held at all."""
+    work ran in the last `active_s`) is *over its share*:
+    - a batch of over-share rows alone, and an over-share prefill chunk, wait while an identity
+      within its share has work queued (rows or prefill chunks): that work runs first;
+    - over-share rows ride along in a batch that carries other identities' rows: a forward costs
+      nearly the same for a few more rows (`fair_cut` bounds them when the batch is full), while
+      holding them would cost a whole extra forward later;
+    - with nobody else's work queued they run (work-conserving): holding them would only idle
+      the thread. Alone, an identity is never held.
+    An earlier rule held over-share work until the others' use caught up, even with the thread
+    idle and out of batches with room: it slowed honest clients whose autoregressive steps use
+    much of the thread by 22-38 % in the live chain.
+    """
 
     def __init__(self, half_life_s: float = 1.0, slack: float = 1.25, active_s: float = 0.25, clock=time.monotonic):
         self.rate = math.log(2) / half_life_s
@@ -172,19 +179,16 @@ class ComputeShare:
             return set()
         return {w for w, s in sh.items() if s > self.slack / len(sh)}
 
-    def holds(self, who: str | None, waiting) -> bool:
-        """Whether `who`'s work waits now: it is over its share and an identity within its share
-        has work waiting (`waiting`: the identities with work queued for the model thread)."""
+    def holds(self, whos: set, waiting) -> bool:
+        """Whether the work of `whos` (identities) alone waits now: each of them is over its share
+        and an identity within its share has work in `waiting` (identities with work queued for
+        the model thread)."""
         over = self.over()
-        return who in over and any(w not in over for w in waiting)
+        return bool(whos) and set(whos) <= over and any(w not in over for w in waiting)
 
     def cut(self, entries: list, owner, waiting=()) -> tuple[list, list]:
-        """Split a batch into what runs now and what waits: the entries of identities over their
-        share wait while other identities' work is in the batch or in `waiting`; else all run."""
-        over = self.over()
-        if not over:
-            return list(entries), []
-        keep = [e for e in entries if owner(e) not in over]
-        if not keep and not any(w not in over for w in waiting):
-            return list(entries), []
-        return keep, [e for e in entries if owner(e) in over]
+        """Split a batch into what runs now and what waits: a batch of over-share identities'
+        entries alone waits while another identity has work in `waiting`; else it all runs."""
+        if self.holds({owner(e) for e in entries}, waiting):
+            return [], list(entries)
+        return list(entries), []

@@ -187,7 +187,7 @@ class Verifier:
                 tokens += _entry_tokens(entries[-1])
             # a full batch is shared between identities; their extra rows wait for the next one
             entries, later = fair_cut(entries, self._entry_owner, _entry_tokens, self.token_budget, self.max_batch)
-            if self.share is not None:  # and over time: an identity above its share waits for the others' work
+            if self.share is not None:  # and over time: over-share rows alone wait for the others' work
                 entries, held = self.share.cut(entries, self._entry_owner, self._waiting_identities())
                 later += held
                 self.stats["rows_held"] += len(held)
@@ -327,7 +327,7 @@ class Verifier:
 
     async def _hold_while_over_share(self, who: str) -> None:
         """Let other identities' waiting work run first while `who` is above its share of the model thread."""
-        while self.share is not None and self.share.holds(who, self._waiting_identities() - {who}):
+        while self.share is not None and self.share.holds({who}, self._waiting_identities() - {who}):
             self.stats["prefill_holds"] += 1
             await asyncio.sleep(self.hold_poll_s)
 
