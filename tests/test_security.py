@@ -535,18 +535,19 @@ def test_a_round_that_does_not_answer_the_last_reply_is_refused(servers):
 
 def test_chaos_with_fair_share_attackers_stays_lossless():
     """Two honest clients beside a client that never reads its replies, one that opens and
-    closes sessions as fast as it can, one that reconnects (a TLS handshake) for every open, and
+    closes sessions as fast as it can, one that sends well-formed rounds back to back on many
+    sessions, one that reconnects (a TLS handshake) for every open, and
     a twin holding honest client 0's own certificate: every honest request completes losslessly,
     each honest client completes some, the attackers were refused or ended by the verifiers, the
     twin's reports and leaves are refused while client 0 runs, and no attacker held more KV than
     its share."""
     from marl_sd.app.chaos import run_chaos
 
-    res = run_chaos(clients=2, duration_s=25, faults=False, only=["no_reader", "churner", "reconnect_flood", "twin"])
+    res = run_chaos(clients=2, duration_s=25, faults=False, only=["no_reader", "churner", "round_flood", "reconnect_flood", "twin"])
     assert res["requests_completed"] > 0 and res["requests_wrong_tokens"] == 0 and res["requests_failed"] == 0
     assert res["requests_completed_per_user_min"] > 0
     a = res["attackers"]
-    assert a["noread_opened"] > 0 and a["churn_opened"] > 0
+    assert a["noread_opened"] > 0 and a["churn_opened"] > 0 and a["flood_rounds"] > 0
     assert a.get("reconnect_opened", 0) + a.get("reconnect_resource_exhausted", 0) > 0
     assert a.get("twin_report_failed_precondition", 0) > 0 and a.get("twin_leave_failed_precondition", 0) > 0
     assert a["noread_ended_by_server"] > 0 or a.get("churn_resource_exhausted", 0) > 0

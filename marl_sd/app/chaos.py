@@ -248,6 +248,32 @@ async def no_reader(servers: list[str], sec: Security, t_end: float, stats: dict
         await asyncio.gather(*(one(a) for a in servers for _ in range(4)))
 
 
+async def round_flood(servers: list[str], sec: Security, t_end: float, stats: dict, per_server: int = 4) -> None:
+    """A well-formed compute hog: `per_server` sessions on every verifier, each sending a round of
+    3 greedy drafts as soon as the last reply (and its ticket) is in, reopening when refused (e.g.
+    its context outgrows its KV share)."""
+    drafts, no_q = np.array([5, 6, 7], np.int32), np.zeros((3, 0), np.int32)
+
+    async def one(addr):
+        while time.monotonic() < t_end:
+            try:
+                async with sec.channel(addr, "verifier", options=P.grpc_options()) as ch:
+                    call = ch.stream_stream(f"/{P.VERIFIER_SERVICE}/Session")()
+                    await call.write(P.encode_open(P.OpenMsg(0, np.arange(1, 64, dtype=np.int32))))
+                    ticket = P.decode(await call.read()).round
+                    stats["flood_opened"] += 1
+                    while time.monotonic() < t_end:
+                        await call.write(P.encode_verify(P.VerifyMsg(0, ticket, drafts, no_q, no_q.astype(np.float32))))
+                        ticket = P.decode(await call.read()).round
+                        stats["flood_rounds"] += 1
+                    await call.done_writing()
+            except grpc.aio.AioRpcError as e:
+                _count(stats, f"flood_{e.code().name.lower()}")
+                await asyncio.sleep(0.05)
+
+    await asyncio.gather(*(one(a) for a in servers for _ in range(per_server)))
+
+
 async def churner(servers: list[str], sec: Security, t_end: float, stats: dict) -> None:
     """Opens and closes sessions as fast as it can."""
     while time.monotonic() < t_end:
@@ -293,6 +319,7 @@ ATTACKERS = {
     "squatter": squatter,
     "no_reader": no_reader,
     "churner": churner,
+    "round_flood": round_flood,
     "context_hog": context_hog,
     "reconnect_flood": reconnect_flood,
 }
@@ -435,6 +462,8 @@ def run_chaos(
                 "noread_opened",
                 "noread_ended_by_server",
                 "churn_opened",
+                "flood_opened",
+                "flood_rounds",
                 "hog_opened",
             )
         }

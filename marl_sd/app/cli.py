@@ -751,7 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--attackers",
         nargs="+",
         help="chaos: just these attackers, each its own client identity: poisoner squatter bad_reporter no_reader "
-        "churner context_hog reconnect_flood, and twin (a copy of honest client 0's certificate) "
+        "churner round_flood context_hog reconnect_flood, and twin (a copy of honest client 0's certificate) "
         "(default: poisoner squatter bad_reporter)",
     )
     sv.add_argument(
