@@ -543,7 +543,9 @@ def test_chaos_with_fair_share_attackers_stays_lossless():
     its share."""
     from marl_sd.app.chaos import run_chaos
 
-    res = run_chaos(clients=2, duration_s=25, faults=False, only=["no_reader", "churner", "round_flood", "reconnect_flood", "twin"])
+    res = run_chaos(
+        clients=2, duration_s=25, faults=False, only=["no_reader", "churner", "round_flood", "reconnect_flood", "twin"]
+    )
     assert res["requests_completed"] > 0 and res["requests_wrong_tokens"] == 0 and res["requests_failed"] == 0
     assert res["requests_completed_per_user_min"] > 0
     a = res["attackers"]
