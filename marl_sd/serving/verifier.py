@@ -22,6 +22,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import grpc
 import numpy as np
@@ -78,9 +79,22 @@ class Metrics:
         )
 
 
-def _entry_tokens(entry) -> int:
-    """Tokens a queued verify entry (priority, time, seq, item, future, time, owner) adds to a batch."""
-    return len(entry[3].drafts) + 1
+class QueuedRow(NamedTuple):
+    """One verify row waiting for a batch, in queue order: priority (the controller's level,
+    negated: higher first), then arrival, then sequence. Its owner is taken when it is queued:
+    the session may close before the row is batched."""
+
+    priority: int
+    at: float
+    seq: int
+    item: VerifyItem
+    fut: asyncio.Future
+    owner: str | None
+
+
+def _entry_tokens(entry: QueuedRow) -> int:
+    """Tokens a queued verify row adds to a batch."""
+    return len(entry.item.drafts) + 1
 
 
 async def _within(task: asyncio.Future, timeout_s: float) -> bool:
@@ -172,7 +186,7 @@ class Verifier:
     async def batcher(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            entries = [self._took(await self.queue.get())]
+            entries = [self._taken(await self.queue.get())]
             t_first = time.monotonic()
             tokens = _entry_tokens(entries[0])
             deadline = loop.time() + self.window
@@ -181,7 +195,7 @@ class Verifier:
                 if left <= 0:
                     break
                 try:
-                    entries.append(self._took(await asyncio.wait_for(self.queue.get(), left)))
+                    entries.append(self._taken(await asyncio.wait_for(self.queue.get(), left)))
                 except TimeoutError:
                     break
                 tokens += _entry_tokens(entries[-1])
@@ -192,12 +206,12 @@ class Verifier:
                 later += held
                 self.stats["rows_held"] += len(held)
             for e in later:
-                self._requeue(e)
+                self._put(e)
             if not entries:  # only identities over their share are waiting: let the others' work come
                 await asyncio.sleep(self.hold_poll_s)
                 continue
             self.queued_tokens -= sum(_entry_tokens(e) for e in entries)
-            batch = [e[3:6] for e in entries]
+            batch = [(e.item, e.fut, e.at) for e in entries]
             live = [(it, fut, t) for it, fut, t in batch if not fut.done() and it.sid in self.engine.sessions]
             if not live:
                 continue
@@ -234,22 +248,22 @@ class Verifier:
         return sess.owner if sess is not None else None
 
     @staticmethod
-    def _entry_owner(entry) -> str | None:
-        return entry[6]
+    def _entry_owner(entry: QueuedRow) -> str | None:
+        return entry.owner
 
-    def enqueue(self, item, fut: asyncio.Future, priority: int = 0) -> None:
-        """Queue one verify row for the batcher, higher `priority` first. Its owner is taken now:
-        the session may close before the row is batched."""
-        now = time.monotonic()
+    def enqueue(self, item: VerifyItem, fut: asyncio.Future, priority: int = 0) -> None:
+        """Queue one verify row for the batcher, higher `priority` first."""
         self.queued_tokens += len(item.drafts) + 1
-        self._requeue((-priority, now, next(self.seq), item, fut, now, self._owner(item.sid)))
+        self._put(QueuedRow(-priority, time.monotonic(), next(self.seq), item, fut, self._owner(item.sid)))
 
-    def _requeue(self, entry) -> None:
-        self.waiting[self._entry_owner(entry)] += 1
+    def _put(self, entry: QueuedRow) -> None:
+        """Into the queue, counted as its owner's work waiting for the model thread."""
+        self.waiting[entry.owner] += 1
         self.queue.put_nowait(entry)
 
-    def _took(self, entry):
-        self.waiting[self._entry_owner(entry)] -= 1
+    def _taken(self, entry: QueuedRow) -> QueuedRow:
+        """Out of the queue: no longer counted as waiting."""
+        self.waiting[entry.owner] -= 1
         return entry
 
     def _waiting_identities(self) -> set:
@@ -327,7 +341,7 @@ class Verifier:
 
     async def _hold_while_over_share(self, who: str) -> None:
         """Let other identities' waiting work run first while `who` is above its share of the model thread."""
-        while self.share is not None and self.share.holds({who}, self._waiting_identities() - {who}):
+        while self.share is not None and self.share.holds({who}, self._waiting_identities()):
             self.stats["prefill_holds"] += 1
             await asyncio.sleep(self.hold_poll_s)
 
