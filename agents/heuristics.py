@@ -57,22 +57,16 @@ def _bid_level(weight: torch.Tensor, levels: list[float]) -> torch.Tensor:
 class Damped:
     """Decentralized moves without herding: every user sees the same loads, so if all who gain by
     leaving a server left at once, they would all arrive together and leave again. A user with a
-    request in service moves with probability `p` [B, N] (else stays), drawn from the policy's own
-    seeded generator, so the expected number of movers per slot is small."""
-
-    def __init__(self, seed: int = 0):
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def reset(self, seed=None):
-        if seed is not None:
-            self.gen.manual_seed(seed + 104729)
+    request in service moves with probability `p` [B, N] (else stays): when its observed coin
+    (`contract`: a fresh uniform per user and slot) is below `p`, so the expected number of movers
+    per slot is small and the choice is a function of the observation (a policy can learn it)."""
 
     def stay_unless_drawn(self, want: torch.Tensor, f: dict, p: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """`want` [B, N] servers; active users not drawn keep their current server while it is
         `allowed` [B, N, M] (in coverage)."""
         covered = _at(allowed, f["server"])
         active = (f["queue"] > 0) & (want != f["server"]) & covered
-        go = torch.rand(want.shape, generator=self.gen) < p
+        go = f["coin"] < p
         return torch.where(active & ~go, f["server"], want)
 
 
@@ -139,7 +133,6 @@ class LeastLoadedPolicy(Damped, NearestPolicy):
     move re-prefills the context; `Damped`)."""
 
     def __init__(self, ctx, gamma: int = 4, margin: float = 3.0):
-        Damped.__init__(self)
         NearestPolicy.__init__(self, ctx, gamma, name="least_loaded")
         self.margin = margin
         self.description = f"least-loaded covered server + equal split + fixed gamma={gamma}"
@@ -194,7 +187,6 @@ class GreedyLatencyPolicy(Damped, Policy):
     description = "per-user argmin of predicted per-token latency over (server, gamma), current loads"
 
     def __init__(self, ctx, hysteresis: float = 0.25, measured: bool = False):
-        Damped.__init__(self)
         Policy.__init__(self, ctx)
         self.model = LatencyModel(ctx, measured=measured)
         self.hyst = hysteresis

@@ -84,6 +84,7 @@ USER_METRICS = (
     "airtime_ms",
 )
 SERVER_METRICS = ("batches", "batch_users", "batch_tokens", "busy_ms")
+COIN_SALT = 0x5EED_C011  # the observed coins' stream seed is the simulator's seed xor this
 
 
 class ActionError(ValueError):
@@ -144,6 +145,8 @@ class BatchedSimulator(SimState):
         self.ue_tx_kw = 10 ** (cfg.scenario.channel.ue_tx_dbm / 10) / 1e6  # joules per ms of transmission
         self.gen = torch.Generator(device=self.device)
         self.gen.manual_seed(cfg.seed if seed is None else int(seed))
+        self.coin_gen = torch.Generator(device=self.device)  # the observed coins' stream (`_draw_coin`)
+        self.coin_gen.manual_seed(COIN_SALT ^ (cfg.seed if seed is None else int(seed)))
         self.arrival_log: list[torch.Tensor] | None = None  # a list: every queued request's arrival is appended
         self.draws = Draws(self.gen, counter=cfg.env.rng == "counter")  # every random draw (envs.draws)
         self.record_requests = False
@@ -158,6 +161,7 @@ class BatchedSimulator(SimState):
     # ------------------------------------------------------------------ setup / state
     def seed(self, seed: int) -> None:
         self.gen.manual_seed(int(seed))
+        self.coin_gen.manual_seed(COIN_SALT ^ int(seed))
 
     def _zeros(self, *shape, dtype=torch.float32):
         return torch.zeros(*shape, dtype=dtype, device=self.device)
@@ -187,6 +191,7 @@ class BatchedSimulator(SimState):
         self.target = self.server.clone()
         self.bid_w = torch.ones(B, N, device=self.device)
         self.prio_w = torch.ones(B, N, device=self.device)
+        self._draw_coin()
         self._new_accumulators()
         self._update_rates()
         self._update_mask()
@@ -205,6 +210,7 @@ class BatchedSimulator(SimState):
         st = {k: getattr(self, k).clone() for k in STATE}
         st["channel"] = self.channel.get_state()
         st["gen"] = self.gen.get_state()
+        st["coin_gen"] = self.coin_gen.get_state()
         if self.draws.counter:
             st["draw_keys"] = self.draws.keys.clone()
         return st
@@ -217,6 +223,7 @@ class BatchedSimulator(SimState):
         self.channel.set_state(st["channel"])
         if rng:
             self.gen.set_state(st["gen"])
+            self.coin_gen.set_state(st["coin_gen"])
             if self.draws.counter:
                 self.draws.set_keys(st["draw_keys"])
         self._new_accumulators()
@@ -876,6 +883,11 @@ class BatchedSimulator(SimState):
         if bool(nxt.any()):
             self._start_request(nxt, spent)
 
+    def _draw_coin(self) -> None:
+        """Each user's coin for the slot that starts now, off the main stream (so the other
+        draws, and every policy that ignores the coin, are as they were)."""
+        self.coin = self.draws.side_rand((self.B, self.N), self.coin_gen, self.device, site="coin")
+
     def _end_slot(self) -> None:
         slot = self.cfg.env.slot_ms
         self.t = self.t + 1
@@ -885,6 +897,7 @@ class BatchedSimulator(SimState):
         self.srv_slowdown = torch.where(ran, 0.5 * self.srv_slowdown + 0.5 * self.site_factor, self.srv_slowdown)
         self.outstanding_last = self.m["outstanding_ms"] / slot
         self._set_clock(-1)  # t was just advanced: the end of the slot that ended
+        self._draw_coin()
         self.pos, self.waypoint, moved = self.scn.move(self.pos, self.waypoint, self.speed, slot / 1000.0, self.draws)
         self.channel.step(self.pos, moved, self.draws)
         self._update_rates()
@@ -918,6 +931,7 @@ class BatchedSimulator(SimState):
             time_frac=(self.t.float() / self.horizon).expand(self.B),
             context_tokens=self.ctx,
             srv_slowdown=self.srv_slowdown,
+            coin=self.coin,
         ).with_predictions(self.latency_model)
 
     def observations(self) -> torch.Tensor:

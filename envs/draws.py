@@ -123,6 +123,13 @@ class Draws:
             return self._uniform(shape, dim, device, site)
         return self._expand(torch.rand(self._shape(shape, dim), generator=self.gen, device=device), dim)
 
+    def side_rand(self, shape, gen: torch.Generator, device=None, dim: int = 0, site: str = "") -> torch.Tensor:
+        """Uniforms that leave the main stream alone: counter mode hashes them like any draw;
+        stream mode takes them from `gen` (shared within groups like the stream's draws)."""
+        if self.counter:
+            return self._uniform(shape, dim, device, site)
+        return self._expand(torch.rand(self._shape(shape, dim), generator=gen, device=device), dim)
+
     def randn(self, shape, device=None, dim: int = 0, site: str = "") -> torch.Tensor:
         if self.counter:  # Box-Muller
             u1 = 1.0 - self._uniform(shape, dim, device, site)

@@ -100,6 +100,7 @@ class SimState:
     srv_active: torch.Tensor = var(BM, "bool", "a batch is in verification")
     srv_free_at: torch.Tensor = var(BM, "time", "when the server finished its last batch [ms]")
     srv_busy_frac: torch.Tensor = var(BM, "float", "busy fraction over the last slot")
+    coin: torch.Tensor = var(BN, "float", "uniform in [0, 1) per user for the slot that starts now (observed: damped moves)")
     srv_slowdown: torch.Tensor = var(
         BM, "float", "measured batch time over the profile's: running mean over the slots the site ran batches"
     )

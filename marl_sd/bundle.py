@@ -17,7 +17,7 @@ import numpy as np
 
 from marl_sd.contract import SUB_ACTIONS, ActionLayout, manifest_contract
 
-MANIFEST_VERSION = 4
+MANIFEST_VERSION = 5
 CHECKED_KEYS = ("obs_dim", "nvec", "obs_layout", "bid_weights", "priority_weights")
 STRUCTURE = ("name", "source", "width", "kind", "scope", "integer")  # of each feature; scales and clips may differ
 log = logging.getLogger("marl_sd.bundle")

@@ -78,6 +78,9 @@ LOCAL_FEATURES: tuple[Feature, ...] = (
     Feature("srv_verify_ms", "srv_verify_ms", "M", kind="log1p", scale=5.0, clip=(0.0, None), scope="server"),
     Feature("srv_slowdown", "srv_slowdown", "M", kind="log1p", scale=2.0, clip=(0.0, None), scope="server"),
     Feature("server_valid", None, "M", kind="valid", scope="server"),
+    # a fresh uniform draw per user and slot: the randomness of damped moves (a user moves with a
+    # probability), so that a deterministic policy reading it can move as such a heuristic does
+    Feature("coin", "coin"),
 )
 FEATURES_BY_NAME = {f.name: f for f in LOCAL_FEATURES}
 

@@ -18,6 +18,16 @@ from marl_sd.serving.controller import ControllerCore, UserReport, reports_from_
 pytestmark = pytest.mark.train
 
 
+class SameCoins:
+    """Stands in for the controller's coin generator: always these coins."""
+
+    def __init__(self, coins):
+        self.coins = coins
+
+    def random(self, shape):
+        return self.coins.reshape(shape)
+
+
 def reports_from_sim(sim):
     return reports_from_features(sim.features())
 
@@ -53,6 +63,11 @@ def test_controller_observation_equals_env_observation(manifest_and_actor):
     for r in servers:
         core.report_server(r)
     core.slot = int(sim.t)
+    names = [n for n, w in sim.spec.layout() for _ in range(w)]
+    coin = np.array([n == "coin" for n in names])
+    own = [core.builder.local(core.features()[1])[..., coin] for _ in range(2)]
+    assert all(((c >= 0) & (c < 1)).all() for c in own) and not np.array_equal(*own)  # its own coins, afresh
+    core.coins = SameCoins(sim.coin.numpy())  # given the simulator's coins, everything else is the same
     _, f = core.features()
     obs = core.builder.local(f)
     np.testing.assert_allclose(obs, sim.observations().numpy(), atol=1e-6)

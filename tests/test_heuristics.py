@@ -26,7 +26,7 @@ def test_actions_respect_masks(name):
         sim.step(a)
 
 
-def overloaded_scenario(n_users=8):
+def overloaded_scenario(n_users=8, coin=None, **fields):
     """Two servers with equal links; server 0 carries everyone and is busy, server 1 idle; half the
     users are between requests (moving costs them no handover)."""
     cfg = load_config(overrides=[f"scenario.n_users={n_users}", "scenario.n_servers=2"])
@@ -51,7 +51,11 @@ def overloaded_scenario(n_users=8):
         time_frac=torch.zeros(B),
         context_tokens=torch.full((B, N), 300),
         srv_slowdown=torch.ones(B, 2),
-    ).with_predictions(LatencyModel.of(ctx.cfg, measured=True))
+        coin=torch.linspace(0.0, 0.99, N).expand(B, N) if coin is None else torch.full((B, N), coin),
+    )
+    for k, v in fields.items():
+        setattr(f, k, v)
+    f = f.with_predictions(LatencyModel.of(ctx.cfg, measured=True))
     obs = ObservationBuilder(ctx.spec).local(f)
     mask = torch.ones(B, N, sum(ctx.nvec), dtype=torch.bool)
     return ctx, obs, mask
@@ -64,6 +68,45 @@ def test_load_aware_heuristics_use_the_idle_server(name):
     assert int((a[0, :, 0] == 1).sum()) >= 1  # somebody moves to the idle server
     if name == "two_phase_matching":  # matching balances the load
         assert 2 <= int((a[0, :, 0] == 1).sum()) <= 6
+
+
+@pytest.mark.parametrize("name", ["greedy_latency", "greedy_latency_measured", "least_loaded"])
+def test_damped_moves_are_a_function_of_the_observed_coin(name):
+    """A damped user with a request in service moves only when its coin is below its move
+    probability; nothing else is random, so the same observation gives the same action."""
+    idle = torch.arange(8) % 2 == 0
+    slow = {  # server 0 also slowed 6x, with a long queue, and short contexts: leaving it pays
+        "remaining": torch.full((1, 8), 120.0),
+        "context_tokens": torch.full((1, 8), 70),
+        "srv_slowdown": torch.tensor([[6.0, 1.0]]),
+        "srv_queued_tokens": torch.tensor([[400.0, 0.0]]),
+    }
+    movers = {}
+    for coin in (0.0, 0.99):
+        ctx, obs, mask = overloaded_scenario(coin=coin, **slow)
+        a, b = make_heuristic(name, ctx), make_heuristic(name, ctx)
+        a.reset(1)
+        b.reset(2)
+        x = a.act(obs, mask)
+        assert torch.equal(x, b.act(obs, mask))
+        movers[coin] = x[0, :, 0] == 1
+    assert int(movers[0.0][~idle].sum()) >= 1 and int(movers[0.99][~idle].sum()) == 0
+    assert torch.equal(movers[0.0][idle], movers[0.99][idle])  # a user between requests moves freely
+
+
+def test_the_simulator_draws_every_coin_afresh_each_slot_off_its_main_stream():
+    from marl_sd.envs.core import BatchedSimulator
+
+    cfg = load_config(overrides=["env.horizon=20"])
+    sim = BatchedSimulator(cfg, num_envs=3, seed=0)
+    c0 = sim.coin.clone()
+    gen = torch.Generator().manual_seed(0)
+    sim.step(sim.actions.random_valid(sim.mask, gen))
+    assert ((c0 >= 0) & (c0 < 1)).all() and not torch.equal(c0, sim.coin)
+    ctx = PolicyContext.from_config(cfg)
+    from marl_sd.model.observation import decode_local
+
+    assert torch.allclose(decode_local(sim.observations(), ctx.spec)["coin"], sim.coin)
 
 
 def test_nearest_ignores_load():

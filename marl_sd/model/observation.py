@@ -43,6 +43,7 @@ class Features:
     pred_gamma: Any = None  # [B, N, M] that gamma
     pred_best_ms: Any = None  # [B, N] the lowest of pred_ms over servers
     pred_best_gamma: Any = None  # [B, N] the gamma at that server
+    coin: Any = None  # [B, N] uniform in [0, 1), drawn afresh each slot (`contract`: damped moves)
 
     def to(self, device) -> Features:  # torch only
         return Features(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})

@@ -102,9 +102,11 @@ class ControllerCore:
         n_servers: int | None = None,
         max_users: int = 4096,
         latency_model=None,
+        seed: int = 0,
     ):
         """`latency_model`: a measured `LatencyModel` of the deployment's sites (numpy), which
-        fills the observation's physics features (candidate latencies, site verify times)."""
+        fills the observation's physics features (candidate latencies, site verify times);
+        `seed`: the users' coins (the observation's fresh uniform per user and slot)."""
         room = ObsSpec(**manifest["obs_spec"])
         self.n_servers = room.max_servers if n_servers is None else int(n_servers)
         if self.n_servers > room.max_servers:
@@ -113,6 +115,7 @@ class ControllerCore:
         if latency_model is None:
             raise ValueError("ControllerCore needs the sites' latency model (LatencyModel.of(cfg, measured=True, numpy=True))")
         self.latency_model = latency_model
+        self.coins = np.random.default_rng(seed)
         self.max_users = max_users
         self.servers_down: set[int] = set()
         self.joined = self.left = 0  # membership changes
@@ -241,6 +244,7 @@ class ControllerCore:
             time_frac=np.array([min(self.slot, self.horizon) / self.horizon], np.float32),
             context_tokens=np.asarray([r.context_tokens for r in rs], np.int64).reshape(1, N),
             srv_slowdown=slow,
+            coin=self.coins.random((1, N)).astype(np.float32),
         ).with_predictions(self.latency_model)
 
     def masks(self, f: Features) -> np.ndarray:
