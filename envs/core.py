@@ -84,6 +84,7 @@ USER_METRICS = (
     "airtime_ms",
 )
 SERVER_METRICS = ("batches", "batch_users", "batch_tokens", "busy_ms")
+SLOWDOWN_HALF_LIFE_MS = 700.0  # an unused site's measured slowdown decays toward 1 (as profiled) this fast
 COIN_SALT = 0x5EED_C011  # the observed coins' stream seed is the simulator's seed xor this
 
 
@@ -894,7 +895,11 @@ class BatchedSimulator(SimState):
         self.ul_activity = self.m["airtime_ms"] / slot
         self.srv_busy_frac = self.ms["busy_ms"] / slot
         ran = self.ms["batches"] > 0  # the site's batch times this slot measured its speed
-        self.srv_slowdown = torch.where(ran, 0.5 * self.srv_slowdown + 0.5 * self.site_factor, self.srv_slowdown)
+        # a site idle all slot gives no fresh measure: its estimate decays toward its profile, so
+        # it is tried again (else a site once slow looks slow for good, and nobody learns it recovered)
+        fade = torch.where(self.ms["busy_ms"] > 0, 1.0, 0.5 ** (slot / SLOWDOWN_HALF_LIFE_MS))
+        kept = 1.0 + fade * (self.srv_slowdown - 1.0)
+        self.srv_slowdown = torch.where(ran, 0.5 * self.srv_slowdown + 0.5 * self.site_factor, kept)
         self.outstanding_last = self.m["outstanding_ms"] / slot
         self._set_clock(-1)  # t was just advanced: the end of the slot that ended
         self._draw_coin()

@@ -102,7 +102,9 @@ class SimState:
     srv_busy_frac: torch.Tensor = var(BM, "float", "busy fraction over the last slot")
     coin: torch.Tensor = var(BN, "float", "uniform in [0, 1) per user for the slot that starts now (observed: damped moves)")
     srv_slowdown: torch.Tensor = var(
-        BM, "float", "measured batch time over the profile's: running mean over the slots the site ran batches"
+        BM,
+        "float",
+        "measured batch time over the profile's: running mean over the slots the site ran batches, decaying toward 1 over slots it was idle",
     )
     # clock
     now: torch.Tensor = var((), "time", "simulated time [ms] (the slot's start + the ticks done, never accumulated)")

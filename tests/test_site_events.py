@@ -102,3 +102,27 @@ def test_the_measured_greedy_latency_leaves_a_site_that_slows_down():
     assert seen["arrived"] == blind["arrived"] > 20
     assert sum(seen["busy"]) > sum(blind["busy"])  # the other site (1) carries more of the work
     assert seen["lat"] / seen["tok"] < blind["lat"] / blind["tok"]
+
+
+def test_a_site_nobody_uses_fades_back_to_its_profile_in_the_measured_slowdown():
+    """While its users run batches on a slowed site, the measured slowdown follows the factor;
+    once nobody uses it, the estimate decays toward 1 (so the site is tried again)."""
+    cfg = load_config(
+        overrides=[
+            *TWO,
+            "scenario.workload.arrival_rate_per_s=3",
+            "scenario.site_events=[{site: 0, start_s: 0, end_s: 1.5, slowdown: 6}]",
+        ]
+    )
+    sim = BatchedSimulator(cfg, num_envs=2, seed=0)
+    a = torch.zeros(sim.B, sim.N, 4, dtype=torch.long)
+    a[..., 3] = 2
+    seen = []
+    for t in range(40):
+        a[..., 0] = 0 if t < 10 else 1  # everyone on site 0 for 1 s, then on site 1
+        sim.step(a)
+        seen.append(float(sim.srv_slowdown[:, 0].mean()))
+    assert max(seen[:16]) > 4.5  # measured while in use (its last batch ends after 1.5 s): near the factor
+    assert all(b < a_ for a_, b in zip(seen[20:], seen[21:]))  # idle: fading every slot
+    assert 1.0 < seen[-1] < 1.5
+    assert float(sim.srv_slowdown[:, 1].mean()) == pytest.approx(1.0)  # as profiled where it ran
