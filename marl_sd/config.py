@@ -584,6 +584,18 @@ class Config(Strict):
                 if not (PROFILE_DIR / f"{prof}.yaml" if not p.suffix else p).is_file():
                     known = ", ".join(sorted(f.stem for f in PROFILE_DIR.glob("*.yaml")))
                     raise ValueError(f"train.physics.{k} ({ph.name}): latency profile {prof!r} not found (known: {known})")
+        end_s = self.env.horizon * self.env.slot_ms / 1000.0
+        scenarios = [
+            ("scenario", self.scenario),
+            *((f"train.physics.{k} ({p.name})", p.scenario) for k, p in enumerate(self.train.physics)),
+        ]
+        for where, scn in scenarios:
+            for i, e in enumerate(scn.site_events):
+                if e.start_s >= end_s:
+                    raise ValueError(
+                        f"{where}.site_events.{i} starts at {e.start_s:g} s, not before the episode ends "
+                        f"(env.horizon {self.env.horizon} x env.slot_ms {self.env.slot_ms:g} = {end_s:g} s): it would never happen"
+                    )
         return self
 
     @property

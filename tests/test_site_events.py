@@ -85,6 +85,10 @@ def test_queued_rounds_move_off_a_site_that_goes_down():
         ("[{site: 3, start_s: 1, end_s: 2, down: true}]", "site_events name sites"),
         ("[{site: 0, start_s: 3, end_s: 2, down: true}]", "end_s"),
         ("[{site: 0, start_s: 1, end_s: 2}]", "slowdown > 1 or down"),
+        (
+            "[{site: 0, start_s: 25, end_s: 30, down: true}]",
+            r"site_events.0 starts at 25 s, not before the episode ends .* = 25 s",
+        ),
     ],
 )
 def test_bad_site_events_are_config_errors(events, msg):
