@@ -31,6 +31,7 @@ from marl_sd.agents.evaluate import HEADLINE, METRICS
 from marl_sd.agents.heuristics import make_heuristic
 from marl_sd.agents.policy import Policy, PolicyContext
 from marl_sd.config import Config
+from marl_sd.envs.scenario import site_conditions
 from marl_sd.envs.state import ARRIVAL_LOG_COLUMNS
 from marl_sd.model.latency_model import LatencyModel
 
@@ -41,14 +42,7 @@ def site_regimes(cfg: Config, grace_ms: np.ndarray) -> list[tuple[float, np.ndar
     each slot start; here a site is taken at the better of its state then and `grace_ms` [M]
     earlier (a batch started before a change for the worse runs at the old speed)."""
     slot, M = cfg.env.slot_ms, cfg.scenario.n_servers
-    states = []
-    for k in range(cfg.env.horizon):
-        factor, down = np.ones(M), np.zeros(M, dtype=bool)
-        for e in cfg.scenario.site_events:
-            if e.start_s <= k * slot / 1000.0 < e.end_s:
-                factor[e.site] *= e.slowdown
-                down[e.site] |= e.down
-        states.append((factor, down))
+    states = [site_conditions(cfg.scenario.site_events, M, k * slot / 1000.0) for k in range(cfg.env.horizon)]
 
     def state(t: float) -> tuple[np.ndarray, np.ndarray]:
         return states[min(max(int(t // slot), 0), len(states) - 1)]

@@ -46,7 +46,7 @@ from marl_sd.config import Config
 from marl_sd.contract import ACT, SUB_ACTIONS, ActionLayout, ObsSpec
 from marl_sd.envs.channel import LinkBudget, link_rates, make_channel
 from marl_sd.envs.draws import Draws
-from marl_sd.envs.scenario import Scenario
+from marl_sd.envs.scenario import Scenario, site_conditions
 from marl_sd.envs.state import REQ, REQUEST_LOG_COLUMNS, STATE, SimState, allocate, check_state
 from marl_sd.model.costs import MessageCosts, SiteCosts, drafts_after_round
 from marl_sd.model.latency_model import LatencyModel
@@ -145,9 +145,8 @@ class BatchedSimulator(SimState):
         self.arrival_stop_ms = math.inf if w.arrivals_for_s is None else w.arrivals_for_s * 1000.0
         self.ue_tx_kw = 10 ** (cfg.scenario.channel.ue_tx_dbm / 10) / 1e6  # joules per ms of transmission
         self.gen = torch.Generator(device=self.device)
-        self.gen.manual_seed(cfg.seed if seed is None else int(seed))
         self.coin_gen = torch.Generator(device=self.device)  # the observed coins' stream (`_draw_coin`)
-        self.coin_gen.manual_seed(COIN_SALT ^ (cfg.seed if seed is None else int(seed)))
+        self.seed(cfg.seed if seed is None else seed)
         self.arrival_log: list[torch.Tensor] | None = None  # a list: every queued request's arrival is appended
         self.draws = Draws(self.gen, counter=cfg.env.rng == "counter")  # every random draw (envs.draws)
         self.record_requests = False
@@ -280,14 +279,9 @@ class BatchedSimulator(SimState):
         (`scenario.site_events`; derived from the clock, so no state of its own)."""
         if not self.site_events:
             return
-        t_s = float(self.now) / 1000.0
-        factor = torch.ones(self.M, device=self.device)
-        down = torch.zeros(self.M, dtype=torch.bool, device=self.device)
-        for e in self.site_events:
-            if e.start_s <= t_s < e.end_s:
-                factor[e.site] *= e.slowdown
-                down[e.site] |= e.down
-        self.site_factor, self.site_down = factor, down
+        factor, down = site_conditions(self.site_events, self.M, float(self.now) / 1000.0)
+        self.site_factor = torch.tensor(factor, dtype=torch.float32, device=self.device)
+        self.site_down = torch.tensor(down, device=self.device)
 
     def _hand_over(self, who: torch.Tensor) -> None:
         """Move `who`'s sessions to their target servers: the context is sent along with the next

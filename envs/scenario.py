@@ -145,3 +145,14 @@ def poisson_schedule(w, n_users: int, duration_s: float, seed: int) -> list[list
             )
         out.append(reqs)
     return out
+
+
+def site_conditions(events, n_servers: int, t_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each site's batch-time factor [M] and down state [M] at episode time `t_s` under
+    `scenario.site_events` (the simulator reads them at each slot start; the bound per slot)."""
+    factor, down = np.ones(n_servers), np.zeros(n_servers, dtype=bool)
+    for e in events:
+        if e.start_s <= t_s < e.end_s:
+            factor[e.site] *= e.slowdown
+            down[e.site] |= e.down
+    return factor, down
