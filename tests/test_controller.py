@@ -83,14 +83,22 @@ def test_controller_observation_equals_env_observation(manifest_and_actor):
         assert tot == pytest.approx(1.0) or tot == 0
 
 
-def test_controller_records_decisions_that_miss_their_slot(manifest_and_actor):
+def test_controller_records_decisions_that_miss_their_slot(manifest_and_actor, monkeypatch):
+    """A decision slower than the slot is counted as missed. The decision timer is a fake clock
+    that only the slow policy advances, so a busy machine cannot change the count."""
+    import types
+
+    from marl_sd.serving import controller as controller_module
+
     cfg, m, actor, _, _ = manifest_and_actor
     fast = bundle_policy(actor, m)
-    slow = {"on": False}
+    clock = {"s": 0.0, "slow": False}
+    fake_time = types.SimpleNamespace(perf_counter=lambda: clock["s"], monotonic=time.monotonic)
+    monkeypatch.setattr(controller_module, "time", fake_time)
 
     def policy(obs, mask):
-        if slow["on"]:
-            time.sleep(0.03)  # longer than the 20 ms slot
+        if clock["slow"]:
+            clock["s"] += 0.03  # longer than the 20 ms slot
         return fast(obs, mask)
 
     core = ControllerCore(m, policy, slot_ms=20.0, latency_model=LatencyModel.of(cfg, measured=True, numpy=True))
@@ -100,7 +108,7 @@ def test_controller_records_decisions_that_miss_their_slot(manifest_and_actor):
     for _ in range(3):
         core.step()
     assert core.latency_stats()["missed_slots"] == 0
-    slow["on"] = True
+    clock["slow"] = True
     for _ in range(2):
         core.step()
     st = core.latency_stats()
