@@ -68,9 +68,13 @@ class SearchOracle(Policy):
         objective: str = _BUDGET.objective,
         min_z: float = _BUDGET.min_z,
         guard_horizon: int = _BUDGET.guard_horizon,
+        site_events: str = _BUDGET.site_events,
     ):
         super().__init__(ctx)
         self.objective, self.min_z = objective, min_z
+        if site_events not in ("known", "present"):
+            raise ValueError(f"site_events must be 'known' or 'present', got {site_events!r}")
+        self.site_events = site_events
         self.guard_H = max(guard_horizon, horizon) if guard_horizon else None  # None: to the episode's end
         self.clairvoyant = clairvoyant
         if clairvoyant:
@@ -140,6 +144,7 @@ class SearchOracle(Policy):
         s = self._scratch_sim(U * K)
         state = self.sim.get_state() if state is None else state
         s.load_copies(state, envs)
+        self._site_outlook(s)
         s.gen.manual_seed(seed)
         if self.clairvoyant:
             s.draws.set_keys(state["draw_keys"][envs])  # every copy of environment b draws b's real future
@@ -163,6 +168,16 @@ class SearchOracle(Policy):
         mean = self._samples.mean(-1)
         se = self._samples.std(-1) / math.sqrt(K) if K > 1 else torch.full((B, C), math.nan)
         return mean, se
+
+    def _site_outlook(self, s: BatchedSimulator) -> None:
+        """What the rollouts in `s` assume of the sites: the scenario's event schedule (`known`),
+        or the real simulator's conditions of this slot held for the whole rollout (`present`)."""
+        if self.site_events == "known":
+            s.site_events = self.sim.site_events
+            return
+        s.site_events = []  # no schedule: the conditions set here are kept
+        s.site_factor = self.sim.site_factor.clone()
+        s.site_down = self.sim.site_down.clone()
 
     # ---------------------------------------------------------------- search
     def _moves(self, best: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:

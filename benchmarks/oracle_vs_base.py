@@ -71,6 +71,12 @@ def main() -> None:
     p.add_argument("--moves", type=int, default=b.moves)
     p.add_argument("--min-z", type=float, default=b.min_z)
     p.add_argument("--guard-horizon", type=int, default=b.guard_horizon)
+    p.add_argument(
+        "--site-events",
+        choices=["known", "present"],
+        default=b.site_events,
+        help="rollouts follow the scenario's event schedule, or hold this slot's site conditions",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument(
         "--variants", nargs="+", choices=["base", "unguarded", "guarded", "nudged"], default=["base", "unguarded", "guarded"]
@@ -83,7 +89,14 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_config(suite_configs([a.scenario])[a.scenario], evaluation_overrides())
     ctx = PolicyContext.from_config(cfg)
-    budget = dict(horizon=a.horizon, samples=a.samples, moves=a.moves, base=a.base, guard_horizon=a.guard_horizon)
+    budget = dict(
+        horizon=a.horizon,
+        samples=a.samples,
+        moves=a.moves,
+        base=a.base,
+        guard_horizon=a.guard_horizon,
+        site_events=a.site_events,
+    )
     variants = {
         "base": ("base", lambda: make_heuristic(a.base, ctx)),
         "unguarded": ("search, no guard", lambda: SearchOracle(ctx, **budget, min_z=0.0)),

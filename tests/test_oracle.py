@@ -246,3 +246,24 @@ def test_a_policy_object_as_base_is_proposed_rolled_out_and_the_guards_fallback(
     free.attach(sim)
     departed = [not torch.equal(free.search(obs, mask, s)[0], base.act(obs, mask)) for s in range(4)]
     assert any(departed), "with no guard the search never departed from a fixed gamma of 2"
+
+
+@pytest.mark.parametrize("outlook,factor", [("known", 6.0), ("present", 1.0)])
+def test_rollouts_foresee_a_site_event_only_when_the_schedule_is_known(outlook, factor):
+    """Another tenant slows site 0 from two slots after the decision: `known` rollouts run into
+    the slowdown; `present` ones keep the sites as they are at the decision, and the real
+    simulator is not touched either way."""
+    cfg0 = load_config(overrides=SMALL)
+    start_s = 14 * cfg0.env.slot_ms / 1000.0
+    cfg = load_config(overrides=SMALL + [f"scenario.site_events=[{{site: 0, start_s: {start_s}, end_s: 60, slowdown: 6}}]"])
+    ctx = PolicyContext.from_config(cfg)
+    sim = loaded_sim(cfg, slots=12)
+    oracle = SearchOracle(ctx, horizon=4, samples=2, moves=4, site_events=outlook)
+    oracle.attach(sim)
+    a = make_heuristic("nearest_adaptive", ctx).act(sim.observations(), sim.mask)
+    oracle.score(a.unsqueeze(1), seed=5)
+    (scratch,) = oracle._scratch.values()
+    assert float(scratch.site_factor[0]) == factor
+    assert float(sim.site_factor[0]) == 1.0 and sim.site_events == cfg.scenario.site_events
+    with pytest.raises(ValueError, match="site_events"):
+        SearchOracle(ctx, site_events="future")
