@@ -143,8 +143,8 @@ class SearchOracle(Policy):
         envs = bi.repeat_interleave(K)
         s = self._scratch_sim(U * K)
         state = self.sim.get_state() if state is None else state
+        self._site_outlook(s)  # before the copies: loading them derives the mask from the sites' state
         s.load_copies(state, envs)
-        self._site_outlook(s)
         s.gen.manual_seed(seed)
         if self.clairvoyant:
             s.draws.set_keys(state["draw_keys"][envs])  # every copy of environment b draws b's real future

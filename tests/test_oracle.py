@@ -267,3 +267,31 @@ def test_rollouts_foresee_a_site_event_only_when_the_schedule_is_known(outlook, 
     assert float(sim.site_factor[0]) == 1.0 and sim.site_events == cfg.scenario.site_events
     with pytest.raises(ValueError, match="site_events"):
         SearchOracle(ctx, site_events="future")
+
+
+def test_a_present_outlook_search_after_a_site_comes_back_can_send_users_there():
+    """Site 1 is down at one decision and up again at a later one: the rollouts of the later
+    search must not keep the earlier down state (the copies' masks follow the real sites)."""
+    cfg0 = load_config(overrides=SMALL)
+    slot_s = cfg0.env.slot_ms / 1000.0
+    cfg = load_config(
+        overrides=SMALL + [f"scenario.site_events=[{{site: 1, start_s: {12 * slot_s}, end_s: {16 * slot_s}, down: true}}]"]
+    )
+    ctx = PolicyContext.from_config(cfg)
+    sim = loaded_sim(cfg, slots=13)
+    oracle = SearchOracle(ctx, horizon=2, samples=2, moves=2, site_events="present")
+    oracle.attach(sim)
+    base = make_heuristic("nearest_adaptive", ctx)
+    assert bool(sim.site_down[1])
+    oracle.score(base.act(sim.observations(), sim.mask).unsqueeze(1), seed=5)
+    for _ in range(4):
+        sim.step(base.act(sim.observations(), sim.mask))
+    assert not bool(sim.site_down[1])
+    a = base.act(sim.observations(), sim.mask)
+    to_1 = a.clone()
+    to_1[..., 0] = 1
+    a = torch.where(ctx.actions.allowed(to_1, sim.mask.bool()).all(-1, keepdim=True), to_1, a)
+    assert bool((a[..., 0] == 1).any())
+    oracle.score(a.unsqueeze(1), seed=6)
+    (scratch,) = oracle._scratch.values()
+    assert not bool(scratch.site_down.any())
