@@ -4,6 +4,7 @@ policy, their ratio and paired t-test over seeds, every fixed heuristic's ratio,
 per policy the worst-case and geometric-mean ratio to each scenario's best heuristic.
 
     python benchmarks/generalist_table.py runs/suite_generalist/suite.json --held-out vehicular datacenter_h100
+    python benchmarks/generalist_table.py runs/suite_generalist/suite.json --learned-from runs/suite_other/suite.json
 """
 
 import argparse
@@ -20,12 +21,34 @@ def gmean(xs) -> float:
     return float(math.exp(np.mean(np.log(xs))))
 
 
+def take_learned(d: dict, other: dict) -> None:
+    """Replace `d`'s learned policy by `other`'s on every scenario both ran (same seeds and episodes)."""
+    for k in ("seeds", "episodes", "overrides"):
+        if d["meta"][k] != other["meta"][k]:
+            raise SystemExit(f"--learned-from: {k} differ ({d['meta'][k]} vs {other['meta'][k]})")
+    for scen, runs in other["per_seed"].items():
+        if scen not in d["per_seed"] or "learned" not in runs:
+            continue
+        s = d["summary"][scen]
+        d["per_seed"][scen]["learned"] = runs["learned"]
+        s["policies"]["learned"] = other["summary"][scen]["policies"]["learned"]
+        s["ratio_to_best_heuristic"]["learned"] = s["policies"]["learned"]["mean"] / s["policies"][s["best_heuristic"]]["mean"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("suite_json")
     p.add_argument("--held-out", nargs="*", default=[], help="scenarios whose physics the learned policy never trained on")
+    p.add_argument(
+        "--learned-from",
+        metavar="SUITE_JSON",
+        help="take `learned` from this suite run (`bench suite --suite-policies learned --learned RUN`, same seeds and "
+        "episodes) instead of the first one's",
+    )
     a = p.parse_args()
     d = json.load(open(a.suite_json))
+    if a.learned_from:
+        take_learned(d, json.load(open(a.learned_from)))
     S, per = d["summary"], d["per_seed"]
     heur = [h for h in HEURISTICS if h != "random"]
     print(
