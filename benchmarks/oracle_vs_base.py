@@ -89,14 +89,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_config(suite_configs([a.scenario])[a.scenario], evaluation_overrides())
     ctx = PolicyContext.from_config(cfg)
-    budget = dict(
-        horizon=a.horizon,
-        samples=a.samples,
-        moves=a.moves,
-        base=a.base,
-        guard_horizon=a.guard_horizon,
-        site_events=a.site_events,
-    )
+    budget = {k: getattr(a, k) for k in ("horizon", "samples", "moves", "base", "guard_horizon", "site_events")}
     variants = {
         "base": ("base", lambda: make_heuristic(a.base, ctx)),
         "unguarded": ("search, no guard", lambda: SearchOracle(ctx, **budget, min_z=0.0)),
