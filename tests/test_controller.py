@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from marl_sd.config import load_config
 from marl_sd.contract import ActionLayout
 from marl_sd.envs.core import BatchedSimulator
 from marl_sd.model.latency_model import LatencyModel
+from marl_sd.serving import controller as controller_module
 from marl_sd.serving.controller import ControllerCore, UserReport, reports_from_features
 
 pytestmark = pytest.mark.train
@@ -86,10 +88,6 @@ def test_controller_observation_equals_env_observation(manifest_and_actor):
 def test_controller_records_decisions_that_miss_their_slot(manifest_and_actor, monkeypatch):
     """A decision slower than the slot is counted as missed. The decision timer is a fake clock
     that only the slow policy advances, so a busy machine cannot change the count."""
-    import types
-
-    from marl_sd.serving import controller as controller_module
-
     cfg, m, actor, _, _ = manifest_and_actor
     fast = bundle_policy(actor, m)
     clock = {"s": 0.0, "slow": False}
@@ -154,6 +152,7 @@ from marl_sd.serving.controller import ControllerCore, UserReport
 m, actor = load_bundle({str(out)!r})
 from marl_sd.config import load_config
 from marl_sd.model.latency_model import LatencyModel
+from marl_sd.serving import controller as controller_module
 core = ControllerCore(m, bundle_policy(actor, m), latency_model=LatencyModel.of(load_config(), measured=True, numpy=True))
 core.report_user(UserReport(user=0, snr_db=[5.0, 1.0, 0.0], ul_mbps=[10, 3, 1], server=0, draft_ms=17, power_w=4, max_gamma=6))
 d = core.step()
