@@ -25,6 +25,7 @@ mobility), so the search may exploit luck no controller can foresee: a loose bou
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 
@@ -36,6 +37,7 @@ from marl_sd.envs.core import BatchedSimulator
 
 SCRATCH_BUCKET = 8  # distinct candidates are padded to a multiple of this
 _BUDGET = OracleConfig()  # the constructor's defaults are the configured ones
+SITE_OUTLOOKS = get_args(OracleConfig.model_fields["site_events"].annotation)  # known, present, observed
 PROPOSERS = (
     "nearest_g4",
     "nearest_adaptive",
@@ -72,8 +74,8 @@ class SearchOracle(Policy):
     ):
         super().__init__(ctx)
         self.objective, self.min_z = objective, min_z
-        if site_events not in ("known", "present"):
-            raise ValueError(f"site_events must be 'known' or 'present', got {site_events!r}")
+        if site_events not in SITE_OUTLOOKS:
+            raise ValueError(f"site_events must be one of {', '.join(SITE_OUTLOOKS)}, got {site_events!r}")
         self.site_events = site_events
         self.guard_H = max(guard_horizon, horizon) if guard_horizon else None  # None: to the episode's end
         self.clairvoyant = clairvoyant
@@ -143,7 +145,7 @@ class SearchOracle(Policy):
         envs = bi.repeat_interleave(K)
         s = self._scratch_sim(U * K)
         state = self.sim.get_state() if state is None else state
-        self._site_outlook(s)  # before the copies: loading them derives the mask from the sites' state
+        self._site_outlook(s, envs)  # before the copies: loading them derives the mask from the sites' state
         s.load_copies(state, envs)
         s.gen.manual_seed(seed)
         if self.clairvoyant:
@@ -169,14 +171,19 @@ class SearchOracle(Policy):
         se = self._samples.std(-1) / math.sqrt(K) if K > 1 else torch.full((B, C), math.nan)
         return mean, se
 
-    def _site_outlook(self, s: BatchedSimulator) -> None:
-        """What the rollouts in `s` assume of the sites: the scenario's event schedule (`known`),
-        or the real simulator's conditions of this slot held for the whole rollout (`present`)."""
+    def _site_outlook(self, s: BatchedSimulator, envs: torch.Tensor) -> None:
+        """What the rollouts in `s` (copy i of real environment `envs[i]`) assume of the sites:
+        the scenario's event schedule (`known`); the real simulator's conditions of this slot
+        held for the whole rollout (`present`); or, per copy, its environment's measured slowdown
+        held with the sites' up/down state of this slot (`observed`: what the observation carries)."""
         if self.site_events == "known":
             s.site_events = self.sim.site_events
             return
         s.site_events = []  # no schedule: the conditions set here are kept
-        s.site_factor = self.sim.site_factor.clone()
+        if self.site_events == "observed":
+            s.site_factor = self.sim.srv_slowdown[envs].clone()  # [copies, M]: batch times broadcast over it
+        else:
+            s.site_factor = self.sim.site_factor.clone()
         s.site_down = self.sim.site_down.clone()
 
     # ---------------------------------------------------------------- search

@@ -23,7 +23,7 @@ import torch
 
 from marl_sd.agents.evaluate import HEADLINE, evaluation_overrides, run_policy
 from marl_sd.agents.heuristics import make_heuristic
-from marl_sd.agents.oracle import SearchOracle
+from marl_sd.agents.oracle import SITE_OUTLOOKS, SearchOracle
 from marl_sd.agents.policy import Policy, PolicyContext
 from marl_sd.app.suite import suite_configs
 from marl_sd.config import OracleConfig, load_config
@@ -73,9 +73,10 @@ def main() -> None:
     p.add_argument("--guard-horizon", type=int, default=b.guard_horizon)
     p.add_argument(
         "--site-events",
-        choices=["known", "present"],
+        choices=SITE_OUTLOOKS,
         default=b.site_events,
-        help="rollouts follow the scenario's event schedule, or hold this slot's site conditions",
+        help="rollouts follow the scenario's event schedule, hold this slot's true site conditions, "
+        "or hold the slowdowns the users measured so far",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument(

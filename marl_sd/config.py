@@ -518,11 +518,12 @@ class OracleConfig(Strict):
         "0: to the episode's end, where the score is the episode's own, so a departure must "
         "improve the base policy's whole remaining episode",
     )
-    site_events: Literal["known", "present"] = Field(
+    site_events: Literal["known", "present", "observed"] = Field(
         "known",
         description="what rollouts assume of `scenario.site_events`: known: the schedule itself (the search "
         "foresees another tenant's arrival and departure); present: the sites stay as they are at the decision "
-        "slot (what a controller that only observes the sites can know)",
+        "slot (their true speed, which a site idle since it changed has not shown yet); observed: each site keeps "
+        "the slowdown its users measured so far and its up/down state (what the observation carries)",
     )
 
 

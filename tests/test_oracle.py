@@ -269,6 +269,28 @@ def test_rollouts_foresee_a_site_event_only_when_the_schedule_is_known(outlook, 
         SearchOracle(ctx, site_events="future")
 
 
+def test_observed_outlook_rollouts_hold_each_environments_measured_slowdown():
+    """`observed`: copy i of environment b runs its sites at b's measured slowdown (what b's
+    observation carries), not at the sites' true factor, and not at another environment's."""
+    cfg = load_config(overrides=SMALL + ["scenario.site_events=[{site: 0, start_s: 0.5, end_s: 60, slowdown: 6}]"])
+    ctx = PolicyContext.from_config(cfg)
+    sim = BatchedSimulator(cfg, num_envs=2, seed=3)
+    base = make_heuristic("nearest_adaptive", ctx)
+    for _ in range(8):
+        sim.step(base.act(sim.observations(), sim.mask))
+    assert float(sim.site_factor[0]) == 6.0
+    measured = torch.tensor([[2.5, 1.0], [1.0, 4.0]])
+    sim.srv_slowdown = measured.clone()
+    oracle = SearchOracle(ctx, horizon=3, samples=2, moves=2, site_events="observed")
+    oracle.attach(sim)
+    mean, _ = oracle.score(base.act(sim.observations(), sim.mask).unsqueeze(1), seed=5)
+    assert bool(torch.isfinite(mean).all())
+    (scratch,) = oracle._scratch.values()
+    envs = torch.tensor([0, 1] + [0] * (scratch.B // 2 - 2)).repeat_interleave(2)  # 2 futures; padded with env 0
+    assert torch.equal(scratch.site_factor, measured[envs])
+    assert float(sim.site_factor[0]) == 6.0 and torch.equal(sim.srv_slowdown, measured)
+
+
 def test_a_present_outlook_search_after_a_site_comes_back_can_send_users_there():
     """Site 1 is down at one decision and up again at a later one: the rollouts of the later
     search must not keep the earlier down state (the copies' masks follow the real sites)."""
