@@ -36,13 +36,15 @@ from marl_sd.envs.state import ARRIVAL_LOG_COLUMNS
 from marl_sd.model.latency_model import LatencyModel
 
 
-def site_regimes(cfg: Config, grace_ms: np.ndarray) -> list[tuple[float, np.ndarray, np.ndarray]]:
+def site_regimes(cfg: Config, grace_ms: np.ndarray, events=None) -> list[tuple[float, np.ndarray, np.ndarray]]:
     """The intervals of constant site conditions over the episode, as the bound sees them:
-    [(start ms, slowdown [M], down [M])], the first at 0. The simulator reads `site_events` at
-    each slot start; here a site is taken at the better of its state then and `grace_ms` [M]
-    earlier (a batch started before a change for the worse runs at the old speed)."""
+    [(start ms, slowdown [M], down [M])], the first at 0. The simulator reads `site_events` (the
+    episode's own, `events`, where they were moved; else the scenario's) at each slot start; here
+    a site is taken at the better of its state then and `grace_ms` [M] earlier (a batch started
+    before a change for the worse runs at the old speed)."""
     slot, M = cfg.env.slot_ms, cfg.scenario.n_servers
-    states = [site_conditions(cfg.scenario.site_events, M, k * slot / 1000.0) for k in range(cfg.env.horizon)]
+    events = cfg.scenario.site_events if events is None else events
+    states = [site_conditions(events, M, k * slot / 1000.0) for k in range(cfg.env.horizon)]
 
     def state(t: float) -> tuple[np.ndarray, np.ndarray]:
         return states[min(max(int(t // slot), 0), len(states) - 1)]
@@ -115,6 +117,7 @@ class SoloBound(Policy):
     def attach(self, sim) -> None:
         self.sim = sim
         sim.arrival_log = []
+        self.regimes = site_regimes(self.ctx.cfg, self.grace_ms(), sim.site_events)  # the episodes' own schedule
 
     def reset(self, seed=None) -> None:
         self.driver.reset(seed)

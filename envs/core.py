@@ -46,7 +46,7 @@ from marl_sd.config import Config
 from marl_sd.contract import ACT, SUB_ACTIONS, ActionLayout, ObsSpec
 from marl_sd.envs.channel import LinkBudget, link_rates, make_channel
 from marl_sd.envs.draws import Draws
-from marl_sd.envs.scenario import Scenario, site_conditions
+from marl_sd.envs.scenario import Scenario, moved_events, site_conditions
 from marl_sd.envs.state import REQ, REQUEST_LOG_COLUMNS, STATE, SimState, allocate, check_state
 from marl_sd.model.costs import MessageCosts, SiteCosts, drafts_after_round
 from marl_sd.model.latency_model import LatencyModel
@@ -86,6 +86,7 @@ USER_METRICS = (
 SERVER_METRICS = ("batches", "batch_users", "batch_tokens", "busy_ms")
 SLOWDOWN_HALF_LIFE_MS = 700.0  # an unused site's measured slowdown decays toward 1 (as profiled) this fast
 COIN_SALT = 0x5EED_C011  # the observed coins' stream seed is the simulator's seed xor this
+EVENT_SALT = 0x5EED_E7E7  # the moved site events' stream seed (`scenario.site_event_jitter_s`): seed xor this
 
 
 class ActionError(ValueError):
@@ -137,7 +138,8 @@ class BatchedSimulator(SimState):
         self.sites = SiteCosts.of(cfg, self.device)
         self.latency_model = LatencyModel.of(cfg, measured=True, device=self.device)  # the observation's candidates
         self.kv_limited = bool(torch.isfinite(self.sites.kv_capacity).any())
-        self.site_events = cfg.scenario.site_events
+        self.site_events = cfg.scenario.site_events  # this episode's (moved at each reset under a jitter)
+        self.event_gen = torch.Generator()  # draws the moved events, off the main stream
         self.site_factor = torch.ones(self.scn.M, device=self.device)  # [M] batch-time factor this slot
         self.site_down = torch.zeros(self.scn.M, dtype=torch.bool, device=self.device)  # [M] serving nothing
         self.lam_per_ms = w.arrival_rate_per_s / 1000.0
@@ -162,6 +164,7 @@ class BatchedSimulator(SimState):
     def seed(self, seed: int) -> None:
         self.gen.manual_seed(int(seed))
         self.coin_gen.manual_seed(COIN_SALT ^ int(seed))
+        self.event_gen.manual_seed(EVENT_SALT ^ int(seed))
 
     def _zeros(self, *shape, dtype=torch.float32):
         return torch.zeros(*shape, dtype=dtype, device=self.device)
@@ -175,6 +178,8 @@ class BatchedSimulator(SimState):
             g.set_keys(keys if self.pinned_key is None else torch.full_like(keys, self.pinned_key))
         g.clock = -1
         self.srv_slowdown = torch.ones_like(self.srv_slowdown)
+        if self.cfg.scenario.site_event_jitter_s > 0:
+            self.site_events = moved_events(self.cfg.scenario.site_events, self.cfg.scenario.site_event_jitter_s, self.event_gen)
         self.pos = s.sample_points((B, N), g, site="pos")
         self.waypoint = s.sample_points((B, N), g, site="waypoint")
         self.speed = s.sample_speeds((B, N), g)

@@ -156,3 +156,14 @@ def site_conditions(events, n_servers: int, t_s: float) -> tuple[np.ndarray, np.
             factor[e.site] *= e.slowdown
             down[e.site] |= e.down
     return factor, down
+
+
+def moved_events(events, jitter_s: float, gen: torch.Generator) -> list:
+    """`events`, each moved by its own uniform offset in [-jitter_s, +jitter_s] s, its length kept
+    and its start never before 0 (`scenario.site_event_jitter_s`)."""
+    off = (torch.rand(len(events), generator=gen, dtype=torch.float64) * 2.0 - 1.0) * jitter_s
+    out = []
+    for e, o in zip(events, off.tolist(), strict=True):
+        o = max(o, -e.start_s)
+        out.append(e.model_copy(update={"start_s": e.start_s + o, "end_s": e.end_s + o}))
+    return out

@@ -217,6 +217,13 @@ class ScenarioConfig(Strict):
     site_events: list[SiteEvent] = Field(
         default_factory=list, description="sites that slow down or go down for an interval of each episode"
     )
+    site_event_jitter_s: float = Field(
+        0.0,
+        ge=0,
+        description="each episode every site event moves by its own uniform offset in [-this, +this] s (its "
+        "length kept, never before 0 s), one draw per reset shared by a simulator's environments; 0: as "
+        "scheduled. Training on moved events keeps a policy from learning the schedule by the clock",
+    )
 
     @model_validator(mode="after")
     def _sites(self) -> ScenarioConfig:

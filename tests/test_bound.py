@@ -10,6 +10,7 @@ from marl_sd.agents.catalog import make_policy
 from marl_sd.agents.evaluate import HEADLINE, run_policy
 from marl_sd.agents.heuristics import HEURISTICS
 from marl_sd.config import load_config
+from marl_sd.envs.core import BatchedSimulator
 from marl_sd.envs.state import ARRIVAL_LOG_COLUMNS
 
 pytestmark = pytest.mark.sim
@@ -69,6 +70,17 @@ def test_the_bound_sees_site_events_a_longest_batch_late_and_their_ends_at_once(
     assert f0.tolist() == [1, 1, 1] and not d0.any()
     assert f1.tolist() == [6, 1, 1] and f2.tolist() == [1, 1, 1]
     assert d3.tolist() == [False, True, False] and f4.tolist() == [1, 1, 1] and not d4.any()
+
+
+def test_the_bound_takes_the_episodes_own_schedule_when_the_events_move():
+    cfg = load_config("configs/suite/shifting_sites.yaml", overrides=[*EVENTS, "scenario.site_event_jitter_s=0.5"])
+    sim = BatchedSimulator(cfg, num_envs=1, seed=2)
+    moved = sim.site_events[0].start_s
+    assert moved != cfg.scenario.site_events[0].start_s
+    b = SoloBound(make_policy("nearest_g4", cfg).ctx)
+    b.attach(sim)
+    slot = cfg.env.slot_ms
+    assert b.regimes[1][0] == pytest.approx(math.ceil(moved * 1000.0 / slot - 1e-9) * slot + b.grace_ms()[0])
 
 
 def test_a_slowed_or_downed_site_raises_the_bound_and_no_heuristic_beats_it():

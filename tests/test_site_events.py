@@ -130,3 +130,46 @@ def test_a_site_nobody_uses_fades_back_to_its_profile_in_the_measured_slowdown()
     assert all(b < a_ for a_, b in zip(seen[20:], seen[21:]))  # idle: fading every slot
     assert 1.0 < seen[-1] < 1.5
     assert float(sim.srv_slowdown[:, 1].mean()) == pytest.approx(1.0)  # as profiled where it ran
+
+
+MOVABLE = "[{site: 0, start_s: 5, end_s: 9, slowdown: 4}, {site: 1, start_s: 1, end_s: 3, down: true}]"
+
+
+def moved_schedules(cfg, seed: int, episodes: int = 4) -> list[tuple[tuple[float, float], ...]]:
+    sim = BatchedSimulator(cfg, num_envs=2, seed=seed)
+    out = []
+    for k in range(episodes):
+        if k:
+            sim.reset()
+        out.append(tuple((e.start_s, e.end_s) for e in sim.site_events))
+    return out
+
+
+def test_jittered_site_events_move_every_episode_keep_their_length_and_repeat_with_the_seed():
+    cfg = load_config(overrides=TWO + [f"scenario.site_events={MOVABLE}", "scenario.site_event_jitter_s=2"])
+    first = moved_schedules(cfg, seed=0)
+    assert moved_schedules(cfg, seed=0) == first
+    assert moved_schedules(cfg, seed=1) != first
+    assert len(set(first)) == len(first)  # a new schedule each episode
+    for (s0, e0), (s1, e1) in first:
+        assert 3 <= s0 <= 7 and e0 - s0 == pytest.approx(4)
+        assert 0 <= s1 <= 3 and e1 - s1 == pytest.approx(2)  # never before the episode starts
+    plain = load_config(overrides=TWO + [f"scenario.site_events={MOVABLE}"])
+    assert set(moved_schedules(plain, seed=0)) == {((5, 9), (1, 3))}
+
+
+def test_the_simulator_follows_the_moved_schedule():
+    cfg = load_config(overrides=TWO + [f"scenario.site_events={MOVABLE}", "scenario.site_event_jitter_s=2"])
+    sim = BatchedSimulator(cfg, num_envs=1, seed=4)
+    (s0, e0), (s1, e1) = ((e.start_s, e.end_s) for e in sim.site_events)
+    a = torch.zeros(sim.B, sim.N, 4, dtype=torch.long)
+    for _ in range(110):
+        sim.step(a)
+        t_s = float(sim.now) / 1000.0
+        assert float(sim.site_factor[0]) == (4.0 if s0 <= t_s < e0 else 1.0)
+        assert bool(sim.site_down[1]) == (s1 <= t_s < e1)
+
+
+def test_a_negative_site_event_jitter_is_a_config_error():
+    with pytest.raises(ConfigError, match="site_event_jitter_s"):
+        load_config(overrides=TWO + ["scenario.site_event_jitter_s=-1"])
