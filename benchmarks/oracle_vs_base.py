@@ -85,10 +85,11 @@ def main() -> None:
     p.add_argument("--nudge-rate", type=float, default=0.05, help="nudged: probability per slot of one nudge")
     p.add_argument("--nudge", choices=["gamma", "server"], default="gamma", help="nudged: what is moved by one")
     p.add_argument("--nudges", type=int, default=16, help="nudged: draws of the nudged slots per seed")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value (repeatable)")
     p.add_argument("--json", help="append one JSON line per variant to this file")
     a = p.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config(suite_configs([a.scenario])[a.scenario], evaluation_overrides())
+    cfg = load_config(suite_configs([a.scenario])[a.scenario], evaluation_overrides(a.overrides))
     ctx = PolicyContext.from_config(cfg)
     budget = {k: getattr(a, k) for k in ("horizon", "samples", "moves", "base", "guard_horizon", "site_events")}
     variants = {
@@ -108,7 +109,15 @@ def main() -> None:
             diags.append({k: round(v, 3) for k, v in s.items() if k.startswith("oracle_")})
         diag = diags[-1]
         if a.json:
-            row = {"scenario": a.scenario, "variant": key, **budget, "min_z": a.min_z, "seeds": a.seeds, "per_seed": vals}
+            row = {
+                "scenario": a.scenario,
+                "variant": key,
+                **budget,
+                "min_z": a.min_z,
+                "seeds": a.seeds,
+                "overrides": a.overrides,
+                "per_seed": vals,
+            }
             with open(a.json, "a") as f:
                 f.write(json.dumps(row | {"diagnostics": diags, "wall_s": time.time() - t0}) + "\n")
         print(

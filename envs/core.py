@@ -274,6 +274,8 @@ class BatchedSimulator(SimState):
         """[B, N, sum(nvec)] bool, from the SNR the last `_update_rates` computed, for the slot that
         starts now: a site that is down then is masked (unless every site is)."""
         self._site_conditions()
+        if self.cfg.env.site_speed == "probed":
+            self.srv_slowdown = self.site_factor.expand_as(self.srv_slowdown).clone()
         snr = self.rates["snr_db"]
         if bool(self.site_down.any()) and not bool(self.site_down.all()):
             snr = snr.masked_fill(self.site_down, -math.inf)

@@ -304,6 +304,12 @@ class EnvConfig(Strict):
         "room for (padded and masked past n_servers); a policy "
         "runs on any scenario with at most this many. None: n_servers",
     )
+    site_speed: Literal["measured", "probed"] = Field(
+        "measured",
+        description="the site slowdown the observation carries: measured: a running mean of the batch times "
+        "the site's users saw, fading toward 1 while it is idle; probed: its true factor at each slot start, as "
+        "if every site timed a probe batch then (a simulation study of what that knowledge is worth)",
+    )
     rng: Literal["stream", "counter"] = Field(
         "stream",
         description="stream: one generator for the batch (fastest); "

@@ -173,3 +173,23 @@ def test_the_simulator_follows_the_moved_schedule():
 def test_a_negative_site_event_jitter_is_a_config_error():
     with pytest.raises(ConfigError, match="site_event_jitter_s"):
         load_config(overrides=TWO + ["scenario.site_event_jitter_s=-1"])
+
+
+def test_probed_sites_show_their_true_slowdown_at_once_where_measured_ones_lag():
+    """`env.site_speed: probed`: the observation's slowdown is the site's factor from the slot it
+    changes, used or not; `measured` sees a slowdown only once batches ran there."""
+    events = ["scenario.site_events=[{site: 0, start_s: 1, end_s: 2, slowdown: 6}, {site: 1, start_s: 1, end_s: 2, slowdown: 3}]"]
+    seen = {}
+    for speed in ("measured", "probed"):
+        cfg = load_config(overrides=TWO + events + [f"env.site_speed={speed}"])
+        sim = BatchedSimulator(cfg, num_envs=2, seed=0)
+        a = torch.zeros(sim.B, sim.N, 4, dtype=torch.long)  # everyone on site 0: site 1 idle
+        seen[speed] = []
+        for _ in range(30):
+            sim.step(a)
+            seen[speed].append((float(sim.now) / 1000.0, sim.srv_slowdown.clone(), sim.site_factor.clone()))
+    for t_s, slow, factor in seen["probed"]:
+        assert torch.equal(slow, factor.expand_as(slow)), t_s
+    at_start = next(slow for t_s, slow, _ in seen["measured"] if t_s == pytest.approx(1.0))
+    assert torch.equal(at_start, torch.ones_like(at_start))  # nothing ran at the new speed yet
+    assert all(float(slow[:, 1].max()) == 1.0 for _, slow, _ in seen["measured"])  # site 1 idle: never seen slowed
