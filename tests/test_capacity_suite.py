@@ -100,3 +100,6 @@ def test_eval_and_suite_draw_the_same_episodes(tmp_path):
     assert main(args) == 0
     out = json.loads((tmp_path / "results.json").read_text())
     assert [s[HEADLINE] for s in out["per_seed"]["greedy_latency"]] == res["hetero_sites"]["greedy_latency"]["per_seed"]
+    meta = json.loads((tmp_path / "meta.json").read_text())  # the resolved config and what ran, to reproduce it
+    assert meta["seeds"] == [3, 4] and meta["overrides"] == small and meta["policies"] == ["greedy_latency"]
+    assert load_config(tmp_path / "config.yaml").env.horizon == 30

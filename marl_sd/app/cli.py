@@ -343,6 +343,7 @@ def _evaluate_ray(cfg, run_dir, policies, seeds, episodes, address):
 def _cmd_eval(args) -> int:
     from marl_sd.agents.evaluate import HEADLINE, evaluate, evaluation_overrides
     from marl_sd.app.report import plot_results, plot_sweep, results_table, write_results, write_sweep
+    from marl_sd.runs import write_metadata
 
     cfg, run_dir = _load_run_or_config(args.target, evaluation_overrides(args.set))
     episodes = args.episodes or cfg.eval.episodes
@@ -376,6 +377,8 @@ def _cmd_eval(args) -> int:
         )
     )
     write_results(results, out_dir, {"config_hash": cfg.hash(), "seeds": seeds, "episodes": episodes, "wall_s": time.time() - t0})
+    extra = {"seeds": seeds, "episodes": episodes, "overrides": list(args.set), "policies": [p.name for p in policies]}
+    write_metadata(out_dir, cfg, extra | {"learned_run": str(run_dir) if args.learned else None})  # what reproduces the tables
     paths = plot_results(results, out_dir)
     if args.sweep:
         key, vals = args.sweep.split("=")
