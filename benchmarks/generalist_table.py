@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument(
         "--learned-from",
         metavar="SUITE_JSON",
-        help="take `learned` from this suite run (`bench suite --suite-policies learned --learned RUN`, same seeds and "
+        help="take `learned` from this suite run (`bench suite --suite-policies learned --only-listed --learned RUN`, same seeds and "
         "episodes) instead of the first one's",
     )
     a = p.parse_args()

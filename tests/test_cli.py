@@ -37,3 +37,13 @@ def test_serve_client_has_its_own_options(capsys):
     with pytest.raises(SystemExit) as e:
         main(["serve", "client", "--help"])
     assert e.value.code == 0 and "--servers SERVERS" in capsys.readouterr().out
+
+
+def test_bench_suite_only_listed_runs_just_those_policies(tmp_path):
+    import json
+
+    args = ["bench", "suite", "--scenarios", "light", "--suite-policies", "nearest_g4", "--only-listed"]
+    args += ["--seeds", "0", "--episodes", "1", "--set", "env.horizon=10", "--out", str(tmp_path)]
+    assert main(args) == 0
+    d = json.loads((tmp_path / "suite.json").read_text())
+    assert set(d["per_seed"]["light"]) == {"nearest_g4"} and d["summary"]["light"]["best_heuristic"] is None

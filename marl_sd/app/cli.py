@@ -93,7 +93,7 @@ def _bench_suite(args) -> int:
     )
 
     scen = suite_configs(args.scenarios)
-    policies, added = with_every_heuristic(args.policies_suite)
+    policies, added = (list(args.policies_suite), []) if args.only_listed else with_every_heuristic(args.policies_suite)
     if added:
         console.print(f"also running {', '.join(added)}: the best heuristic is the best of every heuristic")
     seeds = args.seeds or [0, 1, 2, 3, 4, 5]
@@ -812,6 +812,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SUITE_JSON",
         help="suite: take the heuristics' results from an earlier run's suite.json when its seeds, episodes, "
         "overrides, scenario configs and simulator/heuristic code are the same (else run them)",
+    )
+    b.add_argument(
+        "--only-listed",
+        action="store_true",
+        help="suite: run only --suite-policies, not every heuristic (no best heuristic then: compare with a full "
+        "suite on the same seeds, e.g. benchmarks/generalist_table.py --learned-from)",
     )
     b.add_argument("--ray", action="store_true", help="suite: every (scenario, policy, seed) as a Ray task")
     b.add_argument("--address", help="with --ray: a Ray cluster to join (default $RAY_ADDRESS, else a local Ray)")
