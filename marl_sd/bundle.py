@@ -49,6 +49,7 @@ def scenario_summary(cfg) -> dict:
         "devices": [d.name for d in s.devices],
         "slot_ms": cfg.env.slot_ms,
         "gamma_max": cfg.env.gamma_max,
+        "site_speed": cfg.env.site_speed,
     }
 
 
@@ -112,6 +113,12 @@ def load_bundle(bundle_dir: Path, cfg=None) -> tuple[dict, OnnxActor]:
             log.warning(
                 "bundle %s normalizes differently from this config (%s): its own constants apply", bundle_dir, "; ".join(diff)
             )
+    if manifest.get("scenario", {}).get("site_speed") == "probed":
+        log.warning(
+            "bundle %s was trained seeing each site's true speed (env.site_speed: probed); live verifiers report "
+            "measured batch times, which lag a change",
+            bundle_dir,
+        )
     onnx_path = bundle_dir / manifest.get("onnx_file", "actor.onnx")
     if not onnx_path.exists():
         raise BundleError(f"bundle {bundle_dir} lacks {onnx_path.name}")

@@ -70,3 +70,18 @@ def test_a_bundle_of_an_older_manifest_version_says_to_export_again(bundle, tmp_
     (old / "actor.onnx").write_bytes((out / "actor.onnx").read_bytes())
     with pytest.raises(BundleError, match="unsupported manifest version 3 .* export the run again"):
         load_bundle(old)
+
+
+def test_a_bundle_trained_on_probed_site_speeds_warns_when_loaded(bundle, tmp_path, caplog):
+    """Live verifiers report measured batch times, not the probe's true speed the actor saw."""
+    _, _, out, _ = bundle
+    assert json.loads((out / "manifest.json").read_text())["scenario"]["site_speed"] == "measured"
+    probed = tmp_path / "probed"
+    probed.mkdir()
+    m = json.loads((out / "manifest.json").read_text())
+    m["scenario"]["site_speed"] = "probed"
+    (probed / "manifest.json").write_text(json.dumps(m))
+    (probed / "actor.onnx").write_bytes((out / "actor.onnx").read_bytes())
+    with caplog.at_level("WARNING", logger="marl_sd.bundle"):
+        load_bundle(probed)
+    assert "env.site_speed: probed" in caplog.text
