@@ -152,7 +152,6 @@ from marl_sd.serving.controller import ControllerCore, UserReport
 m, actor = load_bundle({str(out)!r})
 from marl_sd.config import load_config
 from marl_sd.model.latency_model import LatencyModel
-from marl_sd.serving import controller as controller_module
 core = ControllerCore(m, bundle_policy(actor, m), latency_model=LatencyModel.of(load_config(), measured=True, numpy=True))
 core.report_user(UserReport(user=0, snr_db=[5.0, 1.0, 0.0], ul_mbps=[10, 3, 1], server=0, draft_ms=17, power_w=4, max_gamma=6))
 d = core.step()
