@@ -58,6 +58,7 @@ from marl_sd.model.observation import (
     update_acceptance,
 )
 from marl_sd.model.profiles import load_profile
+from marl_sd.model.site_speed import update_slowdown
 
 IDLE, DRAFT, UPLINK, QUEUED, VERIFY, DOWNLINK = range(6)
 PHASES = ("idle", "draft", "uplink", "queued", "verify", "downlink")
@@ -84,7 +85,6 @@ USER_METRICS = (
     "airtime_ms",
 )
 SERVER_METRICS = ("batches", "batch_users", "batch_tokens", "busy_ms")
-SLOWDOWN_HALF_LIFE_MS = 700.0  # an unused site's measured slowdown decays toward 1 (as profiled) this fast
 COIN_SALT = 0x5EED_C011  # the observed coins' stream seed is the simulator's seed xor this
 EVENT_SALT = 0x5EED_E7E7  # the moved site events' stream seed (`scenario.site_event_jitter_s`): seed xor this
 
@@ -896,11 +896,7 @@ class BatchedSimulator(SimState):
         self.ul_activity = self.m["airtime_ms"] / slot
         self.srv_busy_frac = self.ms["busy_ms"] / slot
         ran = self.ms["batches"] > 0  # the site's batch times this slot measured its speed
-        # a site idle all slot gives no fresh measure: its estimate decays toward its profile, so
-        # it is tried again (else a site once slow looks slow for good, and nobody learns it recovered)
-        fade = torch.where(self.ms["busy_ms"] > 0, 1.0, 0.5 ** (slot / SLOWDOWN_HALF_LIFE_MS))
-        kept = 1.0 + fade * (self.srv_slowdown - 1.0)
-        self.srv_slowdown = torch.where(ran, 0.5 * self.srv_slowdown + 0.5 * self.site_factor, kept)
+        self.srv_slowdown = update_slowdown(self.srv_slowdown, self.site_factor, ran, self.ms["busy_ms"] > 0, slot, torch.where)
         self.outstanding_last = self.m["outstanding_ms"] / slot
         self._set_clock(-1)  # t was just advanced: the end of the slot that ended
         self._draw_coin()

@@ -571,6 +571,17 @@ class ServingConfig(Strict):
         "from and the devices applying it (reports and replies "
         "are asynchronous); --compare-sim simulates it",
     )
+    measure_site_speed: bool = Field(
+        True,
+        description="the controller measures each verifier's slowdown from its batch timings (the "
+        "observation's srv_slowdown, as simulated); off, every site reads as fast as profiled",
+    )
+    client_start_s: float = Field(
+        25.0,
+        gt=0,
+        description="`serve up`: seconds from starting the clients to their common start, which "
+        "their workload, links and the emulated site events are timed from (time to load their models)",
+    )
 
 
 class Config(Strict):

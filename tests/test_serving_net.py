@@ -217,7 +217,7 @@ def test_paced_verifier_and_drafter_emulate_the_profile(target):
         elapsed_ms = (time.monotonic() - t0) * 1000
         assert res.tokens == reference(target, prompt, 12)
         samples = server_status(addr, samples=True)["samples"]
-    assert samples and all(cycle >= verify.time_ms(b, k) - 0.5 for b, k, _, cycle in samples)
+    assert samples and all(cycle >= verify.time_ms(b, k) - 0.5 for b, k, _, cycle, _ in samples)
     assert elapsed_ms >= len(res.rounds) * verify.t0_ms
     assert all(r["draft_ms"] >= 5.0 * r["drafted"] - 0.5 for r in res.rounds)
     # pre-drafting interrupted mid-token: that token is dropped, the finished ones stay
@@ -227,6 +227,53 @@ def test_paced_verifier_and_drafter_emulate_the_profile(target):
     threading.Timer(0.06, stop.set).start()
     d.extend(10, stop)
     assert len(d.drafts) == 1  # of 10 asked for: the one finished before the stop, the one in progress dropped
+
+
+def test_an_emulated_tenant_slows_a_verifier_and_the_controller_measures_it(target):
+    """A verifier paced to the profile runs its forwards `slowdown` times as long while an emulated
+    tenant's event lasts (the sample says so); the controller's `SiteSpeed` reads the batches
+    since its last poll and moves the site's slowdown toward what they measured, by the
+    simulator's rule. A bad tenant plan is refused with INVALID_ARGUMENT and changes nothing."""
+    from marl_sd.app.launcher import set_tenant
+    from marl_sd.config import load_config
+    from marl_sd.model.costs import SiteCosts
+    from marl_sd.serving.controller import SiteSpeed
+
+    cfg = load_config(overrides=["scenario.n_servers=1", "scenario.n_users=1"])
+    verify = LatencyModel.of(cfg, numpy=True).sites
+    speed = SiteSpeed(SiteCosts.of(cfg, numpy=True), cfg.env.slot_ms, 1)
+    prompt = [3, 1, 4, 1, 5]
+    with local_servers("tiny:0", 1, extra=["--pace-profile", cfg.scenario.profile]) as (_, (addr,)):
+
+        async def main():
+            async with grpc.aio.insecure_channel(addr, options=grpc_options()) as ch:
+                status = ch.unary_unary(f"/{SERVICE}/Status")
+                poll = lambda: status(speed.request(0), timeout=5)  # noqa: E731
+                assert speed.update(0, json.loads(await poll()), busy=0.0) == 1.0  # the first poll: a baseline
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await ch.unary_unary(f"/{SERVICE}/Tenant")(
+                        b'{"start_at": 1, "events": [{"start_s": 0, "end_s": 9, "slowdown": 0.5}]}'
+                    )
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                client = DraftClient(Drafter(load_model("tiny-draft:0:0.15")), [addr], gamma=3)
+                assert (await client.generate(prompt, 12)).tokens == reference(target, prompt, 12)
+                plain = json.loads(await poll())
+                as_profiled = speed.update(0, plain, busy=1.0)
+                await asyncio.to_thread(
+                    set_tenant, addr, P.TenantPlan(start_at=time.time(), events=[P.TenantEvent(start_s=0, end_s=60, slowdown=4)])
+                )
+                assert (await client.generate(prompt, 12)).tokens == reference(target, prompt, 12)
+                slowed = json.loads(await poll())
+                await client.close()
+                return plain, as_profiled, slowed, speed.update(0, slowed, busy=1.0)
+
+        plain, as_profiled, slowed, measured = asyncio.run(main())
+    assert plain["samples"] and all(x[4] == 1.0 for x in plain["samples"])
+    assert slowed["samples"] and all(x[4] == 4.0 for x in slowed["samples"])  # only the batches since the last poll
+    assert len(slowed["samples"]) == slowed["batches"] - plain["batches"]
+    assert all(fwd >= 4.0 * float(verify.verify_ms(b, k)[0]) - 0.5 for b, k, fwd, _, _ in slowed["samples"])
+    assert 0.9 < as_profiled < 1.6
+    assert measured > 0.5 * as_profiled + 0.5 * 3.9
 
 
 def test_clients_join_and_leave_while_the_controller_decides(servers, target, tmp_path):

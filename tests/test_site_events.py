@@ -193,3 +193,28 @@ def test_probed_sites_show_their_true_slowdown_at_once_where_measured_ones_lag()
     at_start = next(slow for t_s, slow, _ in seen["measured"] if t_s == pytest.approx(1.0))
     assert torch.equal(at_start, torch.ones_like(at_start))  # nothing ran at the new speed yet
     assert all(float(slow[:, 1].max()) == 1.0 for _, slow, _ in seen["measured"])  # site 1 idle: never seen slowed
+
+
+def test_a_live_run_emulates_the_site_slowdowns_as_simulated_and_refuses_what_it_cannot():
+    """`serve up` gives each verifier its site's events as an emulated tenant, timed from the
+    clients' common start: the tenant's factor is the simulator's at every time. A site going
+    down, or events moved per episode, cannot be replayed live: a config error before anything
+    starts."""
+    import numpy as np
+
+    from marl_sd.app.launcher import live_tenants
+    from marl_sd.envs.scenario import site_conditions
+
+    events = "[{site: 0, start_s: 1, end_s: 4, slowdown: 3}, {site: 0, start_s: 2, end_s: 3, slowdown: 2}, {site: 2, start_s: 0.5, end_s: 2, slowdown: 5}]"
+    cfg = load_config(overrides=["scenario.n_servers=3", f"scenario.site_events={events}"])
+    plans = live_tenants(cfg, start_at=1000.0)
+    assert [len(p.events) for p in plans] == [2, 0, 1]
+    for t in np.arange(0.0, 5.0, 0.25):
+        factor, _ = site_conditions(cfg.scenario.site_events, 3, float(t))
+        assert [p.factor(1000.0 + t) for p in plans] == pytest.approx(factor.tolist())
+    for over, key in [
+        ("scenario.site_events=[{site: 1, start_s: 1, end_s: 2, down: true}]", "down"),
+        ("scenario.site_event_jitter_s=2", "site_event_jitter_s"),
+    ]:
+        with pytest.raises(ConfigError, match=key):
+            live_tenants(load_config("configs/suite/shifting_sites.yaml", [over]), start_at=1000.0)

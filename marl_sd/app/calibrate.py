@@ -68,10 +68,13 @@ def fit_served_profile(
     client_classes: list[str] | None = None,
 ) -> dict:
     """A profile dict (loadable by `load_profile`) from verifier batch samples
-    [(rows, tokens, forward_ms, cycle_ms), ...] and client request rows with round detail.
+    [(rows, tokens, forward_ms, cycle_ms[, tenant slowdown]), ...] (the batches an emulated
+    tenant slowed are left out: the profile is the site's own speed, the simulator applies the
+    site events) and client request rows with round detail.
     `device_class`: the class whose draft cost is refitted from every client's rounds (unpaced
     clients all run the same draft model); `client_classes[c]`: client c's class, each class
     refitted from its own clients' rounds (paced clients)."""
+    samples = [x[:4] for x in samples if len(x) < 5 or x[4] == 1.0]
     if len(samples) < 10:
         raise ValueError(f"need at least 10 verifier batches to fit a served profile, got {len(samples)}")
     rounds = spec_rounds(rows)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -26,8 +27,10 @@ from marl_sd.envs.traces import export_traces, live_drop
 from marl_sd.model.profiles import load_profile
 from marl_sd.serving.engine import VerifierEngine, VerifyItem
 from marl_sd.serving.models import load_model
-from marl_sd.serving.protocol import VERIFIER_SERVICE
+from marl_sd.serving.protocol import VERIFIER_SERVICE, TenantEvent, TenantPlan
 from marl_sd.serving.security import Security, create_pki
+
+log = logging.getLogger("marl_sd.launcher")
 
 
 @contextmanager
@@ -81,6 +84,36 @@ def server_status(addr: str, samples: bool = False, security: Security | None = 
             return json.loads(await ch.unary_unary(f"/{VERIFIER_SERVICE}/Status")(b"samples" if samples else b"", timeout=5))
 
     return asyncio.run(go())
+
+
+def set_tenant(addr: str, plan: TenantPlan, security: Security | None = None) -> None:
+    """Emulate another tenant on a verifier (`Verifier.set_tenant`), as the operator."""
+
+    async def go():
+        async with (security or Security.insecure()).as_role("operator").channel(addr, "verifier") as ch:
+            await ch.unary_unary(f"/{VERIFIER_SERVICE}/Tenant")(plan.model_dump_json().encode(), timeout=5)
+
+    asyncio.run(go())
+
+
+def live_tenants(cfg, start_at: float) -> list[TenantPlan]:
+    """Each verifier's emulated tenants: the scenario's site events, timed from the clients'
+    common start. Only slowdowns are emulated; a site going down is `serve chaos`'s business."""
+    if cfg.scenario.site_event_jitter_s:
+        raise ConfigError("scenario.site_event_jitter_s: a live run follows the site events as given; set it to 0")
+    if any(e.down for e in cfg.scenario.site_events):
+        raise ConfigError("scenario.site_events: a live run emulates slowdowns only (down: true is not emulated)")
+    return [
+        TenantPlan(
+            start_at=start_at,
+            events=[
+                TenantEvent(start_s=e.start_s, end_s=e.end_s, slowdown=e.slowdown)
+                for e in cfg.scenario.site_events
+                if e.site == s
+            ],
+        )
+        for s in range(cfg.scenario.n_servers)
+    ]
 
 
 def run_clients(
@@ -257,6 +290,7 @@ def run_live(
 
     if not os.path.isdir(policy) and policy not in HEURISTICS:
         raise ConfigError(f"policy '{policy}' is neither a bundle directory nor a heuristic ({', '.join(HEURISTICS)})")
+    live_tenants(cfg, time.time())  # a config error before anything starts
     N, M = cfg.scenario.n_users, cfg.scenario.n_servers
     w = cfg.scenario.workload
     with tempfile.TemporaryDirectory() as tmp:
@@ -303,7 +337,10 @@ def run_live(
                     ctrl_log.seek(0)
                     raise RuntimeError(f"controller did not start:\n{ctrl_log.read()[-2000:]}")
                 caddr = f"127.0.0.1:{int(line.split()[1])}"
-                t0 = time.time()
+                start_at = time.time() + cfg.serving.client_start_s
+                for addr, plan in zip(addrs, live_tenants(cfg, start_at), strict=True):
+                    if plan.events:
+                        set_tenant(addr, plan, sec)
                 rows = run_clients(
                     addrs,
                     draft,
@@ -323,13 +360,15 @@ def run_live(
                         str(Path(tmp) / f"schedule{c}.json"),
                         "--slot-ms",
                         str(cfg.env.slot_ms),
+                        "--start-at",
+                        repr(start_at),
                         "--ignore-eos",
                         *devices[c],
                         *(["--detail"] if detail else []),
                     ],
                     security=sec,
                 )
-                wall = time.time() - t0
+                wall = time.time() - start_at
                 status = [server_status(a, samples=detail, security=sec) for a in addrs]
             finally:
                 ctrl.send_signal(signal.SIGINT)
@@ -341,8 +380,12 @@ def run_live(
             rec = Path(tmp) / "decisions.jsonl"
             decisions = [json.loads(x) for x in rec.read_text().splitlines()] if detail and rec.exists() else None
     s = summarize_rows(rows, wall)
+    late = max((r.get("late_start_s", 0.0) for r in rows), default=0.0)
+    if late > 0:
+        log.warning("a client started %.1f s after the common start: raise serving.client_start_s", late)
     s.update(
         policy=policy,
+        late_start_s=late,
         controller=ctrl_stats,
         server_mean_batch=float(np.mean([x["mean_batch"] for x in status])),
         latency_per_token_ms=latency_per_token(rows),

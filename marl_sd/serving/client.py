@@ -230,6 +230,13 @@ async def run_workload(args) -> list[dict]:
     model = load_model(args.draft)
     trace = dict(np.load(args.trace)) if args.trace else None
     servers = args.servers.split(",")
+    late_s = 0.0
+    if args.start_at is not None:  # the clients' common start: workload, links and site events are timed from it
+        wait = args.start_at - time.time()
+        if wait < 0:
+            late_s = -wait
+            log.warning("started %.1f s after the common start (serving.client_start_s is too short)", late_s)
+        await asyncio.sleep(max(wait, 0.0))
 
     def link(mbps, key):
         if trace is not None:
@@ -316,6 +323,7 @@ async def run_workload(args) -> list[dict]:
             "queued_ms": queued_ms,
             "ttft_ms": queued_ms + r.ttft_ms,  # from arrival, as simulated
             "handovers": client.meas["handovers"],
+            "late_start_s": late_s,
             "output": r.tokens,
             "prompt": list(prompt) if args.detail else None,
             "round_detail": r.rounds if args.detail else None,
@@ -363,6 +371,7 @@ def main(argv=None) -> int:
         help="JSON list of [arrival s, prompt tokens, output tokens]: a fixed workload "
         "(overrides --duration/--requests/--max-new)",
     )
+    p.add_argument("--start-at", type=float, default=None, help="unix time to start the workload at (after loading the model)")
     p.add_argument("--controller", help="controller host:port (live control of gamma, server, shares)")
     p.add_argument("--user", type=int, default=0, help="user index (agent) for the controller and the trace")
     p.add_argument("--trace", help="rate traces (.npz from `marl-sd traces export`) driving the links")

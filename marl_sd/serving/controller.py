@@ -29,6 +29,7 @@ from marl_sd.config import load_config
 from marl_sd.contract import SUB_ACTIONS, ActionLayout, ObsSpec, features_from_manifest, manifest_contract
 from marl_sd.model.latency_model import LatencyModel
 from marl_sd.model.observation import Features, ObservationBuilder
+from marl_sd.model.site_speed import slot_measure, update_slowdown
 from marl_sd.serving.fairness import SummaryLog
 from marl_sd.serving.protocol import (
     CONTROLLER_SERVICE,
@@ -442,8 +443,42 @@ async def serve_controller(
         await server.stop(0.5)
 
 
-async def poll_servers(core: ControllerCore, addrs: list[str], security: Security | None = None) -> None:
-    """Each slot, read every verifier's load (open sessions, busy fraction) with a short deadline.
+class SiteSpeed:
+    """Each verifier's measured slowdown, as the simulator's observation carries it: per poll, the
+    forward time of the batches the verifier ran since the last one over what its site's profile
+    predicts for them, folded in by the simulator's rule (`marl_sd.model.site_speed`). Without
+    it a site that another tenant slows down looks as fast as profiled."""
+
+    def __init__(self, sites, slot_ms: float, n: int):
+        self.sites, self.slot_ms = sites, slot_ms
+        self.M = len(np.atleast_1d(sites.t0_ms))
+        self.slowdown = np.ones(n)
+        self.seen: list[int | None] = [None] * n  # the verifier's batch count at the last poll
+
+    def request(self, i: int) -> bytes:
+        """The Status request body: the batch timings since the last poll."""
+        return b"" if self.seen[i] is None else f"since:{self.seen[i]}".encode()
+
+    def update(self, i: int, status: dict, busy: float) -> float:
+        samples = status.get("samples", []) if self.seen[i] is not None else []
+        self.seen[i] = int(status.get("batches", 0))
+        measured = None
+        if samples and i < self.M:
+            rows = np.asarray([x[0] for x in samples], np.float64)[:, None]
+            tokens = np.asarray([x[1] for x in samples], np.float64)[:, None]
+            measured = slot_measure([x[2] for x in samples], self.sites.verify_ms(rows, tokens)[:, i].tolist())
+        ran = measured is not None
+        self.slowdown[i] = update_slowdown(
+            self.slowdown[i], measured if ran else 1.0, np.bool_(ran), np.bool_(busy > 0), self.slot_ms, np.where
+        )
+        return float(self.slowdown[i])
+
+
+async def poll_servers(
+    core: ControllerCore, addrs: list[str], security: Security | None = None, measure_speed: bool = True
+) -> None:
+    """Each slot, read every verifier's load (open sessions, busy fraction, and with
+    `measure_speed` its batch timings: `SiteSpeed`) with a short deadline.
     A verifier is used once it answers and masked out while it does not (logged once per
     change), so verifiers may start after the controller, go away and come back (or be replaced
     at the same address) without a restart."""
@@ -452,6 +487,7 @@ async def poll_servers(core: ControllerCore, addrs: list[str], security: Securit
     rpcs = [c.unary_unary(f"/{VERIFIER_SERVICE}/Status") for c in chans]
     prio_rpcs = [c.unary_unary(f"/{VERIFIER_SERVICE}/Priorities") for c in chans]
     last_busy = [None] * len(addrs)
+    speed = SiteSpeed(core.latency_model.sites, core.slot_s * 1000.0, len(addrs)) if measure_speed else None
     core.servers_down |= set(range(len(addrs)))  # a verifier counts once it answers: one may join later
     try:
         while True:
@@ -459,7 +495,7 @@ async def poll_servers(core: ControllerCore, addrs: list[str], security: Securit
                 try:
                     prio = json.dumps({u: d.verify_priority for u, d in core.decisions.items()}).encode()
                     await prio_rpcs[i](prio, timeout=core.slot_s / 2)  # the verifier takes priorities from here only
-                    st = json.loads(await rpc(b"", timeout=core.slot_s / 2))
+                    st = json.loads(await rpc(speed.request(i) if speed else b"", timeout=core.slot_s / 2))
                 except grpc.aio.AioRpcError:
                     if i not in core.servers_down:
                         log.warning("verifier %s not answering: no user is sent there until it answers", addrs[i])
@@ -478,6 +514,7 @@ async def poll_servers(core: ControllerCore, addrs: list[str], security: Securit
                         queued_tokens=float(st.get("queued_tokens", 0.0)),
                         busy=float(min(max(busy, 0.0), 1.0)),
                         kv=float(min(kv, 1.0)),
+                        slowdown=min(max(speed.update(i, st, busy), 0.01), 1e3) if speed else 1.0,
                     )
                 )
             await asyncio.sleep(core.slot_s)
@@ -562,7 +599,11 @@ def main(argv=None) -> int:
         prom.start_http_server(a.metrics_port, addr="127.0.0.1", registry=controller_metrics(core))
 
     async def run():
-        poller = asyncio.ensure_future(poll_servers(core, a.servers.split(","), security)) if a.servers else None
+        poller = (
+            asyncio.ensure_future(poll_servers(core, a.servers.split(","), security, cfg.serving.measure_site_speed))
+            if a.servers
+            else None
+        )
         try:
             await serve_controller(
                 core,

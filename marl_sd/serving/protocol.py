@@ -112,6 +112,32 @@ class ServerReport(_Report):
     slowdown: FiniteFloat = Field(1.0, ge=0.01, le=1e3)  # measured batch time over the profile's (1: as profiled)
 
 
+class TenantEvent(BaseModel):
+    """Another tenant on a verifier's GPU for an interval: its forwards take `slowdown` times as
+    long (`scenario.site_events`, emulated on a live verifier)."""
+
+    model_config = ConfigDict(extra="forbid")
+    start_s: FiniteFloat = Field(ge=0)
+    end_s: FiniteFloat = Field(gt=0)
+    slowdown: FiniteFloat = Field(gt=1.0, le=1e3)
+
+
+class TenantPlan(BaseModel):
+    """A verifier's emulated tenants, timed from `start_at` (unix seconds: the clients' common start)."""
+
+    model_config = ConfigDict(extra="forbid")
+    start_at: FiniteFloat = Field(gt=0)
+    events: list[TenantEvent] = Field(max_length=64)
+
+    def factor(self, now: float) -> float:
+        """The slowdown at unix time `now` (overlapping events multiply, as in the simulator)."""
+        t, f = now - self.start_at, 1.0
+        for e in self.events:
+            if e.start_s <= t < e.end_s:
+                f *= e.slowdown
+        return f
+
+
 class Leave(_Report):
     """A user announces it leaves (its last request is done)."""
 

@@ -152,11 +152,14 @@ class Verifier:
         }
         # recent batches (rows, tokens, forward ms, cycle ms = collection window + forward): what a
         # served latency profile is fitted to (`marl-sd serve calibrate`)
-        self.samples: deque[tuple[int, int, float, float]] = deque(maxlen=8192)
+        # (and the emulated tenant's slowdown then: a fit keeps the batches at 1)
+        self.samples: deque[tuple[int, int, float, float, float]] = deque(maxlen=8192)
+        self.tenant: P.TenantPlan | None = None  # another tenant on the GPU, emulated (`set_tenant`)
         self.t_start = time.monotonic()
 
     async def run_model(self, fn, *args, pace_ms: float = 0.0, owners: dict | None = None):
-        """Run `fn` on the model thread; with pacing, the thread stays busy for at least `pace_ms`.
+        """Run `fn` on the model thread; with pacing, the thread stays busy for at least `pace_ms`,
+        and while an emulated tenant slows the site, that (or the bare forward) times its slowdown.
         The thread's time (not the wait for it) is charged to the compute share of `owners`
         ({identity: weight}, split by weight)."""
         busy = []
@@ -164,7 +167,8 @@ class Verifier:
         def call():
             t0 = time.perf_counter()
             out = fn(*args)
-            left = pace_ms / 1000.0 - (time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            left = max(took, pace_ms / 1000.0) * self.tenant_factor() - took
             if left > 0:
                 time.sleep(left)
             busy.append((time.perf_counter() - t0) * 1000)
@@ -176,6 +180,9 @@ class Verifier:
             if self.share is not None and owners and busy:
                 total = sum(owners.values())
                 self.share.charge({o: busy[0] * w / total for o, w in owners.items()})
+
+    def tenant_factor(self) -> float:
+        return self.tenant.factor(time.time()) if self.tenant is not None else 1.0
 
     def verify_pace_ms(self, rows: int, tokens: int) -> float:
         return float(self.pace.verify.time_ms(rows, tokens)) if self.pace is not None else 0.0
@@ -216,6 +223,7 @@ class Verifier:
             if not live:
                 continue
             t0 = time.monotonic()
+            tenant = self.tenant_factor()
             items = [it for it, _, _ in live]
             k = sum(len(it.drafts) + 1 for it in items)
             owners: dict = {}  # the forward's time is split by tokens between the identities in it
@@ -229,7 +237,7 @@ class Verifier:
             self.stats["batches"] += 1
             self.stats["batched_items"] += len(live)
             self.stats["busy_s"] += dt
-            self.samples.append((len(live), k, dt * 1000, (time.monotonic() - t_first) * 1000))
+            self.samples.append((len(live), k, dt * 1000, (time.monotonic() - t_first) * 1000, tenant))
             self.metrics.batch.observe(len(live))
             for (it, fut, tq), res in zip(live, results):
                 if fut.done():
@@ -485,8 +493,22 @@ class Verifier:
                 self.stats["sessions_closed"] += 1
                 log.info("session %d closed (%d open)", sid, len(self.engine.sessions))
 
+    async def set_tenant(self, request: bytes, context) -> bytes:
+        """Emulate another tenant on this GPU (JSON `protocol.TenantPlan`; an empty event list
+        ends it): the forwards during its events take its slowdown times as long. Operator only."""
+        role = caller_role(context)
+        if role not in (None, "operator"):
+            await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "role", f"role {role!r} may not set a tenant")
+        try:
+            plan = P.TenantPlan.model_validate_json(request)
+        except ValueError as e:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_tenant", f"bad tenant plan: {e}")
+        self.tenant = plan if plan.events else None
+        return b"{}"
+
     async def status(self, request: bytes, context) -> bytes:
-        """Counters; a request body of b"samples" adds the recent per-batch timings."""
+        """Counters; a request body of b"samples" adds the recent per-batch timings, b"since:N"
+        those of the batches after the N-th (as many as are kept)."""
         role = caller_role(context)
         if role is not None and role not in ("controller", "operator"):
             await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "role", f"role {role!r} may not read status")
@@ -507,6 +529,12 @@ class Verifier:
         )
         if request == b"samples":
             s["samples"] = list(self.samples)
+        elif request.startswith(b"since:"):
+            try:
+                n = self.stats["batches"] - int(request[6:])
+            except ValueError:
+                await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "bad_status", "since:N needs an integer N")
+            s["samples"] = list(self.samples)[-n:] if n > 0 else []
         return json.dumps(s).encode()
 
     def update_gauges(self) -> None:
@@ -545,6 +573,7 @@ async def serve(
                     "Session": grpc.stream_stream_rpc_method_handler(v.session),
                     "Status": grpc.unary_unary_rpc_method_handler(v.status),
                     "Priorities": grpc.unary_unary_rpc_method_handler(v.set_priorities),
+                    "Tenant": grpc.unary_unary_rpc_method_handler(v.set_tenant),
                 },
             ),
         )
