@@ -274,8 +274,6 @@ class BatchedSimulator(SimState):
         """[B, N, sum(nvec)] bool, from the SNR the last `_update_rates` computed, for the slot that
         starts now: a site that is down then is masked (unless every site is)."""
         self._site_conditions()
-        if self.cfg.env.site_speed == "probed":
-            self.srv_slowdown = self.site_factor.expand_as(self.srv_slowdown).clone()
         snr = self.rates["snr_db"]
         if bool(self.site_down.any()) and not bool(self.site_down.all()):
             snr = snr.masked_fill(self.site_down, -math.inf)
@@ -896,6 +894,8 @@ class BatchedSimulator(SimState):
         self.ul_activity = self.m["airtime_ms"] / slot
         self.srv_busy_frac = self.ms["busy_ms"] / slot
         ran = self.ms["batches"] > 0  # the site's batch times this slot measured its speed
+        if self.cfg.env.site_speed == "probed":  # and a site that ran none timed a probe forward
+            ran = torch.ones_like(ran)
         self.srv_slowdown = update_slowdown(self.srv_slowdown, self.site_factor, ran, self.ms["busy_ms"] > 0, slot, torch.where)
         self.outstanding_last = self.m["outstanding_ms"] / slot
         self._set_clock(-1)  # t was just advanced: the end of the slot that ended

@@ -307,8 +307,8 @@ class EnvConfig(Strict):
     site_speed: Literal["measured", "probed"] = Field(
         "measured",
         description="the site slowdown the observation carries: measured: a running mean of the batch times "
-        "the site's users saw, fading toward 1 while it is idle; probed: its true factor at each slot start, as "
-        "if every site timed a probe batch then (a simulation study of what that knowledge is worth)",
+        "the site's users saw, fading toward 1 while it is idle; probed: the same, and a site that ran no batch "
+        "in a slot timed a probe forward (live verifiers get --probe-ms)",
     )
     rng: Literal["stream", "counter"] = Field(
         "stream",

@@ -276,6 +276,39 @@ def test_an_emulated_tenant_slows_a_verifier_and_the_controller_measures_it(targ
     assert measured > 0.5 * as_profiled + 0.5 * 3.9
 
 
+def test_an_idle_verifier_times_probes_and_the_controller_reads_its_slowdown_from_them():
+    """With --probe-ms a verifier that runs no batch times a one-token probe forward each interval
+    (padded to the profile's T(1, 1), times an emulated tenant's slowdown): the controller reads an
+    idle site's slowdown from them, where without probes it could only fade back toward 1."""
+    from marl_sd.app.launcher import set_tenant
+    from marl_sd.config import load_config
+    from marl_sd.model.costs import SiteCosts
+    from marl_sd.serving.controller import SiteSpeed
+
+    cfg = load_config(overrides=["scenario.n_servers=1", "scenario.n_users=1"])
+    speed = SiteSpeed(SiteCosts.of(cfg, numpy=True), cfg.env.slot_ms, 1)
+    extra = ["--pace-profile", cfg.scenario.profile, "--probe-ms", "50"]
+    with local_servers("tiny:0", 1, extra=extra) as (_, (addr,)):
+        set_tenant(addr, P.TenantPlan(start_at=time.time(), events=[P.TenantEvent(start_s=0, end_s=60, slowdown=3)]))
+
+        async def main():
+            async with grpc.aio.insecure_channel(addr, options=grpc_options()) as ch:
+                status = ch.unary_unary(f"/{SERVICE}/Status")
+                seen = []
+                for _ in range(8):
+                    st = json.loads(await status(speed.request(0), timeout=5))
+                    seen.append((st["batches"], st["probe"], speed.update(0, st, busy=0.0)))
+                    await asyncio.sleep(0.12)
+                return seen
+
+        seen = asyncio.run(main())
+    assert all(batches == 0 for batches, _, _ in seen)  # no session: every measure came from a probe
+    probes = [p for _, p, _ in seen if p is not None]
+    assert probes and all(p["tenant"] == 3.0 for p in probes)
+    assert len({p["n"] for p in probes}) >= 4  # a fresh probe each interval
+    assert seen[-1][2] > 2.5  # the idle site's 3x, read from probes alone
+
+
 def test_clients_join_and_leave_while_the_controller_decides(servers, target, tmp_path):
     """A live controller running a size-free bundle (room for 3 servers, 2 running) while users
     join and leave mid-run and one verifier is killed, then started again on its address: every

@@ -175,21 +175,27 @@ def test_a_negative_site_event_jitter_is_a_config_error():
         load_config(overrides=TWO + ["scenario.site_event_jitter_s=-1"])
 
 
-def test_probed_sites_show_their_true_slowdown_at_once_where_measured_ones_lag():
-    """`env.site_speed: probed`: the observation's slowdown is the site's factor from the slot it
-    changes, used or not; `measured` sees a slowdown only once batches ran there."""
+def test_probed_sites_are_measured_every_slot_where_measured_ones_only_when_used():
+    """`env.site_speed: probed`: every site's slowdown follows the measured rule each slot, used
+    or not (a site without batches timed a probe forward, as live verifiers do with --probe-ms),
+    so an idle site's slowdown is seen; `measured` sees a slowdown only once batches ran there."""
+    from marl_sd.model.site_speed import update_slowdown
+
     events = ["scenario.site_events=[{site: 0, start_s: 1, end_s: 2, slowdown: 6}, {site: 1, start_s: 1, end_s: 2, slowdown: 3}]"]
     seen = {}
     for speed in ("measured", "probed"):
         cfg = load_config(overrides=TWO + events + [f"env.site_speed={speed}"])
         sim = BatchedSimulator(cfg, num_envs=2, seed=0)
         a = torch.zeros(sim.B, sim.N, 4, dtype=torch.long)  # everyone on site 0: site 1 idle
-        seen[speed] = []
+        seen[speed] = [(0.0, sim.srv_slowdown.clone(), sim.site_factor.clone())]
         for _ in range(30):
             sim.step(a)
             seen[speed].append((float(sim.now) / 1000.0, sim.srv_slowdown.clone(), sim.site_factor.clone()))
-    for t_s, slow, factor in seen["probed"]:
-        assert torch.equal(slow, factor.expand_as(slow)), t_s
+    slot = cfg.env.slot_ms
+    for (_, before, factor), (t_s, after, _) in zip(seen["probed"], seen["probed"][1:]):
+        every = torch.ones_like(before, dtype=torch.bool)
+        assert torch.equal(after, update_slowdown(before, factor, every, every, slot, torch.where)), t_s
+    assert max(float(slow[:, 1].max()) for _, slow, _ in seen["probed"]) > 2.5  # the idle site's 3x is seen
     at_start = next(slow for t_s, slow, _ in seen["measured"] if t_s == pytest.approx(1.0))
     assert torch.equal(at_start, torch.ones_like(at_start))  # nothing ran at the new speed yet
     assert all(float(slow[:, 1].max()) == 1.0 for _, slow, _ in seen["measured"])  # site 1 idle: never seen slowed

@@ -741,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--ignore-eos", action="store_true")
     sv.add_argument("--out", help="write the summary as JSON")
     sv.add_argument("--config", default="configs/live.yaml", help="up: the scenario (users, servers, workload, slot)")
-    sv.add_argument("--policy", nargs="+", help="up: bundle directories and/or heuristic names (one run each)")
+    sv.add_argument("--policy", nargs="+", action="extend", help="up: bundle directories and/or heuristic names (one run each)")
     sv.add_argument("--duration", type=float, default=30.0, help="up: seconds of request arrivals")
     sv.add_argument("--compare-sim", action="store_true", help="up: also simulate the same scenario and policy")
     sv.add_argument("--insecure", action="store_true", help="chaos: plain text instead of mutual TLS")

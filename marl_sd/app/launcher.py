@@ -251,6 +251,8 @@ def verifier_args(cfg) -> list[str]:
         args.append("--no-compute-share")
     if cfg.serving.pace:
         args += ["--pace-profile", cfg.scenario.profile]
+    if cfg.env.site_speed == "probed":  # what the observation carries: every site's speed, each slot
+        args += ["--probe-ms", str(cfg.env.slot_ms)]
     return args
 
 
@@ -385,6 +387,7 @@ def run_live(
         log.warning("a client started %.1f s after the common start: raise serving.client_start_s", late)
     s.update(
         policy=policy,
+        start_at=start_at,
         late_start_s=late,
         controller=ctrl_stats,
         server_mean_batch=float(np.mean([x["mean_batch"] for x in status])),

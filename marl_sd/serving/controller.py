@@ -305,6 +305,8 @@ class ControllerCore:
                     "srv_users": float(f.srv_users[0, s]),
                     "srv_queued_tokens": float(f.srv_queued_tokens[0, s]),
                     "srv_busy": float(f.srv_busy[0, s]),
+                    "srv_slowdown": [float(x) for x in f.srv_slowdown[0]],  # every site's, as measured
+                    "unix_s": time.time(),
                     **{
                         k: float(getattr(f, k)[0, i])
                         for k in ("draft_ms", "queue", "remaining", "acceptance", "outstanding", "token_latency_ms")
@@ -446,14 +448,16 @@ async def serve_controller(
 class SiteSpeed:
     """Each verifier's measured slowdown, as the simulator's observation carries it: per poll, the
     forward time of the batches the verifier ran since the last one over what its site's profile
-    predicts for them, folded in by the simulator's rule (`marl_sd.model.site_speed`). Without
-    it a site that another tenant slows down looks as fast as profiled."""
+    predicts for them (without batches: its latest probe forward's, if it probes and timed a new
+    one), folded in by the simulator's rule (`marl_sd.model.site_speed`). Without it a site that
+    another tenant slows down looks as fast as profiled."""
 
     def __init__(self, sites, slot_ms: float, n: int):
         self.sites, self.slot_ms = sites, slot_ms
         self.M = len(np.atleast_1d(sites.t0_ms))
         self.slowdown = np.ones(n)
         self.seen: list[int | None] = [None] * n  # the verifier's batch count at the last poll
+        self.probes = [0] * n  # the number of the verifier's last probe read
 
     def request(self, i: int) -> bytes:
         """The Status request body: the batch timings since the last poll."""
@@ -467,6 +471,11 @@ class SiteSpeed:
             rows = np.asarray([x[0] for x in samples], np.float64)[:, None]
             tokens = np.asarray([x[1] for x in samples], np.float64)[:, None]
             measured = slot_measure([x[2] for x in samples], self.sites.verify_ms(rows, tokens)[:, i].tolist())
+        probe = status.get("probe")
+        if measured is None and probe and probe["n"] > self.probes[i] and i < self.M:  # an idle site timed a probe
+            measured = slot_measure([probe["forward_ms"]], [float(self.sites.verify_ms(np.ones((1, 1)), np.ones((1, 1)))[0, i])])
+        if probe:
+            self.probes[i] = probe["n"]
         ran = measured is not None
         self.slowdown[i] = update_slowdown(
             self.slowdown[i], measured if ran else 1.0, np.bool_(ran), np.bool_(busy > 0), self.slot_ms, np.where

@@ -155,6 +155,8 @@ class Verifier:
         # (and the emulated tenant's slowdown then: a fit keeps the batches at 1)
         self.samples: deque[tuple[int, int, float, float, float]] = deque(maxlen=8192)
         self.tenant: P.TenantPlan | None = None  # another tenant on the GPU, emulated (`set_tenant`)
+        self.last_batch_at = 0.0  # monotonic end of the last verify batch
+        self.probe: dict | None = None  # the last probe forward (`prober`): its number, time, tenant factor
         self.t_start = time.monotonic()
 
     async def run_model(self, fn, *args, pace_ms: float = 0.0, owners: dict | None = None):
@@ -237,6 +239,7 @@ class Verifier:
             self.stats["batches"] += 1
             self.stats["batched_items"] += len(live)
             self.stats["busy_s"] += dt
+            self.last_batch_at = time.monotonic()
             self.samples.append((len(live), k, dt * 1000, (time.monotonic() - t_first) * 1000, tenant))
             self.metrics.batch.observe(len(live))
             for (it, fut, tq), res in zip(live, results):
@@ -250,6 +253,27 @@ class Verifier:
                 self.metrics.drafts.labels("rejected").inc(int(n < len(it.drafts)))
                 self.metrics.tokens.inc(len(new))
                 fut.set_result((res, dt * 1000, (t0 - tq) * 1000, len(live)))
+
+    async def prober(self, every_s: float) -> None:
+        """A site that ran no batch for `every_s` times one probe forward (one row, one token, no
+        session), so that its speed stays known while nobody uses it (`env.site_speed: probed`):
+        without it, an idle site's measured slowdown can only fade back toward its profile."""
+        probe = torch.zeros((1, 1), dtype=torch.long)
+
+        def forward():
+            with torch.inference_mode():
+                self.engine.model(probe)
+
+        n = 0
+        while True:
+            await asyncio.sleep(every_s)
+            if time.monotonic() - self.last_batch_at < every_s:
+                continue
+            tenant = self.tenant_factor()
+            t0 = time.monotonic()
+            await self.run_model(forward, pace_ms=self.verify_pace_ms(1, 1))
+            n += 1
+            self.probe = {"n": n, "forward_ms": (time.monotonic() - t0) * 1000, "tenant": tenant}
 
     def _owner(self, sid: int) -> str | None:
         sess = self.engine.sessions.get(sid)
@@ -526,6 +550,7 @@ class Verifier:
             kv_by_identity={o: self.engine.kv_of(o) for o in {x.owner for x in self.engine.sessions.values()} if o is not None},
             kv_share=self.engine.kv_share,
             compute_shares=self.share.shares() if self.share is not None else {},
+            probe=self.probe,
         )
         if request == b"samples":
             s["samples"] = list(self.samples)
@@ -558,6 +583,7 @@ async def serve(
     security: Security | None = None,
     engine_kw: dict | None = None,
     metrics_port: int | None = None,
+    probe_ms: float | None = None,
     **kw,
 ) -> None:
     torch.set_num_threads(threads)
@@ -586,6 +612,7 @@ async def serve(
     if metrics_port is not None:
         prom.start_http_server(metrics_port, addr="127.0.0.1", registry=v.metrics.registry)
     task = asyncio.create_task(v.batcher())
+    prober = asyncio.create_task(v.prober(probe_ms / 1000.0)) if probe_ms else None
     if ready is not None:
         ready(bound)
     try:
@@ -594,6 +621,8 @@ async def serve(
             await asyncio.sleep(1.0)
     finally:
         task.cancel()
+        if prober is not None:
+            prober.cancel()
         await server.stop(1.0)
 
 
@@ -610,6 +639,12 @@ def main(argv=None) -> int:
         "--pace-profile",
         help="emulate the target hardware of this latency profile (name or path): "
         "each forward takes at least the profile's T(b, K) or prefill time",
+    )
+    p.add_argument(
+        "--probe-ms",
+        type=float,
+        default=None,
+        help="time a one-token probe forward after this many ms without a batch (status reports it)",
     )
     p.add_argument("--max-sessions", type=int, default=256)
     p.add_argument("--max-context", type=int, default=None, help="tokens per session (default: the model's limit)")
@@ -665,6 +700,7 @@ def main(argv=None) -> int:
                 "kv_budget_tokens": a.kv_budget,
                 "kv_share": a.kv_share,
             },
+            probe_ms=a.probe_ms,
             window_ms=a.window_ms,
             max_batch=a.max_batch,
             token_budget=a.token_budget,
