@@ -113,10 +113,10 @@ def load_bundle(bundle_dir: Path, cfg=None) -> tuple[dict, OnnxActor]:
             log.warning(
                 "bundle %s normalizes differently from this config (%s): its own constants apply", bundle_dir, "; ".join(diff)
             )
-    if manifest.get("scenario", {}).get("site_speed") == "probed":
+    if manifest.get("scenario", {}).get("site_speed") == "probed" and (cfg is None or cfg.env.site_speed != "probed"):
         log.warning(
-            "bundle %s was trained seeing each site's true speed (env.site_speed: probed); live verifiers report "
-            "measured batch times, which lag a change",
+            "bundle %s was trained with every site's speed probed each slot (env.site_speed: probed); without "
+            "probes an idle site's measured slowdown only fades back toward 1",
             bundle_dir,
         )
     onnx_path = bundle_dir / manifest.get("onnx_file", "actor.onnx")

@@ -72,9 +72,10 @@ def test_a_bundle_of_an_older_manifest_version_says_to_export_again(bundle, tmp_
         load_bundle(old)
 
 
-def test_a_bundle_trained_on_probed_site_speeds_warns_when_loaded(bundle, tmp_path, caplog):
-    """Live verifiers report measured batch times, not the probe's true speed the actor saw."""
-    _, _, out, _ = bundle
+def test_a_bundle_trained_on_probed_site_speeds_warns_when_loaded_for_sites_that_do_not_probe(bundle, tmp_path, caplog):
+    """A bundle that saw every site's speed probed each slot warns when it is loaded without a
+    config, or for one whose verifiers do not probe; for one that probes, it loads quietly."""
+    cfg, _, out, _ = bundle
     assert json.loads((out / "manifest.json").read_text())["scenario"]["site_speed"] == "measured"
     probed = tmp_path / "probed"
     probed.mkdir()
@@ -82,6 +83,12 @@ def test_a_bundle_trained_on_probed_site_speeds_warns_when_loaded(bundle, tmp_pa
     m["scenario"]["site_speed"] = "probed"
     (probed / "manifest.json").write_text(json.dumps(m))
     (probed / "actor.onnx").write_bytes((out / "actor.onnx").read_bytes())
-    with caplog.at_level("WARNING", logger="marl_sd.bundle"):
-        load_bundle(probed)
-    assert "env.site_speed: probed" in caplog.text
+    for given, warns in [
+        (None, True),
+        (cfg, True),
+        (cfg.model_copy(update={"env": cfg.env.model_copy(update={"site_speed": "probed"})}), False),
+    ]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="marl_sd.bundle"):
+            load_bundle(probed, given)
+        assert ("env.site_speed: probed" in caplog.text) == warns

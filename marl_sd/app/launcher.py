@@ -251,8 +251,8 @@ def verifier_args(cfg) -> list[str]:
         args.append("--no-compute-share")
     if cfg.serving.pace:
         args += ["--pace-profile", cfg.scenario.profile]
-    if cfg.env.site_speed == "probed":  # what the observation carries: every site's speed, each slot
-        args += ["--probe-ms", str(cfg.env.slot_ms)]
+    if cfg.env.site_speed == "probed":  # every site's speed, each slot: an idle one probes twice a slot,
+        args += ["--probe-ms", str(cfg.env.slot_ms / 2)]  # so that each of the controller's polls finds a fresh probe
     return args
 
 
