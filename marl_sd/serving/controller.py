@@ -457,7 +457,7 @@ class SiteSpeed:
         self.M = len(np.atleast_1d(sites.t0_ms))
         self.slowdown = np.ones(n)
         self.seen: list[int | None] = [None] * n  # the verifier's batch count at the last poll
-        self.probes = [0] * n  # the number of the verifier's last probe read
+        self.probes = [0] * n  # the number of the verifier's last probe read (a restarted verifier counts anew)
 
     def request(self, i: int) -> bytes:
         """The Status request body: the batch timings since the last poll."""
@@ -466,16 +466,16 @@ class SiteSpeed:
     def update(self, i: int, status: dict, busy: float) -> float:
         samples = status.get("samples", []) if self.seen[i] is not None else []
         self.seen[i] = int(status.get("batches", 0))
+        probe = status.get("probe")
+        if probe and probe["n"] != self.probes[i]:
+            self.probes[i] = probe["n"]
+            if not samples:  # an idle site timed a probe: a batch of one row and one token
+                samples = [(1, 1, probe["forward_ms"])]
         measured = None
         if samples and i < self.M:
             rows = np.asarray([x[0] for x in samples], np.float64)[:, None]
             tokens = np.asarray([x[1] for x in samples], np.float64)[:, None]
             measured = slot_measure([x[2] for x in samples], self.sites.verify_ms(rows, tokens)[:, i].tolist())
-        probe = status.get("probe")
-        if measured is None and probe and probe["n"] > self.probes[i] and i < self.M:  # an idle site timed a probe
-            measured = slot_measure([probe["forward_ms"]], [float(self.sites.verify_ms(np.ones((1, 1)), np.ones((1, 1)))[0, i])])
-        if probe:
-            self.probes[i] = probe["n"]
         ran = measured is not None
         self.slowdown[i] = update_slowdown(
             self.slowdown[i], measured if ran else 1.0, np.bool_(ran), np.bool_(busy > 0), self.slot_ms, np.where
