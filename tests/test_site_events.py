@@ -218,6 +218,10 @@ def test_a_live_run_emulates_the_site_slowdowns_as_simulated_and_refuses_what_it
     for t in np.arange(0.0, 5.0, 0.25):
         factor, _ = site_conditions(cfg.scenario.site_events, 3, float(t))
         assert [p.factor(1000.0 + t) for p in plans] == pytest.approx(factor.tolist())
+    from marl_sd.serving.protocol import TenantEvent
+
+    with pytest.raises(ValueError, match="must end after it starts"):  # what the verifier's Tenant RPC refuses too
+        TenantEvent(start_s=3, end_s=2, slowdown=2)
     for over, key in [
         ("scenario.site_events=[{site: 1, start_s: 1, end_s: 2, down: true}]", "down"),
         ("scenario.site_event_jitter_s=2", "site_event_jitter_s"),

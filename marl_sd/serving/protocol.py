@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, StrictInt, model_validator
 
 from marl_sd.contract import SUB_ACTIONS
 
@@ -120,6 +120,12 @@ class TenantEvent(BaseModel):
     start_s: FiniteFloat = Field(ge=0)
     end_s: FiniteFloat = Field(gt=0)
     slowdown: FiniteFloat = Field(gt=1.0, le=1e3)
+
+    @model_validator(mode="after")
+    def _interval(self) -> TenantEvent:
+        if self.end_s <= self.start_s:
+            raise ValueError(f"a tenant event must end after it starts (start_s {self.start_s}, end_s {self.end_s})")
+        return self
 
 
 class TenantPlan(BaseModel):
