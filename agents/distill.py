@@ -8,6 +8,12 @@ searched physics and the search labels every state they visit (DAgger: the state
 itself meets); the policy's own actions label `anchor_envs` episodes of every other training
 physics, so fitting does not move it there; then the actor is fitted to all labels so far.
 
+With `in_turn` the fitted actor decides in turn (`env.in_turn`, `contract.TurnOrder`): the users
+of a slot decide one after another and each reads the server moves of those before it, so it can
+learn the search's joint moves (which users leave a crowded site), which an actor deciding alone
+cannot tell apart. The source's set actor is widened with zero weights for the turn blocks
+(`widen_for_turns`); labels are fitted with the turn blocks their joint action implies.
+
 Labels are saved per (round, physics) batch as they are made and each round's fitted policy as
 `round_<r>.zip`, so an interrupted run started again redoes only the unfinished batches. The
 result is a run directory (config.yaml with `train.distill`, meta.json, best.zip, distill.json)
@@ -22,18 +28,21 @@ import multiprocessing
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import torch
 
 from marl_sd.agents.evaluate import HEADLINE, run_policy
-from marl_sd.agents.mappo import MAPPO
+from marl_sd.agents.mappo import MAPPO, MAPPOPolicy, set_layout
 from marl_sd.agents.oracle import SearchOracle
 from marl_sd.agents.policy import LearnedPolicy, PolicyContext
 from marl_sd.agents.pretrain import masked_ce, smoothed_onehot
 from marl_sd.agents.train import CheckpointError, load_policy, policy_checkpoint
 from marl_sd.config import Config, ConfigError, DistillConfig, config_from_dict, load_config, parse_override, set_path
-from marl_sd.contract import ActionLayout, ObsSpec
+from marl_sd.contract import ActionLayout, ObsSpec, TurnOrder
 from marl_sd.envs.core import BatchedSimulator
 from marl_sd.runs import write_metadata
 
@@ -96,7 +105,43 @@ def label_batch(job: dict) -> dict:
     return out
 
 
-def fit_actor(model: MAPPO, data: list[dict], d: DistillConfig, gen: torch.Generator) -> dict:
+def widen_for_turns(src: Path, spec: ObsSpec, out: Path) -> Path:
+    """The policy at `src` with inputs for the turn blocks of `spec` (in turn): a set actor reads
+    them beside each candidate server's features, through a linear layer whose new columns are
+    zero, so its logits are the source's to the bit until it is fitted. The critic (not used by
+    the fit) gets zero columns for them too. Saved at `out`."""
+    model = MAPPO.load(str(src), device="cpu")
+    old = model.policy
+    if old.actor != "set":
+        raise ConfigError(f"train.distill.in_turn: {src} has an {old.actor!r} actor; deciding in turn needs a set actor")
+    narrow = replace(spec, in_turn=False)
+    if old.obs_dim != narrow.obs_dim:
+        raise CheckpointError(f"train.distill.in_turn: {src} reads {old.obs_dim} features, its config {narrow.obs_dim}")
+    kw = dict(model.policy_kwargs) | {"obs_dim": spec.obs_dim, "set_layout": set_layout(spec)}
+    space = gym.spaces.Box(-np.inf, np.inf, (spec.obs_dim + old.state_dim,), np.float32)
+    new = MAPPOPolicy(space, model.action_space, model.lr_schedule, **kw)
+    added = spec.obs_dim - narrow.obs_dim
+    critic_cols = list(range(narrow.obs_dim)) + list(range(spec.obs_dim, spec.obs_dim + old.state_dim))
+    state = {}
+    for name, w_new in new.state_dict().items():
+        w = old.state_dict()[name]
+        if w.shape != w_new.shape:
+            if w.shape[:-1] != w_new.shape[:-1] or w_new.shape[-1] - w.shape[-1] not in (added, added // spec.max_servers):
+                raise CheckpointError(f"train.distill.in_turn: cannot widen {name} from {tuple(w.shape)} to {tuple(w_new.shape)}")
+            wide = torch.zeros_like(w_new)
+            cols = critic_cols if w.shape[-1] == narrow.obs_dim + old.state_dim else list(range(w.shape[-1]))
+            wide[..., cols] = w
+            if w.ndim == 1:  # a layer norm's gain over the critic's input: 1 for the new columns
+                wide[..., [c for c in range(w_new.shape[-1]) if c not in set(cols)]] = 1.0 if "weight" in name else 0.0
+            w = wide
+        state[name] = w
+    new.load_state_dict(state)
+    model.policy, model.observation_space, model.policy_kwargs = new, space, kw
+    model.save(str(out))
+    return out
+
+
+def fit_actor(model: MAPPO, data: list[dict], d: DistillConfig, gen: torch.Generator, turns: TurnOrder | None = None) -> dict:
     """Fit the actor to every label so far; returns the loss and how often its greedy action
     then equals the label, on the labels that depart from the policy's own action when labelled
     and on the others.
@@ -105,9 +150,11 @@ def fit_actor(model: MAPPO, data: list[dict], d: DistillConfig, gen: torch.Gener
     action and a label-smoothed one-hot where the label departs from it, so the loss is already
     minimal at the policy itself except on the departures: fitting them moves nothing else
     (a one-hot target everywhere sharpens every near-tie of a stochastic policy, and flips
-    some)."""
+    some). With `turns` each label's inputs carry the moves its joint action made before it."""
     pol = model.policy
     nvec = [int(n) for n in pol.action_space.nvec]
+    if turns is not None:
+        data = [x | {"obs": turns.fill(x["obs"].float(), x["label"])} for x in data]
     obs = torch.cat([x["obs"].reshape(-1, x["obs"].shape[-1]) for x in data]).float()
     mask = torch.cat([x["mask"].reshape(-1, x["mask"].shape[-1]) for x in data]).bool()
     label = torch.cat([x["label"].reshape(-1, len(nvec)) for x in data])
@@ -194,6 +241,8 @@ def distill(d: DistillConfig, out: Path, overrides: list[str] | tuple[str, ...] 
     labels_dir.mkdir(parents=True, exist_ok=True)
     tree = src_cfg.to_dict()
     tree["name"], tree["train"]["distill"] = out.name, d.model_dump()
+    if d.in_turn:
+        tree["env"]["in_turn"] = True
     for ov in overrides:
         key, value = parse_override(ov)
         set_path(tree, key, value, f"--set {ov}")
@@ -204,10 +253,14 @@ def distill(d: DistillConfig, out: Path, overrides: list[str] | tuple[str, ...] 
         out, run_cfg, {"distilled_from": str(ckpt), "searched_physics": [run_cfg.train.physics[k].name for k in searched]}
     )
     every = range(len(run_cfg.train.physics))
-    before = score(run_cfg, ckpt, list(every), d.eval_episodes)
+    spec = ObsSpec.from_config(run_cfg)
+    current = ckpt
+    if spec.in_turn and not src_cfg.env.in_turn:
+        current = widen_for_turns(ckpt, spec, out / "widened.zip")
+    turns = TurnOrder(spec) if spec.in_turn else None
+    before = score(run_cfg, current, list(every), d.eval_episodes)
     gen = torch.Generator().manual_seed(d.seed)
     stats: dict = {"source": str(ckpt), "rounds": [], "before": before}
-    current = ckpt
     loaded: dict[Path, dict] = {}  # every batch so far, by file (the fit takes them in file-name order)
     for r in range(d.rounds):
         fitted = out / f"round_{r}.zip"
@@ -230,7 +283,7 @@ def distill(d: DistillConfig, out: Path, overrides: list[str] | tuple[str, ...] 
         batches = [loaded[j["file"]]["stats"] for j in jobs]
         if not fitted.exists():
             model = MAPPO.load(str(current), device="cpu")
-            fit = fit_actor(model, [loaded[f] for f in sorted(loaded)], d, gen)
+            fit = fit_actor(model, [loaded[f] for f in sorted(loaded)], d, gen, turns)
             model.save(str(fitted))
             (out / f"round_{r}.json").write_text(json.dumps(fit, indent=2))
         fit = json.loads((out / f"round_{r}.json").read_text())

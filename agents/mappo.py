@@ -32,7 +32,7 @@ from torch import nn
 
 from marl_sd.agents.overlap import OverlappedVecEnv
 from marl_sd.config import TrainConfig
-from marl_sd.contract import LOCAL_FEATURES, ActionLayout, ObsSpec
+from marl_sd.contract import ActionLayout, ObsSpec
 
 
 def _mlp(in_dim: int, arch: list[int], activation, layer_norm: bool) -> tuple[nn.Sequential, int]:
@@ -421,7 +421,7 @@ def resolve_device(device: str) -> str:
 def set_layout(spec: ObsSpec) -> tuple[list[int], list[list[int]], int]:
     """Where a set actor finds its inputs in the flat observation."""
     user_idx, cand_idx = spec.blocks()
-    per_server = [f.name for f in LOCAL_FEATURES if f.width == "M"]
+    per_server = [f.name for f in spec.features if f.width == "M"]
     return user_idx, cand_idx, per_server.index("server_valid")
 
 

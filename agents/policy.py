@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from marl_sd.config import Config
-from marl_sd.contract import ActionLayout, ObsSpec
+from marl_sd.contract import ActionLayout, ObsSpec, TurnOrder
 from marl_sd.model.observation import ObservationBuilder, reencode
 from marl_sd.model.profiles import LatencyProfile, load_profile
 
@@ -102,6 +102,9 @@ class LearnedPolicy(Policy):
         self.gen = torch.Generator()
         own = own_spec.at(ctx.spec.n_servers) if own_spec is not None else ctx.spec
         self.own = OwnContract(ctx, ObservationBuilder(own)) if own != ctx.spec else None
+        self.turns = TurnOrder(own) if own.in_turn else None
+        if own.in_turn:
+            self.description = "learned actor on the local observation, users deciding in turn (env.in_turn)"
 
     def reset(self, seed=None):
         if seed is not None:
@@ -121,8 +124,14 @@ class LearnedPolicy(Policy):
         if getattr(self.policy, "joint_head", False) and self.deterministic:  # the joint policy itself
             a = act.joint_masked_argmax(self.policy.joint_scores(x).cpu(), m)
             return a.view(*obs.shape[:-1], len(act.nvec))
-        logits = self.policy.actor_logits(x).cpu()
-        a = act.masked_argmax(logits, m) if self.deterministic else act.masked_sample(logits, m, self.gen)
+        if self.deterministic:
+            pick = act.masked_argmax
+        else:
+            pick = lambda z, mm: act.masked_sample(z, mm, self.gen)  # noqa: E731
+        if self.turns is not None:
+            a, _ = self.turns.decide(obs.float(), mask, lambda r: self.policy.actor_logits(r.to(dev)).cpu(), pick)
+            return a
+        a = pick(self.policy.actor_logits(x).cpu(), m)
         return a.view(*obs.shape[:-1], len(act.nvec))
 
 

@@ -10,7 +10,10 @@ PPO from that policy, so the budget goes to improving on it:
 2. After each batch the actor is fitted to all labels so far with a label-smoothed masked
    cross-entropy per sub-action (smoothing keeps probability on the other valid actions for
    PPO to explore).
-3. The critic is fitted to TD(lambda) returns of the student's last batch (targets refreshed
+3. An actor whose users decide in turn (`env.in_turn`) drives in turn, and is fitted with the
+   turn blocks its teacher's joint action implies (the moves of the users before each one), so a
+   centralized teacher's joint assignment can be followed user by user.
+4. The critic is fitted to TD(lambda) returns of the student's last batch (targets refreshed
    `critic_rounds` times), with the value normalizer updated first, so the first PPO updates
    see meaningful advantages instead of an untrained critic's noise.
 """
@@ -26,6 +29,7 @@ from marl_sd.agents.heuristics import make_heuristic
 from marl_sd.agents.mappo import MAPPO
 from marl_sd.agents.policy import PolicyContext
 from marl_sd.config import Config
+from marl_sd.contract import TurnOrder
 from marl_sd.envs.vec_env import MultiAgentVecEnv
 
 log = logging.getLogger(__name__)
@@ -85,13 +89,13 @@ class Kickstart:
         self.ctx = PolicyContext.from_config(cfg)
         self.policy = model.policy
         self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.turns = TurnOrder(self.ctx.spec) if self.ctx.spec.in_turn else None
 
     def _episodes(self, student_drives: bool) -> list[dict]:
         return [self._episode(sim, teacher, student_drives) for sim, teacher in self.parts]
 
     def _episode(self, sim, teacher, student_drives: bool):
         """One batch of full episodes: local obs, global state, masks, teacher labels, rewards."""
-        pol = self.policy
         sim.reset()
         rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("obs", "state", "mask", "label", "reward", "agree")}
         for _ in range(sim.horizon):
@@ -99,8 +103,7 @@ class Kickstart:
             mask = sim.mask
             label = teacher.act(local, mask)
             with torch.no_grad():
-                logits = pol.actor_logits(local.reshape(-1, local.shape[-1]).to(pol.device).float()).cpu()
-            own = self.ctx.actions.masked_argmax(logits, mask.reshape(-1, mask.shape[-1])).view_as(label)
+                own = self._own(local, mask).view_as(label)
             reward, _ = sim.step(own if student_drives else label)
             for k, v in (
                 ("obs", local),
@@ -116,9 +119,25 @@ class Kickstart:
         rows["state"].append(last_state.cpu())
         return {k: torch.stack(v) for k, v in rows.items()}  # [T(+1), B, N, ...]
 
+    def _own(self, local: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The student's greedy actions [B, N, 4] (in turn if it decides in turn)."""
+        pol, pick = self.policy, self.ctx.actions.masked_argmax
+
+        def logits(x):
+            return pol.actor_logits(x.to(pol.device).float()).cpu()
+
+        if self.turns is not None:
+            return self.turns.decide(local.float(), mask, logits, pick)[0]
+        return pick(logits(local.reshape(-1, local.shape[-1])), mask.reshape(-1, mask.shape[-1])).view(*local.shape[:-1], -1)
+
+    def _inputs(self, d: dict) -> torch.Tensor:
+        """The actor's inputs of a batch's labelled slots: with the turn blocks the labels imply."""
+        obs = d["obs"][:-1]
+        return obs if self.turns is None else self.turns.fill(obs, d["label"])
+
     def _fit_actor(self, data: list[dict]) -> float:
         pol, nvec = self.policy, self.ctx.nvec
-        obs = torch.cat([d["obs"][:-1].reshape(-1, d["obs"].shape[-1]) for d in data])
+        obs = torch.cat([self._inputs(d).reshape(-1, d["obs"].shape[-1]) for d in data])
         mask = torch.cat([d["mask"].reshape(-1, d["mask"].shape[-1]) for d in data])
         label = torch.cat([d["label"].reshape(-1, len(nvec)) for d in data])
         params = pol.actor_parameters()

@@ -31,7 +31,7 @@ from marl_sd.agents.mappo import MAPPO, MAPPOPolicy, new_mappo, resolve_device
 from marl_sd.agents.overlap import OverlappedVecEnv
 from marl_sd.agents.policy import LearnedPolicy, PolicyContext
 from marl_sd.agents.pretrain import Kickstart
-from marl_sd.config import Config
+from marl_sd.config import Config, ConfigError
 from marl_sd.contract import ObsSpec
 from marl_sd.envs.vec_env import MultiAgentVecEnv, training_env
 from marl_sd.runs import write_metadata
@@ -317,6 +317,11 @@ def train(
     """Train (or resume) a run; returns the model. Writes everything under `run_dir`;
     `on_eval(row)` gets every evaluation (e.g. a sweep reporting to Ray Tune)."""
     run_dir = Path(run_dir)
+    if cfg.env.in_turn and (cfg.train.backend != "sb3" or cfg.train.pretrain.teacher is None):
+        raise ConfigError(
+            "env.in_turn: an actor deciding in turn is trained by kickstarting (train.pretrain.teacher) on the sb3 "
+            "backend, or by `marl-sd distill --in-turn`: neither PPO's nor BenchMARL's rollouts decide in turn"
+        )
     if cfg.train.backend == "benchmarl":
         return _train_benchmarl(cfg, run_dir, resume, progress, total_timesteps)
     torch.set_num_threads(cfg.sim.threads)
@@ -365,6 +370,12 @@ def train(
         ckpt.stop_requested = True
         log.warning("stop requested: saving a checkpoint at the end of this rollout (Ctrl-C again to abort)")
 
+    if cfg.env.in_turn and remaining > 0:  # PPO's rollouts sample every user at once
+        log.warning(
+            "env.in_turn: PPO does not collect in turn, so this run is its kickstarted clone (%d agent-steps of PPO skipped)",
+            remaining,
+        )
+        remaining = 0
     start = time.time()
     if not resume and t.pretrain.teacher is not None:
         _pretrain(cfg, model, venv, run_dir, evalcb, progress)
@@ -373,6 +384,9 @@ def train(
     try:
         if remaining > 0:
             model.learn(remaining, callback=CallbackList([metrics, evalcb, ckpt, bar]), reset_num_timesteps=False)
+        else:  # nothing to learn (a clone, or a run already at its total): the checkpoint still needs the model
+            ckpt.init_callback(model)
+            ckpt.num_timesteps = model.num_timesteps
         wall = time.time() - start
         if not ckpt.stopped:
             ckpt.save()  # the end of learn() is a rollout boundary: an exact resume point

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from marl_sd.contract import SUB_ACTIONS, ActionLayout, manifest_contract
+from marl_sd.contract import SUB_ACTIONS, ActionLayout, ObsSpec, TurnOrder, manifest_contract
 
-MANIFEST_VERSION = 5
+MANIFEST_VERSION = 6
 CHECKED_KEYS = ("obs_dim", "nvec", "obs_layout", "bid_weights", "priority_weights")
 STRUCTURE = ("name", "source", "width", "kind", "scope", "integer")  # of each feature; scales and clips may differ
 log = logging.getLogger("marl_sd.bundle")
@@ -97,7 +97,7 @@ def load_bundle(bundle_dir: Path, cfg=None) -> tuple[dict, OnnxActor]:
             )
         if cfg.max_servers != room:  # the bundle pads to its own room: compare against that
             cfg = cfg.with_max_servers(room)
-        want = manifest_contract(cfg)
+        want = manifest_contract(cfg, in_turn=manifest.get("obs_spec", {}).get("in_turn", False))
         bad = [k for k in CHECKED_KEYS if json.loads(json.dumps(want[k])) != manifest.get(k)]
         if [[f[k] for k in STRUCTURE] for f in manifest.get("features", [])] != [
             [f[k] for k in STRUCTURE] for f in want["features"]
@@ -130,8 +130,17 @@ def load_bundle(bundle_dir: Path, cfg=None) -> tuple[dict, OnnxActor]:
 
 
 def bundle_policy(actor: OnnxActor, manifest: dict):
-    """Deterministic masked argmax of an ONNX actor on [B, N, obs_dim] observations (numpy only)."""
+    """Deterministic masked argmax of an ONNX actor on [B, N, obs_dim] observations (numpy only);
+    the users decide in turn (`contract.TurnOrder`) if the bundle's contract has the turn blocks."""
     layout = ActionLayout(manifest["nvec"])
+    spec = ObsSpec(**manifest["obs_spec"])
+    if spec.in_turn:
+        turns = TurnOrder(spec)
+
+        def act_in_turn(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            return turns.decide(obs.astype(np.float32), mask, actor.logits, layout.masked_argmax)[0]
+
+        return act_in_turn
 
     def act(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
         B, N, D = obs.shape

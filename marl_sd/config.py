@@ -310,6 +310,13 @@ class EnvConfig(Strict):
         "the site's users saw, fading toward 1 while it is idle; probed: the same, and a site that ran no batch "
         "in a slot timed a probe forward (live verifiers get --probe-ms)",
     )
+    in_turn: bool = Field(
+        False,
+        description="users decide one after another within a slot, in the order of their coins, and each "
+        "reads the server moves of those before it (the observation's turn_inflow and turn_rank blocks): "
+        "an actor that can make joint moves (which users leave a crowded site). Set by `marl-sd distill` "
+        "with train.distill.in_turn; PPO does not collect in turn",
+    )
     rng: Literal["stream", "counter"] = Field(
         "stream",
         description="stream: one generator for the batch (fastest); "
@@ -390,6 +397,12 @@ class DistillConfig(Strict):
     eval_episodes: int = Field(8, ge=1, description="episodes per physics scoring the policy before and after (seeds 10,000 + k)")
     workers: int = Field(2, ge=1, description="processes labelling physics side by side")
     seed: int = Field(30_000, ge=0, description="simulator seed of the first labelled batch (round r, physics k: + 1000 r + k)")
+    in_turn: bool = Field(
+        False,
+        description="fit an actor whose users decide in turn (env.in_turn): the source's set actor gains the "
+        "turn blocks with zero weights, so it acts as the source until fitted, and each label's inputs carry the "
+        "server moves of the users before it in the labelled joint action",
+    )
 
 
 class PhysicsConfig(Strict):

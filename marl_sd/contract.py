@@ -39,8 +39,9 @@ class Feature:
     to `ObsSpec.max_servers`); `scope` says whose quantity it is: the user's own, a per-server quantity
     every user sees, or the episode's; `kind`: linear (clip, divide), log1p (clip, log1p,
     divide), onehot (index -> one-hot), indicator (value > 0), valid (1 for each existing
-    server, 0 for padding); `scale` is a number or the name of an `ObsSpec` size; `integer` quantities are
-    cast to float before normalizing and rounded when decoded."""
+    server, 0 for padding), turn (zero from the builder, filled as users decide in turn);
+    `scale` is a number or the name of an `ObsSpec` size; `integer` quantities are cast to float
+    before normalizing and rounded when decoded."""
 
     name: str
     source: str | None
@@ -82,7 +83,14 @@ LOCAL_FEATURES: tuple[Feature, ...] = (
     # probability), so that a deterministic policy reading it can move as such a heuristic does
     Feature("coin", "coin"),
 )
-FEATURES_BY_NAME = {f.name: f for f in LOCAL_FEATURES}
+# Blocks an actor that decides in turn (`env.in_turn`) reads after the others: the observation
+# builder leaves them zero and `TurnOrder.decide` fills them as the users of a slot decide one
+# after another, in the order of their coins. turn_inflow: per server, the users who decided
+# before this one and chose it, minus those of them who were at it. A per-server block only: a
+# set actor reads it beside each candidate's other features, so a trained actor gains it with
+# zero weights and acts as before (`agents/distill.py`).
+TURN_FEATURES: tuple[Feature, ...] = (Feature("turn_inflow", None, "M", kind="turn", scale=4.0),)
+FEATURES_BY_NAME = {f.name: f for f in LOCAL_FEATURES + TURN_FEATURES}
 
 # The centralized critic's state: the server blocks, then these blocks of every user (plus each
 # user's best normalized SNR) pooled over users (mean and max), the number of users, the episode
@@ -105,6 +113,7 @@ class ObsSpec:
     max_output_tokens: int
     verify_token_budget: int
     n_servers: int | None = None
+    in_turn: bool = False
 
     def __post_init__(self):
         if self.n_servers is None:
@@ -115,7 +124,15 @@ class ObsSpec:
     @classmethod
     def from_config(cls, cfg) -> ObsSpec:
         s, w = cfg.scenario, cfg.scenario.workload
-        return cls(cfg.max_servers, cfg.env.gamma_max, w.queue_capacity, w.output_tokens.high, s.verify_token_budget, s.n_servers)
+        return cls(
+            cfg.max_servers,
+            cfg.env.gamma_max,
+            w.queue_capacity,
+            w.output_tokens.high,
+            s.verify_token_budget,
+            s.n_servers,
+            cfg.env.in_turn,
+        )
 
     def at(self, n_servers: int) -> ObsSpec:
         """The same contract for a scenario with `n_servers` servers."""
@@ -127,6 +144,11 @@ class ObsSpec:
         d.pop("n_servers")
         return d
 
+    @property
+    def features(self) -> tuple[Feature, ...]:
+        """The local observation's blocks: the package table, and the turn blocks if in turn."""
+        return LOCAL_FEATURES + (TURN_FEATURES if self.in_turn else ())
+
     def width(self, f: Feature) -> int:
         return self.max_servers if f.width == "M" else int(f.width)
 
@@ -134,11 +156,11 @@ class ObsSpec:
         return float(getattr(self, f.scale)) if isinstance(f.scale, str) else float(f.scale)
 
     def layout(self) -> list[tuple[str, int]]:
-        return [(f.name, self.width(f)) for f in LOCAL_FEATURES]
+        return [(f.name, self.width(f)) for f in self.features]
 
     @property
     def obs_dim(self) -> int:
-        return sum(self.width(f) for f in LOCAL_FEATURES)
+        return sum(self.width(f) for f in self.features)
 
     @property
     def state_dim(self) -> int:
@@ -159,14 +181,14 @@ class ObsSpec:
                 "scope": f.scope,
                 "integer": f.integer,
             }
-            for f in LOCAL_FEATURES
+            for f in self.features
         ]
 
     def blocks(self) -> tuple[list[int], list[list[int]]]:
         """Column indices of the flat observation: the per-user scalars, and the per-server
         candidate features as [max_servers][features] (what a set actor reads per server)."""
         user, cand, off = [], [], 0
-        for f in LOCAL_FEATURES:
+        for f in self.features:
             w = self.width(f)
             if f.width == "M":
                 cand.append(list(range(off, off + w)))
@@ -382,10 +404,13 @@ class ActionLayout:
     }
 
 
-def manifest_contract(cfg) -> dict:
+def manifest_contract(cfg, in_turn: bool | None = None) -> dict:
     """What a consumer must agree on to use a policy: sizes, the feature table with its scales
-    and clips, the action layout and mask rules. Computed from the config alone."""
+    and clips, the action layout and mask rules. Computed from the config alone; `in_turn`:
+    for an actor that decides in turn or not, whatever the config's `env.in_turn`."""
     spec, act = ObsSpec.from_config(cfg), ActionLayout.from_config(cfg)
+    if in_turn is not None:
+        spec = replace(spec, in_turn=bool(in_turn))
     return {
         "obs_spec": spec.contract(),
         "obs_dim": spec.obs_dim,
@@ -398,3 +423,82 @@ def manifest_contract(cfg) -> dict:
         "coverage_snr_db": cfg.scenario.channel.coverage_snr_db,
         "mask_rules": ActionLayout.MASK_RULES,
     }
+
+
+class TurnOrder:
+    """Users deciding in turn (`env.in_turn`): within a slot they decide one after another in the
+    order of their coins (the observation's fresh uniform per user), and each reads in its turn
+    blocks the server moves of those before it. Observations are [..., N, obs_dim] with the turn
+    blocks (zero as built); numpy arrays or torch tensors.
+
+    `decide` runs the turns with an actor; `fill` writes the turn blocks a given joint action
+    implies (teacher forcing: the inputs of each user's turn had the others decided so). For the
+    same joint action both give the same inputs, bit for bit (counts of ±1 over 4)."""
+
+    def __init__(self, spec: ObsSpec):
+        if not spec.in_turn:
+            raise ValueError("TurnOrder needs an observation contract with the turn blocks (in_turn)")
+        off, cols = 0, {}
+        for f in spec.features:
+            cols[f.name] = (off, off + spec.width(f))
+            off += spec.width(f)
+        self.M = spec.max_servers
+        self.current, self.inflow = slice(*cols["server_onehot"]), slice(*cols["turn_inflow"])
+        self.coin = cols["coin"][0]
+        self.scale = spec.scale(FEATURES_BY_NAME["turn_inflow"])
+
+    def order(self, x):
+        """[..., N] the users in the order they decide (by coin, then index)."""
+        coin = x[..., self.coin]
+        if _is_torch(x):
+            return coin.argsort(dim=-1, stable=True)
+        return np.argsort(coin, -1, kind="stable")
+
+    def _onehot(self, a, like):
+        if _is_torch(like):
+            import torch
+
+            return torch.nn.functional.one_hot(a.long(), self.M).to(like.dtype)
+        return np.eye(self.M, dtype=like.dtype)[a]
+
+    def fill(self, x, actions):
+        """`x` with its turn blocks as `actions` [..., N, 4] (the joint action) implies."""
+        torch_in = _is_torch(x)
+        x = x.clone() if torch_in else x.copy()
+        order = self.order(x)
+        rank = order.argsort(-1) if torch_in else np.argsort(order, -1)
+        before = rank[..., None, :] < rank[..., :, None]  # [..., i, j]: j decides before i
+        move = self._onehot(actions[..., ACT["server"]], x) - x[..., self.current]  # [..., N, M]
+        before = before.to(x.dtype) if torch_in else before.astype(x.dtype)
+        x[..., self.inflow] = (before @ move) / self.scale
+        return x
+
+    def decide(self, x, mask, logits, pick):
+        """Actions [..., N, 4] and the observations with their turn blocks as read: each user in
+        turn gets `pick(logits(rows), mask_rows)` on its observation row with the moves of those
+        before it. `logits`: [rows, obs_dim] -> [rows, sum(nvec)]."""
+        torch_in = _is_torch(x)
+        lead, N, D = x.shape[:-2], x.shape[-2], x.shape[-1]
+        x = (x.clone() if torch_in else x.copy()).reshape(-1, N, D)
+        mask = mask.reshape(-1, N, mask.shape[-1])
+        B = x.shape[0]
+        order = self.order(x)
+        if torch_in:
+            import torch
+
+            rows = torch.arange(B)
+        else:
+            rows = np.arange(B)
+        moved = x[:, 0, self.current] * 0  # [B, M] counts of the moves so far
+        out = None
+        for r in range(N):
+            u = order[:, r]
+            xr = x[rows, u]
+            xr[:, self.inflow] = moved / self.scale
+            a = pick(logits(xr), mask[rows, u])
+            x[rows, u] = xr
+            if out is None:
+                out = a.new_zeros((B, N, a.shape[-1])) if torch_in else np.zeros((B, N, a.shape[-1]), a.dtype)
+            out[rows, u] = a
+            moved = moved + self._onehot(a[:, ACT["server"]], xr) - xr[:, self.current]
+        return out.reshape(*lead, N, -1), x.reshape(*lead, N, D)

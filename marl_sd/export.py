@@ -14,20 +14,24 @@ import numpy as np
 import torch
 
 from marl_sd.bundle import MANIFEST_VERSION, OnnxActor, scenario_summary
-from marl_sd.contract import ActionLayout, manifest_contract
+from marl_sd.contract import ActionLayout, TurnOrder, manifest_contract
 from marl_sd.envs.core import BatchedSimulator
 from marl_sd.runs import package_versions
 
 
 def measure_parity(policy, onnx: OnnxActor, cfg, n: int, seed: int = 0) -> dict:
-    """torch vs onnxruntime on `n` observations of a short rollout with random valid actions."""
+    """torch vs onnxruntime on `n` observations of a short rollout with random valid actions (an
+    actor that decides in turn reads the turn blocks those actions imply)."""
     sim = BatchedSimulator(cfg, num_envs=max(1, n // (cfg.scenario.n_users * 10) + 1), seed=seed)
     gen = torch.Generator().manual_seed(seed)
+    turns = TurnOrder(sim.spec) if sim.spec.in_turn else None
     obs, masks = [], []
     while sum(len(o) for o in obs) < n:
-        obs.append(sim.observations().reshape(-1, sim.obs_dim))
+        a = sim.actions.random_valid(sim.mask, gen)
+        o = sim.observations() if turns is None else turns.fill(sim.observations(), a)
+        obs.append(o.reshape(-1, sim.obs_dim))
         masks.append(sim.mask.reshape(-1, sim.mask.shape[-1]))
-        sim.step(sim.actions.random_valid(sim.mask, gen))
+        sim.step(a)
     x = torch.cat(obs)[:n]
     m = torch.cat(masks)[:n].numpy()
     with torch.no_grad():

@@ -237,6 +237,7 @@ def _cmd_distill(args) -> int:
         "anchor_envs": args.anchor_envs,
         "epochs": args.epochs,
         "workers": args.workers,
+        "in_turn": True if args.in_turn else None,
     }
     try:
         d = DistillConfig(source=args.source, **{k: v for k, v in given.items() if v is not None})
@@ -667,6 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--anchor-envs", type=int, help="episodes per other physics labelled with the policy's own actions")
     di.add_argument("--epochs", type=int)
     di.add_argument("--workers", type=int, help="labelling processes")
+    di.add_argument(
+        "--in-turn", action="store_true", help="fit an actor whose users decide in turn, each seeing the moves before it"
+    )
     di.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. eval.oracle.samples=8")
     di.add_argument("--name", help="output run name (default: <source>_distilled); rerun to resume")
     di.add_argument("--no-progress", action="store_true")

@@ -23,8 +23,10 @@ def sim_policy(policy: str, cfg) -> Policy:
     decide = bundle_policy(actor, manifest)  # exactly what the live controller runs
     spec = ObsSpec(**manifest["obs_spec"]).at(cfg.scenario.n_servers)
     room = spec.max_servers
-    differs = room != ctx.spec.max_servers or bool(
-        normalization_differences(manifest, manifest_contract(cfg.with_max_servers(room)))
+    differs = (
+        room != ctx.spec.max_servers
+        or spec.in_turn != ctx.spec.in_turn
+        or bool(normalization_differences(manifest, manifest_contract(cfg.with_max_servers(room))))
     )
     own = OwnContract(ctx, ObservationBuilder(spec, features_from_manifest(manifest)))
 

@@ -137,11 +137,12 @@ class _Ops:
 
 class ObservationBuilder:
     """Encodes `Features` block by block as a feature table declares: the package's
-    `marl_sd.contract.LOCAL_FEATURES`, or the table a policy bundle's manifest carries."""
+    the spec's (`marl_sd.contract.LOCAL_FEATURES`, and the turn blocks if in turn), or the table
+    a policy bundle's manifest carries."""
 
-    def __init__(self, spec: ObsSpec, features: tuple[Feature, ...] = LOCAL_FEATURES):
+    def __init__(self, spec: ObsSpec, features: tuple[Feature, ...] | None = None):
         self.spec = spec
-        self.features = tuple(features)
+        self.features = spec.features if features is None else tuple(features)
         self.by_name = {f.name: f for f in self.features}
 
     def encode(self, feat: Feature, f: Features, o: _Ops):
@@ -150,6 +151,8 @@ class ObservationBuilder:
         s = self.spec
         if feat.kind == "valid":
             return o.ones_like_servers(f.srv_users, s.width(feat))
+        if feat.kind == "turn":  # filled by the acting loop (`contract.TurnOrder`)
+            return o.pad(o.f32(f.server[..., None] * 0), s.width(feat))
         x = getattr(f, feat.source)
         if feat.kind == "onehot":
             return o.one_hot(x, s.width(feat))
