@@ -69,6 +69,9 @@ def physics_config(tmp_path, extra=()):
     return load_config(p, list(extra))
 
 
+# a rollout search small enough for tests (and guarded by nothing, so it departs)
+QUICK_SEARCH = ["eval.oracle.samples=4", "eval.oracle.moves=6", "eval.oracle.horizon=3", "eval.oracle.min_z=0"]
+
 TIERS = ("unit", "sim", "train", "net", "ray")
 
 

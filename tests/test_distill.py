@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import physics_config
+from conftest import QUICK_SEARCH, physics_config
 
 from marl_sd.agents.catalog import make_policy
 from marl_sd.agents.distill import distill, fit_actor, label_batch
@@ -16,8 +16,6 @@ from marl_sd.config import ConfigError, DistillConfig, load_config
 from marl_sd.envs.vec_env import training_env
 
 pytestmark = pytest.mark.train
-
-QUICK = ["eval.oracle.samples=4", "eval.oracle.moves=6", "eval.oracle.horizon=3", "eval.oracle.min_z=0"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +32,7 @@ def test_the_search_labels_the_policys_states_and_the_fit_follows_its_departures
         source=str(source), scenarios=["slow_sites"], envs=2, anchor_envs=1, epochs=30, departure_weight=8, workers=1
     )
     out = tmp_path / "distilled"
-    stats = distill(d, out, QUICK, verbose=False)
+    stats = distill(d, out, QUICK_SEARCH, verbose=False)
     searched = torch.load(out / "labels" / "r0_slow_sites.pt", weights_only=False)
     anchored = torch.load(out / "labels" / "r0_fast_sites.pt", weights_only=False)
     assert torch.equal(anchored["label"], anchored["own"]), "the other physics keeps the policy's own actions"
@@ -54,14 +52,14 @@ def test_the_search_labels_the_policys_states_and_the_fit_follows_its_departures
 def test_an_interrupted_distillation_resumes_from_its_saved_batches(source, tmp_path):
     d = DistillConfig(source=str(source), envs=1, anchor_envs=0, workers=1)
     full = tmp_path / "full"
-    distill(d, full, QUICK, verbose=False)
+    distill(d, full, QUICK_SEARCH, verbose=False)
     part = tmp_path / "part"
-    distill(d, part, QUICK, verbose=False)
+    distill(d, part, QUICK_SEARCH, verbose=False)
     (part / "round_0.zip").unlink()  # stopped after labelling one physics, before the fit
     (part / "round_0.json").unlink()
     (part / "labels" / "r0_slow_sites.pt").unlink()
     kept = (part / "labels" / "r0_fast_sites.pt").stat().st_mtime_ns
-    distill(d, part, QUICK, verbose=False)
+    distill(d, part, QUICK_SEARCH, verbose=False)
     assert (part / "labels" / "r0_fast_sites.pt").stat().st_mtime_ns == kept, "a saved batch was labelled again"
     for name in ("r0_fast_sites.pt", "r0_slow_sites.pt"):
         a, b = (torch.load(x / "labels" / name, weights_only=False) for x in (full, part))

@@ -6,7 +6,7 @@ turn blocks with zero weights and acts as before; the bundle decides in turn as 
 import numpy as np
 import pytest
 import torch
-from conftest import physics_config
+from conftest import QUICK_SEARCH, physics_config
 
 from marl_sd.agents.catalog import make_policy
 from marl_sd.agents.distill import distill, widen_for_turns
@@ -127,8 +127,7 @@ def test_distilled_in_turn_the_fit_reads_the_labels_moves(source, tmp_path):
         in_turn=True,
     )
     out = tmp_path / "turns"
-    quick = ["eval.oracle.samples=4", "eval.oracle.moves=6", "eval.oracle.horizon=3", "eval.oracle.min_z=0"]
-    stats = distill(d, out, quick, verbose=False)
+    stats = distill(d, out, QUICK_SEARCH, verbose=False)
     assert stats["rounds"][0]["fit"]["changed_rows"] > 0
     cfg = load_config(out / "config.yaml")
     assert cfg.env.in_turn and (out / "widened.zip").exists()
