@@ -128,11 +128,11 @@ def widen_for_turns(src: Path, spec: ObsSpec, out: Path) -> Path:
         if w.shape != w_new.shape:
             if w.shape[:-1] != w_new.shape[:-1] or w_new.shape[-1] - w.shape[-1] not in (added, added // spec.max_servers):
                 raise CheckpointError(f"train.distill.in_turn: cannot widen {name} from {tuple(w.shape)} to {tuple(w_new.shape)}")
-            wide = torch.zeros_like(w_new)
+            # a weight matrix gets zero columns for the new inputs; a layer norm over the critic's
+            # input keeps its fresh gain (1) and bias (0) for them
+            wide = w_new.clone() if w.ndim == 1 else torch.zeros_like(w_new)
             cols = critic_cols if w.shape[-1] == narrow.obs_dim + old.state_dim else list(range(w.shape[-1]))
             wide[..., cols] = w
-            if w.ndim == 1:  # a layer norm's gain over the critic's input: 1 for the new columns
-                wide[..., [c for c in range(w_new.shape[-1]) if c not in set(cols)]] = 1.0 if "weight" in name else 0.0
             w = wide
         state[name] = w
     new.load_state_dict(state)

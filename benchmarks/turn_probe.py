@@ -44,7 +44,7 @@ def inputs(obs: torch.Tensor, label: torch.Tensor, spec: ObsSpec, mode: str) -> 
 
 def fit_and_score(data: list[tuple], mode: str, spec: ObsSpec, test: int, epochs: int, seed: int) -> dict:
     torch.manual_seed(seed)
-    valid_cols = slice(*_cols(spec)["server_valid"])
+    valid_cols = spec.columns()["server_valid"]
     split: dict[str, list] = {"train": [], "test": []}
     for obs, label, own in data:
         x = inputs(obs.float(), label, spec, mode)
@@ -85,14 +85,6 @@ def fit_and_score(data: list[tuple], mode: str, spec: ObsSpec, test: int, epochs
                 "stays": float((pred[~dep] == Y[~dep]).float().mean()),
             }
     return out
-
-
-def _cols(spec: ObsSpec) -> dict[str, tuple[int, int]]:
-    off, cols = 0, {}
-    for name, w in spec.layout():
-        cols[name] = (off, off + w)
-        off += w
-    return cols
 
 
 def main() -> None:

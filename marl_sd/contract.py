@@ -158,6 +158,14 @@ class ObsSpec:
     def layout(self) -> list[tuple[str, int]]:
         return [(f.name, self.width(f)) for f in self.features]
 
+    def columns(self) -> dict[str, slice]:
+        """Each block's columns in the flat observation, by feature name."""
+        out, off = {}, 0
+        for name, w in self.layout():
+            out[name] = slice(off, off + w)
+            off += w
+        return out
+
     @property
     def obs_dim(self) -> int:
         return sum(self.width(f) for f in self.features)
@@ -438,13 +446,9 @@ class TurnOrder:
     def __init__(self, spec: ObsSpec):
         if not spec.in_turn:
             raise ValueError("TurnOrder needs an observation contract with the turn blocks (in_turn)")
-        off, cols = 0, {}
-        for f in spec.features:
-            cols[f.name] = (off, off + spec.width(f))
-            off += spec.width(f)
+        cols = spec.columns()
         self.M = spec.max_servers
-        self.current, self.inflow = slice(*cols["server_onehot"]), slice(*cols["turn_inflow"])
-        self.coin = cols["coin"][0]
+        self.current, self.inflow, self.coin = cols["server_onehot"], cols["turn_inflow"], cols["coin"].start
         self.scale = spec.scale(FEATURES_BY_NAME["turn_inflow"])
 
     def order(self, x):
