@@ -68,7 +68,9 @@ def student(cfg: Config, run_cfg: Config, checkpoint: Path) -> LearnedPolicy:
 def label_batch(job: dict) -> dict:
     """One batch of `envs` episodes of physics `part`, driven by the policy at `checkpoint`; every
     visited state is labelled by the search over that policy (`search`), else by the policy.
-    Returns the actor's inputs [T, B, N, ...] (own contract), the labels and its own actions."""
+    Returns the actor's inputs [T, B, N, ...] (own contract), the labels, its own actions and
+    the search's measured relative gain of each decision over the policy's own action [T, B]
+    (0 where it kept it, and on anchored physics)."""
     torch.set_num_threads(1)
     t0 = time.time()
     run_cfg = load_config(job["config"])
@@ -81,13 +83,14 @@ def label_batch(job: dict) -> dict:
         teacher.attach(sim)
         teacher.reset(job["seed"])
     pol.reset(job["seed"])
-    rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("obs", "mask", "label", "own")}
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("obs", "mask", "label", "own", "gain")}
     for t in range(sim.horizon):
         obs, mask = sim.observations(), sim.mask
         own = pol.act(obs, mask)
         label = teacher.act(obs, mask) if teacher is not None else own
+        gain = teacher.last_gain if teacher is not None else torch.zeros(sim.B)
         x, m = pol.inputs(obs, mask)
-        for k, v in (("obs", x), ("mask", m), ("label", label), ("own", own)):
+        for k, v in (("obs", x), ("mask", m), ("label", label), ("own", own), ("gain", gain)):
             rows[k].append(v.cpu())
         sim.step(own)
         if job["verbose"] and teacher is not None and (t + 1) % 10 == 0:
@@ -159,6 +162,10 @@ def fit_actor(model: MAPPO, data: list[dict], d: DistillConfig, gen: torch.Gener
     mask = torch.cat([x["mask"].reshape(-1, x["mask"].shape[-1]) for x in data]).bool()
     label = torch.cat([x["label"].reshape(-1, len(nvec)) for x in data])
     departs = torch.cat([(x["label"] != x["own"]).reshape(-1, len(nvec)) for x in data])  # per sub-action
+    gain = departure_gains(data) if d.gain_weighted or d.min_gain > 0 else None
+    if gain is not None and d.min_gain > 0:
+        departs &= (gain >= d.min_gain).unsqueeze(-1)  # a small gain keeps the policy's own action
+        label = torch.where(departs.any(-1, keepdim=True), label, torch.cat([x["own"].reshape(-1, len(nvec)) for x in data]))
     changed = departs.any(-1)
     with torch.no_grad():
         logits = torch.cat([pol.actor_logits(obs[i]) for i in torch.arange(len(obs)).split(8192)])
@@ -167,8 +174,15 @@ def fit_actor(model: MAPPO, data: list[dict], d: DistillConfig, gen: torch.Gener
     opt = torch.optim.Adam(params, lr=d.learning_rate, eps=d.adam_eps)
     pol.set_training_mode(True)
     loss = torch.zeros(())
-    # departures are a few % of the labels: each is seen `departure_weight` times per epoch
-    rows = torch.cat([torch.arange(len(obs)), changed.nonzero().flatten().repeat(d.departure_weight - 1)])
+    # departures are a few % of the labels: each is seen `departure_weight` times per epoch on
+    # average; weighted by gain, the extra passes are drawn in proportion to what each is worth
+    dep = changed.nonzero().flatten()
+    extra = dep.repeat(d.departure_weight - 1)
+    if d.gain_weighted and len(dep) and d.departure_weight > 1:
+        w = gain[dep].clamp(min=0)
+        if float(w.sum()) > 0:
+            extra = dep[torch.multinomial(w, len(extra), replacement=True, generator=gen)]
+    rows = torch.cat([torch.arange(len(obs)), extra])
     for _ in range(d.epochs):
         for idx in rows[torch.randperm(len(rows), generator=gen)].split(d.batch_size):
             loss = masked_ce(pol.actor_logits(obs[idx]), mask[idx], target[idx], nvec)
@@ -188,6 +202,23 @@ def fit_actor(model: MAPPO, data: list[dict], d: DistillConfig, gen: torch.Gener
         "agreement_changed": float(agree[changed].float().mean()) if changed.any() else float("nan"),
         "agreement_unchanged": float(agree[~changed].float().mean()),
     }
+
+
+def departure_gains(data: list[dict]) -> torch.Tensor:
+    """[rows] the search's measured relative gain of the decision each label belongs to (every
+    user of an environment's slot shares its joint decision's); a clear error for batches
+    labelled before gains were recorded."""
+    out = []
+    for x in data:
+        if "gain" not in x:
+            if bool((x["label"] != x["own"]).any()):
+                raise ConfigError(
+                    f"train.distill.gain_weighted/min_gain: the labels of {x['stats']['physics']} were made before the "
+                    "search recorded its gains; label them again (delete the batch file) or fit without gains"
+                )
+            x = x | {"gain": torch.zeros(x["label"].shape[:2])}
+        out.append(x["gain"].unsqueeze(-1).expand(x["label"].shape[:3]).reshape(-1))
+    return torch.cat(out).float()
 
 
 def own_targets(

@@ -96,6 +96,7 @@ class SearchOracle(Policy):
         self._samples: torch.Tensor | None = None  # [B, C, K] per-future scores of the last `score`
         self._horizon_part: torch.Tensor | None = None  # [B, C] their mean without the terminal value
         self._diag = {"decisions": 0, "rel_stderr": 0.0, "rel_paired_stderr": 0.0, "changed": 0.0, "kept_base": 0.0}
+        self.last_gain: torch.Tensor | None = None  # [B] the last decision's measured gain over the base proposal
         self._predicted: list[torch.Tensor] = []  # per decision [B]: the chosen candidate's predicted H-slot latency
         self._realized: list[torch.Tensor] = []  # per slot [B]: the real slot's latency score
 
@@ -228,6 +229,7 @@ class SearchOracle(Policy):
             best_x, best_h = self._samples[bi, j], self._horizon_part[bi, j]
         base_a = props[:, self._base_index]
         K = best_x.shape[-1]
+        gain = (best_x - base_x).mean(-1) / base_x.mean(-1).abs().clamp(min=1e-9)
         if K > 1 and self.min_z > 0:
             # keep the base proposal unless the gain holds on fresh futures (the best of many
             # candidates on the selection futures is partly the luckiest one on them) and over
@@ -237,6 +239,7 @@ class SearchOracle(Policy):
                 guard_h = self.guard_H or self.sim.horizon  # rollouts stop at the episode's end
                 self.score(torch.stack([best, base_a], 1), seed + 1, state, horizon=guard_h)
                 d = self._samples[:, 0] - self._samples[:, 1]
+                gain = d.mean(-1) / self._samples[:, 1].mean(-1).abs().clamp(min=1e-9)
             else:
                 d = best_x - base_x
             keep = d.mean(-1) <= self.min_z * d.std(-1) / math.sqrt(K)
@@ -245,6 +248,9 @@ class SearchOracle(Policy):
             best_val = torch.where(keep, base_x.mean(-1), best_val)
             best_x = torch.where(keep[:, None], base_x, best_x)
             best_h = torch.where(keep, base_h, best_h)
+        # what the choice is worth: its paired gain over the base proposal, relative to the base's
+        # score over the rest of the rollout (on the guard's fresh futures where it re-scored them)
+        self.last_gain = torch.where((best != base_a).any(-1).any(-1), gain, torch.zeros_like(gain))
         self._predicted.append(best_h)
         self._record(best_x, base_x, best, base_a)
         return best, best_val, best_se

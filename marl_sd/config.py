@@ -394,6 +394,17 @@ class DistillConfig(Strict):
     departure_weight: int = Field(
         4, ge=1, description="times per epoch a label that departs from the policy's own action is fitted (they are few)"
     )
+    gain_weighted: bool = Field(
+        False,
+        description="draw a departure's extra passes per epoch in proportion to the search's measured gain for it "
+        "(its paired gain over the policy's own action), so the fit spends itself on the departures worth most",
+    )
+    min_gain: float = Field(
+        0.0,
+        ge=0,
+        description="departures whose measured gain (relative to the rest of the episode's latency) is below this "
+        "keep the policy's own action as their label",
+    )
     eval_episodes: int = Field(8, ge=1, description="episodes per physics scoring the policy before and after (seeds 10,000 + k)")
     workers: int = Field(2, ge=1, description="processes labelling physics side by side")
     seed: int = Field(30_000, ge=0, description="simulator seed of the first labelled batch (round r, physics k: + 1000 r + k)")

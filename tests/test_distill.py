@@ -39,6 +39,10 @@ def test_the_search_labels_the_policys_states_and_the_fit_follows_its_departures
     departs = (searched["label"] != searched["own"]).any(-1)
     assert departs.any(), "with no guard the search never departed from a briefly trained policy"
     assert searched["stats"]["changed_user_actions"] == pytest.approx(float(departs.float().mean()))
+    gain = searched["gain"]  # [T, B] per decision: what the search measured its departure to be worth
+    assert gain.shape == departs.shape[:2] and not anchored["gain"].any()
+    assert not gain[~departs.any(-1)].any(), "a decision that keeps the policy's actions has no gain"
+    assert bool((gain[departs.any(-1)] >= -1e-6).all()), "the search chose a departure it scored below the policy's own"
     fit = stats["rounds"][0]["fit"]
     assert fit["changed_rows"] == int(departs.sum())
     assert fit["agreement_changed"] > 0, "the fitted actor follows none of the search's departures"
@@ -98,3 +102,29 @@ def test_labels_that_keep_the_policys_actions_leave_it_unchanged(source):
     fit = fit_actor(model, [batch], DistillConfig(source=str(source), epochs=3), torch.Generator().manual_seed(0))
     assert fit["changed_rows"] == 0 and fit["agreement_unchanged"] == 1.0
     assert float((probs() - before).abs().max()) < 1e-2  # a percentage point
+
+
+def test_gains_weight_the_fit_and_small_ones_keep_the_policys_action(source, tmp_path):
+    """`min_gain` above every measured gain turns each departure back into the policy's own
+    action (nothing to fit); `gain_weighted` fits the departures, and labels made before gains
+    were recorded are refused with the key named."""
+    out = tmp_path / "gains"
+    distill(
+        DistillConfig(source=str(source), scenarios=["slow_sites"], envs=2, anchor_envs=1, workers=1),
+        out,
+        QUICK_SEARCH,
+        verbose=False,
+    )
+    batches = [torch.load(f, weights_only=False) for f in sorted((out / "labels").glob("*.pt"))]
+    top = max(float(b["gain"].max()) for b in batches)
+    assert top > 0
+    gen = torch.Generator().manual_seed(0)
+    model = MAPPO.load(str(out / "round_0.zip"), device="cpu")
+    none_left = fit_actor(model, batches, DistillConfig(source=str(source), epochs=1, min_gain=2 * top), gen)
+    assert none_left["changed_rows"] == 0
+    departures = sum(int((b["label"] != b["own"]).any(-1).sum()) for b in batches)
+    weighted = fit_actor(model, batches, DistillConfig(source=str(source), epochs=1, gain_weighted=True), gen)
+    assert weighted["changed_rows"] == departures
+    old = [{k: v for k, v in b.items() if k != "gain"} for b in batches]
+    with pytest.raises(ConfigError, match="train.distill.gain_weighted.*before the search recorded its gains"):
+        fit_actor(model, old, DistillConfig(source=str(source), epochs=1, gain_weighted=True), gen)

@@ -238,6 +238,8 @@ def _cmd_distill(args) -> int:
         "epochs": args.epochs,
         "workers": args.workers,
         "in_turn": True if args.in_turn else None,
+        "gain_weighted": True if args.gain_weighted else None,
+        "min_gain": args.min_gain,
     }
     try:
         d = DistillConfig(source=args.source, **{k: v for k, v in given.items() if v is not None})
@@ -671,6 +673,10 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument(
         "--in-turn", action="store_true", help="fit an actor whose users decide in turn, each seeing the moves before it"
     )
+    di.add_argument(
+        "--gain-weighted", action="store_true", help="fit departures in proportion to the search's measured gain for each"
+    )
+    di.add_argument("--min-gain", type=float, help="departures worth less than this (relative gain) keep the policy's action")
     di.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. eval.oracle.samples=8")
     di.add_argument("--name", help="output run name (default: <source>_distilled); rerun to resume")
     di.add_argument("--no-progress", action="store_true")
