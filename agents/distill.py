@@ -174,15 +174,7 @@ def fit_actor(model: MAPPO, data: list[dict], d: DistillConfig, gen: torch.Gener
     opt = torch.optim.Adam(params, lr=d.learning_rate, eps=d.adam_eps)
     pol.set_training_mode(True)
     loss = torch.zeros(())
-    # departures are a few % of the labels: each is seen `departure_weight` times per epoch on
-    # average; weighted by gain, the extra passes are drawn in proportion to what each is worth
-    dep = changed.nonzero().flatten()
-    extra = dep.repeat(d.departure_weight - 1)
-    if d.gain_weighted and len(dep) and d.departure_weight > 1:
-        w = gain[dep].clamp(min=0)
-        if float(w.sum()) > 0:
-            extra = dep[torch.multinomial(w, len(extra), replacement=True, generator=gen)]
-    rows = torch.cat([torch.arange(len(obs)), extra])
+    rows = epoch_rows(changed, gain if d.gain_weighted else None, d.departure_weight, gen)
     for _ in range(d.epochs):
         for idx in rows[torch.randperm(len(rows), generator=gen)].split(d.batch_size):
             loss = masked_ce(pol.actor_logits(obs[idx]), mask[idx], target[idx], nvec)
@@ -202,6 +194,19 @@ def fit_actor(model: MAPPO, data: list[dict], d: DistillConfig, gen: torch.Gener
         "agreement_changed": float(agree[changed].float().mean()) if changed.any() else float("nan"),
         "agreement_unchanged": float(agree[~changed].float().mean()),
     }
+
+
+def epoch_rows(changed: torch.Tensor, gain: torch.Tensor | None, weight: int, gen: torch.Generator) -> torch.Tensor:
+    """The label rows one epoch fits: every row once, plus `weight - 1` extra passes per
+    departure (`changed` [rows]; they are a few % of the labels). With `gain` [rows] the extra
+    passes are drawn in proportion to each departure's gain instead of evenly."""
+    dep = changed.nonzero().flatten()
+    extra = dep.repeat(weight - 1)
+    if gain is not None and len(extra):
+        w = gain[dep].clamp(min=0)
+        if float(w.sum()) > 0:
+            extra = dep[torch.multinomial(w, len(extra), replacement=True, generator=gen)]
+    return torch.cat([torch.arange(len(changed)), extra])
 
 
 def departure_gains(data: list[dict]) -> torch.Tensor:

@@ -402,8 +402,8 @@ class DistillConfig(Strict):
     min_gain: float = Field(
         0.0,
         ge=0,
-        description="departures whose measured gain (relative to the rest of the episode's latency) is below this "
-        "keep the policy's own action as their label",
+        description="departures whose measured gain (relative to the policy's own latency over the search's rollout, "
+        "to the episode's end by default) is below this keep the policy's own action as their label",
     )
     eval_episodes: int = Field(8, ge=1, description="episodes per physics scoring the policy before and after (seeds 10,000 + k)")
     workers: int = Field(2, ge=1, description="processes labelling physics side by side")

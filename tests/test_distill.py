@@ -9,7 +9,7 @@ import torch
 from conftest import QUICK_SEARCH, physics_config
 
 from marl_sd.agents.catalog import make_policy
-from marl_sd.agents.distill import distill, fit_actor, label_batch
+from marl_sd.agents.distill import distill, epoch_rows, fit_actor, label_batch
 from marl_sd.agents.mappo import MAPPO
 from marl_sd.agents.train import load_policy, train
 from marl_sd.config import ConfigError, DistillConfig, load_config
@@ -128,3 +128,16 @@ def test_gains_weight_the_fit_and_small_ones_keep_the_policys_action(source, tmp
     old = [{k: v for k, v in b.items() if k != "gain"} for b in batches]
     with pytest.raises(ConfigError, match="train.distill.gain_weighted.*before the search recorded its gains"):
         fit_actor(model, old, DistillConfig(source=str(source), epochs=1, gain_weighted=True), gen)
+
+
+def test_extra_passes_go_to_departures_in_proportion_to_their_gain():
+    changed = torch.tensor([False, True, True, True, False])
+    gain = torch.tensor([0.0, 0.0, 0.01, 0.03, 0.0])
+    gen = torch.Generator().manual_seed(0)
+    even = epoch_rows(changed, None, 4, gen)
+    assert torch.equal(torch.bincount(even, minlength=5), torch.tensor([1, 4, 4, 4, 1]))
+    weighted = torch.bincount(epoch_rows(changed, gain, 2001, gen), minlength=5)
+    assert weighted.sum() == 5 + 3 * 2000, "the number of passes does not depend on the weights"
+    assert weighted[0] == weighted[4] == 1 and weighted[1] == 1, "a departure worth nothing got extra passes"
+    assert 2.5 < (weighted[3] - 1) / (weighted[2] - 1) < 3.5, "passes are not drawn in proportion to the gain"
+    assert torch.equal(epoch_rows(changed, torch.zeros(5), 4, gen), even), "no gain anywhere: the even passes"
